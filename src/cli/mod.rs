@@ -1,0 +1,208 @@
+//! Command-line interface: flags (with `CHILLER_METRICS_*` env overrides) and
+//! the commands. `main.rs` only parses and dispatches.
+
+pub mod offline;
+pub mod serve;
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::{
+    config::{Config, ConfigError, Overrides, SidecarMode},
+    webhook::tls::MinTlsVersion,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "chiller-metrics",
+    version,
+    about = "Prometheus metrics for gunicorn apps, without touching them"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        env = "CHILLER_METRICS_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTPS webhook, the admin port and the reconcile loop.
+    Serve(ServeArgs),
+    /// Inject into rendered manifests (multi-document YAML), like `istioctl kube-inject`.
+    Inject(InjectArgs),
+    /// Print the objects the reconcile loop applies for a namespace.
+    Render(RenderArgs),
+    /// Generate a CA and a serving certificate for the webhook.
+    Certs(CertsArgs),
+    /// Print the statsd_exporter mapping the sidecar loads.
+    Mapping(ConfigArgs),
+    /// Print the effective configuration (defaults, file and overrides merged).
+    Config(ConfigArgs),
+}
+
+/// Where the configuration comes from.
+#[derive(Debug, Clone, Args, Default)]
+pub struct ConfigArgs {
+    /// YAML config file; every setting has a default.
+    #[arg(long, env = "CHILLER_METRICS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Sidecar mode: auto, native or container.
+    #[arg(long, env = "CHILLER_METRICS_SIDECAR_MODE")]
+    pub sidecar_mode: Option<SidecarMode>,
+    /// statsd_exporter image.
+    #[arg(long, env = "CHILLER_METRICS_SIDECAR_IMAGE")]
+    pub sidecar_image: Option<String>,
+    /// Namespace for Grafana dashboard and datasource ConfigMaps (default: the app namespace).
+    #[arg(long, env = "CHILLER_METRICS_GRAFANA_NAMESPACE")]
+    pub grafana_namespace: Option<String>,
+}
+
+impl ConfigArgs {
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        Config::load(
+            self.config.as_deref(),
+            &Overrides {
+                sidecar_mode: self.sidecar_mode,
+                sidecar_image: self.sidecar_image.clone(),
+                grafana_namespace: self.grafana_namespace.clone(),
+            },
+        )
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// HTTPS address of the webhook.
+    #[arg(long, env = "CHILLER_METRICS_LISTEN", default_value = "0.0.0.0:8443")]
+    pub listen: SocketAddr,
+    /// Plain-HTTP address of /livez, /readyz and /metrics.
+    #[arg(
+        long,
+        env = "CHILLER_METRICS_ADMIN_LISTEN",
+        default_value = "0.0.0.0:9090"
+    )]
+    pub admin_listen: SocketAddr,
+    /// PEM certificate chain; reloaded when it changes.
+    #[arg(
+        long,
+        env = "CHILLER_METRICS_TLS_CERT",
+        default_value = "/etc/chiller-metrics/tls/tls.crt"
+    )]
+    pub tls_cert: PathBuf,
+    /// PEM private key; reloaded when it changes.
+    #[arg(
+        long,
+        env = "CHILLER_METRICS_TLS_KEY",
+        default_value = "/etc/chiller-metrics/tls/tls.key"
+    )]
+    pub tls_key: PathBuf,
+    /// Lowest TLS version: 1.2 or 1.3.
+    #[arg(long, env = "CHILLER_METRICS_TLS_MIN_VERSION", default_value = "1.2")]
+    pub tls_min_version: MinTlsVersion,
+    /// Seconds between checks of the certificate files.
+    #[arg(long, env = "CHILLER_METRICS_CERT_RELOAD_SECONDS", default_value_t = 2)]
+    pub cert_reload_seconds: u64,
+    /// Do not run the reconcile loop (webhook only).
+    #[arg(long, env = "CHILLER_METRICS_NO_RECONCILE")]
+    pub no_reconcile: bool,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "CHILLER_METRICS_MAX_BODY_BYTES", default_value_t = crate::webhook::router::DEFAULT_BODY_LIMIT)]
+    pub max_body_bytes: usize,
+    /// Most open connections.
+    #[arg(long, env = "CHILLER_METRICS_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Seconds a client has for the TLS handshake and for sending request headers.
+    #[arg(
+        long,
+        env = "CHILLER_METRICS_HEADER_TIMEOUT_SECONDS",
+        default_value_t = 10
+    )]
+    pub header_timeout_seconds: u64,
+    /// Seconds to read a request body and answer it.
+    #[arg(
+        long,
+        env = "CHILLER_METRICS_REQUEST_TIMEOUT_SECONDS",
+        default_value_t = 10
+    )]
+    pub request_timeout_seconds: u64,
+    /// Seconds an idle connection stays open.
+    #[arg(
+        long,
+        env = "CHILLER_METRICS_IDLE_TIMEOUT_SECONDS",
+        default_value_t = 90
+    )]
+    pub idle_timeout_seconds: u64,
+    /// On SIGTERM: seconds to keep serving while not ready, so endpoints update.
+    #[arg(long, env = "CHILLER_METRICS_DRAIN_SECONDS", default_value_t = 5)]
+    pub drain_seconds: u64,
+    /// After the drain: seconds in-flight requests get to finish.
+    #[arg(
+        long,
+        env = "CHILLER_METRICS_SHUTDOWN_TIMEOUT_SECONDS",
+        default_value_t = 15
+    )]
+    pub shutdown_timeout_seconds: u64,
+    /// Namespace of the leader-election Lease (default: this pod's namespace).
+    #[arg(long, env = "CHILLER_METRICS_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// Name of the leader-election Lease.
+    #[arg(
+        long,
+        env = "CHILLER_METRICS_LEASE_NAME",
+        default_value = "chiller-metrics-reconciler"
+    )]
+    pub lease_name: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct InjectArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Manifest file, or - for standard input.
+    #[arg(short = 'f', long = "filename")]
+    pub file: PathBuf,
+    /// Sidecar mode for offline injection (auto means native: no cluster is asked).
+    #[arg(long)]
+    pub mode: Option<SidecarMode>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RenderArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Namespace to render the monitoring objects for.
+    #[arg(long)]
+    pub namespace: String,
+    /// Postgres to export, as host:port/db (as the namespace annotation).
+    #[arg(long, requires = "postgres_secret")]
+    pub postgres: Option<String>,
+    /// Secret with `username` and `password` keys for Postgres.
+    #[arg(long, requires = "postgres")]
+    pub postgres_secret: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CertsArgs {
+    /// Directory to write ca.crt, tls.crt and tls.key into.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// DNS names and IP addresses of the serving certificate.
+    #[arg(long = "dns", required = true, num_args = 1..)]
+    pub dns: Vec<String>,
+}

@@ -1,0 +1,168 @@
+//! `chiller-metrics serve`: wires config, TLS, the cluster, the webhook, the
+//! admin port and the reconcile loop, and runs them until SIGTERM.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+
+use crate::{
+    admin::{self, AdminState, Metrics, Readiness},
+    cli::ServeArgs,
+    cluster::{self, NamespaceCache},
+    config::ConfigError,
+    inject::{Injector, ResolvedMode},
+    reconcile,
+    webhook::{
+        self, NamespacePolicies, NoCluster, WebhookState,
+        server::{Limits, serve_https},
+        tls::{ReloadingCert, TlsError, server_config},
+    },
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("server failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs until `shutdown` resolves (SIGTERM or SIGINT in the binary).
+pub async fn run(args: ServeArgs, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+    let config = args.config.load()?;
+    let cert = ReloadingCert::load(&args.tls_cert, &args.tls_key)?;
+    let tls = server_config(cert.clone(), args.tls_min_version)?;
+    let bind = |addr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Bind { addr, source })
+    };
+    let webhook_listener = bind(args.listen).await?;
+    let admin_listener = bind(args.admin_listen).await?;
+    let metrics = Arc::new(Metrics::new());
+
+    let cluster = cluster::connect().await;
+    let readiness = Arc::new(Readiness::new(cluster.is_some()));
+    let (namespaces, mode): (Arc<dyn NamespacePolicies>, ResolvedMode) = match &cluster {
+        Some((client, version)) => {
+            let (cache, driver) =
+                NamespaceCache::watch(client.clone(), config.keys(), readiness.clone());
+            tokio::spawn(driver);
+            let mode = ResolvedMode::resolve(config.sidecar.mode, Some(*version));
+            tracing::info!(version = ?version, ?mode, "connected to the cluster");
+            (Arc::new(cache), mode)
+        }
+        None => {
+            tracing::warn!(
+                "no cluster reachable: serving the webhook alone (pod-level settings only, no reconcile loop)"
+            );
+            (
+                Arc::new(NoCluster),
+                ResolvedMode::resolve(config.sidecar.mode, None),
+            )
+        }
+    };
+    match (&cluster, args.no_reconcile) {
+        (Some((client, _)), false) => {
+            let options =
+                reconcile::Options::from_env(args.lease_namespace.clone(), args.lease_name.clone());
+            tokio::spawn(reconcile::run(
+                client.clone(),
+                config.clone(),
+                metrics.clone(),
+                options,
+            ));
+        }
+        (Some(_), true) => tracing::info!("reconcile loop disabled by --no-reconcile"),
+        (None, _) => {}
+    }
+
+    let state = Arc::new(WebhookState {
+        injector: Injector::new(config, mode),
+        namespaces,
+        metrics: metrics.clone(),
+        body_limit: args.max_body_bytes,
+    });
+    let limits = Limits {
+        max_connections: args.max_connections,
+        handshake_timeout: Duration::from_secs(args.header_timeout_seconds),
+        header_read_timeout: Duration::from_secs(args.header_timeout_seconds),
+        request_timeout: Duration::from_secs(args.request_timeout_seconds),
+        idle_timeout: Duration::from_secs(args.idle_timeout_seconds),
+        shutdown_timeout: Duration::from_secs(args.shutdown_timeout_seconds),
+    };
+    let cert_watch = tokio::spawn(cert.watch(
+        Duration::from_secs(args.cert_reload_seconds.max(1)),
+        metrics.clone(),
+    ));
+
+    let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin_app = admin::router(AdminState {
+        metrics,
+        readiness: readiness.clone(),
+    });
+    let admin_addr = admin_listener.local_addr()?;
+    let admin = tokio::spawn(async move {
+        axum::serve(admin_listener, admin_app)
+            .with_graceful_shutdown(async {
+                let _ = admin_stopped.await;
+            })
+            .await
+    });
+    tracing::info!(
+        webhook = %webhook_listener.local_addr()?,
+        admin = %admin_addr,
+        ?mode,
+        "serving"
+    );
+
+    let drain = Duration::from_secs(args.drain_seconds);
+    let draining = async move {
+        shutdown.await;
+        readiness.mark_shutting_down();
+        tracing::info!(
+            seconds = drain.as_secs(),
+            "shutdown requested: not ready, draining"
+        );
+        tokio::time::sleep(drain).await;
+    };
+    serve_https(
+        webhook_listener,
+        tls,
+        webhook::router(state),
+        limits,
+        draining,
+    )
+    .await?;
+    cert_watch.abort();
+    let _ = admin_stop.send(());
+    if let Ok(Err(error)) = admin.await {
+        tracing::warn!(%error, "admin server ended with an error");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

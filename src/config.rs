@@ -1,0 +1,508 @@
+//! The one configuration file (YAML), its defaults and validation.
+//!
+//! Precedence: built-in defaults < config file < flags and `CHILLER_METRICS_*` env.
+
+use std::{collections::BTreeMap, path::Path, str::FromStr};
+
+use k8s_openapi::{
+    api::core::v1::ResourceRequirements, apimachinery::pkg::api::resource::Quantity,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::keys::Keys;
+
+pub const DEFAULT_DOMAIN: &str = "metrics.chiller.io";
+/// The statsd mapping the sidecar loads (see `chiller-metrics mapping`).
+pub const DEFAULT_MAPPING: &str = include_str!("inject/statsd-mapping.yaml");
+pub const DEFAULT_SIDECAR_IMAGE: &str = "prom/statsd-exporter:v0.28.0";
+pub const DEFAULT_POSTGRES_EXPORTER_IMAGE: &str =
+    "quay.io/prometheuscommunity/postgres-exporter:v0.17.1";
+/// The key the mapping file has inside its ConfigMap.
+pub const MAPPING_FILE: &str = "statsd-mapping.yaml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: serde_norway::Error,
+    },
+    #[error("invalid setting {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// How the statsd exporter is added to a pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SidecarMode {
+    /// Ask the API server: native from Kubernetes 1.29 on, and with no cluster.
+    #[default]
+    Auto,
+    /// An init container with `restartPolicy: Always`.
+    Native,
+    /// A regular container (Job pods are then skipped).
+    Container,
+}
+
+impl FromStr for SidecarMode {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "native" => Ok(Self::Native),
+            "container" => Ok(Self::Container),
+            other => Err(invalid(
+                "sidecar.mode",
+                format!("{other:?} is not one of auto, native, container"),
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for SidecarMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Native => "native",
+            Self::Container => "container",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Config {
+    /// Domain of every label and annotation key.
+    pub domain: String,
+    pub sidecar: SidecarConfig,
+    pub gunicorn: GunicornConfig,
+    /// statsd_exporter mapping config (YAML text).
+    pub mapping: String,
+    pub reconcile: ReconcileConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct SidecarConfig {
+    pub name: String,
+    pub image: String,
+    pub image_pull_policy: String,
+    pub mode: SidecarMode,
+    /// statsd listen port, UDP and TCP.
+    pub statsd_port: u16,
+    /// Prometheus `/metrics` port.
+    pub metrics_port: u16,
+    pub metrics_port_name: String,
+    pub resources: ResourceRequirements,
+    /// ConfigMap (in the pod's namespace) holding the mapping.
+    pub mapping_config_map: String,
+    pub volume_name: String,
+    /// UID and GID the exporter runs as.
+    pub run_as_user: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct GunicornConfig {
+    /// Host gunicorn sends statsd to; the sidecar shares the pod's network.
+    pub statsd_host: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ReconcileConfig {
+    /// Namespace for dashboard and datasource ConfigMaps; `None` = the app namespace.
+    pub grafana_namespace: Option<String>,
+    pub prometheus: PrometheusConfig,
+    pub postgres_exporter: PostgresExporterConfig,
+    /// Seconds between full resyncs of a healthy namespace.
+    pub resync_seconds: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct PrometheusConfig {
+    pub replicas: i32,
+    pub retention: String,
+    pub retention_size: String,
+    pub scrape_interval: String,
+    pub resources: ResourceRequirements,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct PostgresExporterConfig {
+    pub image: String,
+    pub resources: ResourceRequirements,
+}
+
+fn resources(req_cpu: &str, req_mem: &str, lim_mem: &str) -> ResourceRequirements {
+    let q = |s: &str| Quantity(s.to_string());
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), q(req_cpu)),
+            ("memory".to_string(), q(req_mem)),
+        ])),
+        limits: Some(BTreeMap::from([("memory".to_string(), q(lim_mem))])),
+        ..Default::default()
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            domain: DEFAULT_DOMAIN.to_string(),
+            sidecar: SidecarConfig::default(),
+            gunicorn: GunicornConfig::default(),
+            mapping: DEFAULT_MAPPING.to_string(),
+            reconcile: ReconcileConfig::default(),
+        }
+    }
+}
+
+impl Default for SidecarConfig {
+    fn default() -> Self {
+        Self {
+            name: "statsd-exporter".into(),
+            image: DEFAULT_SIDECAR_IMAGE.into(),
+            image_pull_policy: "IfNotPresent".into(),
+            mode: SidecarMode::Auto,
+            statsd_port: 9125,
+            metrics_port: 9102,
+            metrics_port_name: "statsd-metrics".into(),
+            resources: resources("10m", "24Mi", "64Mi"),
+            mapping_config_map: "chiller-metrics-statsd-mapping".into(),
+            volume_name: "chiller-metrics-statsd-mapping".into(),
+            run_as_user: 65534,
+        }
+    }
+}
+
+impl Default for GunicornConfig {
+    fn default() -> Self {
+        Self {
+            statsd_host: "localhost".into(),
+        }
+    }
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        Self {
+            grafana_namespace: None,
+            prometheus: PrometheusConfig::default(),
+            postgres_exporter: PostgresExporterConfig::default(),
+            resync_seconds: 300,
+        }
+    }
+}
+
+impl Default for PrometheusConfig {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            retention: "7d".into(),
+            retention_size: "4GiB".into(),
+            scrape_interval: "15s".into(),
+            resources: resources("100m", "256Mi", "1Gi"),
+        }
+    }
+}
+
+impl Default for PostgresExporterConfig {
+    fn default() -> Self {
+        Self {
+            image: DEFAULT_POSTGRES_EXPORTER_IMAGE.into(),
+            resources: resources("10m", "32Mi", "128Mi"),
+        }
+    }
+}
+
+/// Settings that flags and env variables may override.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub sidecar_mode: Option<SidecarMode>,
+    pub sidecar_image: Option<String>,
+    pub grafana_namespace: Option<String>,
+}
+
+impl Config {
+    /// Loads the file (if any), applies overrides and validates.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                Self::from_yaml(&text).map_err(|source| ConfigError::Parse {
+                    path: path.display().to_string(),
+                    source,
+                })?
+            }
+            None => Self::default(),
+        };
+        if let Some(mode) = overrides.sidecar_mode {
+            config.sidecar.mode = mode;
+        }
+        if let Some(image) = &overrides.sidecar_image {
+            config.sidecar.image = image.clone();
+        }
+        if let Some(ns) = &overrides.grafana_namespace {
+            config.reconcile.grafana_namespace = Some(ns.clone()).filter(|ns| !ns.is_empty());
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses YAML; an empty document gives the defaults.
+    pub fn from_yaml(text: &str) -> Result<Self, serde_norway::Error> {
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        serde_norway::from_str(text)
+    }
+
+    pub fn keys(&self) -> Keys {
+        Keys::new(&self.domain)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !is_dns_subdomain(&self.domain) {
+            return Err(invalid(
+                "domain",
+                format!("{:?} is not a DNS subdomain", self.domain),
+            ));
+        }
+        let s = &self.sidecar;
+        if !is_dns_label(&s.name) {
+            return Err(invalid(
+                "sidecar.name",
+                format!("{:?} is not a DNS label", s.name),
+            ));
+        }
+        if !is_dns_label(&s.volume_name) {
+            return Err(invalid(
+                "sidecar.volumeName",
+                format!("{:?} is not a DNS label", s.volume_name),
+            ));
+        }
+        if !is_dns_subdomain(&s.mapping_config_map) {
+            return Err(invalid(
+                "sidecar.mappingConfigMap",
+                format!("{:?} is not a valid ConfigMap name", s.mapping_config_map),
+            ));
+        }
+        if s.image.trim().is_empty() || s.image.contains(char::is_whitespace) {
+            return Err(invalid(
+                "sidecar.image",
+                format!("{:?} is not an image reference", s.image),
+            ));
+        }
+        if !matches!(
+            s.image_pull_policy.as_str(),
+            "Always" | "IfNotPresent" | "Never"
+        ) {
+            return Err(invalid(
+                "sidecar.imagePullPolicy",
+                format!(
+                    "{:?} is not one of Always, IfNotPresent, Never",
+                    s.image_pull_policy
+                ),
+            ));
+        }
+        if s.statsd_port == 0 || s.metrics_port == 0 || s.statsd_port == s.metrics_port {
+            return Err(invalid(
+                "sidecar.statsdPort/metricsPort",
+                "ports must be non-zero and different",
+            ));
+        }
+        if !is_port_name(&s.metrics_port_name) {
+            return Err(invalid(
+                "sidecar.metricsPortName",
+                format!(
+                    "{:?} must be 1-15 lowercase letters, digits and '-', with a letter",
+                    s.metrics_port_name
+                ),
+            ));
+        }
+        if s.run_as_user <= 0 {
+            return Err(invalid("sidecar.runAsUser", "must be a non-root UID"));
+        }
+        if self.gunicorn.statsd_host.trim().is_empty()
+            || self.gunicorn.statsd_host.contains(char::is_whitespace)
+        {
+            return Err(invalid("gunicorn.statsdHost", "must be a host name"));
+        }
+        validate_mapping(&self.mapping)?;
+        if let Some(ns) = &self.reconcile.grafana_namespace {
+            if !is_dns_label(ns) {
+                return Err(invalid(
+                    "reconcile.grafanaNamespace",
+                    format!("{ns:?} is not a namespace name"),
+                ));
+            }
+        }
+        if self.reconcile.prometheus.replicas < 1 {
+            return Err(invalid(
+                "reconcile.prometheus.replicas",
+                "must be at least 1",
+            ));
+        }
+        if self.reconcile.resync_seconds == 0 {
+            return Err(invalid("reconcile.resyncSeconds", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// Checks that the mapping is YAML with a non-empty `mappings` list, each with `match` and `name`.
+pub fn validate_mapping(text: &str) -> Result<(), ConfigError> {
+    let value: serde_norway::Value =
+        serde_norway::from_str(text).map_err(|e| invalid("mapping", format!("not YAML: {e}")))?;
+    let mappings = value
+        .get("mappings")
+        .and_then(|m| m.as_sequence())
+        .ok_or_else(|| invalid("mapping", "needs a `mappings` list"))?;
+    if mappings.is_empty() {
+        return Err(invalid("mapping", "`mappings` is empty"));
+    }
+    for (i, m) in mappings.iter().enumerate() {
+        for field in ["match", "name"] {
+            if m.get(field).and_then(|v| v.as_str()).is_none() {
+                return Err(invalid(
+                    "mapping",
+                    format!("mappings[{i}] has no `{field}`"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// RFC 1123 label: what namespace and container names must be.
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// RFC 1123 subdomain: what ConfigMap names and label-key prefixes must be.
+pub fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(|part| is_dns_label(part))
+}
+
+/// IANA_SVC_NAME: what container port names must be.
+pub fn is_port_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 15
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().any(|b| b.is_ascii_lowercase())
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && !s.contains("--")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_round_trip() {
+        let config = Config::default();
+        config.validate().unwrap();
+        let yaml = serde_norway::to_string(&config).unwrap();
+        assert_eq!(Config::from_yaml(&yaml).unwrap(), config);
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(Config::from_yaml("  \n").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = Config::from_yaml("sidecar:\n  imagee: x\n").unwrap_err();
+        assert!(err.to_string().contains("imagee"), "{err}");
+    }
+
+    #[test]
+    fn partial_file_keeps_other_defaults() {
+        let config = Config::from_yaml("sidecar:\n  mode: container\n").unwrap();
+        assert_eq!(config.sidecar.mode, SidecarMode::Container);
+        assert_eq!(config.sidecar.image, DEFAULT_SIDECAR_IMAGE);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let mut config = Config::default();
+        config.sidecar.metrics_port_name = "a-very-long-port-name".into();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("sidecar.metricsPortName"), "{err}");
+
+        let mut config = Config::default();
+        config.sidecar.statsd_port = config.sidecar.metrics_port;
+        assert!(config.validate().is_err());
+
+        let mut config = Config::default();
+        config.mapping = "mappings: []".into();
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("mapping")
+        );
+    }
+
+    #[test]
+    fn overrides_win_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, "sidecar:\n  mode: container\n  image: a/b:1\n").unwrap();
+        let overrides = Overrides {
+            sidecar_mode: Some(SidecarMode::Native),
+            ..Default::default()
+        };
+        let config = Config::load(Some(&path), &overrides).unwrap();
+        assert_eq!(config.sidecar.mode, SidecarMode::Native);
+        assert_eq!(config.sidecar.image, "a/b:1");
+    }
+
+    #[test]
+    fn mode_parses() {
+        assert_eq!(
+            "native".parse::<SidecarMode>().unwrap(),
+            SidecarMode::Native
+        );
+        assert!("sidecar".parse::<SidecarMode>().is_err());
+    }
+
+    #[test]
+    fn name_rules() {
+        assert!(is_port_name("statsd-metrics"));
+        assert!(!is_port_name("statsd-metrics-x"));
+        assert!(!is_port_name("9102"));
+        assert!(is_dns_label("chiller-prod"));
+        assert!(!is_dns_label("Chiller"));
+        assert!(is_dns_subdomain("metrics.chiller.io"));
+    }
+}

@@ -1,0 +1,404 @@
+//! The mutation: a pure function from a pod (plus namespace policy and config)
+//! to a JSONPatch or a reason to skip. No I/O happens here; the webhook and the
+//! offline `inject` command both call [`Injector::mutate`].
+
+mod gunicorn;
+mod prefix;
+mod safety;
+mod selector;
+mod sidecar;
+
+use std::collections::BTreeMap;
+
+use json_patch::{AddOperation, Patch, PatchOperation, jsonptr::PointerBuf};
+use k8s_openapi::api::core::v1::{Container, Pod};
+use kube::core::SelectorExt;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use gunicorn::{ContainerSkip, GUNICORN_CMD_ARGS};
+pub use prefix::statsd_prefix;
+pub use safety::{PodProblem, check_pod};
+pub use selector::{SelectorError, parse_selector};
+pub use sidecar::{MAPPING_DIR, mapping_volume, sidecar_container};
+
+use crate::{
+    config::{Config, SidecarMode},
+    keys::{self, Keys},
+};
+
+/// The sidecar mode after `auto` has been resolved against the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResolvedMode {
+    Native,
+    Container,
+}
+
+impl ResolvedMode {
+    /// `auto` becomes native from Kubernetes 1.29 on, and when there is no cluster.
+    pub fn resolve(mode: SidecarMode, server_version: Option<(u32, u32)>) -> Self {
+        match mode {
+            SidecarMode::Native => Self::Native,
+            SidecarMode::Container => Self::Container,
+            SidecarMode::Auto => match server_version {
+                Some((major, minor)) if (major, minor) < (1, 29) => Self::Container,
+                _ => Self::Native,
+            },
+        }
+    }
+}
+
+/// What the namespace says about its pods (from the watched namespace cache).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NamespacePolicy {
+    /// `metrics.chiller.io/pod-selector`, unparsed.
+    pub pod_selector: Option<String>,
+}
+
+/// Facts about a pod that are not in the pod object itself.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PodContext<'a> {
+    pub namespace: Option<&'a NamespacePolicy>,
+    /// Name of the workload a pod template belongs to (offline injection).
+    pub owner_hint: Option<&'a str>,
+    /// The template belongs to a Job or CronJob (offline injection).
+    pub job_template: bool,
+}
+
+/// Why a pod was left alone. `metric_label` is the `reason` label of the metrics.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SkipReason {
+    #[error("pod already has the statsd exporter sidecar")]
+    AlreadyInjected,
+    #[error("pod opted out with the label {0}=disabled")]
+    OptedOutByLabel(String),
+    #[error("pod opted out with the annotation {0}: \"false\"")]
+    OptedOutByAnnotation(String),
+    #[error("pod does not match the namespace pod selector {0:?}")]
+    NotSelected(String),
+    #[error("namespace pod selector is invalid, injection skipped: {0}")]
+    InvalidNamespaceSelector(SelectorError),
+    #[error(
+        "a run-to-completion pod would never finish with a regular sidecar container (sidecar mode is container)"
+    )]
+    JobNeedsNativeSidecar,
+    #[error("pod uses the host network, where the sidecar's ports would clash between pods")]
+    HostNetwork,
+    #[error("pod runs on Windows; the statsd exporter image is Linux only")]
+    WindowsPod,
+    #[error("{kind} name {name:?} is already used in the pod")]
+    NameConflict { kind: &'static str, name: String },
+    #[error("container {container:?} already uses port {port}/{protocol}")]
+    PortConflict {
+        container: String,
+        port: u16,
+        protocol: String,
+    },
+    #[error("annotation {annotation} names containers the pod does not have: {missing:?}")]
+    UnknownContainers {
+        annotation: String,
+        missing: Vec<String>,
+    },
+    #[error("no container can take the statsd settings: {0}")]
+    NoTargetContainer(String),
+}
+
+impl SkipReason {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::AlreadyInjected => "already_injected",
+            Self::OptedOutByLabel(_) | Self::OptedOutByAnnotation(_) => "opted_out",
+            Self::NotSelected(_) => "not_selected",
+            Self::InvalidNamespaceSelector(_) => "invalid_namespace_selector",
+            Self::JobNeedsNativeSidecar => "job_needs_native_sidecar",
+            Self::HostNetwork => "host_network",
+            Self::WindowsPod => "windows_pod",
+            Self::NameConflict { .. } => "name_conflict",
+            Self::PortConflict { .. } => "port_conflict",
+            Self::UnknownContainers { .. } => "unknown_containers",
+            Self::NoTargetContainer(_) => "no_target_container",
+        }
+    }
+
+    /// Skips the user chose or that are routine give no warning; the others do.
+    pub fn warrants_warning(&self) -> bool {
+        !matches!(
+            self,
+            Self::AlreadyInjected
+                | Self::OptedOutByLabel(_)
+                | Self::OptedOutByAnnotation(_)
+                | Self::NotSelected(_)
+        )
+    }
+}
+
+/// What was injected, recorded in the pod's status annotation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InjectionStatus {
+    pub version: String,
+    pub sidecar: String,
+    pub mode: ResolvedMode,
+    pub prefix: String,
+    pub containers: Vec<String>,
+}
+
+/// The outcome of [`Injector::mutate`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Inject {
+        patch: Patch,
+        status: InjectionStatus,
+        /// Containers left alone, for the response's warnings.
+        warnings: Vec<String>,
+    },
+    Skip(SkipReason),
+}
+
+/// Holds the config and the pre-built sidecar; `mutate` is pure and cheap.
+#[derive(Debug, Clone)]
+pub struct Injector {
+    config: Config,
+    keys: Keys,
+    mode: ResolvedMode,
+    sidecar: Value,
+    volume: Value,
+}
+
+impl Injector {
+    pub fn new(config: Config, mode: ResolvedMode) -> Self {
+        let sidecar = serde_json::to_value(sidecar_container(
+            &config.sidecar,
+            mode == ResolvedMode::Native,
+        ))
+        .expect("a Container always serializes");
+        let volume = serde_json::to_value(mapping_volume(&config.sidecar))
+            .expect("a Volume always serializes");
+        Self {
+            keys: config.keys(),
+            config,
+            mode,
+            sidecar,
+            volume,
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub fn mode(&self) -> ResolvedMode {
+        self.mode
+    }
+
+    /// Decides what to do with `pod` and builds the patch. Paths address the
+    /// pod object (`/metadata/…`, `/spec/…`), so the same patch also applies
+    /// to a pod template.
+    pub fn mutate(&self, pod: &Pod, ctx: PodContext<'_>) -> Decision {
+        match self.plan(pod, ctx) {
+            Ok((patch, status, warnings)) => Decision::Inject {
+                patch,
+                status,
+                warnings,
+            },
+            Err(reason) => Decision::Skip(reason),
+        }
+    }
+
+    fn plan(
+        &self,
+        pod: &Pod,
+        ctx: PodContext<'_>,
+    ) -> Result<(Patch, InjectionStatus, Vec<String>), SkipReason> {
+        let keys = &self.keys;
+        let sidecar_name = &self.config.sidecar.name;
+        let labels = pod.metadata.labels.as_ref();
+        let annotations = pod.metadata.annotations.as_ref();
+        let spec = pod.spec.as_ref();
+        let containers: &[Container] = spec.map(|s| s.containers.as_slice()).unwrap_or_default();
+        let init_containers: &[Container] = spec
+            .and_then(|s| s.init_containers.as_deref())
+            .unwrap_or_default();
+
+        // 1. Already done, or not wanted.
+        let has_sidecar = containers
+            .iter()
+            .chain(init_containers)
+            .any(|c| &c.name == sidecar_name);
+        let marked = labels
+            .and_then(|l| l.get(&keys.injected))
+            .is_some_and(|v| v == "true")
+            || annotations.is_some_and(|a| a.contains_key(&keys.status));
+        if has_sidecar && marked {
+            return Err(SkipReason::AlreadyInjected);
+        }
+        if labels
+            .and_then(|l| l.get(&keys.inject))
+            .is_some_and(|v| v == keys::DISABLED)
+        {
+            return Err(SkipReason::OptedOutByLabel(keys.inject.clone()));
+        }
+        if annotations
+            .and_then(|a| a.get(&keys.inject))
+            .is_some_and(|v| v == "false")
+        {
+            return Err(SkipReason::OptedOutByAnnotation(keys.inject.clone()));
+        }
+        if let Some(selector_text) = ctx.namespace.and_then(|ns| ns.pod_selector.as_deref()) {
+            let selector =
+                parse_selector(selector_text).map_err(SkipReason::InvalidNamespaceSelector)?;
+            let empty = BTreeMap::new();
+            if !selector.matches(labels.unwrap_or(&empty)) {
+                return Err(SkipReason::NotSelected(selector_text.to_string()));
+            }
+        }
+
+        // 2. Pods the sidecar cannot safely join.
+        if self.mode == ResolvedMode::Container && runs_to_completion(pod, ctx) {
+            return Err(SkipReason::JobNeedsNativeSidecar);
+        }
+        if spec.and_then(|s| s.host_network) == Some(true) {
+            return Err(SkipReason::HostNetwork);
+        }
+        if spec
+            .and_then(|s| s.os.as_ref())
+            .is_some_and(|os| os.name == "windows")
+        {
+            return Err(SkipReason::WindowsPod);
+        }
+        safety::check_room_for_sidecar(pod, &self.config.sidecar)?;
+
+        // 3. Which containers get the gunicorn settings.
+        let targets = gunicorn::target_containers(
+            containers,
+            annotations.and_then(|a| a.get(&keys.containers)),
+        )
+        .map_err(|missing| SkipReason::UnknownContainers {
+            annotation: keys.containers.clone(),
+            missing,
+        })?;
+        let prefix = statsd_prefix(pod, keys, ctx.owner_hint);
+        let flags = format!(
+            "--statsd-host={}:{} --statsd-prefix={prefix}",
+            self.config.gunicorn.statsd_host, self.config.sidecar.statsd_port
+        );
+        let mut ops = Vec::new();
+        let mut injected = Vec::new();
+        let mut skipped = Vec::new();
+        for index in targets {
+            let container = &containers[index];
+            match gunicorn::env_patch(container, index, &flags) {
+                Ok((op, note)) => {
+                    ops.push(op);
+                    injected.push(container.name.clone());
+                    skipped.extend(note.map(|n| format!("container {:?}: {n}", container.name)));
+                }
+                Err(skip) => skipped.push(format!("container {:?}: {skip}", container.name)),
+            }
+        }
+        if injected.is_empty() {
+            return Err(SkipReason::NoTargetContainer(skipped.join("; ")));
+        }
+
+        // 4. The sidecar, its volume, and the marks.
+        let (list, existing) = match self.mode {
+            ResolvedMode::Native => (
+                "initContainers",
+                spec.and_then(|s| s.init_containers.as_ref()).is_some(),
+            ),
+            ResolvedMode::Container => ("containers", true),
+        };
+        ops.insert(0, append(&["spec", list], existing, self.sidecar.clone()));
+        let has_volumes = spec.and_then(|s| s.volumes.as_ref()).is_some();
+        ops.insert(
+            1,
+            append(&["spec", "volumes"], has_volumes, self.volume.clone()),
+        );
+
+        let status = InjectionStatus {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            sidecar: sidecar_name.clone(),
+            mode: self.mode,
+            prefix,
+            containers: injected,
+        };
+        let mut new_labels = vec![(keys.injected.as_str(), "true".to_string())];
+        let mut new_annotations = vec![(
+            keys.status.as_str(),
+            serde_json::to_string(&status).expect("status serializes"),
+        )];
+        if !annotations.is_some_and(|a| a.contains_key(keys::DEFAULT_CONTAINER)) {
+            new_annotations.push((keys::DEFAULT_CONTAINER, status.containers[0].clone()));
+        }
+        ops.extend(set_entries("labels", labels.is_some(), &mut new_labels));
+        ops.extend(set_entries(
+            "annotations",
+            annotations.is_some(),
+            &mut new_annotations,
+        ));
+        Ok((Patch(ops), status, skipped))
+    }
+}
+
+/// Job pods, and any pod that is meant to finish.
+fn runs_to_completion(pod: &Pod, ctx: PodContext<'_>) -> bool {
+    let owned_by_job = pod.metadata.owner_references.as_ref().is_some_and(|refs| {
+        refs.iter()
+            .any(|r| r.kind == "Job" && r.api_version.starts_with("batch/"))
+    });
+    let restart_policy = pod.spec.as_ref().and_then(|s| s.restart_policy.as_deref());
+    ctx.job_template || owned_by_job || matches!(restart_policy, Some("Never" | "OnFailure"))
+}
+
+fn pointer(tokens: &[&str]) -> PointerBuf {
+    PointerBuf::from_tokens(tokens.iter().copied())
+}
+
+/// Adds `value` to the list at `path`, creating the list if it does not exist.
+fn append(path: &[&str], list_exists: bool, value: Value) -> PatchOperation {
+    if list_exists {
+        let mut tokens = path.to_vec();
+        tokens.push("-");
+        PatchOperation::Add(AddOperation {
+            path: pointer(&tokens),
+            value,
+        })
+    } else {
+        PatchOperation::Add(AddOperation {
+            path: pointer(path),
+            value: Value::Array(vec![value]),
+        })
+    }
+}
+
+/// Sets keys in `metadata.<field>`, creating the map if it does not exist.
+fn set_entries(
+    field: &str,
+    map_exists: bool,
+    entries: &mut Vec<(&str, String)>,
+) -> Vec<PatchOperation> {
+    if map_exists {
+        entries
+            .drain(..)
+            .map(|(key, value)| {
+                PatchOperation::Add(AddOperation {
+                    path: pointer(&["metadata", field, key]),
+                    value: Value::String(value),
+                })
+            })
+            .collect()
+    } else {
+        let map = entries
+            .drain(..)
+            .map(|(k, v)| (k.to_string(), Value::String(v)))
+            .collect();
+        vec![PatchOperation::Add(AddOperation {
+            path: pointer(&["metadata", field]),
+            value: Value::Object(map),
+        })]
+    }
+}

@@ -1,0 +1,91 @@
+//! The statsd_exporter sidecar and its mapping volume, built once from the config.
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction, Probe,
+    SeccompProfile, SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::config::{MAPPING_FILE, SidecarConfig};
+
+/// Where the mapping ConfigMap is mounted inside the sidecar.
+pub const MAPPING_DIR: &str = "/etc/statsd-exporter";
+
+/// The sidecar container. `native` makes it an init container with `restartPolicy: Always`.
+pub fn sidecar_container(cfg: &SidecarConfig, native: bool) -> Container {
+    let probe = |path: &str, period: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_string()),
+            port: IntOrString::Int(cfg.metrics_port.into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(2),
+        failure_threshold: Some(3),
+        ..Default::default()
+    };
+    let port = |number: u16, protocol: &str, name: Option<&str>| ContainerPort {
+        container_port: number.into(),
+        protocol: Some(protocol.to_string()),
+        name: name.map(str::to_string),
+        ..Default::default()
+    };
+    Container {
+        name: cfg.name.clone(),
+        image: Some(cfg.image.clone()),
+        image_pull_policy: Some(cfg.image_pull_policy.clone()),
+        args: Some(vec![
+            format!("--statsd.mapping-config={MAPPING_DIR}/{MAPPING_FILE}"),
+            format!("--statsd.listen-udp=:{}", cfg.statsd_port),
+            format!("--statsd.listen-tcp=:{}", cfg.statsd_port),
+            format!("--web.listen-address=:{}", cfg.metrics_port),
+        ]),
+        ports: Some(vec![
+            port(cfg.metrics_port, "TCP", Some(&cfg.metrics_port_name)),
+            port(cfg.statsd_port, "UDP", None),
+            port(cfg.statsd_port, "TCP", None),
+        ]),
+        readiness_probe: Some(probe("/-/ready", 10)),
+        liveness_probe: Some(probe("/-/healthy", 20)),
+        resources: Some(cfg.resources.clone()),
+        restart_policy: native.then(|| "Always".to_string()),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(cfg.run_as_user),
+            run_as_group: Some(cfg.run_as_user),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_string()]),
+                ..Default::default()
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_string(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        termination_message_policy: Some("FallbackToLogsOnError".to_string()),
+        volume_mounts: Some(vec![VolumeMount {
+            name: cfg.volume_name.clone(),
+            mount_path: MAPPING_DIR.to_string(),
+            read_only: Some(true),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    }
+}
+
+/// The volume holding the mapping. Optional, so a pod created before the
+/// reconciler wrote the ConfigMap still starts; only its metrics wait.
+pub fn mapping_volume(cfg: &SidecarConfig) -> Volume {
+    Volume {
+        name: cfg.volume_name.clone(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: cfg.mapping_config_map.clone(),
+            optional: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,62 @@
+//! Label and annotation keys, all under one domain (`metrics.chiller.io` by default).
+
+/// The key names, built from the configured domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    /// Namespace label `…/inject=enabled`, pod label `…/inject=disabled`,
+    /// pod annotation `…/inject: "false"`.
+    pub inject: String,
+    /// Pod label set on injected pods.
+    pub injected: String,
+    /// Pod annotation recording what was injected.
+    pub status: String,
+    /// Pod annotation naming the target containers.
+    pub containers: String,
+    /// Pod annotation overriding the statsd prefix.
+    pub statsd_prefix: String,
+    /// Namespace annotation narrowing which pods are injected.
+    pub pod_selector: String,
+    /// Namespace annotation `host:port/db` enabling the Postgres exporter.
+    pub postgres: String,
+    /// Namespace annotation naming the Secret with the Postgres credentials.
+    pub postgres_secret: String,
+    /// Namespace annotation enabling rollout restarts of uninjected workloads.
+    pub restart_uninjected: String,
+    /// Namespace annotation where the reconciler records its status.
+    pub reconcile_status: String,
+}
+
+/// Value of the namespace opt-in label.
+pub const ENABLED: &str = "enabled";
+/// Value of the pod opt-out label.
+pub const DISABLED: &str = "disabled";
+/// The label every object we create carries.
+pub const MANAGED_BY_KEY: &str = "app.kubernetes.io/managed-by";
+/// Its value.
+pub const MANAGED_BY: &str = "chiller-metrics";
+/// The annotation `kubectl logs` and `kubectl exec` use to pick a container.
+pub const DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-container";
+
+impl Keys {
+    pub fn new(domain: &str) -> Self {
+        let key = |name: &str| format!("{domain}/{name}");
+        Self {
+            inject: key("inject"),
+            injected: key("injected"),
+            status: key("status"),
+            containers: key("containers"),
+            statsd_prefix: key("statsd-prefix"),
+            pod_selector: key("pod-selector"),
+            postgres: key("postgres"),
+            postgres_secret: key("postgres-secret"),
+            restart_uninjected: key("restart-uninjected"),
+            reconcile_status: key("reconcile-status"),
+        }
+    }
+}
+
+impl Default for Keys {
+    fn default() -> Self {
+        Self::new(crate::config::DEFAULT_DOMAIN)
+    }
+}

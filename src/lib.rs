@@ -1,0 +1,20 @@
+//! chiller-metrics: make gunicorn apps observable with Prometheus and Grafana
+//! without touching their code or charts.
+//!
+//! - [`inject`]: the pure mutation (pod + config → JSONPatch or a skip reason).
+//! - [`webhook`]: the admission HTTP adapter, TLS with hot reload, and serving.
+//! - [`admin`]: the plain-HTTP admin endpoints and process metrics.
+//! - [`cluster`]: everything that talks to the API server for the webhook.
+//! - [`reconcile`]: the per-namespace monitoring reconcile loop.
+//! - [`cli`]: the offline commands (`inject`, `render`, `certs`) and `serve` wiring.
+
+pub mod admin;
+pub mod certs;
+pub mod cli;
+pub mod cluster;
+pub mod config;
+pub mod inject;
+pub mod keys;
+pub mod manifest;
+pub mod reconcile;
+pub mod webhook;

@@ -1,0 +1,52 @@
+use std::io::Write;
+
+use anyhow::Context;
+use clap::Parser;
+use tracing_subscriber::{EnvFilter, fmt};
+
+use chiller_metrics::cli::{Cli, Command, LogFormat, offline, serve};
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn print(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    if !text.ends_with('\n') {
+        out.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Serve(args) => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            runtime.block_on(serve::run(args, serve::shutdown_signal()))?;
+        }
+        Command::Inject(args) => {
+            let yaml = offline::inject(&args, &mut |note| eprintln!("{note}"))?;
+            print(&yaml)?;
+        }
+        Command::Render(args) => print(&chiller_metrics::reconcile::render(&args)?)?,
+        Command::Certs(args) => {
+            let bundle = offline::certs(&args)?;
+            eprintln!(
+                "wrote ca.crt, tls.crt and tls.key to {}",
+                args.out.display()
+            );
+            print(&bundle)?;
+        }
+        Command::Mapping(args) => print(&offline::mapping(&args)?)?,
+        Command::Config(args) => print(&offline::config(&args)?)?,
+    }
+    Ok(())
+}

@@ -1,0 +1,204 @@
+//! The AdmissionReview protocol around the pure mutation.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::core::{
+    DynamicObject,
+    admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation},
+};
+
+use crate::inject::{Decision, Injector, NamespacePolicy, PodContext, check_pod};
+
+pub const API_VERSION: &str = "admission.k8s.io/v1";
+pub const KIND: &str = "AdmissionReview";
+
+/// Looks up a namespace's policy; backed by a watched cache, never an API call.
+pub trait NamespacePolicies: Send + Sync {
+    fn policy(&self, namespace: &str) -> Option<NamespacePolicy>;
+}
+
+/// No cluster: only pod-level settings apply.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoCluster;
+
+impl NamespacePolicies for NoCluster {
+    fn policy(&self, _namespace: &str) -> Option<NamespacePolicy> {
+        None
+    }
+}
+
+/// A request we cannot answer with an AdmissionReview (it becomes a 4xx).
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewError {
+    #[error("body is not a valid AdmissionReview: {0}")]
+    Malformed(#[source] serde_json::Error),
+    #[error(
+        "unsupported AdmissionReview {api_version:?}/{kind:?}; this webhook speaks {API_VERSION}/{KIND}"
+    )]
+    UnsupportedVersion { api_version: String, kind: String },
+    #[error("AdmissionReview has no request")]
+    MissingRequest,
+    #[error("request.uid is empty")]
+    MissingUid,
+    #[error("CREATE request has no object")]
+    MissingObject,
+    #[error("request.object is not a valid Pod: {0}")]
+    InvalidPod(#[source] serde_json::Error),
+}
+
+impl ReviewError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::Malformed(_) => "malformed",
+            Self::UnsupportedVersion { .. } => "unsupported_version",
+            Self::MissingRequest => "missing_request",
+            Self::MissingUid => "missing_uid",
+            Self::MissingObject => "missing_object",
+            Self::InvalidPod(_) => "invalid_pod",
+        }
+    }
+}
+
+/// How an answered review is counted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Injected,
+    Skipped(&'static str),
+    /// Not a pod CREATE: nothing to do.
+    Ignored(&'static str),
+    /// An internal failure; the pod was allowed unpatched.
+    Error(&'static str),
+}
+
+impl Outcome {
+    pub fn labels(&self) -> (&'static str, &'static str) {
+        match self {
+            Self::Injected => ("injected", "injected"),
+            Self::Skipped(reason) => ("skipped", reason),
+            Self::Ignored(reason) => ("ignored", reason),
+            Self::Error(reason) => ("error", reason),
+        }
+    }
+}
+
+/// Answers one AdmissionReview body. Every well-formed review is allowed;
+/// internal failures fail open with a warning.
+pub fn review(
+    injector: &Injector,
+    namespaces: &dyn NamespacePolicies,
+    body: &[u8],
+) -> Result<(AdmissionReview<DynamicObject>, Outcome), ReviewError> {
+    let review: AdmissionReview<DynamicObject> =
+        serde_json::from_slice(body).map_err(ReviewError::Malformed)?;
+    if review.types.api_version != API_VERSION || review.types.kind != KIND {
+        return Err(ReviewError::UnsupportedVersion {
+            api_version: review.types.api_version,
+            kind: review.types.kind,
+        });
+    }
+    let request: AdmissionRequest<DynamicObject> =
+        review.try_into().map_err(|_| ReviewError::MissingRequest)?;
+    if request.uid.is_empty() {
+        return Err(ReviewError::MissingUid);
+    }
+    let response = AdmissionResponse::from(&request);
+    let is_pod =
+        request.kind.group.is_empty() && request.kind.version == "v1" && request.kind.kind == "Pod";
+    if !is_pod
+        || request
+            .sub_resource
+            .as_deref()
+            .is_some_and(|s| !s.is_empty())
+    {
+        return Ok((response.into_review(), Outcome::Ignored("not_a_pod")));
+    }
+    if request.operation != Operation::Create {
+        return Ok((response.into_review(), Outcome::Ignored("not_create")));
+    }
+    let object = request.object.as_ref().ok_or(ReviewError::MissingObject)?;
+    let mut object = serde_json::to_value(object).map_err(ReviewError::InvalidPod)?;
+    let pod: Pod = serde_json::from_value(object.clone()).map_err(ReviewError::InvalidPod)?;
+
+    let namespace = request
+        .namespace
+        .as_deref()
+        .or(pod.metadata.namespace.as_deref());
+    let policy = namespace.and_then(|ns| namespaces.policy(ns));
+    let ctx = PodContext {
+        namespace: policy.as_ref(),
+        ..Default::default()
+    };
+    let decision = match catch_unwind(AssertUnwindSafe(|| injector.mutate(&pod, ctx))) {
+        Ok(decision) => decision,
+        Err(_) => return Ok(fail_open(response, "mutation panicked")),
+    };
+    match decision {
+        Decision::Skip(reason) => {
+            let mut response = response;
+            if reason.warrants_warning() {
+                response.warnings = Some(vec![format!("chiller-metrics did not inject: {reason}")]);
+            }
+            tracing::debug!(uid = %request.uid, namespace, reason = %reason, "skipped");
+            Ok((
+                response.into_review(),
+                Outcome::Skipped(reason.metric_label()),
+            ))
+        }
+        Decision::Inject {
+            patch, warnings, ..
+        } => {
+            // Verify before answering: the patch must apply and leave a pod the API server accepts.
+            if let Err(e) = json_patch::patch(&mut object, &patch) {
+                return Ok(fail_open(response, &format!("patch does not apply: {e}")));
+            }
+            let verdict = serde_json::from_value::<Pod>(object)
+                .map_err(|e| e.to_string())
+                .and_then(|patched| check_pod(&patched).map_err(|e| e.to_string()));
+            if let Err(problem) = verdict {
+                if check_pod(&pod).is_ok() {
+                    return Ok(fail_open(
+                        response,
+                        &format!("patched pod would be invalid: {problem}"),
+                    ));
+                }
+            }
+            let mut response = match response.with_patch(patch) {
+                Ok(response) => response,
+                Err(e) => return Ok(fail_open(AdmissionResponse::from(&request), &e.to_string())),
+            };
+            if !warnings.is_empty() {
+                response.warnings = Some(
+                    warnings
+                        .into_iter()
+                        .map(|w| format!("chiller-metrics: {w}"))
+                        .collect(),
+                );
+            }
+            tracing::debug!(uid = %request.uid, namespace, "injected");
+            Ok((response.into_review(), Outcome::Injected))
+        }
+    }
+}
+
+/// Serializes a review the way Kubernetes documents it: `patch` as a base64
+/// string (kube-core would write a byte array, which Go also accepts).
+pub fn to_json(review: &AdmissionReview<DynamicObject>) -> serde_json::Value {
+    use base64::{Engine, engine::general_purpose::STANDARD};
+    let mut value = serde_json::to_value(review).expect("an AdmissionReview always serializes");
+    if let Some(patch) = review.response.as_ref().and_then(|r| r.patch.as_ref()) {
+        value["response"]["patch"] = serde_json::Value::String(STANDARD.encode(patch));
+    }
+    value
+}
+
+fn fail_open(
+    mut response: AdmissionResponse,
+    why: &str,
+) -> (AdmissionReview<DynamicObject>, Outcome) {
+    tracing::warn!(uid = %response.uid, error = why, "internal error; pod allowed without injection");
+    response.warnings = Some(vec![format!(
+        "chiller-metrics failed and did not inject: {why}"
+    )]);
+    (response.into_review(), Outcome::Error("internal"))
+}
