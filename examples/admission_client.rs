@@ -41,14 +41,19 @@ async fn main() -> anyhow::Result<()> {
         .connect(ServerName::try_from(host.clone())?, tcp)
         .await
         .context("TLS handshake")?;
-    let alpn = stream.get_ref().1.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned());
+    let alpn = stream
+        .get_ref()
+        .1
+        .alpn_protocol()
+        .map(|p| String::from_utf8_lossy(p).into_owned());
     let request = hyper::Request::post(uri.path())
         .header("content-type", "application/json")
         .header("host", &host)
         .body(Full::new(Bytes::from(body)))?;
     let io = hyper_util::rt::TokioIo::new(stream);
     let response = if alpn.as_deref() == Some("h2") {
-        let (mut sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await?;
         tokio::spawn(conn);
         sender.send_request(request).await?
     } else {
@@ -58,22 +63,39 @@ async fn main() -> anyhow::Result<()> {
     };
     let status = response.status();
     let bytes = response.into_body().collect().await?.to_bytes();
-    println!("# HTTP {status} over TLS, ALPN {}", alpn.as_deref().unwrap_or("none"));
+    println!(
+        "# HTTP {status} over TLS, ALPN {}",
+        alpn.as_deref().unwrap_or("none")
+    );
     if !status.is_success() {
-        bail!("webhook answered {status}: {}", String::from_utf8_lossy(&bytes));
+        bail!(
+            "webhook answered {status}: {}",
+            String::from_utf8_lossy(&bytes)
+        );
     }
     let answer: Value = serde_json::from_slice(&bytes)?;
     let mut summary = answer["response"].clone();
     let patch = summary.as_object_mut().and_then(|r| r.remove("patch"));
-    println!("# AdmissionReview response (patch shown below)\n{}", serde_norway::to_string(&summary)?);
+    println!(
+        "# AdmissionReview response (patch shown below)\n{}",
+        serde_norway::to_string(&summary)?
+    );
     let Some(patch) = patch else {
         println!("# no patch: the pod is admitted unchanged");
         return Ok(());
     };
-    let patch: json_patch::Patch = serde_json::from_slice(&STANDARD.decode(patch.as_str().context("patch")?)?)?;
-    println!("# decoded JSONPatch ({} operations)\n{}", patch.0.len(), serde_norway::to_string(&patch)?);
+    let patch: json_patch::Patch =
+        serde_json::from_slice(&STANDARD.decode(patch.as_str().context("patch")?)?)?;
+    println!(
+        "# decoded JSONPatch ({} operations)\n{}",
+        patch.0.len(),
+        serde_norway::to_string(&patch)?
+    );
     let mut pod = review["request"]["object"].clone();
     json_patch::patch(&mut pod, &patch)?;
-    println!("# the pod after the patch\n{}", serde_norway::to_string(&pod)?);
+    println!(
+        "# the pod after the patch\n{}",
+        serde_norway::to_string(&pod)?
+    );
     Ok(())
 }

@@ -2,7 +2,11 @@
 
 use std::sync::Arc;
 
-use crate::{admin::Metrics, cli::RenderArgs, config::Config};
+pub mod desired;
+
+use crate::{admin::Metrics, config::Config};
+
+pub use desired::render;
 
 /// Leader-election settings.
 #[derive(Debug, Clone)]
@@ -24,12 +28,6 @@ impl Options {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ReconcileError {
-    #[error("render is not available yet")]
-    NotYet,
-}
-
 pub async fn run(
     _client: kube::Client,
     _config: Config,
@@ -37,8 +35,4 @@ pub async fn run(
     _options: Options,
 ) {
     tracing::warn!("reconcile loop not yet available");
-}
-
-pub fn render(_args: &RenderArgs) -> Result<String, ReconcileError> {
-    Err(ReconcileError::NotYet)
 }
