@@ -24,6 +24,8 @@ pub struct Keys {
     pub restart_uninjected: String,
     /// Namespace annotation where the reconciler records its status.
     pub reconcile_status: String,
+    /// Label on every object the reconciler creates, naming the app namespace it serves.
+    pub owner_namespace: String,
 }
 
 /// Value of the namespace opt-in label.
@@ -51,6 +53,7 @@ impl Keys {
             postgres_secret: key("postgres-secret"),
             restart_uninjected: key("restart-uninjected"),
             reconcile_status: key("reconcile-status"),
+            owner_namespace: key("owner-namespace"),
         }
     }
 }

@@ -131,7 +131,7 @@ pub fn metadata(
         "namespace": namespace,
         "labels": {
             keys::MANAGED_BY_KEY: keys::MANAGED_BY,
-            owner_namespace_label(&keys): settings.name,
+            keys.owner_namespace.clone(): settings.name,
         },
     });
     if let Some(uid) = &settings.uid {
