@@ -1,12 +1,43 @@
 //! The objects one opted-in namespace needs, built from the namespace's settings
 //! and the config. Pure: the reconcile loop applies them, `render` prints them.
 
+mod grafana;
+mod postgres;
+mod prometheus;
+
 use k8s_openapi::api::core::v1::Namespace;
 use serde_json::{Value, json};
 
+pub use grafana::{
+    dashboard, dashboard_config_map, datasource_config_map, datasource_uid, grafana_uid,
+};
+pub use postgres::{postgres_exporter_objects, postgres_exporter_pod_labels};
+pub use prometheus::{
+    monitoring_objects, prometheus_selector_labels, service_monitor_labels, statsd_service_labels,
+};
+
+/// Name of the Service in front of the injected sidecars.
+pub const STATSD_SERVICE: &str = "chiller-metrics-statsd";
+/// Name of the Prometheus object (its pods are `prometheus-chiller-metrics-N`).
+pub const PROMETHEUS: &str = "chiller-metrics";
+/// ServiceAccount, Role and RoleBinding of the namespace's Prometheus.
+pub const PROMETHEUS_ACCOUNT: &str = "chiller-metrics-prometheus";
+/// Deployment, Service and ServiceMonitor of the Postgres exporter.
+pub const POSTGRES_EXPORTER: &str = "chiller-metrics-postgres-exporter";
+/// Port of postgres_exporter.
+pub const POSTGRES_EXPORTER_PORT: u16 = 9187;
+/// Port name of postgres_exporter, on its container and Service.
+pub const POSTGRES_EXPORTER_PORT_NAME: &str = "metrics";
+/// UID and GID Prometheus and the exporter run as (`nobody`).
+pub const NON_ROOT_ID: i64 = 65534;
+/// `app.kubernetes.io/component` of the statsd Service and its ServiceMonitor.
+pub const STATSD_COMPONENT: &str = "statsd-exporter";
+/// `app.kubernetes.io/component` of the Postgres exporter objects.
+pub const POSTGRES_COMPONENT: &str = "postgres-exporter";
+
 use crate::{
     cli::RenderArgs,
-    config::{Config, ConfigError, MAPPING_FILE},
+    config::{Config, ConfigError, MAPPING_FILE, is_dns_label},
     keys::{self, Keys},
 };
 
@@ -18,6 +49,8 @@ pub enum DesiredError {
     PostgresAddress(String),
     #[error("{annotation} is set but {missing} is not; both are needed for the Postgres exporter")]
     PostgresIncomplete { annotation: String, missing: String },
+    #[error("invalid namespace name {0:?}: expected a DNS label (lowercase letters, digits, '-')")]
+    Namespace(String),
     #[error("cannot write YAML: {0}")]
     Yaml(#[from] serde_norway::Error),
 }
@@ -163,9 +196,55 @@ pub fn mapping_config_map(settings: &NamespaceSettings, config: &Config) -> Desi
     }
 }
 
-/// Everything the namespace needs, in apply order.
+/// A [`DesiredObject`] around `value`, which already carries its metadata.
+fn desired(
+    api_version: &'static str,
+    kind: &'static str,
+    plural: &'static str,
+    value: Value,
+) -> DesiredObject {
+    let text = |field: &str| {
+        value["metadata"][field]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    DesiredObject {
+        api_version,
+        kind,
+        plural,
+        namespace: text("namespace"),
+        name: text("name"),
+        value,
+    }
+}
+
+/// `metadata(...)` with extra labels.
+fn metadata_with_labels(
+    settings: &NamespaceSettings,
+    config: &Config,
+    namespace: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Value {
+    let mut meta = metadata(settings, config, namespace, name);
+    for (key, value) in labels {
+        meta["labels"][*key] = json!(value);
+    }
+    meta
+}
+
+/// Everything the namespace needs, in apply order: RBAC before the Prometheus
+/// that uses it, Services before the ServiceMonitors that select them.
 pub fn desired_objects(settings: &NamespaceSettings, config: &Config) -> Vec<DesiredObject> {
-    vec![mapping_config_map(settings, config)]
+    let mut objects = vec![mapping_config_map(settings, config)];
+    objects.extend(monitoring_objects(settings, config));
+    if let Some(target) = &settings.postgres {
+        objects.extend(postgres_exporter_objects(settings, config, target));
+    }
+    objects.push(datasource_config_map(settings, config));
+    objects.push(dashboard_config_map(settings, config));
+    objects
 }
 
 /// Multi-document YAML of the objects.
@@ -183,6 +262,9 @@ pub fn render_yaml(objects: &[DesiredObject]) -> Result<String, DesiredError> {
 /// `chiller-metrics render`.
 pub fn render(args: &RenderArgs) -> Result<String, DesiredError> {
     let config = args.config.load()?;
+    if !is_dns_label(&args.namespace) {
+        return Err(DesiredError::Namespace(args.namespace.clone()));
+    }
     let postgres = match (&args.postgres, &args.postgres_secret) {
         (Some(address), Some(secret)) => Some(PostgresTarget::parse(address, secret)?),
         _ => None,
