@@ -155,13 +155,13 @@ pub fn review(
             let verdict = serde_json::from_value::<Pod>(object)
                 .map_err(|e| e.to_string())
                 .and_then(|patched| check_pod(&patched).map_err(|e| e.to_string()));
-            if let Err(problem) = verdict {
-                if check_pod(&pod).is_ok() {
-                    return Ok(fail_open(
-                        response,
-                        &format!("patched pod would be invalid: {problem}"),
-                    ));
-                }
+            if let Err(problem) = verdict
+                && check_pod(&pod).is_ok()
+            {
+                return Ok(fail_open(
+                    response,
+                    &format!("patched pod would be invalid: {problem}"),
+                ));
             }
             let mut response = match response.with_patch(patch) {
                 Ok(response) => response,
