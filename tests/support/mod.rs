@@ -1,0 +1,452 @@
+//! Shared helpers for the integration tests (`mod support;`):
+//!
+//! - [`validate`], [`validate_k8s`], [`validate_crd`]: check objects against the
+//!   strict Kubernetes 1.37 JSON schemas and the prometheus-operator CRDs in
+//!   `../shared`, so that a misspelled or mistyped field fails a test.
+//! - [`tool`]: finds an external test tool or fails with how to install it.
+#![allow(dead_code)]
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, OnceLock},
+};
+
+use jsonschema::{Retrieve, Uri, Validator};
+use serde_json::{Value, json};
+
+/// Folder of the Kubernetes schemas inside `../shared/schemas`.
+pub const K8S_SCHEMAS: &str = "kubernetes-v1.37.0-strict";
+/// The API group of the prometheus-operator CRDs.
+pub const MONITORING_GROUP: &str = "monitoring.coreos.com";
+const DEFINITIONS_REF: &str = "/api/_definitions.json";
+const OBJECT_META_REF: &str =
+    "/api/_definitions.json#/$defs/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta";
+
+/// The crate root.
+pub fn crate_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `../shared` beside the crate: the reference schemas and CRDs.
+pub fn shared_dir() -> PathBuf {
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared"));
+    assert!(
+        dir.join("schemas").join(K8S_SCHEMAS).is_dir(),
+        "{} is missing or incomplete: the tests need ../shared beside the crate \
+         (schemas/{K8S_SCHEMAS}/ and crds/, see ../shared/README.md)",
+        dir.display()
+    );
+    dir
+}
+
+/// Finds an external tool: on PATH, else in `<crate>/.tools/bin` or
+/// `<crate>/.tools/venv/bin`. Panics naming how to install it.
+pub fn tool(name: &str) -> PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let tools = crate_dir().join(".tools");
+    let candidates = on_path
+        .into_iter()
+        .chain([tools.join("bin"), tools.join("venv").join("bin")]);
+    for dir in candidates {
+        let file = dir.join(name);
+        if is_executable(&file) {
+            return file;
+        }
+    }
+    panic!(
+        "required test tool `{name}` not found on PATH nor in {}/{{bin,venv/bin}}; {}",
+        tools.display(),
+        install_hint(name)
+    );
+}
+
+fn install_hint(name: &str) -> String {
+    match name {
+        "promtool" | "prometheus" => {
+            "install it with `apt-get install -y prometheus` (Debian package `prometheus`)".into()
+        }
+        "wrk" => "install it with `apt-get install -y wrk`".into(),
+        "h2load" => "install it with `apt-get install -y nghttp2-client`".into(),
+        "gunicorn" | "flask" | "python3" => {
+            "run `make tools` (installs gunicorn and flask into .tools/venv)".into()
+        }
+        "helm" | "kubectl" => "run `make tools` (installs helm and kubectl into .tools/bin)".into(),
+        _ => "run `make tools`, or install it with your package manager".into(),
+    }
+}
+
+fn is_executable(file: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    file.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Validates a Kubernetes object or a prometheus-operator custom resource,
+/// chosen by `apiVersion`. A `List` has each item validated.
+pub fn validate(object: &Value) -> Result<(), String> {
+    let (group, _, kind) = type_of(object)?;
+    if kind == "List" {
+        return validate_items(object, validate);
+    }
+    if group == MONITORING_GROUP {
+        validate_crd(object)
+    } else {
+        validate_k8s(object)
+    }
+}
+
+/// Validates a built-in Kubernetes object against the strict 1.37 schema of its kind.
+/// Returns every error, each with the path of the offending value.
+pub fn validate_k8s(object: &Value) -> Result<(), String> {
+    let (group, version, kind) = type_of(object)?;
+    if kind == "List" && group.is_empty() {
+        return validate_items(object, validate_k8s);
+    }
+    let file = match group.split('.').next().unwrap_or_default() {
+        "" => format!("{}-{version}.json", kind.to_lowercase()),
+        label => format!("{}-{label}-{version}.json", kind.to_lowercase()),
+    };
+    let validator = cached(&file, || {
+        let path = shared_dir().join("schemas").join(K8S_SCHEMAS).join(&file);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            format!(
+                "no schema for {}/{kind} ({}: {e})",
+                api_version(object),
+                path.display()
+            )
+        })?;
+        let schema: Value = serde_json::from_str(&text)
+            .map_err(|e| format!("{} is not JSON: {e}", path.display()))?;
+        compile(&schema)
+    })?;
+    run(&validator, object)
+}
+
+/// Validates a monitoring.coreos.com/v1 Prometheus, ServiceMonitor or
+/// PodMonitor against its CRD schema, made strict: unknown fields, which the
+/// API server would silently prune, are errors.
+pub fn validate_crd(object: &Value) -> Result<(), String> {
+    let (group, version, kind) = type_of(object)?;
+    if group != MONITORING_GROUP {
+        return Err(format!(
+            "{} is not a {MONITORING_GROUP} resource",
+            api_version(object)
+        ));
+    }
+    let plural = match kind {
+        "Prometheus" => "prometheuses",
+        "ServiceMonitor" => "servicemonitors",
+        "PodMonitor" => "podmonitors",
+        other => return Err(format!("no CRD for {MONITORING_GROUP} kind {other:?}")),
+    };
+    let key = format!("crd:{plural}:{version}");
+    let validator = cached(&key, || {
+        let path = shared_dir()
+            .join("crds")
+            .join(format!("{MONITORING_GROUP}_{plural}.yaml"));
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let crd: Value = serde_norway::from_str(&text)
+            .map_err(|e| format!("{} is not YAML: {e}", path.display()))?;
+        let mut schema = crd["spec"]["versions"]
+            .as_array()
+            .and_then(|versions| versions.iter().find(|v| v["name"] == version))
+            .map(|v| v["schema"]["openAPIV3Schema"].clone())
+            .filter(Value::is_object)
+            .ok_or_else(|| format!("{} has no version {version}", path.display()))?;
+        strict_structural(&mut schema);
+        schema["properties"]["metadata"] = json!({"$ref": OBJECT_META_REF});
+        compile(&schema)
+    })?;
+    run(&validator, object)
+}
+
+/// Rewrites a CRD's structural schema for a JSON Schema validator: unknown
+/// fields become errors, `x-kubernetes-int-or-string` accepts both types and
+/// `nullable` admits null.
+pub fn strict_structural(schema: &mut Value) {
+    let Some(node) = schema.as_object_mut() else {
+        return;
+    };
+    if node.get("x-kubernetes-int-or-string") == Some(&Value::Bool(true)) {
+        node.remove("type");
+        node.insert(
+            "anyOf".into(),
+            json!([{"type": "integer"}, {"type": "string"}]),
+        );
+    }
+    if node.get("nullable") == Some(&Value::Bool(true)) {
+        if let Some(Value::String(kind)) = node.get("type").cloned() {
+            node.insert("type".into(), json!([kind, "null"]));
+        }
+    }
+    let preserves_unknown =
+        node.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true));
+    if node.contains_key("properties")
+        && !node.contains_key("additionalProperties")
+        && !preserves_unknown
+    {
+        node.insert("additionalProperties".into(), Value::Bool(false));
+    }
+    for (key, child) in node.iter_mut() {
+        match key.as_str() {
+            "properties" | "patternProperties" | "definitions" | "$defs" => {
+                if let Some(children) = child.as_object_mut() {
+                    children.values_mut().for_each(strict_structural);
+                }
+            }
+            "items" | "additionalProperties" | "not" => strict_structural(child),
+            "allOf" | "anyOf" | "oneOf" => {
+                if let Some(children) = child.as_array_mut() {
+                    children.iter_mut().for_each(strict_structural);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn type_of(object: &Value) -> Result<(&str, &str, &str), String> {
+    let api_version = object["apiVersion"]
+        .as_str()
+        .ok_or_else(|| format!("object has no apiVersion: {}", short(object)))?;
+    let kind = object["kind"]
+        .as_str()
+        .ok_or_else(|| format!("object has no kind: {}", short(object)))?;
+    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+    Ok((group, version, kind))
+}
+
+fn api_version(object: &Value) -> &str {
+    object["apiVersion"].as_str().unwrap_or("?")
+}
+
+fn short(object: &Value) -> String {
+    let text = object.to_string();
+    match text.char_indices().nth(200) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text,
+    }
+}
+
+fn validate_items(list: &Value, each: fn(&Value) -> Result<(), String>) -> Result<(), String> {
+    let items = list["items"]
+        .as_array()
+        .ok_or_else(|| "List has no items array".to_string())?;
+    let errors: Vec<String> = items
+        .iter()
+        .enumerate()
+        .filter_map(|(i, item)| each(item).err().map(|e| format!("items[{i}]: {e}")))
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("\n"))
+    }
+}
+
+type Cache = Mutex<HashMap<String, Arc<Validator>>>;
+
+fn cached(
+    key: &str,
+    build: impl FnOnce() -> Result<Validator, String>,
+) -> Result<Arc<Validator>, String> {
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let mut cache = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(validator) = cache.get(key) {
+        return Ok(validator.clone());
+    }
+    let validator = Arc::new(build()?);
+    cache.insert(key.to_string(), validator.clone());
+    Ok(validator)
+}
+
+fn compile(schema: &Value) -> Result<Validator, String> {
+    jsonschema::options()
+        .with_retriever(SharedDefinitions)
+        .build(schema)
+        .map_err(|e| format!("schema does not compile: {e}"))
+}
+
+fn run(validator: &Validator, object: &Value) -> Result<(), String> {
+    let errors: Vec<String> = validator
+        .iter_errors(object)
+        .map(|e| {
+            let path = e.instance_path().to_string();
+            let path = if path.is_empty() { "/" } else { &path };
+            format!("  at {path}: {e}")
+        })
+        .collect();
+    if errors.is_empty() {
+        return Ok(());
+    }
+    let name = object["metadata"]["name"]
+        .as_str()
+        .or(object["metadata"]["generateName"].as_str())
+        .unwrap_or("<unnamed>");
+    Err(format!(
+        "{} {} {name:?} is invalid:\n{}",
+        api_version(object),
+        object["kind"].as_str().unwrap_or("?"),
+        errors.join("\n")
+    ))
+}
+
+/// Serves `/api/_definitions.json`, the file every Kubernetes schema refers to.
+struct SharedDefinitions;
+
+impl Retrieve for SharedDefinitions {
+    fn retrieve(
+        &self,
+        uri: &Uri<String>,
+    ) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+        if uri.path().as_str() != DEFINITIONS_REF {
+            return Err(format!("unexpected schema reference {uri}").into());
+        }
+        static DEFINITIONS: OnceLock<Value> = OnceLock::new();
+        let definitions = DEFINITIONS.get_or_init(|| {
+            let path = shared_dir()
+                .join("schemas")
+                .join(K8S_SCHEMAS)
+                .join("_definitions.json");
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+            serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+        });
+        Ok(definitions.clone())
+    }
+}
+
+#[cfg(test)]
+mod validator_tests {
+    use super::*;
+
+    fn pod() -> Value {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "api", "namespace": "chiller", "labels": {"app": "api"}},
+            "spec": {
+                "containers": [{
+                    "name": "api",
+                    "image": "chiller/api:1.4.2",
+                    "ports": [{"containerPort": 8000, "protocol": "TCP"}],
+                }],
+            },
+        })
+    }
+
+    fn service_monitor() -> Value {
+        json!({
+            "apiVersion": "monitoring.coreos.com/v1",
+            "kind": "ServiceMonitor",
+            "metadata": {"name": "gunicorn", "namespace": "chiller", "labels": {"app": "x"}},
+            "spec": {
+                "selector": {"matchLabels": {"metrics.chiller.io/injected": "true"}},
+                "endpoints": [{"port": "statsd-metrics", "interval": "15s", "targetPort": 9102}],
+            },
+        })
+    }
+
+    #[test]
+    fn accepts_a_valid_pod_and_service_monitor() {
+        validate(&pod()).unwrap();
+        validate(&service_monitor()).unwrap();
+        validate_k8s(&json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "x"},
+            "spec": {"selector": {"matchLabels": {"a": "b"}},
+                     "template": {"metadata": {"labels": {"a": "b"}}, "spec": pod()["spec"]}}}))
+        .unwrap();
+    }
+
+    #[test]
+    fn rejects_a_misspelled_pod_field() {
+        let mut pod = pod();
+        let containers = pod["spec"]
+            .as_object_mut()
+            .unwrap()
+            .remove("containers")
+            .unwrap();
+        pod["spec"]["containerss"] = containers;
+        let error = validate_k8s(&pod).unwrap_err();
+        assert!(error.contains("containerss"), "{error}");
+        assert!(error.contains("at /spec"), "{error}");
+    }
+
+    #[test]
+    fn rejects_a_wrong_type_deep_in_a_pod() {
+        let mut pod = pod();
+        pod["spec"]["containers"][0]["ports"][0]["containerPort"] = json!("8000");
+        let error = validate(&pod).unwrap_err();
+        assert!(
+            error.contains("/spec/containers/0/ports/0/containerPort"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn rejects_an_unknown_kind() {
+        let error =
+            validate_k8s(&json!({"apiVersion": "v1", "kind": "Podd", "metadata": {}})).unwrap_err();
+        assert!(error.contains("no schema"), "{error}");
+    }
+
+    #[test]
+    fn rejects_a_misspelled_crd_field_that_a_cluster_would_prune() {
+        let mut monitor = service_monitor();
+        monitor["spec"]["endpoints"][0]["intervall"] = json!("30s");
+        let error = validate_crd(&monitor).unwrap_err();
+        assert!(error.contains("intervall"), "{error}");
+        assert!(error.contains("/spec/endpoints/0"), "{error}");
+    }
+
+    #[test]
+    fn rejects_a_wrong_type_in_a_crd() {
+        let mut prometheus = json!({
+            "apiVersion": "monitoring.coreos.com/v1",
+            "kind": "Prometheus",
+            "metadata": {"name": "chiller"},
+            "spec": {"replicas": 1, "retention": "7d"},
+        });
+        validate(&prometheus).unwrap();
+        prometheus["spec"]["replicas"] = json!("one");
+        let error = validate(&prometheus).unwrap_err();
+        assert!(error.contains("/spec/replicas"), "{error}");
+    }
+
+    #[test]
+    fn crd_metadata_is_object_meta() {
+        let mut monitor = service_monitor();
+        monitor["metadata"]["lables"] = json!({"a": "b"});
+        let error = validate(&monitor).unwrap_err();
+        assert!(error.contains("lables"), "{error}");
+        let mut monitor = service_monitor();
+        monitor["metadata"]["labels"] = json!({"a": 1});
+        assert!(validate(&monitor).is_err());
+    }
+
+    #[test]
+    fn int_or_string_accepts_both_and_nothing_else() {
+        let mut monitor = service_monitor();
+        monitor["spec"]["endpoints"][0]["targetPort"] = json!("statsd-metrics");
+        validate_crd(&monitor).unwrap();
+        monitor["spec"]["endpoints"][0]["targetPort"] = json!(true);
+        assert!(validate_crd(&monitor).is_err());
+    }
+
+    #[test]
+    fn list_items_are_each_validated() {
+        let mut bad = pod();
+        bad["spec"]["hostNetwork"] = json!("yes");
+        let list = json!({"apiVersion": "v1", "kind": "List", "items": [pod(), bad]});
+        let error = validate(&list).unwrap_err();
+        assert!(error.starts_with("items[1]"), "{error}");
+    }
+}
