@@ -178,10 +178,10 @@ pub fn strict_structural(schema: &mut Value) {
             json!([{"type": "integer"}, {"type": "string"}]),
         );
     }
-    if node.get("nullable") == Some(&Value::Bool(true)) {
-        if let Some(Value::String(kind)) = node.get("type").cloned() {
-            node.insert("type".into(), json!([kind, "null"]));
-        }
+    if node.get("nullable") == Some(&Value::Bool(true))
+        && let Some(Value::String(kind)) = node.get("type").cloned()
+    {
+        node.insert("type".into(), json!([kind, "null"]));
     }
     let preserves_unknown =
         node.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true));
