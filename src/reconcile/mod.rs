@@ -1,12 +1,34 @@
 //! The per-namespace monitoring reconcile loop.
+//!
+//! One replica (the Lease holder) watches every Namespace and every object it
+//! manages. Opted-in namespaces get their desired objects applied with
+//! server-side apply, but only those that differ from the live ones; other
+//! namespaces lose whatever we created for them.
 
 use std::sync::Arc;
 
+pub mod compare;
+pub mod context;
+pub mod controller;
 pub mod desired;
+pub mod leader;
+pub mod live;
+pub mod namespace;
+pub mod uninjected;
 
-use crate::{admin::Metrics, config::Config};
+use tokio::sync::watch;
 
+use crate::{
+    admin::Metrics,
+    cluster,
+    config::Config,
+    inject::{Injector, ResolvedMode},
+};
+
+pub use context::{Context, NamespaceStatus, ReconcileError, error_policy};
 pub use desired::render;
+pub use leader::{LeaseLock, LeaseTimings};
+pub use namespace::reconcile;
 
 /// Leader-election settings.
 #[derive(Debug, Clone)]
@@ -28,11 +50,58 @@ impl Options {
     }
 }
 
-pub async fn run(
-    _client: kube::Client,
-    _config: Config,
-    _metrics: Arc<Metrics>,
-    _options: Options,
-) {
-    tracing::warn!("reconcile loop not yet available");
+/// Campaigns for the lease and, while leading, runs the controller. Every
+/// replica keeps serving the webhook whatever happens here.
+pub async fn run(client: kube::Client, config: Config, metrics: Arc<Metrics>, options: Options) {
+    let version = match client.apiserver_version().await {
+        Ok(info) => cluster::parse_version(&info.major, &info.minor),
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the API server version");
+            None
+        }
+    };
+    let injector = Injector::new(
+        config.clone(),
+        ResolvedMode::resolve(config.sidecar.mode, version),
+    );
+    let (leading_tx, mut leading) = watch::channel(false);
+    let lock = LeaseLock::new(
+        client.clone(),
+        &options.lease_namespace,
+        &options.lease_name,
+        &options.identity,
+        LeaseTimings::default(),
+    );
+    tokio::spawn(lock.run(leading_tx));
+    let ctx = Arc::new(Context::new(
+        client,
+        injector,
+        metrics,
+        leading.clone(),
+        &options.identity,
+    ));
+    tracing::info!(
+        lease = %format!("{}/{}", options.lease_namespace, options.lease_name),
+        identity = %options.identity,
+        "reconcile loop waiting for leadership"
+    );
+    loop {
+        if leading.wait_for(|lead| *lead).await.is_err() {
+            return;
+        }
+        tracing::info!("leading: starting the reconcile controller");
+        tokio::select! {
+            () = controller::run(ctx.clone()) => {
+                tracing::warn!("reconcile controller ended");
+            }
+            lost = leading.wait_for(|lead| !*lead) => {
+                if lost.is_err() {
+                    return;
+                }
+                tracing::warn!("no longer leading: reconcile controller stopped");
+            }
+        }
+        ctx.live.clear();
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }

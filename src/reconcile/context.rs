@@ -1,0 +1,206 @@
+//! What every reconcile shares: the client, config, caches, metrics, the
+//! event recorder and whether this replica leads; plus the error type and the
+//! error policy.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Client, ResourceExt,
+    runtime::{
+        controller::Action,
+        events::{Recorder, Reporter},
+    },
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::{desired::DesiredError, live::LiveCache};
+use crate::{admin::Metrics, config::Config, inject::Injector, keys::Keys};
+
+/// The one field manager of every write.
+pub const FIELD_MANAGER: &str = "chiller-metrics";
+/// First retry delay after a failed reconcile; doubles per failure.
+pub const BACKOFF_BASE: Duration = Duration::from_secs(2);
+/// Longest retry delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// A workload is restarted for injection at most once per this period.
+pub const RESTART_COOLDOWN: Duration = Duration::from_secs(600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(
+        "namespace {namespace}: the Prometheus Operator CRDs are not installed ({kinds} not served by the API server)"
+    )]
+    PrometheusOperatorMissing { namespace: String, kinds: String },
+    #[error("namespace {namespace}: invalid settings: {source}")]
+    Settings {
+        namespace: String,
+        #[source]
+        source: DesiredError,
+    },
+    #[error("{action} {kind} {namespace}/{name}: {source}")]
+    Api {
+        action: &'static str,
+        kind: String,
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl ReconcileError {
+    /// The `reason` label of `reconcile_failures`.
+    pub fn metric_reason(&self) -> &'static str {
+        match self {
+            Self::PrometheusOperatorMissing { .. } => "crd_missing",
+            Self::Settings { .. } => "invalid_settings",
+            Self::Api { .. } => "api_error",
+        }
+    }
+
+    /// The `reason` of the namespace status annotation.
+    pub fn status_reason(&self) -> &'static str {
+        match self {
+            Self::PrometheusOperatorMissing { .. } => "PrometheusOperatorMissing",
+            Self::Settings { .. } => "InvalidSettings",
+            Self::Api { .. } => "ApplyFailed",
+        }
+    }
+}
+
+/// The namespace status annotation (JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NamespaceStatus {
+    pub ready: bool,
+    pub reason: String,
+    pub message: String,
+    pub uninjected_pods: usize,
+}
+
+/// A workload (or bare pod) some uninjected pods belong to.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Workload {
+    pub api_version: String,
+    pub kind: String,
+    pub name: String,
+    pub uid: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Memory {
+    /// Consecutive failures per namespace.
+    failures: HashMap<String, u32>,
+    /// Uninjected pods last reported per namespace and workload.
+    reported: HashMap<String, BTreeMap<Workload, BTreeSet<String>>>,
+}
+
+pub struct Context {
+    pub client: Client,
+    pub config: Config,
+    pub keys: Keys,
+    pub injector: Injector,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    pub live: LiveCache,
+    /// True while this replica holds the lease; nothing is written otherwise.
+    pub leading: watch::Receiver<bool>,
+    pub restart_cooldown: Duration,
+    memory: Mutex<Memory>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        injector: Injector,
+        metrics: Arc<Metrics>,
+        leading: watch::Receiver<bool>,
+        identity: &str,
+    ) -> Self {
+        let config = injector.config().clone();
+        let keys = config.keys();
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: Some(identity.to_string()),
+            },
+        );
+        Self {
+            live: LiveCache::new(&keys),
+            client,
+            config,
+            keys,
+            injector,
+            metrics,
+            recorder,
+            leading,
+            restart_cooldown: RESTART_COOLDOWN,
+            memory: Mutex::default(),
+        }
+    }
+
+    pub fn is_leading(&self) -> bool {
+        *self.leading.borrow()
+    }
+
+    fn memory(&self) -> std::sync::MutexGuard<'_, Memory> {
+        self.memory.lock().expect("reconcile memory lock poisoned")
+    }
+
+    pub(super) fn record_success(&self, namespace: &str) {
+        self.memory().failures.remove(namespace);
+    }
+
+    fn record_failure(&self, namespace: &str) -> u32 {
+        let mut memory = self.memory();
+        let failures = memory.failures.entry(namespace.to_string()).or_insert(0);
+        *failures = failures.saturating_add(1);
+        *failures
+    }
+
+    /// Replaces the namespace's reported uninjected pods; returns the workloads
+    /// whose set of pods changed (and so deserve a new event).
+    pub(super) fn update_reported(
+        &self,
+        namespace: &str,
+        current: BTreeMap<Workload, BTreeSet<String>>,
+    ) -> BTreeSet<Workload> {
+        let mut memory = self.memory();
+        let previous = memory.reported.remove(namespace).unwrap_or_default();
+        let changed = current
+            .iter()
+            .filter(|(workload, pods)| previous.get(*workload) != Some(*pods))
+            .map(|(workload, _)| workload.clone())
+            .collect();
+        if !current.is_empty() {
+            memory.reported.insert(namespace.to_string(), current);
+        }
+        changed
+    }
+}
+
+/// Retry delay after the `failures`-th consecutive failure.
+pub fn backoff_delay(failures: u32) -> Duration {
+    let factor = 2u32.saturating_pow(failures.saturating_sub(1));
+    BACKOFF_BASE.saturating_mul(factor).min(BACKOFF_MAX)
+}
+
+/// Requeues a failed namespace with exponential backoff (per namespace; a
+/// success resets it). Other namespaces are unaffected.
+pub fn error_policy(
+    namespace: Arc<Namespace>,
+    error: &ReconcileError,
+    ctx: Arc<Context>,
+) -> Action {
+    let name = namespace.name_any();
+    let delay = backoff_delay(ctx.record_failure(&name));
+    tracing::warn!(namespace = %name, %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}

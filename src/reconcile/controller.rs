@@ -1,0 +1,116 @@
+//! The watches that drive reconciles: every Namespace, and every object we
+//! manage (one label-filtered watch per kind). Each managed-object watch both
+//! feeds the live cache and triggers its owner namespace, so one watch per kind
+//! serves the drift check and the trigger. Built on kube-runtime's `applier`,
+//! the engine under `Controller`, because the stable `Controller` builder cannot
+//! take a custom trigger stream.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::{Stream, StreamExt, future, stream};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Api,
+    api::DynamicObject,
+    runtime::{
+        WatchStreamExt,
+        controller::{self, applier},
+        reflector::{self, ObjectRef, reflector},
+        watcher,
+    },
+};
+
+use super::{
+    context::{Context, error_policy},
+    live::{MANAGED_KINDS, ManagedKind, managed_selector},
+    namespace::reconcile,
+};
+
+/// Time a burst of triggers for one namespace is collapsed into one reconcile.
+const DEBOUNCE: Duration = Duration::from_secs(1);
+/// Namespaces reconciled at the same time.
+const CONCURRENCY: u16 = 4;
+
+type Trigger = Result<ObjectRef<Namespace>, watcher::Error>;
+
+/// Owner namespaces of changed managed objects, updating the cache on the way.
+fn managed_kind_triggers(
+    ctx: &Arc<Context>,
+    kind: ManagedKind,
+) -> impl Stream<Item = Trigger> + Send + 'static {
+    let api = Api::<DynamicObject>::all_with(ctx.client.clone(), &kind.api_resource());
+    let config = watcher::Config::default().labels(&managed_selector());
+    let live = ctx.live.clone();
+    watcher(api, config)
+        .default_backoff()
+        .filter_map(move |event| {
+            let owners = match event {
+                Ok(event) => live.apply_event(kind, event),
+                Err(error) => {
+                    let hint = if kind.is_prometheus_operator() {
+                        " (are the Prometheus Operator CRDs installed?)"
+                    } else {
+                        ""
+                    };
+                    tracing::warn!(kind = kind.kind, %error, "watch failed{hint}; retrying");
+                    Default::default()
+                }
+            };
+            future::ready(Some(stream::iter(
+                owners.into_iter().map(|ns| Ok(ObjectRef::new(&ns))),
+            )))
+        })
+        .flatten()
+}
+
+/// Runs the controller until the watches end (they do not, normally); the
+/// caller drops it to stop.
+pub async fn run(ctx: Arc<Context>) {
+    let (store, writer) = reflector::store::<Namespace>();
+    let namespaces = reflector(
+        writer,
+        watcher(
+            Api::<Namespace>::all(ctx.client.clone()),
+            Default::default(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects()
+    .filter_map(|namespace| {
+        future::ready(match namespace {
+            Ok(namespace) => Some(Ok(ObjectRef::from_obj(&namespace))),
+            Err(error) => {
+                tracing::warn!(%error, "namespace watch failed; retrying");
+                None
+            }
+        })
+    });
+    let mut triggers: Vec<stream::BoxStream<'static, Trigger>> = vec![namespaces.boxed()];
+    triggers.extend(
+        MANAGED_KINDS
+            .iter()
+            .map(|kind| managed_kind_triggers(&ctx, *kind).boxed()),
+    );
+    let config = controller::Config::default()
+        .debounce(DEBOUNCE)
+        .concurrency(CONCURRENCY);
+    applier(
+        |namespace, ctx| Box::pin(reconcile(namespace, ctx)),
+        error_policy,
+        ctx,
+        store,
+        stream::select_all(triggers),
+        config,
+    )
+    .for_each(|result| {
+        match result {
+            Ok((namespace, action)) => {
+                tracing::debug!(namespace = %namespace.name, ?action, "reconciled");
+            }
+            Err(controller::Error::ReconcilerFailed(..)) => {} // logged by the error policy
+            Err(error) => tracing::debug!(%error, "controller event"),
+        }
+        future::ready(())
+    })
+    .await;
+}

@@ -1,0 +1,225 @@
+//! Leader election with a coordination.k8s.io/v1 Lease, so that only one
+//! replica reconciles. kube-runtime 5 has no leader election of its own.
+//!
+//! Like client-go: the lease is taken when it is free or when its record has
+//! not changed for `leaseDurationSeconds` (measured on our own clock, so clock
+//! skew between replicas does not matter); writes carry the resourceVersion
+//! they read, so two candidates cannot both win.
+
+use std::time::Duration;
+
+use k8s_openapi::{
+    api::coordination::v1::{Lease, LeaseSpec},
+    apimachinery::pkg::apis::meta::v1::MicroTime,
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client,
+    api::{ObjectMeta, PostParams},
+};
+use tokio::{sync::watch, time::Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaderError {
+    #[error("lease {namespace}/{name}: {source}")]
+    Api {
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("lease {namespace}/{name}: the API server did not answer within {timeout:?}")]
+    Timeout {
+        namespace: String,
+        name: String,
+        timeout: Duration,
+    },
+}
+
+/// How long a lease lasts, how long a leader keeps trying to renew, and how often.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseTimings {
+    pub lease_duration: Duration,
+    pub renew_deadline: Duration,
+    pub retry_period: Duration,
+}
+
+impl Default for LeaseTimings {
+    fn default() -> Self {
+        Self {
+            lease_duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
+        }
+    }
+}
+
+/// One candidate's view of the lease.
+pub struct LeaseLock {
+    api: Api<Lease>,
+    namespace: String,
+    name: String,
+    identity: String,
+    timings: LeaseTimings,
+    /// resourceVersion of the record last seen, and when we first saw it.
+    observed: Option<(String, Instant)>,
+}
+
+fn is_conflict(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(status) if status.is_conflict() || status.is_already_exists())
+}
+
+impl LeaseLock {
+    pub fn new(
+        client: Client,
+        namespace: &str,
+        name: &str,
+        identity: &str,
+        timings: LeaseTimings,
+    ) -> Self {
+        Self {
+            api: Api::namespaced(client, namespace),
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            identity: identity.to_string(),
+            timings,
+            observed: None,
+        }
+    }
+
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    fn api_error(&self, source: kube::Error) -> LeaderError {
+        LeaderError::Api {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            source,
+        }
+    }
+
+    fn observe(&mut self, lease: &Lease, now: Instant) {
+        let version = lease.metadata.resource_version.clone().unwrap_or_default();
+        match &self.observed {
+            Some((seen, _)) if *seen == version => {}
+            _ => self.observed = Some((version, now)),
+        }
+    }
+
+    /// One election round at `now`: creates, renews or takes over the lease.
+    /// `Ok(true)` means we hold it.
+    pub async fn try_acquire_or_renew(&mut self, now: Instant) -> Result<bool, LeaderError> {
+        let wall_clock = MicroTime(Timestamp::now());
+        let duration_seconds = self.timings.lease_duration.as_secs().max(1) as i32;
+        let existing = self
+            .api
+            .get_opt(&self.name)
+            .await
+            .map_err(|e| self.api_error(e))?;
+        let Some(mut lease) = existing else {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(self.name.clone()),
+                    namespace: Some(self.namespace.clone()),
+                    ..Default::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(self.identity.clone()),
+                    lease_duration_seconds: Some(duration_seconds),
+                    acquire_time: Some(wall_clock.clone()),
+                    renew_time: Some(wall_clock),
+                    lease_transitions: Some(0),
+                    ..Default::default()
+                }),
+            };
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(created) => {
+                    self.observe(&created, now);
+                    Ok(true)
+                }
+                Err(error) if is_conflict(&error) => Ok(false),
+                Err(error) => Err(self.api_error(error)),
+            };
+        };
+        self.observe(&lease, now);
+        let spec = lease.spec.clone().unwrap_or_default();
+        let holder = spec.holder_identity.as_deref().filter(|h| !h.is_empty());
+        let ours = holder == Some(self.identity.as_str());
+        let lease_duration = spec
+            .lease_duration_seconds
+            .filter(|s| *s > 0)
+            .map(|s| Duration::from_secs(s as u64))
+            .unwrap_or(self.timings.lease_duration);
+        let unchanged_since = self.observed.as_ref().map(|(_, at)| *at).unwrap_or(now);
+        let expired = holder.is_none() || now.duration_since(unchanged_since) >= lease_duration;
+        if !ours && !expired {
+            return Ok(false);
+        }
+        let mut spec = spec;
+        if ours {
+            spec.renew_time = Some(wall_clock);
+        } else {
+            spec.holder_identity = Some(self.identity.clone());
+            spec.acquire_time = Some(wall_clock.clone());
+            spec.renew_time = Some(wall_clock);
+            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+        }
+        spec.lease_duration_seconds = Some(duration_seconds);
+        lease.spec = Some(spec);
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(updated) => {
+                self.observe(&updated, now);
+                Ok(true)
+            }
+            Err(error) if is_conflict(&error) => Ok(false),
+            Err(error) => Err(self.api_error(error)),
+        }
+    }
+
+    /// Campaigns forever, publishing whether we lead on `leading`. A leader
+    /// that cannot renew within the renew deadline steps down.
+    pub async fn run(mut self, leading: watch::Sender<bool>) {
+        let mut last_renewal: Option<Instant> = None;
+        loop {
+            let deadline = self.timings.renew_deadline;
+            let round = tokio::time::timeout(deadline, self.try_acquire_or_renew(Instant::now()))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(LeaderError::Timeout {
+                        namespace: self.namespace.clone(),
+                        name: self.name.clone(),
+                        timeout: deadline,
+                    })
+                });
+            let now = Instant::now();
+            let was_leading = *leading.borrow();
+            let lead = match round {
+                Ok(true) => {
+                    last_renewal = Some(now);
+                    true
+                }
+                Ok(false) => false,
+                Err(error) => {
+                    tracing::warn!(%error, "leader election round failed");
+                    was_leading && last_renewal.is_some_and(|at| now.duration_since(at) < deadline)
+                }
+            };
+            if lead != was_leading {
+                if lead {
+                    tracing::info!(identity = %self.identity, "acquired the reconcile lease: leading");
+                } else {
+                    tracing::warn!(identity = %self.identity, "lost the reconcile lease: stepping down");
+                }
+                if leading.send(lead).is_err() {
+                    return;
+                }
+            }
+            tokio::time::sleep(self.timings.retry_period).await;
+        }
+    }
+}

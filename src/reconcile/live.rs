@@ -1,0 +1,250 @@
+//! What exists in the cluster: a cache of every object we manage, fed by one
+//! label-filtered watch per kind, read by the reconciler instead of GETs.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, RwLock},
+};
+
+use kube::{
+    ResourceExt,
+    api::{ApiResource, DynamicObject},
+    runtime::watcher,
+};
+
+use crate::keys::{self, Keys};
+
+/// A kind the reconciler creates, and therefore watches and cleans up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ManagedKind {
+    pub api_version: &'static str,
+    pub kind: &'static str,
+    pub plural: &'static str,
+}
+
+impl ManagedKind {
+    pub fn api_resource(&self) -> ApiResource {
+        api_resource(self.api_version, self.kind, self.plural)
+    }
+
+    /// Served by the Prometheus Operator CRDs rather than the API server itself.
+    pub fn is_prometheus_operator(&self) -> bool {
+        self.api_version.starts_with(PROMETHEUS_OPERATOR_GROUP)
+    }
+}
+
+/// API group of the Prometheus Operator CRDs.
+pub const PROMETHEUS_OPERATOR_GROUP: &str = "monitoring.coreos.com";
+
+/// Every kind `desired::desired_objects` can produce.
+pub const MANAGED_KINDS: &[ManagedKind] = &[
+    ManagedKind {
+        api_version: "v1",
+        kind: "ConfigMap",
+        plural: "configmaps",
+    },
+    ManagedKind {
+        api_version: "v1",
+        kind: "Service",
+        plural: "services",
+    },
+    ManagedKind {
+        api_version: "v1",
+        kind: "ServiceAccount",
+        plural: "serviceaccounts",
+    },
+    ManagedKind {
+        api_version: "rbac.authorization.k8s.io/v1",
+        kind: "Role",
+        plural: "roles",
+    },
+    ManagedKind {
+        api_version: "rbac.authorization.k8s.io/v1",
+        kind: "RoleBinding",
+        plural: "rolebindings",
+    },
+    ManagedKind {
+        api_version: "apps/v1",
+        kind: "Deployment",
+        plural: "deployments",
+    },
+    ManagedKind {
+        api_version: "monitoring.coreos.com/v1",
+        kind: "Prometheus",
+        plural: "prometheuses",
+    },
+    ManagedKind {
+        api_version: "monitoring.coreos.com/v1",
+        kind: "ServiceMonitor",
+        plural: "servicemonitors",
+    },
+];
+
+/// The managed kind with this apiVersion and kind.
+pub fn managed_kind(api_version: &str, kind: &str) -> Option<&'static ManagedKind> {
+    MANAGED_KINDS
+        .iter()
+        .find(|k| k.api_version == api_version && k.kind == kind)
+}
+
+/// An [`ApiResource`] from apiVersion (`group/version` or `v1`), kind and plural.
+pub fn api_resource(api_version: &str, kind: &str, plural: &str) -> ApiResource {
+    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+    ApiResource {
+        group: group.to_string(),
+        version: version.to_string(),
+        api_version: api_version.to_string(),
+        kind: kind.to_string(),
+        plural: plural.to_string(),
+    }
+}
+
+/// The label selector of every watch: only objects we manage.
+pub fn managed_selector() -> String {
+    format!("{}={}", keys::MANAGED_BY_KEY, keys::MANAGED_BY)
+}
+
+type Objects = HashMap<(String, String), Arc<DynamicObject>>;
+
+#[derive(Debug, Default)]
+struct KindCache {
+    objects: Objects,
+    /// Objects of a relist in progress (between `Init` and `InitDone`).
+    relisting: Option<Objects>,
+    /// The first list completed: a missing object is really missing.
+    synced: bool,
+}
+
+/// The cache; clones share it.
+#[derive(Debug, Clone)]
+pub struct LiveCache {
+    owner_label: String,
+    kinds: Arc<RwLock<HashMap<ManagedKind, KindCache>>>,
+}
+
+fn key(object: &DynamicObject) -> (String, String) {
+    (object.namespace().unwrap_or_default(), object.name_any())
+}
+
+impl LiveCache {
+    pub fn new(keys: &Keys) -> Self {
+        Self {
+            owner_label: keys.owner_namespace.clone(),
+            kinds: Arc::default(),
+        }
+    }
+
+    /// The app namespace an object of ours serves, from its owner-namespace label,
+    /// if it is also labeled managed-by us.
+    pub fn owner_namespace(&self, object: &DynamicObject) -> Option<String> {
+        let labels = object.labels();
+        (labels.get(keys::MANAGED_BY_KEY).map(String::as_str) == Some(keys::MANAGED_BY))
+            .then(|| labels.get(&self.owner_label).cloned())
+            .flatten()
+    }
+
+    /// Applies one watch event; returns the owner namespaces it concerns,
+    /// which need a reconcile.
+    pub fn apply_event(
+        &self,
+        kind: ManagedKind,
+        event: watcher::Event<DynamicObject>,
+    ) -> BTreeSet<String> {
+        let mut kinds = self.kinds.write().expect("live cache lock poisoned");
+        let cache = kinds.entry(kind).or_default();
+        let mut touched = BTreeSet::new();
+        match event {
+            watcher::Event::Apply(object) => {
+                touched.extend(self.owner_namespace(&object));
+                let previous = cache.objects.insert(key(&object), Arc::new(object));
+                touched.extend(previous.and_then(|p| self.owner_namespace(&p)));
+            }
+            watcher::Event::Delete(object) => {
+                touched.extend(self.owner_namespace(&object));
+                cache.objects.remove(&key(&object));
+            }
+            watcher::Event::Init => cache.relisting = Some(Objects::new()),
+            watcher::Event::InitApply(object) => {
+                cache
+                    .relisting
+                    .get_or_insert_with(Objects::new)
+                    .insert(key(&object), Arc::new(object));
+            }
+            watcher::Event::InitDone => {
+                let fresh = cache.relisting.take().unwrap_or_default();
+                let old = std::mem::replace(&mut cache.objects, fresh);
+                cache.synced = true;
+                touched.extend(
+                    old.values()
+                        .chain(cache.objects.values())
+                        .filter_map(|o| self.owner_namespace(o)),
+                );
+            }
+        }
+        touched
+    }
+
+    /// Replaces everything known about `kind` with `objects`, as a completed list.
+    pub fn sync_kind(&self, kind: ManagedKind, objects: Vec<DynamicObject>) {
+        self.apply_event(kind, watcher::Event::Init);
+        for object in objects {
+            self.apply_event(kind, watcher::Event::InitApply(object));
+        }
+        self.apply_event(kind, watcher::Event::InitDone);
+    }
+
+    /// Whether the first list of `kind` completed.
+    pub fn is_synced(&self, kind: ManagedKind) -> bool {
+        self.kinds
+            .read()
+            .expect("live cache lock poisoned")
+            .get(&kind)
+            .is_some_and(|c| c.synced)
+    }
+
+    /// The cached object, `None` if absent (meaningful only when synced).
+    pub fn get(
+        &self,
+        kind: ManagedKind,
+        namespace: &str,
+        name: &str,
+    ) -> Option<Arc<DynamicObject>> {
+        self.kinds
+            .read()
+            .expect("live cache lock poisoned")
+            .get(&kind)
+            .and_then(|c| {
+                c.objects
+                    .get(&(namespace.to_string(), name.to_string()))
+                    .cloned()
+            })
+    }
+
+    /// Objects of `kind` labeled managed-by us and owned by `owner_namespace`,
+    /// wherever they live.
+    pub fn owned_by(&self, kind: ManagedKind, owner_namespace: &str) -> Vec<Arc<DynamicObject>> {
+        let mut found: Vec<_> = self
+            .kinds
+            .read()
+            .expect("live cache lock poisoned")
+            .get(&kind)
+            .map(|c| {
+                c.objects
+                    .values()
+                    .filter(|o| self.owner_namespace(o).as_deref() == Some(owner_namespace))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        found.sort_by_key(|o| key(o));
+        found
+    }
+
+    /// Forgets everything (on losing leadership).
+    pub fn clear(&self) {
+        self.kinds
+            .write()
+            .expect("live cache lock poisoned")
+            .clear();
+    }
+}

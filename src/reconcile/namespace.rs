@@ -1,0 +1,434 @@
+//! One namespace's reconcile: apply what an opted-in namespace needs (writing
+//! only what differs), remove what it no longer needs, report its status.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams, Preconditions},
+    runtime::{
+        controller::Action,
+        events::{Event, EventType},
+        watcher,
+    },
+};
+use serde_json::{Value, json};
+
+use super::{
+    compare::{applied_value, is_subset},
+    context::{Context, FIELD_MANAGER, NamespaceStatus, ReconcileError},
+    desired::{self, DesiredObject, NamespaceSettings},
+    live::{MANAGED_KINDS, ManagedKind, PROMETHEUS_OPERATOR_GROUP, api_resource, managed_kind},
+    uninjected,
+};
+use crate::{admin::metrics_labels::ReconcileFailureLabels, keys};
+
+/// Reconciles one namespace. Writes nothing unless this replica leads.
+pub async fn reconcile(
+    namespace: Arc<Namespace>,
+    ctx: Arc<Context>,
+) -> Result<Action, ReconcileError> {
+    if !ctx.is_leading() {
+        return Ok(Action::await_change());
+    }
+    let name = namespace.name_any();
+    let started = std::time::Instant::now();
+    ctx.metrics.reconcile_runs.inc();
+    let result = if namespace.metadata.deletion_timestamp.is_some() {
+        // Owner references let the garbage collector remove our objects.
+        Ok(Action::await_change())
+    } else if is_opted_in(&namespace, &ctx) {
+        reconcile_opted_in(&namespace, &ctx).await
+    } else {
+        clean_up(&namespace, &ctx).await
+    };
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    match &result {
+        Ok(_) => ctx.record_success(&name),
+        Err(error) => {
+            ctx.metrics
+                .reconcile_failures
+                .get_or_create(&ReconcileFailureLabels {
+                    reason: error.metric_reason().to_string(),
+                })
+                .inc();
+        }
+    }
+    result
+}
+
+fn is_opted_in(namespace: &Namespace, ctx: &Context) -> bool {
+    namespace
+        .labels()
+        .get(&ctx.keys.inject)
+        .is_some_and(|v| v == keys::ENABLED)
+}
+
+fn resync(ctx: &Context) -> Action {
+    Action::requeue(Duration::from_secs(ctx.config.reconcile.resync_seconds))
+}
+
+async fn reconcile_opted_in(
+    namespace: &Namespace,
+    ctx: &Context,
+) -> Result<Action, ReconcileError> {
+    let name = namespace.name_any();
+    let settings = match NamespaceSettings::from_namespace(namespace, &ctx.keys) {
+        Ok(settings) => settings,
+        Err(source) => {
+            let error = ReconcileError::Settings {
+                namespace: name,
+                source,
+            };
+            report_failure(namespace, &error, ctx).await;
+            return Err(error);
+        }
+    };
+    let objects = desired::desired_objects(&settings, &ctx.config);
+    let keep: HashSet<_> = objects
+        .iter()
+        .map(|o| {
+            (
+                o.api_version.to_string(),
+                o.kind.to_string(),
+                o.namespace.clone(),
+                o.name.clone(),
+            )
+        })
+        .collect();
+    let mut outcome = apply_all(&objects, ctx).await;
+    outcome.errors.extend(prune(&name, &keep, ctx).await);
+    let uninjected = match uninjected::check(namespace, ctx).await {
+        Ok(count) => count,
+        Err(error) => {
+            outcome.errors.push(error);
+            current_status(namespace, ctx).map_or(0, |s| s.uninjected_pods)
+        }
+    };
+
+    let error = if outcome.crd_missing.is_empty() {
+        outcome.errors.into_iter().next()
+    } else {
+        Some(ReconcileError::PrometheusOperatorMissing {
+            namespace: name.clone(),
+            kinds: outcome.crd_missing.join(", "),
+        })
+    };
+    let status = match &error {
+        None => NamespaceStatus {
+            ready: true,
+            reason: "Ready".into(),
+            message: format!("{} monitoring objects in sync", objects.len()),
+            uninjected_pods: uninjected,
+        },
+        Some(error) => failed_status(error, uninjected),
+    };
+    if let Err(status_error) = set_status(namespace, Some(&status), ctx).await {
+        tracing::warn!(namespace = %name, error = %status_error, "cannot record the namespace status");
+    }
+    match error {
+        None => Ok(resync(ctx)),
+        Some(error) => {
+            if matches!(error, ReconcileError::PrometheusOperatorMissing { .. }) {
+                tracing::error!(namespace = %name, %error, "install the Prometheus Operator (monitoring.coreos.com/v1 CRDs); retrying with backoff");
+            }
+            publish_warning(namespace, &error, ctx).await;
+            Err(error)
+        }
+    }
+}
+
+fn failed_status(error: &ReconcileError, uninjected_pods: usize) -> NamespaceStatus {
+    NamespaceStatus {
+        ready: false,
+        reason: error.status_reason().into(),
+        message: error.to_string(),
+        uninjected_pods,
+    }
+}
+
+/// Event and status for a reconcile that failed before applying anything.
+async fn report_failure(namespace: &Namespace, error: &ReconcileError, ctx: &Context) {
+    let uninjected = current_status(namespace, ctx).map_or(0, |s| s.uninjected_pods);
+    if let Err(status_error) =
+        set_status(namespace, Some(&failed_status(error, uninjected)), ctx).await
+    {
+        tracing::warn!(error = %status_error, "cannot record the namespace status");
+    }
+    publish_warning(namespace, error, ctx).await;
+}
+
+async fn publish_warning(namespace: &Namespace, error: &ReconcileError, ctx: &Context) {
+    let event = Event {
+        type_: EventType::Warning,
+        reason: error.status_reason().into(),
+        note: Some(truncate(&error.to_string(), 1000)),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(publish_error) = ctx
+        .recorder
+        .publish(&event, &namespace.object_ref(&()))
+        .await
+    {
+        tracing::warn!(error = %publish_error, "cannot publish the namespace event");
+    }
+}
+
+pub(super) fn truncate(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => text[..at].to_string(),
+        None => text.to_string(),
+    }
+}
+
+#[derive(Default)]
+struct ApplyOutcome {
+    crd_missing: Vec<String>,
+    errors: Vec<ReconcileError>,
+}
+
+/// Applies every desired object whose live version differs. One object
+/// failing does not stop the others.
+async fn apply_all(objects: &[DesiredObject], ctx: &Context) -> ApplyOutcome {
+    let mut outcome = ApplyOutcome::default();
+    for object in objects {
+        let resource = api_resource(object.api_version, object.kind, object.plural);
+        let api =
+            Api::<DynamicObject>::namespaced_with(ctx.client.clone(), &object.namespace, &resource);
+        let api_error = |action, source| ReconcileError::Api {
+            action,
+            kind: object.kind.to_string(),
+            namespace: object.namespace.clone(),
+            name: object.name.clone(),
+            source,
+        };
+        let value = applied_value(&object.value, &ctx.config.domain);
+        let kind = managed_kind(object.api_version, object.kind).copied();
+        let live: Option<Value> = match kind.filter(|k| ctx.live.is_synced(*k)) {
+            Some(kind) => ctx
+                .live
+                .get(kind, &object.namespace, &object.name)
+                .map(|o| to_value(&o)),
+            None => match api.get_opt(&object.name).await {
+                Ok(found) => found.map(|o| to_value(&o)),
+                Err(source) if is_not_found(&source) => None,
+                Err(source) => {
+                    outcome.errors.push(api_error("get", source));
+                    continue;
+                }
+            },
+        };
+        if live.as_ref().is_some_and(|live| is_subset(&value, live)) {
+            continue;
+        }
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        match api
+            .patch(&object.name, &params, &Patch::Apply(&value))
+            .await
+        {
+            Ok(applied) => {
+                tracing::info!(kind = object.kind, namespace = %object.namespace, name = %object.name, "applied");
+                if let Some(kind) = kind {
+                    ctx.live.apply_event(kind, watcher::Event::Apply(applied));
+                }
+            }
+            Err(source) if is_not_found(&source) && resource.group == PROMETHEUS_OPERATOR_GROUP => {
+                outcome
+                    .crd_missing
+                    .push(format!("{}/{}", resource.api_version, resource.kind));
+            }
+            Err(source) => outcome.errors.push(api_error("apply", source)),
+        }
+    }
+    outcome.crd_missing.dedup();
+    outcome
+}
+
+fn to_value(object: &DynamicObject) -> Value {
+    serde_json::to_value(object).unwrap_or(Value::Null)
+}
+
+pub(super) fn is_not_found(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(status) if status.is_not_found())
+}
+
+type ObjectId = (String, String, String, String);
+
+/// Deletes objects labeled managed-by us and owned by `owner` that are not in
+/// `keep`. Objects without both labels are never touched.
+async fn prune(owner: &str, keep: &HashSet<ObjectId>, ctx: &Context) -> Vec<ReconcileError> {
+    let mut errors = Vec::new();
+    for kind in MANAGED_KINDS {
+        let owned = match owned_objects(*kind, owner, ctx).await {
+            Ok(owned) => owned,
+            Err(error) => {
+                errors.push(error);
+                continue;
+            }
+        };
+        for object in owned {
+            let namespace = object.namespace().unwrap_or_default();
+            let name = object.name_any();
+            let id = (
+                kind.api_version.to_string(),
+                kind.kind.to_string(),
+                namespace.clone(),
+                name.clone(),
+            );
+            if keep.contains(&id) {
+                continue;
+            }
+            let api = Api::<DynamicObject>::namespaced_with(
+                ctx.client.clone(),
+                &namespace,
+                &kind.api_resource(),
+            );
+            let params = DeleteParams {
+                preconditions: object.uid().map(|uid| Preconditions {
+                    uid: Some(uid),
+                    resource_version: None,
+                }),
+                ..DeleteParams::background()
+            };
+            match api.delete(&name, &params).await {
+                Ok(_) => {
+                    tracing::info!(kind = kind.kind, %namespace, %name, owner, "deleted");
+                    ctx.live
+                        .apply_event(*kind, watcher::Event::Delete((*object).clone()));
+                }
+                // Gone already, or replaced by a different object since we looked.
+                Err(error) if is_not_found(&error) || is_conflict(&error) => {}
+                Err(source) => errors.push(ReconcileError::Api {
+                    action: "delete",
+                    kind: kind.kind.to_string(),
+                    namespace,
+                    name,
+                    source,
+                }),
+            }
+        }
+    }
+    errors
+}
+
+fn is_conflict(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(status) if status.is_conflict())
+}
+
+/// Our objects for `owner`: from the cache once it synced, else listed from
+/// the owner's namespace and the Grafana namespace.
+async fn owned_objects(
+    kind: ManagedKind,
+    owner: &str,
+    ctx: &Context,
+) -> Result<Vec<Arc<DynamicObject>>, ReconcileError> {
+    if ctx.live.is_synced(kind) {
+        return Ok(ctx.live.owned_by(kind, owner));
+    }
+    let selector = format!(
+        "{}={},{}={owner}",
+        keys::MANAGED_BY_KEY,
+        keys::MANAGED_BY,
+        ctx.keys.owner_namespace
+    );
+    let mut namespaces = vec![owner.to_string()];
+    namespaces.extend(
+        ctx.config
+            .reconcile
+            .grafana_namespace
+            .clone()
+            .filter(|g| g != owner),
+    );
+    let mut found = Vec::new();
+    for namespace in namespaces {
+        let api = Api::<DynamicObject>::namespaced_with(
+            ctx.client.clone(),
+            &namespace,
+            &kind.api_resource(),
+        );
+        match api.list(&ListParams::default().labels(&selector)).await {
+            Ok(list) => found.extend(
+                list.items
+                    .into_iter()
+                    .filter(|o| ctx.live.owner_namespace(o).as_deref() == Some(owner))
+                    .map(Arc::new),
+            ),
+            // The kind is not served (no Prometheus Operator): nothing of it exists.
+            Err(error) if is_not_found(&error) => {}
+            Err(source) => {
+                return Err(ReconcileError::Api {
+                    action: "list",
+                    kind: kind.kind.to_string(),
+                    namespace,
+                    name: String::new(),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// A namespace that is not opted in: remove everything we made for it.
+async fn clean_up(namespace: &Namespace, ctx: &Context) -> Result<Action, ReconcileError> {
+    let name = namespace.name_any();
+    let errors = prune(&name, &HashSet::new(), ctx).await;
+    uninjected::forget(&name, ctx);
+    if let Err(error) = set_status(namespace, None, ctx).await {
+        tracing::warn!(namespace = %name, %error, "cannot remove the namespace status");
+    }
+    match errors.into_iter().next() {
+        Some(error) => Err(error),
+        None => Ok(resync(ctx)),
+    }
+}
+
+fn current_status(namespace: &Namespace, ctx: &Context) -> Option<NamespaceStatus> {
+    namespace
+        .annotations()
+        .get(&ctx.keys.reconcile_status)
+        .and_then(|text| serde_json::from_str(text).ok())
+}
+
+/// Writes the status annotation (or removes it for `None`) unless it already says that.
+async fn set_status(
+    namespace: &Namespace,
+    status: Option<&NamespaceStatus>,
+    ctx: &Context,
+) -> Result<(), ReconcileError> {
+    let present = namespace
+        .annotations()
+        .contains_key(&ctx.keys.reconcile_status);
+    let unchanged = match status {
+        Some(status) => current_status(namespace, ctx).as_ref() == Some(status),
+        None => !present,
+    };
+    if unchanged {
+        return Ok(());
+    }
+    let value = match status {
+        Some(status) => json!(serde_json::to_string(status).expect("status serializes")),
+        None => Value::Null,
+    };
+    let patch = json!({"metadata": {"annotations": {ctx.keys.reconcile_status.clone(): value}}});
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    let name = namespace.name_any();
+    Api::<Namespace>::all(ctx.client.clone())
+        .patch(&name, &params, &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
+        .map_err(|source| ReconcileError::Api {
+            action: "patch status of",
+            kind: "Namespace".into(),
+            namespace: String::new(),
+            name,
+            source,
+        })
+}

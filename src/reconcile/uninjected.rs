@@ -1,0 +1,302 @@
+//! Pods of an opted-in namespace that should carry the sidecar but do not
+//! (created while the webhook was down, or before the namespace opted in):
+//! reported as events, a metric and a count, and optionally fixed by
+//! restarting their Deployment or StatefulSet.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use k8s_openapi::{
+    api::{
+        apps::v1::ReplicaSet,
+        core::v1::{Namespace, ObjectReference, Pod},
+    },
+    apimachinery::pkg::apis::meta::v1::OwnerReference,
+    jiff::Timestamp,
+};
+use kube::{
+    Api, ResourceExt,
+    api::{DynamicObject, ListParams, Patch, PatchParams},
+    runtime::events::{Event, EventType},
+};
+use serde_json::json;
+
+use super::{
+    context::{Context, FIELD_MANAGER, ReconcileError, Workload},
+    live::api_resource,
+    namespace::{is_not_found, truncate},
+};
+use crate::{
+    admin::metrics_labels::NamespaceLabels,
+    cluster::policy_from_namespace,
+    inject::{Decision, PodContext},
+};
+
+/// The pod-template annotation `kubectl rollout restart` sets.
+pub const RESTARTED_AT: &str = "kubectl.kubernetes.io/restartedAt";
+
+/// Workload annotation recording our last restart, for the cooldown.
+pub fn restarted_for_injection_key(domain: &str) -> String {
+    format!("{domain}/restarted-for-injection-at")
+}
+
+/// Finds, reports and (if the namespace asks) restarts; returns the number of
+/// uninjected pods.
+pub async fn check(namespace: &Namespace, ctx: &Context) -> Result<usize, ReconcileError> {
+    let ns = namespace.name_any();
+    let keys = &ctx.keys;
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), &ns)
+        .list(&ListParams::default().labels(&format!("!{}", keys.injected)))
+        .await
+        .map_err(|source| ReconcileError::Api {
+            action: "list",
+            kind: "Pod".into(),
+            namespace: ns.clone(),
+            name: String::new(),
+            source,
+        })?;
+    let policy = policy_from_namespace(namespace, keys);
+    let mut by_workload: BTreeMap<Workload, BTreeSet<String>> = BTreeMap::new();
+    let mut replica_set_owners = HashMap::new();
+    for pod in &pods.items {
+        if !should_have_sidecar(pod, ctx, &policy) {
+            continue;
+        }
+        let workload = owning_workload(pod, &ns, ctx, &mut replica_set_owners).await?;
+        by_workload
+            .entry(workload)
+            .or_default()
+            .insert(pod.name_any());
+    }
+    let count = by_workload.values().map(BTreeSet::len).sum();
+    ctx.metrics
+        .uninjected_pods
+        .get_or_create(&NamespaceLabels {
+            namespace: ns.clone(),
+        })
+        .set(count as i64);
+
+    let restart = namespace
+        .annotations()
+        .get(&keys.restart_uninjected)
+        .is_some_and(|v| v == "true");
+    let changed = ctx.update_reported(&ns, by_workload.clone());
+    for (workload, pods) in &by_workload {
+        if changed.contains(workload) {
+            report(&ns, workload, pods, restart, ctx).await;
+        }
+        if restart && matches!(workload.kind.as_str(), "Deployment" | "StatefulSet") {
+            restart_workload(&ns, workload, ctx).await?;
+        }
+    }
+    Ok(count)
+}
+
+/// Clears what was reported for a namespace that opted out.
+pub fn forget(namespace: &str, ctx: &Context) {
+    ctx.update_reported(namespace, BTreeMap::new());
+    ctx.metrics.uninjected_pods.remove(&NamespaceLabels {
+        namespace: namespace.to_string(),
+    });
+}
+
+fn should_have_sidecar(pod: &Pod, ctx: &Context, policy: &crate::inject::NamespacePolicy) -> bool {
+    let finished = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|phase| matches!(phase, "Succeeded" | "Failed"));
+    if finished || pod.metadata.deletion_timestamp.is_some() {
+        return false;
+    }
+    let pod_context = PodContext {
+        namespace: Some(policy),
+        ..Default::default()
+    };
+    matches!(
+        ctx.injector.mutate(pod, pod_context),
+        Decision::Inject { .. }
+    )
+}
+
+fn controller_of(references: Option<&Vec<OwnerReference>>) -> Option<&OwnerReference> {
+    references?.iter().find(|r| r.controller == Some(true))
+}
+
+fn workload_from(reference: &OwnerReference) -> Workload {
+    Workload {
+        api_version: reference.api_version.clone(),
+        kind: reference.kind.clone(),
+        name: reference.name.clone(),
+        uid: Some(reference.uid.clone()),
+    }
+}
+
+/// The Deployment behind a pod's ReplicaSet, else its StatefulSet, DaemonSet,
+/// ReplicaSet or other controller, else the pod itself.
+async fn owning_workload(
+    pod: &Pod,
+    namespace: &str,
+    ctx: &Context,
+    replica_set_owners: &mut HashMap<String, Option<OwnerReference>>,
+) -> Result<Workload, ReconcileError> {
+    let Some(owner) = controller_of(pod.metadata.owner_references.as_ref()) else {
+        return Ok(Workload {
+            api_version: "v1".into(),
+            kind: "Pod".into(),
+            name: pod.name_any(),
+            uid: pod.uid(),
+        });
+    };
+    if owner.kind != "ReplicaSet" || !owner.api_version.starts_with("apps/") {
+        return Ok(workload_from(owner));
+    }
+    if !replica_set_owners.contains_key(&owner.name) {
+        let replica_set = Api::<ReplicaSet>::namespaced(ctx.client.clone(), namespace)
+            .get_opt(&owner.name)
+            .await
+            .map_err(|source| ReconcileError::Api {
+                action: "get",
+                kind: "ReplicaSet".into(),
+                namespace: namespace.to_string(),
+                name: owner.name.clone(),
+                source,
+            })?;
+        let deployment = replica_set
+            .as_ref()
+            .and_then(|rs| controller_of(rs.metadata.owner_references.as_ref()))
+            .filter(|r| r.kind == "Deployment")
+            .cloned();
+        replica_set_owners.insert(owner.name.clone(), deployment);
+    }
+    Ok(replica_set_owners[&owner.name]
+        .as_ref()
+        .map(workload_from)
+        .unwrap_or_else(|| workload_from(owner)))
+}
+
+fn reference(namespace: &str, workload: &Workload) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(workload.api_version.clone()),
+        kind: Some(workload.kind.clone()),
+        name: Some(workload.name.clone()),
+        namespace: Some(namespace.to_string()),
+        uid: workload.uid.clone(),
+        ..Default::default()
+    }
+}
+
+async fn report(
+    namespace: &str,
+    workload: &Workload,
+    pods: &BTreeSet<String>,
+    restart: bool,
+    ctx: &Context,
+) {
+    let names: Vec<&str> = pods.iter().map(String::as_str).collect();
+    let advice = if restart {
+        "it is restarted (at most once per cooldown) so new pods get the sidecar".to_string()
+    } else {
+        format!(
+            "restart it, or annotate the namespace with {}: \"true\" to let chiller-metrics restart it",
+            ctx.keys.restart_uninjected
+        )
+    };
+    let note = format!(
+        "{} pod(s) run without the statsd exporter sidecar ({}): they were created while the injection webhook was unavailable or before the namespace opted in; {advice}",
+        names.len(),
+        names.join(", ")
+    );
+    tracing::warn!(%namespace, kind = %workload.kind, name = %workload.name, pods = names.len(), "pods without the statsd exporter sidecar");
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "PodsNotInjected".into(),
+        note: Some(truncate(&note, 1000)),
+        action: "CheckInjection".into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx
+        .recorder
+        .publish(&event, &reference(namespace, workload))
+        .await
+    {
+        tracing::warn!(%error, "cannot publish the uninjected pods event");
+    }
+}
+
+/// `kubectl rollout restart`, unless we restarted this workload within the cooldown.
+async fn restart_workload(
+    namespace: &str,
+    workload: &Workload,
+    ctx: &Context,
+) -> Result<(), ReconcileError> {
+    let plural = match workload.kind.as_str() {
+        "Deployment" => "deployments",
+        _ => "statefulsets",
+    };
+    let resource = api_resource(&workload.api_version, &workload.kind, plural);
+    let api = Api::<DynamicObject>::namespaced_with(ctx.client.clone(), namespace, &resource);
+    let api_error = |action, source| ReconcileError::Api {
+        action,
+        kind: workload.kind.clone(),
+        namespace: namespace.to_string(),
+        name: workload.name.clone(),
+        source,
+    };
+    let Some(live) = api
+        .get_opt(&workload.name)
+        .await
+        .map_err(|e| api_error("get", e))?
+    else {
+        return Ok(());
+    };
+    let key = restarted_for_injection_key(&ctx.config.domain);
+    let now = Timestamp::now();
+    let last = live
+        .annotations()
+        .get(&key)
+        .and_then(|t| t.parse::<Timestamp>().ok());
+    if let Some(last) = last {
+        let elapsed = now.as_second().saturating_sub(last.as_second());
+        if elapsed < ctx.restart_cooldown.as_secs() as i64 {
+            tracing::debug!(%namespace, name = %workload.name, "restarted recently; waiting for the cooldown");
+            return Ok(());
+        }
+    }
+    let stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let patch = json!({
+        "metadata": {"annotations": {key: stamp}},
+        "spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: stamp}}}},
+    });
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    match api
+        .patch(&workload.name, &params, &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => {}
+        Err(error) if is_not_found(&error) => return Ok(()),
+        Err(error) => return Err(api_error("restart", error)),
+    }
+    ctx.metrics.workload_restarts.inc();
+    tracing::info!(%namespace, kind = %workload.kind, name = %workload.name, "restarted so its pods get the sidecar");
+    let event = Event {
+        type_: EventType::Normal,
+        reason: "RestartedForInjection".into(),
+        note: Some(format!(
+            "restarted by chiller-metrics so its pods get the statsd exporter sidecar; not again before {} minutes",
+            ctx.restart_cooldown.as_secs() / 60
+        )),
+        action: "Restart".into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx
+        .recorder
+        .publish(&event, &reference(namespace, workload))
+        .await
+    {
+        tracing::warn!(%error, "cannot publish the restart event");
+    }
+    Ok(())
+}
