@@ -1,0 +1,20 @@
+# syntax=docker/dockerfile:1
+# chiller-metrics: webhook and reconciler in one static-ish binary on distroless.
+# Build: make image (IMAGE=chiller-metrics:dev)
+
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bin chiller-metrics \
+ && cp target/release/chiller-metrics /chiller-metrics \
+ && /chiller-metrics --version
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /chiller-metrics /usr/local/bin/chiller-metrics
+# distroless "nonroot" is UID/GID 65532; numeric so runAsNonRoot can verify it.
+USER 65532:65532
+EXPOSE 8443 9090
+ENTRYPOINT ["/usr/local/bin/chiller-metrics"]
+CMD ["serve", "--log-format", "json"]
