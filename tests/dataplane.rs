@@ -3,6 +3,8 @@
 //! container. gunicorn's statsd lines must carry the prefix the injector chose
 //! and be turned into well-named Prometheus metrics by the sidecar's mapping.
 
+mod support;
+
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
@@ -33,16 +35,6 @@ const REQUESTS: [(&str, u16); 6] = [
     ("/", 200),
 ];
 
-/// A tool on PATH, else in `<crate>/.tools/bin` or `<crate>/.tools/venv/bin`.
-fn find_tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let tools = Path::new(CRATE_DIR).join(".tools");
-    std::env::split_paths(&path)
-        .chain([tools.join("bin"), tools.join("venv/bin")])
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
-}
-
 /// gunicorn and its process log; stopped on drop, also when the test fails.
 struct Gunicorn {
     child: Child,
@@ -67,7 +59,10 @@ impl Gunicorn {
                 return address;
             }
             if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("gunicorn exited with {status} before listening; its log:\n{log}");
+                panic!(
+                    "gunicorn exited with {status} before listening (flask missing? `make tools` \
+                     installs both into .tools/venv); its log:\n{log}"
+                );
             }
             assert!(
                 Instant::now() < deadline,
@@ -101,8 +96,7 @@ impl Drop for Gunicorn {
 
 /// The chiller API pod of the AdmissionReview fixture, with `EXISTING_ARGS`.
 fn chiller_api_pod() -> Value {
-    let path = format!("{CRATE_DIR}/tests/golden/requests/chiller-api.json");
-    let review: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let review = support::https::chiller_api_review();
     let mut pod = review["request"]["object"].clone();
     pod["spec"]["containers"][0]["env"]
         .as_array_mut()
@@ -134,13 +128,12 @@ fn patched_env(statsd_port: u16) -> BTreeMap<String, String> {
 /// `sh -c "exec gunicorn app:app ..."` in `tests/dataplane`, with only `env`
 /// plus what any image has (PATH, HOME).
 fn start_gunicorn(env: &BTreeMap<String, String>, scratch: &Path) -> Gunicorn {
-    let gunicorn = find_tool("gunicorn").unwrap_or_else(|| {
-        panic!(
-            "gunicorn is missing: run `make tools` (installs gunicorn and flask into .tools/venv), \
-             or put a gunicorn that can import flask on PATH"
-        )
-    });
-    let bin_dir = gunicorn.parent().unwrap();
+    let gunicorn = support::tool("gunicorn");
+    // gunicorn's own directory first, so `sh` finds the one we found.
+    let inherited = std::env::var_os("PATH").unwrap_or_default();
+    let dirs = std::iter::once(gunicorn.parent().unwrap().to_path_buf())
+        .chain(std::env::split_paths(&inherited));
+    let search_path = std::env::join_paths(dirs).expect("PATH entries");
     let log_path = scratch.join("gunicorn.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let child = Command::new("sh")
@@ -149,10 +142,7 @@ fn start_gunicorn(env: &BTreeMap<String, String>, scratch: &Path) -> Gunicorn {
         .current_dir(format!("{CRATE_DIR}/tests/dataplane"))
         .env_clear()
         .envs(env)
-        .env(
-            "PATH",
-            format!("{}:/usr/local/bin:/usr/bin:/bin", bin_dir.display()),
-        )
+        .env("PATH", search_path)
         .env("HOME", scratch)
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .stdin(Stdio::null())

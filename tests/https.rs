@@ -1,9 +1,7 @@
 //! The webhook over real HTTPS (HTTP/1.1 and HTTP/2), the admin port, the
 //! router without a network, and the real binary's `serve`.
 
-mod support {
-    pub mod https;
-}
+mod support;
 
 use std::{process::Command, sync::Arc};
 

@@ -528,6 +528,8 @@ pub struct ServeProcess {
     pub webhook_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
+    /// Reads stderr until the process closes it.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Why the binary did not come up.
@@ -586,15 +588,15 @@ impl ServeProcess {
         let stderr = child.stderr.take().expect("stderr is piped");
         let log = Arc::new(Mutex::new(Vec::new()));
         let (lines_tx, lines_rx) = mpsc::channel::<String>();
-        {
+        let reader = {
             let log = log.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                     log.lock().unwrap().push(line.clone());
                     let _ = lines_tx.send(line);
                 }
-            });
-        }
+            })
+        };
         let deadline = Instant::now() + STARTUP;
         let joined = |log: &Arc<Mutex<Vec<String>>>| log.lock().unwrap().join("\n");
         loop {
@@ -607,24 +609,28 @@ impl ServeProcess {
                             webhook_addr,
                             admin_addr,
                             log,
+                            reader: Some(reader),
                         });
                     }
+                    continue;
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) if left.is_zero() => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(StartError::NoServingLine(STARTUP, joined(&log)));
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                // stderr closed: the process is exiting.
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(Duration::from_millis(20))
                 }
-                Err(_) => {
-                    if let Some(status) = child.try_wait().expect("waiting for serve") {
-                        // Let the reader thread drain what is left.
-                        std::thread::sleep(Duration::from_millis(100));
-                        return Err(StartError::Exited {
-                            status,
-                            log: joined(&log),
-                        });
-                    }
-                }
+            }
+            if let Some(status) = child.try_wait().expect("waiting for serve") {
+                let _ = reader.join();
+                return Err(StartError::Exited {
+                    status,
+                    log: joined(&log),
+                });
+            }
+            if left.is_zero() {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(StartError::NoServingLine(STARTUP, joined(&log)));
             }
         }
     }
@@ -668,20 +674,27 @@ impl ServeProcess {
             .collect()
     }
 
-    /// Sends SIGTERM and waits for the exit.
-    pub fn terminate(mut self) -> (ExitStatus, Vec<String>) {
+    /// Sends SIGTERM (the process keeps running while it drains).
+    pub fn send_sigterm(&self) {
         let sent = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
             .expect("running kill");
         assert!(sent.success(), "kill -TERM {} failed", self.child.id());
+    }
+
+    /// Sends SIGTERM, waits for the exit, and returns the status and the whole log.
+    pub fn terminate(mut self) -> (ExitStatus, Vec<String>) {
+        self.send_sigterm();
         let status = self.wait_exit(Duration::from_secs(60));
-        // The reader thread ends at EOF; give it a moment to store the last lines.
-        std::thread::sleep(Duration::from_millis(100));
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
         (status, self.log())
     }
 
-    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+    /// Waits for the process to exit; kills it and panics after `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().expect("waiting for serve") {

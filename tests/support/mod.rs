@@ -6,6 +6,9 @@
 //! - [`tool`]: finds an external test tool or fails with how to install it.
 #![allow(dead_code)]
 
+/// The webhook over real HTTPS: in-process server, clients, the real binary.
+pub mod https;
+
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
