@@ -58,7 +58,6 @@ impl NamespacePolicies for FixtureNamespace {
 
 /// One request and the settings it runs with.
 struct Fixture {
-    name: String,
     request: Value,
     injector: Injector,
     namespace: FixtureNamespace,
@@ -110,7 +109,6 @@ impl Fixture {
             }
         };
         Ok(Self {
-            name: name.to_string(),
             request,
             injector,
             namespace,
