@@ -18,152 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::core::{Selector, SelectorExt};
 use serde_json::{Value, json};
 
-/// Validation against `../shared`: strict Kubernetes JSON schemas and the
-/// prometheus-operator CRDs, where unknown fields count as errors because
-/// the API server would prune them.
-mod schema {
-    use std::{collections::HashMap, path::PathBuf};
-
-    use jsonschema::{Retrieve, Uri, Validator};
-    use serde_json::{Value, json};
-
-    fn shared() -> PathBuf {
-        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared"))
-    }
-
-    fn k8s_dir() -> PathBuf {
-        shared().join("schemas/kubernetes-v1.37.0-strict")
-    }
-
-    fn read_json(path: &std::path::Path) -> Value {
-        let text = std::fs::read_to_string(path)
-            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-    }
-
-    /// Serves `/api/_definitions.json`, which every kind file refers to.
-    struct Definitions(Value);
-
-    impl Retrieve for Definitions {
-        fn retrieve(
-            &self,
-            uri: &Uri<String>,
-        ) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
-            if uri.path().as_str().ends_with("/_definitions.json") {
-                Ok(self.0.clone())
-            } else {
-                Err(format!("no schema for {uri}").into())
-            }
-        }
-    }
-
-    /// The kind's file, e.g. `deployment-apps-v1.json`, `role-rbac-v1.json`.
-    fn k8s_file(api_version: &str, kind: &str) -> String {
-        let kind = kind.to_lowercase();
-        match api_version.split_once('/') {
-            None => format!("{kind}-{api_version}.json"),
-            Some((group, version)) => {
-                let group = group.split('.').next().unwrap_or(group);
-                format!("{kind}-{group}-{version}.json")
-            }
-        }
-    }
-
-    /// Adds `additionalProperties: false` wherever a CRD schema lists properties
-    /// and does not ask to keep unknown fields.
-    fn strict(schema: &mut Value) {
-        let Value::Object(map) = schema else { return };
-        let preserves = map
-            .get("x-kubernetes-preserve-unknown-fields")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        if map.contains_key("properties") && !map.contains_key("additionalProperties") && !preserves
-        {
-            map.insert("additionalProperties".into(), json!(false));
-        }
-        for value in map.values_mut() {
-            match value {
-                Value::Object(_) => strict(value),
-                Value::Array(items) => items.iter_mut().for_each(strict),
-                _ => {}
-            }
-        }
-    }
-
-    fn crd_schema(file: &str, version: &str) -> Value {
-        let path = shared().join("crds").join(file);
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-        let crd: Value = serde_norway::from_str(&text).expect("CRD is YAML");
-        let mut schema = crd["spec"]["versions"]
-            .as_array()
-            .expect("CRD has versions")
-            .iter()
-            .find(|v| v["name"] == version)
-            .unwrap_or_else(|| panic!("{file} has no version {version}"))["schema"]
-            ["openAPIV3Schema"]
-            .clone();
-        strict(&mut schema);
-        // The CRD leaves metadata open; the API server checks it as ObjectMeta.
-        schema["properties"]["metadata"] = json!({
-            "$ref": "/api/_definitions.json#/$defs/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
-        });
-        schema
-    }
-
-    /// Builds each schema once.
-    pub struct Schemas {
-        definitions: Value,
-        validators: HashMap<(String, String), Validator>,
-    }
-
-    impl Schemas {
-        pub fn new() -> Self {
-            Self {
-                definitions: read_json(&k8s_dir().join("_definitions.json")),
-                validators: HashMap::new(),
-            }
-        }
-
-        fn build(&self, schema: &Value) -> Validator {
-            jsonschema::options()
-                .with_draft(jsonschema::Draft::Draft202012)
-                .with_retriever(Definitions(self.definitions.clone()))
-                .build(schema)
-                .expect("schema compiles")
-        }
-
-        /// Every error of `object` against the schema of its apiVersion and kind.
-        pub fn errors(&mut self, object: &Value) -> Vec<String> {
-            let api_version = object["apiVersion"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-            let kind = object["kind"].as_str().unwrap_or_default().to_string();
-            let key = (api_version.clone(), kind.clone());
-            if !self.validators.contains_key(&key) {
-                let schema = match (api_version.as_str(), kind.as_str()) {
-                    ("monitoring.coreos.com/v1", "Prometheus") => {
-                        crd_schema("monitoring.coreos.com_prometheuses.yaml", "v1")
-                    }
-                    ("monitoring.coreos.com/v1", "ServiceMonitor") => {
-                        crd_schema("monitoring.coreos.com_servicemonitors.yaml", "v1")
-                    }
-                    ("monitoring.coreos.com/v1", "PodMonitor") => {
-                        crd_schema("monitoring.coreos.com_podmonitors.yaml", "v1")
-                    }
-                    _ => read_json(&k8s_dir().join(k8s_file(&api_version, &kind))),
-                };
-                let validator = self.build(&schema);
-                self.validators.insert(key.clone(), validator);
-            }
-            self.validators[&key]
-                .iter_errors(object)
-                .map(|e| format!("{} at {}", e, e.instance_path()))
-                .collect()
-        }
-    }
-}
+mod support;
 
 fn config(grafana_namespace: Option<&str>) -> Config {
     let mut config = Config::default();
@@ -251,19 +106,15 @@ fn injected(pod: &Pod, config: &Config) -> Value {
 
 #[test]
 fn every_object_validates_against_the_real_schemas() {
-    let mut schemas = schema::Schemas::new();
     let mut kinds = BTreeSet::new();
     for (settings, config) in variants() {
         for object in desired_objects(&settings, &config) {
-            let errors = schemas.errors(&object.value);
-            assert!(
-                errors.is_empty(),
-                "{} {}/{} is invalid:\n{}",
-                object.kind,
-                object.namespace,
-                object.name,
-                errors.join("\n")
-            );
+            if let Err(errors) = support::validate(&object.value) {
+                panic!(
+                    "{} {}/{} is invalid:\n{errors}",
+                    object.kind, object.namespace, object.name
+                );
+            }
             assert_eq!(object.value["apiVersion"], object.api_version);
             assert_eq!(object.value["kind"], object.kind);
             assert_eq!(object.value["metadata"]["name"], object.name.as_str());
@@ -290,24 +141,23 @@ fn every_object_validates_against_the_real_schemas() {
 
 #[test]
 fn the_validator_rejects_unknown_and_mistyped_fields() {
-    let mut schemas = schema::Schemas::new();
     let objects = desired_objects(&settings("chiller", None, true), &config(None));
     let mut monitor = find(&objects, "ServiceMonitor", desired::STATSD_SERVICE)
         .value
         .clone();
     monitor["spec"]["podTargetLabel"] = json!(["app"]);
-    assert!(!schemas.errors(&monitor).is_empty(), "typo in a CRD spec");
+    assert!(support::validate(&monitor).is_err(), "typo in a CRD spec");
 
     let mut prometheus = find(&objects, "Prometheus", desired::PROMETHEUS)
         .value
         .clone();
     prometheus["spec"]["retentionSize"] = json!("4 gigabytes");
-    assert!(!schemas.errors(&prometheus).is_empty(), "bad retentionSize");
+    assert!(support::validate(&prometheus).is_err(), "bad retentionSize");
     let mut prometheus = find(&objects, "Prometheus", desired::PROMETHEUS)
         .value
         .clone();
     prometheus["metadata"]["lables"] = json!({});
-    assert!(!schemas.errors(&prometheus).is_empty(), "typo in metadata");
+    assert!(support::validate(&prometheus).is_err(), "typo in metadata");
 
     let mut deployment = find(&objects, "Deployment", desired::POSTGRES_EXPORTER)
         .value
@@ -315,7 +165,7 @@ fn the_validator_rejects_unknown_and_mistyped_fields() {
     deployment["spec"]["template"]["spec"]["containers"][0]["securityContext"]["runAsNonroot"] =
         json!(true);
     assert!(
-        !schemas.errors(&deployment).is_empty(),
+        support::validate(&deployment).is_err(),
         "typo in a core kind"
     );
 }
@@ -960,9 +810,8 @@ fn render_prints_the_desired_objects() {
         .map(|o| o.value)
         .collect();
     assert_eq!(printed, expected);
-    let mut schemas = schema::Schemas::new();
     for document in &printed {
-        assert_eq!(schemas.errors(document), Vec::<String>::new());
+        support::validate(document).unwrap_or_else(|e| panic!("{e}"));
     }
 }
 

@@ -14,8 +14,9 @@ use chiller_metrics::{
 };
 use serde_json::{Value, json};
 
-const INSTALL_HINT: &str = "promtool is needed for this test: install the Debian package \
-     `prometheus` (apt-get install -y prometheus), or put promtool on PATH or in .tools/bin";
+mod support;
+
+const INSTALL_HINT: &str = "promtool comes with the Debian package `prometheus`";
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -30,18 +31,9 @@ fn read_yaml(name: &str) -> Value {
     serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// promtool on PATH, else in the crate's `.tools/bin`; fails the test when missing.
+/// promtool on PATH or in `.tools/bin`; the test fails naming the package when missing.
 fn promtool() -> PathBuf {
-    let on_path = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
-        .unwrap_or_default();
-    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/bin");
-    on_path
-        .into_iter()
-        .chain([local])
-        .map(|dir| dir.join("promtool"))
-        .find(|path| path.is_file())
-        .unwrap_or_else(|| panic!("{INSTALL_HINT}"))
+    support::tool("promtool")
 }
 
 /// One query of the dashboard.
