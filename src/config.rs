@@ -349,13 +349,13 @@ impl Config {
             return Err(invalid("gunicorn.statsdHost", "must be a host name"));
         }
         validate_mapping(&self.mapping)?;
-        if let Some(ns) = &self.reconcile.grafana_namespace {
-            if !is_dns_label(ns) {
-                return Err(invalid(
-                    "reconcile.grafanaNamespace",
-                    format!("{ns:?} is not a namespace name"),
-                ));
-            }
+        if let Some(ns) = &self.reconcile.grafana_namespace
+            && !is_dns_label(ns)
+        {
+            return Err(invalid(
+                "reconcile.grafanaNamespace",
+                format!("{ns:?} is not a namespace name"),
+            ));
         }
         if self.reconcile.prometheus.replicas < 1 {
             return Err(invalid(
@@ -406,7 +406,7 @@ pub fn is_dns_label(s: &str) -> bool {
 
 /// RFC 1123 subdomain: what ConfigMap names and label-key prefixes must be.
 pub fn is_dns_subdomain(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 253 && s.split('.').all(|part| is_dns_label(part))
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 /// IANA_SVC_NAME: what container port names must be.

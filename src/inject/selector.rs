@@ -19,7 +19,7 @@ pub fn parse_selector(text: &str) -> Result<Selector, SelectorError> {
         reason: reason.to_string(),
     };
     let mut expressions = Vec::new();
-    for term in split_terms(text).map_err(|r| fail(r))? {
+    for term in split_terms(text).map_err(fail)? {
         let term = term.trim();
         if term.is_empty() {
             return Err(fail("empty term"));
