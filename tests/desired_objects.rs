@@ -893,3 +893,56 @@ fn render_rejects_bad_input_with_a_clear_message() {
         assert!(output.stdout.is_empty(), "{args:?} printed objects");
     }
 }
+
+#[test]
+fn dashboard_panels_and_queries_have_unique_ids() {
+    let objects = desired_objects(&settings("chiller", None, false), &config(None));
+    let dashboard = dashboard(&objects);
+    let mut ids = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        assert!(ids.insert(panel["id"].as_u64().unwrap()), "{}", panel["id"]);
+        assert!(panel["title"].as_str().is_some_and(|t| !t.is_empty()));
+        let mut ref_ids = BTreeSet::new();
+        for target in panel["targets"].as_array().unwrap() {
+            assert!(ref_ids.insert(target["refId"].as_str().unwrap()));
+            assert!(target["expr"].as_str().is_some_and(|e| !e.is_empty()));
+        }
+        assert!(!ref_ids.is_empty(), "{} has no query", panel["title"]);
+    }
+}
+
+#[test]
+fn render_reads_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
+    std::fs::write(
+        &path,
+        "reconcile:\n  grafanaNamespace: grafana\n  prometheus:\n    retention: 30d\n    scrapeInterval: 30s\n",
+    )
+    .unwrap();
+    let output = render(&["--namespace", "chiller", "--config", path.to_str().unwrap()]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed = documents(&String::from_utf8(output.stdout).unwrap());
+    let prometheus = printed
+        .iter()
+        .find(|d| d["kind"] == "Prometheus")
+        .expect("a Prometheus");
+    assert_eq!(prometheus["spec"]["retention"], "30d");
+    assert_eq!(prometheus["spec"]["scrapeInterval"], "30s");
+    let monitor = printed
+        .iter()
+        .find(|d| d["kind"] == "ServiceMonitor")
+        .expect("a ServiceMonitor");
+    assert_eq!(monitor["spec"]["endpoints"][0]["interval"], "30s");
+    assert_eq!(
+        printed
+            .iter()
+            .filter(|d| d["metadata"]["namespace"] == "grafana")
+            .count(),
+        2
+    );
+}
