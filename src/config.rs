@@ -363,6 +363,31 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        let prom = &self.reconcile.prometheus;
+        for (field, value) in [
+            ("reconcile.prometheus.retention", &prom.retention),
+            ("reconcile.prometheus.scrapeInterval", &prom.scrape_interval),
+        ] {
+            if !is_prometheus_duration(value) {
+                return Err(invalid(
+                    field,
+                    format!("{value:?} is not a duration like 15s, 7d or 1h30m"),
+                ));
+            }
+        }
+        if !is_byte_size(&prom.retention_size) {
+            return Err(invalid(
+                "reconcile.prometheus.retentionSize",
+                format!("{:?} is not a size like 4GiB or 500MB", prom.retention_size),
+            ));
+        }
+        let exporter_image = &self.reconcile.postgres_exporter.image;
+        if exporter_image.trim().is_empty() || exporter_image.contains(char::is_whitespace) {
+            return Err(invalid(
+                "reconcile.postgresExporter.image",
+                format!("{exporter_image:?} is not an image reference"),
+            ));
+        }
         if self.reconcile.resync_seconds == 0 {
             return Err(invalid("reconcile.resyncSeconds", "must be at least 1"));
         }
@@ -419,6 +444,52 @@ pub fn is_port_name(s: &str) -> bool {
         && !s.starts_with('-')
         && !s.ends_with('-')
         && !s.contains("--")
+}
+
+/// A Prometheus duration as the Prometheus CRD accepts it: `0`, or units
+/// y, w, d, h, m, s, ms in that order, each with a number (`1h30m`).
+pub fn is_prometheus_duration(s: &str) -> bool {
+    if s == "0" {
+        return true;
+    }
+    let mut rest = s;
+    let mut units = ["y", "w", "d", "h", "m", "s", "ms"].iter();
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return false;
+        }
+        rest = &rest[digits..];
+        let unit = if rest.starts_with("ms") {
+            "ms"
+        } else {
+            &rest[..rest.len().min(1)]
+        };
+        if !units.any(|u| *u == unit) {
+            return false;
+        }
+        rest = &rest[unit.len()..];
+    }
+    !s.is_empty()
+}
+
+/// A byte size as the Prometheus CRD's `retentionSize` accepts it: `4GiB`, `1.5TB`, `512MB`.
+pub fn is_byte_size(s: &str) -> bool {
+    let Some(number) = s.strip_suffix('B') else {
+        return false;
+    };
+    const UNITS: [char; 6] = ['K', 'M', 'G', 'T', 'P', 'E'];
+    let number = match number.strip_suffix('i') {
+        Some(binary) => match binary.strip_suffix(UNITS) {
+            Some(n) => n,
+            None => return false,
+        },
+        None => number.strip_suffix(UNITS).unwrap_or(number),
+    };
+    let (whole, fraction) = number.split_once('.').unwrap_or(("", number));
+    whole.bytes().all(|b| b.is_ascii_digit())
+        && !fraction.is_empty()
+        && fraction.bytes().all(|b| b.is_ascii_digit())
 }
 
 #[cfg(test)]
@@ -494,6 +565,26 @@ mod tests {
             SidecarMode::Native
         );
         assert!("sidecar".parse::<SidecarMode>().is_err());
+    }
+
+    #[test]
+    fn prometheus_durations_and_sizes() {
+        for good in ["15s", "7d", "1h30m", "2w", "0", "500ms", "1y2w3d4h5m6s7ms"] {
+            assert!(is_prometheus_duration(good), "{good}");
+        }
+        for bad in ["", "7days", "30m1h", "1.5h", "s", "15", "1h1h"] {
+            assert!(!is_prometheus_duration(bad), "{bad}");
+        }
+        for good in ["4GiB", "500MB", "1.5TB", "1024B", "2KiB"] {
+            assert!(is_byte_size(good), "{good}");
+        }
+        for bad in ["4G", "4 GiB", "GiB", "4XB", "4iB", "4KGiB", "1.B", ""] {
+            assert!(!is_byte_size(bad), "{bad}");
+        }
+        let mut config = Config::default();
+        config.reconcile.prometheus.retention = "7days".into();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("reconcile.prometheus.retention"), "{err}");
     }
 
     #[test]
