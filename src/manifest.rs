@@ -10,9 +10,10 @@ use crate::inject::{Decision, Injector, PodContext};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    #[error("document {index} is not valid YAML: {source}")]
+    #[error("document {number} is not valid YAML: {source}")]
     Yaml {
-        index: usize,
+        /// Counted from 1, as a reader counts.
+        number: usize,
         #[source]
         source: serde_norway::Error,
     },
@@ -48,8 +49,10 @@ pub fn inject_yaml(injector: &Injector, input: &str) -> Result<Injected, Manifes
     let mut out = Injected::default();
     let mut documents = Vec::new();
     for (index, document) in serde_norway::Deserializer::from_str(input).enumerate() {
-        let mut value =
-            Value::deserialize(document).map_err(|source| ManifestError::Yaml { index, source })?;
+        let mut value = Value::deserialize(document).map_err(|source| ManifestError::Yaml {
+            number: index + 1,
+            source,
+        })?;
         if value.is_null() {
             continue; // an empty document: only comments or `---`
         }
