@@ -946,3 +946,22 @@ fn render_reads_the_config_file() {
         2
     );
 }
+
+#[test]
+fn the_reconciler_watches_and_cleans_up_every_kind_we_create() {
+    use chiller_metrics::reconcile::live::MANAGED_KINDS;
+    for (settings, config) in variants() {
+        for object in desired_objects(&settings, &config) {
+            assert!(
+                MANAGED_KINDS
+                    .iter()
+                    .any(|k| k.api_version == object.api_version
+                        && k.kind == object.kind
+                        && k.plural == object.plural),
+                "{} {} is not in MANAGED_KINDS, so opting out would leave it behind",
+                object.api_version,
+                object.kind
+            );
+        }
+    }
+}

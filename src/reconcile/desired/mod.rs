@@ -12,9 +12,7 @@ pub use grafana::{
     dashboard, dashboard_config_map, datasource_config_map, datasource_uid, grafana_uid,
 };
 pub use postgres::{postgres_exporter_objects, postgres_exporter_pod_labels};
-pub use prometheus::{
-    monitoring_objects, prometheus_selector_labels, service_monitor_labels, statsd_service_labels,
-};
+pub use prometheus::{monitoring_objects, prometheus_selector_labels, statsd_service_labels};
 
 /// Name of the Service in front of the injected sidecars.
 pub const STATSD_SERVICE: &str = "chiller-metrics-statsd";

@@ -40,11 +40,6 @@ pub fn statsd_service_labels(settings: &NamespaceSettings, keys: &Keys) -> Value
     labels
 }
 
-/// Labels every ServiceMonitor of the namespace carries.
-pub fn service_monitor_labels(settings: &NamespaceSettings, keys: &Keys) -> Value {
-    prometheus_selector_labels(settings, keys)
-}
-
 /// A ServiceMonitor scraping port `port` of the Services labeled `service_labels`.
 pub(super) fn service_monitor(
     settings: &NamespaceSettings,
