@@ -331,8 +331,10 @@ impl Injector {
             keys.status.as_str(),
             serde_json::to_string(&status).expect("status serializes"),
         )];
+        // Pin the container `kubectl logs` picked before injection (the first
+        // one), so the sidecar never becomes the default.
         if !annotations.is_some_and(|a| a.contains_key(keys::DEFAULT_CONTAINER)) {
-            new_annotations.push((keys::DEFAULT_CONTAINER, status.containers[0].clone()));
+            new_annotations.push((keys::DEFAULT_CONTAINER, containers[0].name.clone()));
         }
         ops.extend(set_entries("labels", labels.is_some(), &mut new_labels));
         ops.extend(set_entries(
