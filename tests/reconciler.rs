@@ -1445,3 +1445,139 @@ async fn restart_uninjected_restarts_the_deployment_once_per_cooldown() {
         Some(1.0)
     );
 }
+
+// ---------------------------------------------------------------------------
+// The whole controller: watches, cache, triggers.
+
+/// A request the fake cluster wrote, or a watch it holds open.
+enum ClusterEvent {
+    Write(Seen),
+    WatchOpened(String),
+}
+
+type HeldWatches = Arc<Mutex<Vec<(String, tower_test::mock::SendResponse<Response<Body>>)>>>;
+
+/// Answers lists from `namespaces` (managed kinds: empty), holds watches open
+/// for the test to answer, echoes writes and reports them.
+fn fake_cluster(
+    mut handle: ApiHandle,
+    namespaces: Vec<Value>,
+    held: HeldWatches,
+) -> (
+    JoinHandle<()>,
+    tokio::sync::mpsc::UnboundedReceiver<ClusterEvent>,
+) {
+    let (events, received) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        while let Some((request, respond)) = handle.next_request().await {
+            let seen = read(request).await;
+            let watching = seen.query.iter().any(|(k, v)| k == "watch" && v == "true");
+            if watching {
+                let _ = events.send(ClusterEvent::WatchOpened(seen.path.clone()));
+                held.lock().unwrap().push((seen.path, respond));
+                continue;
+            }
+            let (status, body) = match seen.method.as_str() {
+                "GET" if seen.path == "/api/v1/namespaces" => (
+                    200,
+                    json!({"apiVersion": "v1", "kind": "NamespaceList", "metadata": {"resourceVersion": "1"}, "items": namespaces}),
+                ),
+                "GET" => (
+                    200,
+                    json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": []}),
+                ),
+                _ => {
+                    let stored = stored(seen.body.clone());
+                    let _ = events.send(ClusterEvent::Write(seen));
+                    (200, stored)
+                }
+            };
+            respond.send_response(
+                Response::builder()
+                    .status(status)
+                    .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                    .unwrap(),
+            );
+        }
+    });
+    (task, received)
+}
+
+#[tokio::test]
+async fn the_controller_sets_up_a_namespace_and_repairs_a_deleted_object_it_watches() {
+    let config = config();
+    let ns = opted_in(NS, &[]);
+    let desired = desired_for(&ns, &config);
+    let (client, handle) = mock_client();
+    let held: HeldWatches = Arc::default();
+    let (server, mut cluster) = fake_cluster(
+        handle,
+        vec![serde_json::to_value(&ns).unwrap()],
+        held.clone(),
+    );
+    let (ctx, _) = context(client, config.clone(), true);
+    ctx.live.clear();
+    let controller = tokio::spawn(chiller_metrics::reconcile::controller::run(ctx));
+
+    let mut applied = Vec::new();
+    let mut status_patched = false;
+    let mut monitor_watch = None;
+    let monitor = desired
+        .iter()
+        .find(|o| o.kind == "ServiceMonitor")
+        .expect("a ServiceMonitor is desired");
+    tokio::time::timeout(HANG_GUARD, async {
+        while applied.len() < desired.len() || !status_patched || monitor_watch.is_none() {
+            match cluster.recv().await.expect("the fake cluster stopped") {
+                ClusterEvent::Write(seen) if seen.path == format!("/api/v1/namespaces/{NS}") => {
+                    status_patched = true;
+                }
+                ClusterEvent::Write(seen) => applied.push(seen.path),
+                ClusterEvent::WatchOpened(path) if path.ends_with("/servicemonitors") => {
+                    monitor_watch = Some(path);
+                }
+                ClusterEvent::WatchOpened(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("the namespace was not set up");
+    let mut expected: Vec<String> = desired.iter().map(desired_path).collect();
+    expected.sort();
+    applied.sort();
+    assert_eq!(applied, expected, "each desired object applied once");
+
+    // Someone deletes the ServiceMonitor: the watch reports it.
+    let deleted = json!({"type": "DELETED", "object": live(monitor, &config)});
+    let respond = {
+        let mut held = held.lock().unwrap();
+        let index = held
+            .iter()
+            .position(|(path, _)| Some(path) == monitor_watch.as_ref())
+            .unwrap();
+        held.remove(index).1
+    };
+    respond.send_response(
+        Response::builder()
+            .status(200)
+            .body(Body::from(format!("{deleted}\n").into_bytes()))
+            .unwrap(),
+    );
+    let repaired = tokio::time::timeout(HANG_GUARD, async {
+        loop {
+            if let ClusterEvent::Write(seen) =
+                cluster.recv().await.expect("the fake cluster stopped")
+            {
+                return seen;
+            }
+        }
+    })
+    .await
+    .expect("the deleted ServiceMonitor was not re-applied");
+    assert_eq!(repaired.method, "PATCH");
+    assert_eq!(repaired.path, desired_path(monitor));
+    assert_eq!(repaired.body, applied_value(&monitor.value, &config.domain));
+
+    controller.abort();
+    server.abort();
+}

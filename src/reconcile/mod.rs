@@ -45,9 +45,18 @@ impl Options {
                 .or_else(|| std::env::var("POD_NAMESPACE").ok())
                 .unwrap_or_else(|| "chiller-metrics".into()),
             lease_name,
-            identity: std::env::var("POD_NAME").unwrap_or_else(|_| "chiller-metrics".into()),
+            identity: identity(),
         }
     }
+}
+
+/// This replica's name in the lease: the pod name (`POD_NAME`, else the
+/// hostname, which is the pod name in Kubernetes), else one unique to the process.
+fn identity() -> String {
+    ["POD_NAME", "HOSTNAME"]
+        .iter()
+        .find_map(|var| std::env::var(var).ok().filter(|v| !v.trim().is_empty()))
+        .unwrap_or_else(|| format!("chiller-metrics-{}", std::process::id()))
 }
 
 /// Campaigns for the lease and, while leading, runs the controller. Every
