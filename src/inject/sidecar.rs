@@ -45,7 +45,9 @@ pub fn sidecar_container(cfg: &SidecarConfig, native: bool) -> Container {
             port(cfg.statsd_port, "UDP", None),
             port(cfg.statsd_port, "TCP", None),
         ]),
-        readiness_probe: Some(probe("/-/ready", 10)),
+        // No readiness probe: a sidecar's readiness gates the pod's Ready
+        // condition (native or not), and metrics must never take the app out
+        // of its Service. Liveness still restarts a hung exporter.
         liveness_probe: Some(probe("/-/healthy", 20)),
         resources: Some(cfg.resources.clone()),
         restart_policy: native.then(|| "Always".to_string()),
