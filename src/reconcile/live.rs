@@ -248,3 +248,76 @@ impl LiveCache {
             .clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn object(name: &str, owner: Option<&str>, managed: bool) -> DynamicObject {
+        let keys = Keys::default();
+        let mut labels = serde_json::Map::new();
+        if managed {
+            labels.insert(keys::MANAGED_BY_KEY.into(), json!(keys::MANAGED_BY));
+        }
+        if let Some(owner) = owner {
+            labels.insert(keys.owner_namespace.clone(), json!(owner));
+        }
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": name, "namespace": "ns", "labels": labels},
+        }))
+        .unwrap()
+    }
+
+    const CONFIG_MAP: ManagedKind = MANAGED_KINDS[0];
+
+    #[test]
+    fn a_relist_replaces_the_kind_and_triggers_old_and_new_owners() {
+        let cache = LiveCache::new(&Keys::default());
+        assert!(!cache.is_synced(CONFIG_MAP));
+        cache.sync_kind(CONFIG_MAP, vec![object("a", Some("one"), true)]);
+        assert!(cache.is_synced(CONFIG_MAP));
+        assert!(cache.get(CONFIG_MAP, "ns", "a").is_some());
+
+        cache.apply_event(CONFIG_MAP, watcher::Event::Init);
+        cache.apply_event(
+            CONFIG_MAP,
+            watcher::Event::InitApply(object("b", Some("two"), true)),
+        );
+        // Until the relist completes, the old contents stay visible.
+        assert!(cache.get(CONFIG_MAP, "ns", "a").is_some());
+        let touched = cache.apply_event(CONFIG_MAP, watcher::Event::InitDone);
+        assert_eq!(touched, BTreeSet::from(["one".into(), "two".into()]));
+        assert!(cache.get(CONFIG_MAP, "ns", "a").is_none());
+        assert!(cache.get(CONFIG_MAP, "ns", "b").is_some());
+    }
+
+    #[test]
+    fn only_objects_with_both_labels_belong_to_an_owner() {
+        let cache = LiveCache::new(&Keys::default());
+        let touched = cache.apply_event(
+            CONFIG_MAP,
+            watcher::Event::Apply(object("mine", Some("shop"), true)),
+        );
+        assert_eq!(touched, BTreeSet::from(["shop".into()]));
+        let touched = cache.apply_event(
+            CONFIG_MAP,
+            watcher::Event::Apply(object("theirs", Some("shop"), false)),
+        );
+        assert!(touched.is_empty());
+        let owned: Vec<String> = cache
+            .owned_by(CONFIG_MAP, "shop")
+            .iter()
+            .map(|o| o.name_any())
+            .collect();
+        assert_eq!(owned, ["mine"]);
+        let touched = cache.apply_event(
+            CONFIG_MAP,
+            watcher::Event::Delete(object("mine", Some("shop"), true)),
+        );
+        assert_eq!(touched, BTreeSet::from(["shop".into()]));
+        assert!(cache.owned_by(CONFIG_MAP, "shop").is_empty());
+    }
+}

@@ -37,6 +37,7 @@ pub async fn reconcile(
     ctx.metrics.reconcile_runs.inc();
     let result = if namespace.metadata.deletion_timestamp.is_some() {
         // Owner references let the garbage collector remove our objects.
+        uninjected::forget(&name, &ctx);
         Ok(Action::await_change())
     } else if is_opted_in(&namespace, &ctx) {
         reconcile_opted_in(&namespace, &ctx).await
