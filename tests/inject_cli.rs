@@ -195,6 +195,7 @@ fn inject_file_injects_every_workload_and_passes_the_rest_through() {
             "ReplicaSet/chiller-api-canary",
             "Job/chiller-migrate",
             "CronJob/chiller-report",
+            "Pod/chiller-test-connection",
         ]
     );
     for (before, after) in input.iter().zip(&output) {
@@ -220,6 +221,7 @@ fn inject_file_injects_every_workload_and_passes_the_rest_through() {
         "List/?",
         "Service/db",
         "StatefulSet/db",
+        "Pod/chiller-test-connection",
     ] {
         let before = input.iter().find(|o| kind_name(o) == name).unwrap();
         assert_eq!(by_name(name), before, "{name} must pass through unchanged");
@@ -260,6 +262,13 @@ fn inject_file_injects_every_workload_and_passes_the_rest_through() {
             .lines()
             .any(|l| l.starts_with("skipped StatefulSet/db:") && l.contains("opted out")),
         "the opted-out database is reported:\n{notes}"
+    );
+    assert!(
+        notes
+            .lines()
+            .any(|l| l.starts_with("skipped Pod/chiller-test-connection:")
+                && l.contains("opted out with the annotation")),
+        "the opted-out test pod is reported:\n{notes}"
     );
 }
 
