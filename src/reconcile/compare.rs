@@ -25,8 +25,8 @@ pub fn applied_value(desired: &Value, domain: &str) -> Value {
 
 /// Whether every field of `desired` is present and equal in `live`.
 /// `apiVersion` and `kind` are not compared (list items may lack them);
-/// arrays must match element by element; null and empty values in `desired`
-/// match absent fields, since the API server drops them.
+/// arrays must match element by element; null, empty and zero values in
+/// `desired` match absent fields, since the API server may drop them.
 pub fn is_subset(desired: &Value, live: &Value) -> bool {
     match desired {
         Value::Object(fields) => fields
@@ -60,9 +60,12 @@ fn field_matches(desired: &Value, live: Option<&Value>) -> bool {
     }
 }
 
+/// Zero values: Go's `omitempty` drops them, so the live object may lack them.
 fn is_empty(value: &Value) -> bool {
     match value {
-        Value::Null => true,
+        Value::Null | Value::Bool(false) => true,
+        Value::String(text) => text.is_empty(),
+        Value::Number(number) => number.as_f64() == Some(0.0),
         Value::Object(map) => map.values().all(is_empty),
         Value::Array(items) => items.is_empty(),
         _ => false,
@@ -105,8 +108,12 @@ mod tests {
 
     #[test]
     fn empty_desired_values_match_absent_fields() {
-        let desired = json!({"spec": {"emptyDir": {}, "items": [], "x": null}});
+        let desired = json!({"spec": {"emptyDir": {}, "items": [], "x": null, "hostNetwork": false, "s": ""}});
         assert!(is_subset(&desired, &json!({"spec": {}})));
+        assert!(!is_subset(
+            &json!({"spec": {"hostNetwork": true}}),
+            &json!({"spec": {}})
+        ));
     }
 
     #[test]
