@@ -445,6 +445,26 @@ mod validator_tests {
     }
 
     #[test]
+    fn tool_finds_binaries_on_path_and_names_missing_ones() {
+        let sh = tool("sh");
+        assert!(sh.ends_with("sh") && sh.is_file(), "{}", sh.display());
+        let missing = std::panic::catch_unwind(|| tool("promtool-that-does-not-exist"))
+            .expect_err("a missing tool must fail");
+        let message = missing
+            .downcast_ref::<String>()
+            .expect("a formatted panic message");
+        assert!(
+            message.contains("`promtool-that-does-not-exist` not found"),
+            "{message}"
+        );
+        assert!(message.contains(".tools"), "{message}");
+        assert!(
+            install_hint("promtool").contains("apt-get install -y prometheus"),
+            "promtool's hint names its package"
+        );
+    }
+
+    #[test]
     fn list_items_are_each_validated() {
         let mut bad = pod();
         bad["spec"]["hostNetwork"] = json!("yes");
