@@ -113,6 +113,10 @@ pub struct SidecarConfig {
     pub volume_name: String,
     /// UID and GID the exporter runs as.
     pub run_as_user: i64,
+    /// Give the sidecar a readiness probe. A sidecar's readiness counts towards
+    /// the pod's Ready condition, so `false` keeps a failing exporter from
+    /// taking the app out of its Service (liveness still restarts it).
+    pub readiness_probe: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -188,6 +192,7 @@ impl Default for SidecarConfig {
             mapping_config_map: "chiller-metrics-statsd-mapping".into(),
             volume_name: "chiller-metrics-statsd-mapping".into(),
             run_as_user: 65534,
+            readiness_probe: true,
         }
     }
 }

@@ -1,6 +1,5 @@
-use std::io::Write;
+use std::{io::Write, process::ExitCode};
 
-use anyhow::Context;
 use clap::Parser;
 use tracing_subscriber::{EnvFilter, fmt};
 
@@ -28,12 +27,24 @@ fn print(text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // Our error messages already carry their causes: print one line, not a chain.
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
         Command::Serve(args) => {
-            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            let runtime = tokio::runtime::Runtime::new()
+                .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
             runtime.block_on(serve::run(args, serve::shutdown_signal()))?;
         }
         Command::Inject(args) => {

@@ -45,9 +45,9 @@ pub fn sidecar_container(cfg: &SidecarConfig, native: bool) -> Container {
             port(cfg.statsd_port, "UDP", None),
             port(cfg.statsd_port, "TCP", None),
         ]),
-        // No readiness probe: a sidecar's readiness gates the pod's Ready
-        // condition (native or not), and metrics must never take the app out
-        // of its Service. Liveness still restarts a hung exporter.
+        // A sidecar's readiness gates the pod's Ready condition (native or
+        // not): `sidecar.readinessProbe: false` trades it for app availability.
+        readiness_probe: cfg.readiness_probe.then(|| probe("/-/ready", 10)),
         liveness_probe: Some(probe("/-/healthy", 20)),
         resources: Some(cfg.resources.clone()),
         restart_policy: native.then(|| "Always".to_string()),
@@ -89,5 +89,25 @@ pub fn mapping_volume(cfg: &SidecarConfig) -> Volume {
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_probe_follows_the_setting() {
+        let mut cfg = SidecarConfig::default();
+        let probe = sidecar_container(&cfg, true)
+            .readiness_probe
+            .expect("probe by default");
+        assert_eq!(probe.http_get.unwrap().path.as_deref(), Some("/-/ready"));
+        cfg.readiness_probe = false;
+        let container = sidecar_container(&cfg, true);
+        assert!(container.readiness_probe.is_none());
+        assert!(container.liveness_probe.is_some());
+        assert_eq!(container.restart_policy.as_deref(), Some("Always"));
+        assert_eq!(sidecar_container(&cfg, false).restart_policy, None);
     }
 }
