@@ -1,0 +1,167 @@
+//! Time and allocations of the pure mutation (`Injector::mutate`) and of the
+//! whole AdmissionReview path (`admission::review` + response serialization).
+//!
+//! `cargo bench --bench mutate` prints criterion's timings and, before them,
+//! the heap allocations per call counted by the global allocator below.
+
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    hint::black_box,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use chiller_metrics::{
+    config::Config,
+    inject::{Decision, Injector, PodContext, ResolvedMode},
+    webhook::{NoCluster, admission},
+};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::{Value, json};
+
+/// Counts allocations (and bytes) made through the system allocator.
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+static ALLOCATED_BYTES: AtomicU64 = AtomicU64::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        ALLOCATED_BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        ALLOCATED_BYTES.fetch_add(new_size as u64, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+const CHILLER_API_REVIEW: &str = include_str!("../tests/golden/requests/chiller-api.json");
+
+fn chiller_review() -> Value {
+    serde_json::from_str(CHILLER_API_REVIEW).expect("chiller-api.json is JSON")
+}
+
+fn chiller_pod() -> Value {
+    chiller_review()["request"]["object"].clone()
+}
+
+/// The chiller API pod with `count` containers (sidecars of a service mesh,
+/// log shippers, ...): each with its own port and a few env vars.
+fn pod_with_containers(count: usize) -> Value {
+    let mut pod = chiller_pod();
+    let template = pod["spec"]["containers"][0].clone();
+    let containers: Vec<Value> = (0..count)
+        .map(|i| {
+            let mut c = template.clone();
+            c["name"] = json!(format!("app-{i}"));
+            c["ports"] = json!([{"name": format!("http-{i}"), "containerPort": 5000 + i, "protocol": "TCP"}]);
+            c
+        })
+        .collect();
+    pod["spec"]["containers"] = Value::Array(containers);
+    pod
+}
+
+/// The chiller API pod grown to about `bytes` with env vars, as a pod that
+/// inlines a big configuration would be.
+fn big_pod(bytes: usize) -> Value {
+    let mut pod = chiller_pod();
+    let env = pod["spec"]["containers"][0]["env"]
+        .as_array_mut()
+        .expect("env is a list");
+    let mut size = 3_000;
+    let mut i = 0;
+    while size < bytes {
+        let value = format!("{i:08}-{}", "x".repeat(80));
+        size += value.len() + 40;
+        env.push(json!({"name": format!("SETTING_{i}"), "value": value}));
+        i += 1;
+    }
+    pod
+}
+
+fn review_body(pod: &Value) -> Vec<u8> {
+    let mut review = chiller_review();
+    review["request"]["object"] = pod.clone();
+    serde_json::to_vec(&review).expect("serializes")
+}
+
+/// Runs `f` `iterations` times and returns (allocations, bytes) per call.
+fn allocations_per_call(iterations: u64, mut f: impl FnMut()) -> (f64, f64) {
+    f();
+    let calls = ALLOCATIONS.load(Ordering::Relaxed);
+    let bytes = ALLOCATED_BYTES.load(Ordering::Relaxed);
+    for _ in 0..iterations {
+        f();
+    }
+    let calls = ALLOCATIONS.load(Ordering::Relaxed) - calls;
+    let bytes = ALLOCATED_BYTES.load(Ordering::Relaxed) - bytes;
+    (
+        calls as f64 / iterations as f64,
+        bytes as f64 / iterations as f64,
+    )
+}
+
+fn benches(c: &mut Criterion) {
+    let injector = Injector::new(Config::default(), ResolvedMode::Native);
+    let cases = [
+        ("chiller-api", chiller_pod()),
+        ("60-containers", pod_with_containers(60)),
+        ("600KB", big_pod(600 * 1024)),
+    ];
+    for (name, pod_json) in &cases {
+        let pod: Pod = serde_json::from_value(pod_json.clone()).expect("a valid pod");
+        let body = review_body(pod_json);
+        assert!(
+            matches!(
+                injector.mutate(&pod, PodContext::default()),
+                Decision::Inject { .. }
+            ),
+            "{name}: the benchmark pod must be injected"
+        );
+
+        let mutate = || {
+            black_box(injector.mutate(black_box(&pod), PodContext::default()));
+        };
+        let review = || {
+            let (review, _) =
+                admission::review(&injector, &NoCluster, black_box(&body)).expect("a valid review");
+            black_box(serde_json::to_vec(&admission::to_json(&review)).expect("serializes"));
+        };
+        let (mutate_allocs, mutate_bytes) = allocations_per_call(200, mutate);
+        let (review_allocs, review_bytes) = allocations_per_call(20, review);
+        println!(
+            "allocations {name} (request body {} bytes): mutate {mutate_allocs:.0} allocations, {mutate_bytes:.0} bytes per call; \
+             review {review_allocs:.0} allocations, {review_bytes:.0} bytes per call",
+            body.len()
+        );
+
+        let mut group = c.benchmark_group(*name);
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_function("mutate", |b| {
+            b.iter(|| injector.mutate(black_box(&pod), PodContext::default()))
+        });
+        group.bench_function("review", |b| {
+            b.iter(|| {
+                let (review, _) = admission::review(&injector, &NoCluster, black_box(&body))
+                    .expect("a valid review");
+                serde_json::to_vec(&admission::to_json(&review)).expect("serializes")
+            })
+        });
+        group.finish();
+    }
+}
+
+criterion_group!(mutation, benches);
+criterion_main!(mutation);

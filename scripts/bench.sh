@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# Load benchmark of the webhook against the baseline server (benches/baseline/server.rs):
+# throughput at saturation, p50/p99 latency at half saturation, RSS idle and
+# under load, and start-up time to ready, over HTTP/1.1 and HTTP/2 with h2load.
+#
+# Environment: RUNS (default 3; medians are reported), DURATION seconds per
+# measurement (default 8), CLIENTS (default 16), STREAMS per HTTP/2 client
+# (default 4), SERVER_CPU and LOAD_CPU (default 0 and 1: the server and h2load
+# are pinned to separate cores with taskset when the machine has two or more).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNS=${RUNS:-3}
+DURATION=${DURATION:-8}
+CLIENTS=${CLIENTS:-16}
+STREAMS=${STREAMS:-4}
+SERVER_CPU=${SERVER_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+OUT=.bench
+BODY_SOURCE=tests/golden/requests/chiller-api.json
+
+need() {
+    command -v "$1" >/dev/null || {
+        echo "bench: $1 not found; install it with: $2" >&2
+        exit 1
+    }
+}
+need h2load "apt-get install nghttp2-client"
+need curl "apt-get install curl"
+need python3 "apt-get install python3"
+
+pin_server=() pin_load=()
+if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
+    pin_server=(taskset -c "$SERVER_CPU")
+    pin_load=(taskset -c "$LOAD_CPU")
+    echo "pinning: server on CPU $SERVER_CPU, h2load on CPU $LOAD_CPU"
+else
+    echo "not pinning: taskset missing or fewer than 2 CPUs"
+fi
+
+echo "building release binaries..."
+cargo build --release --locked --quiet --bin chiller-metrics --example baseline_server
+OURS_BIN=target/release/chiller-metrics
+BASE_BIN=target/release/examples/baseline_server
+
+rm -rf "$OUT"
+mkdir -p "$OUT"
+"$OURS_BIN" certs --out "$OUT/certs" --dns localhost --dns 127.0.0.1 >/dev/null 2>&1
+python3 -c 'import json,sys; json.dump(json.load(open(sys.argv[1])), open(sys.argv[2], "w"), separators=(",", ":"))' \
+    "$BODY_SOURCE" "$OUT/body.json"
+
+WEBHOOK_PORT=18443
+ADMIN_PORT=19090
+SERVER_PID=""
+
+stop_server() {
+    if [ -n "$SERVER_PID" ]; then
+        kill "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+        SERVER_PID=""
+    fi
+}
+trap stop_server EXIT
+
+now_ns() { date +%s%N; }
+
+# start_server ours|baseline: starts it pinned, waits for /readyz, sets STARTUP_US.
+start_server() {
+    local started
+    started=$(now_ns)
+    case "$1" in
+    ours)
+        RUST_LOG=warn "${pin_server[@]}" "$OURS_BIN" serve --no-reconcile \
+            --listen "127.0.0.1:$WEBHOOK_PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" \
+            --tls-cert "$OUT/certs/tls.crt" --tls-key "$OUT/certs/tls.key" \
+            --drain-seconds 0 >"$OUT/ours.log" 2>&1 &
+        ;;
+    baseline)
+        "${pin_server[@]}" "$BASE_BIN" \
+            --listen "127.0.0.1:$WEBHOOK_PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" \
+            --tls-cert "$OUT/certs/tls.crt" --tls-key "$OUT/certs/tls.key" >"$OUT/baseline.log" 2>&1 &
+        ;;
+    esac
+    SERVER_PID=$!
+    for _ in $(seq 1 2000); do
+        if curl -fsS -o /dev/null "http://127.0.0.1:$ADMIN_PORT/readyz" 2>/dev/null; then
+            STARTUP_US=$((($(now_ns) - started) / 1000))
+            return
+        fi
+        kill -0 "$SERVER_PID" 2>/dev/null || {
+            echo "bench: $1 server exited; see $OUT/$1.log" >&2
+            exit 1
+        }
+        sleep 0.005
+    done
+    echo "bench: $1 server not ready after 10 s" >&2
+    exit 1
+}
+
+status_kb() { awk -v key="$2:" '$1 == key {print $2}' "/proc/$1/status"; }
+
+# load NAME PROTO [RPS_PER_CLIENT]: runs h2load, leaves its summary and per-request log in $OUT.
+load() {
+    local name=$1 proto=$2 rps=${3:-}
+    local args=(-D "$DURATION" --warm-up-time 1 -c "$CLIENTS" -t 1
+        -d "$OUT/body.json" -H 'content-type: application/json'
+        --log-file "$OUT/$name.tsv")
+    if [ "$proto" = h1 ]; then args+=(--h1 -m 1); else args+=(-m "$STREAMS"); fi
+    [ -n "$rps" ] && args+=(--rps "$rps")
+    "${pin_load[@]}" h2load "${args[@]}" "https://127.0.0.1:$WEBHOOK_PORT/mutate" >"$OUT/$name.txt" 2>&1
+    if ! grep -q " 0 failed, 0 errored" "$OUT/$name.txt"; then
+        echo "bench: requests failed in $name:" >&2
+        grep -E "^requests:|status codes:" "$OUT/$name.txt" >&2
+    fi
+}
+
+rate_of() { awk '/^finished in/ {gsub(",", ""); print $4}' "$OUT/$1.txt"; }
+
+# Percentiles (microseconds) of the per-request log, status 200 only.
+percentile() {
+    python3 - "$OUT/$1.tsv" "$2" <<'EOF'
+import sys
+with open(sys.argv[1]) as f:
+    times = sorted(int(line.split("\t")[2]) for line in f if line.split("\t")[1] == "200")
+q = float(sys.argv[2])
+print(times[min(len(times) - 1, int(q * len(times)))] if times else "nan")
+EOF
+}
+
+RESULTS="$OUT/results.tsv"
+: >"$RESULTS"
+record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$RESULTS"; }
+
+for run in $(seq 1 "$RUNS"); do
+    declare -A saturation=()
+    for server in ours baseline; do
+        start_server "$server"
+        sleep 0.5
+        record "$run" "$server" startup_ms "$(python3 -c "print($STARTUP_US / 1000)")"
+        record "$run" "$server" idle_rss_mb "$(python3 -c "print($(status_kb "$SERVER_PID" VmRSS) / 1024)")"
+        for proto in h1 h2; do
+            load "$server-$proto-saturation-$run" "$proto"
+            rate=$(rate_of "$server-$proto-saturation-$run")
+            record "$run" "$server" "${proto}_throughput_rps" "$rate"
+            saturation[$server-$proto]=$rate
+        done
+        record "$run" "$server" peak_rss_mb "$(python3 -c "print($(status_kb "$SERVER_PID" VmHWM) / 1024)")"
+        stop_server
+    done
+    # Latency at a fixed rate: half of the webhook's saturation, the same for both servers.
+    for server in ours baseline; do
+        start_server "$server"
+        for proto in h1 h2; do
+            per_client=$(python3 -c "print(max(1, int(${saturation[ours-$proto]} / 2 / $CLIENTS)))")
+            name="$server-$proto-half-$run"
+            load "$name" "$proto" "$per_client"
+            record "$run" "$server" "${proto}_half_rate_rps" "$(rate_of "$name")"
+            record "$run" "$server" "${proto}_p50_ms" "$(python3 -c "print($(percentile "$name" 0.50) / 1000)")"
+            record "$run" "$server" "${proto}_p99_ms" "$(python3 -c "print($(percentile "$name" 0.99) / 1000)")"
+        done
+        record "$run" "$server" peak_rss_mb_rate "$(python3 -c "print($(status_kb "$SERVER_PID" VmHWM) / 1024)")"
+        stop_server
+    done
+    unset saturation
+    echo "run $run of $RUNS done"
+done
+
+python3 - "$RESULTS" "$RUNS" <<'EOF'
+import statistics, sys
+rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1])]
+values = {}
+for run, server, metric, value in rows:
+    values.setdefault(metric, {}).setdefault(server, []).append(float(value))
+order = ["h1_throughput_rps", "h2_throughput_rps", "h1_half_rate_rps", "h1_p50_ms", "h1_p99_ms",
+         "h2_half_rate_rps", "h2_p50_ms", "h2_p99_ms", "idle_rss_mb", "peak_rss_mb",
+         "peak_rss_mb_rate", "startup_ms"]
+print(f"\nmedians of {sys.argv[2]} runs")
+print(f"{'metric':<20}{'ours':>12}{'baseline':>12}{'ratio':>9}")
+for metric in order:
+    ours = statistics.median(values[metric]["ours"])
+    base = statistics.median(values[metric]["baseline"])
+    ratio = ours / base if base else float("nan")
+    print(f"{metric:<20}{ours:>12.3f}{base:>12.3f}{ratio:>9.2f}")
+EOF
+echo "raw figures: $RESULTS; h2load output: $OUT/*.txt"
