@@ -8,7 +8,7 @@ SERVICE ?= chiller-metrics
 IMAGE ?= chiller-metrics:dev
 KIND_CLUSTER ?= chiller-metrics
 
-.PHONY: all build demo test tools lint fmt e2e image kind-load certs bench fuzz golden clean
+.PHONY: all build demo test tools lint fmt e2e image kind-load certs manifests bench fuzz golden clean
 
 all: build
 
@@ -41,8 +41,30 @@ golden:
 	UPDATE_GOLDEN=1 $(CARGO) test --test golden --locked
 
 ## Self-managed certificates for the in-cluster Service (manifests/ explains both modes).
+## Also fills manifests/overlays/self-managed (serving pair + caBundle patch).
 certs:
 	$(CARGO) run --quiet --release --locked -- certs --out certs --dns $(SERVICE) --dns $(SERVICE).$(NAMESPACE) --dns $(SERVICE).$(NAMESPACE).svc --dns $(SERVICE).$(NAMESPACE).svc.cluster.local
+	./manifests/overlays/self-managed/fill-certs.sh certs
+
+## Container image (needs Docker): IMAGE=chiller-metrics:dev by default.
+image:
+	docker build -t $(IMAGE) .
+
+## Loads the image into the kind cluster KIND_CLUSTER (needs Docker and kind).
+kind-load: image
+	kind load docker-image $(IMAGE) --name $(KIND_CLUSTER)
+
+## Renders what `kubectl apply -k` / `helm install` would apply, into manifests/out/.
+manifests: tools
+	mkdir -p manifests/out
+	kubectl kustomize manifests/overlays/cert-manager > manifests/out/cert-manager.yaml
+	helm template chiller-metrics manifests/chart/chiller-metrics --namespace $(NAMESPACE) > manifests/out/helm-default.yaml
+	@echo "rendered into manifests/out/ (self-managed: make certs, then kubectl kustomize manifests/overlays/self-managed)"
+
+## End-to-end on kind (needs Docker and kind; skipped with a message otherwise).
+## KEEP_CLUSTER=1 keeps the cluster afterwards.
+e2e:
+	./tests/e2e/run.sh
 
 clean:
 	$(CARGO) clean

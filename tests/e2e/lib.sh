@@ -1,0 +1,123 @@
+# Helpers for run.sh: logging, waiting with deadlines, Prometheus queries
+# through the API server proxy, and diagnostics.
+
+log() { printf '\n=== %s  %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
+
+require() {
+  local tool=$1 hint=$2
+  command -v "$tool" >/dev/null || fail "$tool is required: $hint"
+}
+
+# wait_until SECONDS DESCRIPTION COMMAND...: polls COMMAND every 5s until it
+# succeeds; fails with DESCRIPTION after SECONDS.
+wait_until() {
+  local seconds=$1 what=$2
+  shift 2
+  local deadline=$((SECONDS + seconds))
+  until "$@" >/dev/null 2>&1; do
+    if ((SECONDS >= deadline)); then
+      echo "last attempt of: $what" >&2
+      "$@" >&2 || true
+      fail "timed out after ${seconds}s waiting for: $what"
+    fi
+    sleep 5
+  done
+  echo "ok: $what" >&2
+}
+
+# prom_get NAMESPACE PATH: GET on the namespace's own Prometheus
+# (Service prometheus-operated, port web) through the API server proxy.
+prom_get() {
+  kubectl get --raw "/api/v1/namespaces/$1/services/prometheus-operated:web/proxy$2"
+}
+
+# prom_query NAMESPACE PROMQL: the JSON answer of an instant query.
+prom_query() {
+  local encoded
+  encoded=$(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1]))' "$2")
+  prom_get "$1" "/api/v1/query?query=$encoded"
+}
+
+# All active targets of the namespace's Prometheus are up (and there are some).
+targets_up() {
+  prom_get "$1" /api/v1/targets | python3 -c '
+import json, sys
+targets = json.load(sys.stdin)["data"]["activeTargets"]
+down = [(t["labels"].get("job"), t["health"], t.get("lastError")) for t in targets if t["health"] != "up"]
+print(f"{len(targets)} targets, down: {down}")
+sys.exit(0 if targets and not down else 1)'
+}
+
+# Some active target's job matches the regular expression.
+has_target_job() {
+  prom_get "$1" /api/v1/targets | python3 -c '
+import json, re, sys
+jobs = {t["labels"].get("job", "") for t in json.load(sys.stdin)["data"]["activeTargets"]}
+print(sorted(jobs))
+sys.exit(0 if any(re.search(sys.argv[1], j) for j in jobs) else 1)' "$2"
+}
+
+# series_only_from NAMESPACE METRIC: the namespace's Prometheus has METRIC
+# series, and every one of them carries namespace=NAMESPACE.
+series_only_from() {
+  prom_query "$1" "$2" | python3 -c '
+import json, sys
+ns, metric = sys.argv[1], sys.argv[2]
+result = json.load(sys.stdin)["data"]["result"]
+namespaces = {r["metric"].get("namespace") for r in result}
+print(f"{metric} in {ns}: {len(result)} series from namespaces {sorted(map(str, namespaces))}")
+sys.exit(0 if result and namespaces == {ns} else 1)' "$1" "$2"
+}
+
+# no_series_from PROM_NAMESPACE OTHER_NAMESPACE METRIC
+no_series_from() {
+  prom_query "$1" "$3{namespace=\"$2\"}" | python3 -c '
+import json, sys
+result = json.load(sys.stdin)["data"]["result"]
+print(f"{len(result)} series of namespace {sys.argv[2]} in the Prometheus of {sys.argv[1]}")
+sys.exit(0 if not result else 1)' "$1" "$2"
+}
+
+# Every pod of the Deployment carries the native statsd-exporter sidecar.
+has_native_sidecar() {
+  local ns=$1 app=$2 policies
+  policies=$(kubectl -n "$ns" get pods -l "app=$app" \
+    -o jsonpath='{range .items[*]}{.spec.initContainers[?(@.name=="statsd-exporter")].restartPolicy}{"\n"}{end}')
+  [ -n "$policies" ] && ! grep -qv '^Always$' <<<"$policies"
+}
+
+has_no_sidecar() {
+  local ns=$1 app=$2 names
+  names=$(kubectl -n "$ns" get pods -l "app=$app" \
+    -o jsonpath='{range .items[*]}{.metadata.name}{" "}{.spec.initContainers[*].name}{" "}{.spec.containers[*].name}{"\n"}{end}')
+  [ -n "$names" ] && ! grep -q statsd-exporter <<<"$names"
+}
+
+# Objects the reconciler made for NAMESPACE (in it, and in the Grafana namespace if any).
+managed_objects() {
+  kubectl -n "$1" get prometheus,servicemonitor,configmap,service,serviceaccount,role,rolebinding,deployment \
+    -l app.kubernetes.io/managed-by=chiller-metrics -o name
+}
+
+no_managed_objects() {
+  [ -z "$(managed_objects "$1")" ]
+}
+
+diagnostics() {
+  set +e
+  log "diagnostics"
+  kubectl get nodes -o wide
+  kubectl get pods -A -o wide
+  kubectl get events -A --sort-by=.lastTimestamp | tail -100
+  kubectl get mutatingwebhookconfiguration -o yaml | grep -v caBundle
+  for ns in "$@"; do
+    kubectl -n "$ns" get all,configmap,prometheus,servicemonitor -o wide
+    kubectl get namespace "$ns" -o yaml
+    kubectl -n "$ns" describe pods
+  done
+  kubectl -n chiller-metrics describe pods
+  kubectl -n chiller-metrics logs -l app.kubernetes.io/name=chiller-metrics --all-containers --prefix --tail=300
+  kubectl -n monitoring logs -l app=kube-prometheus-stack-operator --all-containers --prefix --tail=200
+  kubectl -n cert-manager logs -l app.kubernetes.io/instance=cert-manager --all-containers --prefix --tail=100
+}
