@@ -7,6 +7,7 @@ use kube::core::{
     DynamicObject,
     admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation},
 };
+use serde::Deserialize;
 
 use crate::inject::{Decision, Injector, NamespacePolicy, PodContext, check_pod};
 
@@ -118,7 +119,7 @@ pub fn review(
     }
     let object = request.object.as_ref().ok_or(ReviewError::MissingObject)?;
     let mut object = serde_json::to_value(object).map_err(ReviewError::InvalidPod)?;
-    let pod: Pod = serde_json::from_value(object.clone()).map_err(ReviewError::InvalidPod)?;
+    let pod = Pod::deserialize(&object).map_err(ReviewError::InvalidPod)?;
 
     let namespace = request
         .namespace
@@ -185,8 +186,13 @@ pub fn review(
 /// string (kube-core would write a byte array, which Go also accepts).
 pub fn to_json(review: &AdmissionReview<DynamicObject>) -> serde_json::Value {
     use base64::{Engine, engine::general_purpose::STANDARD};
-    let mut value = serde_json::to_value(review).expect("an AdmissionReview always serializes");
-    if let Some(patch) = review.response.as_ref().and_then(|r| r.patch.as_ref()) {
+    // Leave the patch out of the generic serialization: as a byte array it
+    // would become one JSON number per byte.
+    let mut without_patch = review.clone();
+    let patch = without_patch.response.as_mut().and_then(|r| r.patch.take());
+    let mut value =
+        serde_json::to_value(&without_patch).expect("an AdmissionReview always serializes");
+    if let Some(patch) = patch {
         value["response"]["patch"] = serde_json::Value::String(STANDARD.encode(patch));
     }
     value

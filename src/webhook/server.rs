@@ -1,7 +1,15 @@
 //! The HTTPS accept loop: TLS handshakes, HTTP/1.1 and HTTP/2 (ALPN), explicit
 //! limits and timeouts, and graceful shutdown.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use axum::{
     Router,
@@ -10,14 +18,18 @@ use axum::{
     middleware::{self, Next},
     response::IntoResponse,
 };
+use hyper::body::Incoming;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
-    service::TowerToHyperService,
+    server::conn::auto,
 };
 use rustls::ServerConfig;
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{Notify, Semaphore, mpsc, watch},
+};
 use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
 
 /// Limits of the HTTPS server. Defaults suit an admission webhook: the API
 /// server keeps a few long-lived connections and sends small requests.
@@ -81,6 +93,16 @@ fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// What the connections are told to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Running,
+    /// Finish in-flight requests, then close.
+    Graceful,
+    /// Close now.
+    Abort,
+}
+
 /// Serves `router` over TLS on `listener` until `shutdown` resolves, then stops
 /// accepting and lets in-flight requests finish (up to `shutdown_timeout`).
 pub async fn serve_https(
@@ -93,7 +115,9 @@ pub async fn serve_https(
     let acceptor = TlsAcceptor::from(tls);
     let builder = Arc::new(http_builder(&limits));
     let router = with_request_timeout(router, limits.request_timeout);
-    let graceful = GracefulShutdown::new();
+    let (stop, stopping) = watch::channel(Stop::Running);
+    // Every connection task holds a sender; `recv` returns None once all ended.
+    let (open, mut all_closed) = mpsc::channel::<()>(1);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     tokio::pin!(shutdown);
     loop {
@@ -114,141 +138,163 @@ pub async fn serve_https(
             () = &mut shutdown => break,
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let builder = builder.clone();
-        let service = TowerToHyperService::new(router.clone());
-        let watcher = graceful.watcher();
-        let limits = limits.clone();
+        let connection = ConnectionTask {
+            acceptor: acceptor.clone(),
+            builder: builder.clone(),
+            router: router.clone(),
+            limits: limits.clone(),
+            stopping: stopping.clone(),
+        };
+        let open = open.clone();
         tokio::spawn(async move {
-            let _permit = permit;
-            let stream =
-                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(error)) => {
-                        tracing::debug!(%peer, %error, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                };
-            let io = idle::IdleTimeout::new(TokioIo::new(stream), limits.idle_timeout);
-            let connection = builder.serve_connection(io, service);
-            if let Err(error) = watcher.watch(connection).await {
-                tracing::debug!(%peer, %error, "connection ended with an error");
-            }
+            let _slot = permit;
+            let _open = open;
+            connection.run(tcp, peer).await;
         });
     }
     drop(listener);
-    let open = graceful.count();
-    tracing::info!(open, "stopped accepting; waiting for in-flight requests");
-    if tokio::time::timeout(limits.shutdown_timeout, graceful.shutdown())
+    drop(open);
+    tracing::info!("stopped accepting; waiting for in-flight requests");
+    let _ = stop.send(Stop::Graceful);
+    if tokio::time::timeout(limits.shutdown_timeout, all_closed.recv())
         .await
         .is_err()
     {
         tracing::warn!("shutdown timeout reached; closing remaining connections");
+        let _ = stop.send(Stop::Abort);
+        let _ = tokio::time::timeout(Duration::from_secs(1), all_closed.recv()).await;
     }
     Ok(())
 }
 
-mod idle {
-    //! Closes a connection that has neither read nor written for a while.
+struct ConnectionTask {
+    acceptor: TlsAcceptor,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    router: Router,
+    limits: Limits,
+    stopping: watch::Receiver<Stop>,
+}
 
-    use std::{
-        pin::Pin,
-        task::{Context, Poll},
-        time::Duration,
-    };
-
-    use hyper::rt::{Read, ReadBufCursor, Write};
-    use tokio::time::{Instant, Sleep};
-
-    pub struct IdleTimeout<T> {
-        inner: T,
-        timeout: Duration,
-        deadline: Pin<Box<Sleep>>,
-    }
-
-    impl<T> IdleTimeout<T> {
-        pub fn new(inner: T, timeout: Duration) -> Self {
-            Self {
-                inner,
-                timeout,
-                deadline: Box::pin(tokio::time::sleep(timeout)),
-            }
-        }
-
-        fn touch(&mut self) {
-            self.deadline.as_mut().reset(Instant::now() + self.timeout);
-        }
-
-        fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-            self.deadline.as_mut().poll(cx).is_ready()
-        }
-    }
-
-    fn timed_out() -> std::io::Error {
-        std::io::Error::new(std::io::ErrorKind::TimedOut, "connection idle too long")
-    }
-
-    impl<T: Read + Unpin> Read for IdleTimeout<T> {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: ReadBufCursor<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            match Pin::new(&mut self.inner).poll_read(cx, buf) {
-                Poll::Ready(result) => {
-                    self.touch();
-                    Poll::Ready(result)
+impl ConnectionTask {
+    async fn run(mut self, tcp: TcpStream, peer: SocketAddr) {
+        let handshake =
+            tokio::time::timeout(self.limits.handshake_timeout, self.acceptor.accept(tcp));
+        let stream = tokio::select! {
+            result = handshake => match result {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    tracing::debug!(%peer, %error, "TLS handshake failed");
+                    return;
                 }
-                Poll::Pending if self.expired(cx) => Poll::Ready(Err(timed_out())),
-                Poll::Pending => Poll::Pending,
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            },
+            _ = self.stopping.wait_for(|stop| *stop != Stop::Running) => return,
+        };
+        let activity = Arc::new(Activity::new());
+        let service = {
+            let activity = activity.clone();
+            let router = self.router.clone();
+            hyper::service::service_fn(move |request: Request<Incoming>| {
+                let in_flight = activity.start();
+                let router = router.clone();
+                async move {
+                    let response = router.oneshot(request).await;
+                    drop(in_flight);
+                    response
+                }
+            })
+        };
+        let connection = self.builder.serve_connection(TokioIo::new(stream), service);
+        tokio::pin!(connection);
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(error) = result {
+                        tracing::debug!(%peer, %error, "connection ended with an error");
+                    }
+                    return;
+                }
+                stop = stop_signal(&mut self.stopping, closing) => {
+                    if stop == Stop::Abort {
+                        return;
+                    }
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                () = activity.idle_for(self.limits.idle_timeout), if !closing => {
+                    tracing::debug!(%peer, "closing idle connection");
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
             }
         }
     }
+}
 
-    impl<T: Write + Unpin> Write for IdleTimeout<T> {
-        fn poll_write(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<std::io::Result<usize>> {
-            let result = Pin::new(&mut self.inner).poll_write(cx, buf);
-            if result.is_ready() {
-                self.touch();
-            }
-            result
-        }
+/// Resolves with the next instruction a connection must act on: `Graceful`
+/// (unless it is already closing) or `Abort`. A dropped sender means abort.
+async fn stop_signal(stopping: &mut watch::Receiver<Stop>, closing: bool) -> Stop {
+    let wanted = |stop: &Stop| match stop {
+        Stop::Running => false,
+        Stop::Graceful => !closing,
+        Stop::Abort => true,
+    };
+    match stopping.wait_for(wanted).await {
+        Ok(stop) => *stop,
+        Err(_) => Stop::Abort,
+    }
+}
 
-        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Pin::new(&mut self.inner).poll_flush(cx)
-        }
+/// Requests in flight on one connection. A connection is idle while none is,
+/// whatever bytes flow (HTTP/2 pings, a client trickling headers).
+struct Activity {
+    in_flight: AtomicUsize,
+    idle_since: Mutex<Instant>,
+    changed: Notify,
+}
 
-        fn poll_shutdown(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            Pin::new(&mut self.inner).poll_shutdown(cx)
-        }
+struct InFlight(Arc<Activity>);
 
-        fn is_write_vectored(&self) -> bool {
-            self.inner.is_write_vectored()
-        }
-
-        fn poll_write_vectored(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            bufs: &[std::io::IoSlice<'_>],
-        ) -> Poll<std::io::Result<usize>> {
-            let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-            if result.is_ready() {
-                self.touch();
-            }
-            result
+impl Activity {
+    fn new() -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+            changed: Notify::new(),
         }
     }
 
-    use std::future::Future;
+    fn start(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.changed.notify_waiters();
+        InFlight(self.clone())
+    }
+
+    /// Resolves once no request has been in flight for `timeout`.
+    async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let changed = self.changed.notified();
+            if self.in_flight.load(Ordering::SeqCst) == 0 {
+                let since = *self.idle_since.lock().expect("lock");
+                tokio::select! {
+                    () = tokio::time::sleep_until((since + timeout).into()) => return,
+                    () = changed => {}
+                }
+            } else {
+                changed.await;
+            }
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        *self.0.idle_since.lock().expect("lock") = Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.0.changed.notify_waiters();
+    }
 }
