@@ -1114,6 +1114,67 @@ fn chart_and_kustomize_grant_the_same_cluster_permissions() {
     );
 }
 
+/// `(apiGroup, resource, verb)` triples a set of RBAC rules grants.
+fn grants(rules: &Value) -> BTreeSet<(String, String, String)> {
+    let mut granted = BTreeSet::new();
+    for rule in rules.as_array().expect("rules") {
+        for group in strings(&rule["apiGroups"]) {
+            for resource in strings(&rule["resources"]) {
+                for verb in strings(&rule["verbs"]) {
+                    granted.insert((group.to_string(), resource.to_string(), verb.to_string()));
+                }
+            }
+        }
+    }
+    granted
+}
+
+#[test]
+fn cluster_role_covers_what_the_reconciler_applies() {
+    let install = kustomize(&crate_path("manifests/overlays/cert-manager"));
+    let granted = grants(&one_of_kind(&install, "ClusterRole")["rules"]);
+    let output = run(Command::new(BINARY).args([
+        "render",
+        "--namespace",
+        "shop",
+        "--postgres",
+        "db:5432/chiller",
+        "--postgres-secret",
+        "db-auth",
+    ]));
+    let objects = parse_documents(&String::from_utf8_lossy(&output.stdout));
+    let mut missing = BTreeSet::new();
+    for object in &objects {
+        let api_version = object["apiVersion"].as_str().expect("apiVersion");
+        let group = api_version.rsplit_once('/').map_or("", |(group, _)| group);
+        let kind = object["kind"].as_str().expect("kind").to_lowercase();
+        let resource = if kind.ends_with('s') {
+            format!("{kind}es")
+        } else {
+            format!("{kind}s")
+        };
+        // Server-side apply (patch), watch, and delete on opt-out.
+        for verb in ["get", "list", "watch", "create", "patch", "delete"] {
+            let triple = (group.to_string(), resource.clone(), verb.to_string());
+            if !granted.contains(&triple) {
+                missing.insert(triple);
+            }
+        }
+        // Creating a Role needs every permission it grants (escalation check).
+        if object["kind"] == "Role" {
+            missing.extend(grants(&object["rules"]).difference(&granted).cloned());
+        }
+    }
+    assert!(
+        objects.iter().any(|o| o["kind"] == "Role"),
+        "render shows the Prometheus Role"
+    );
+    assert!(
+        missing.is_empty(),
+        "the ClusterRole lacks (apiGroup, resource, verb): {missing:?}"
+    );
+}
+
 #[test]
 fn kube_prometheus_stack_values_keep_namespaces_isolated() {
     let text = std::fs::read_to_string(crate_path("manifests/kube-prometheus-stack-values.yaml"))

@@ -68,7 +68,6 @@ helm install cert-manager cert-manager \
   --set crds.enabled=true --wait --timeout 10m
 
 log "2. images: $IMAGE and $APP_IMAGE"
-make image IMAGE="$IMAGE"
 make kind-load IMAGE="$IMAGE" KIND_CLUSTER="$CLUSTER"
 docker build -t "$APP_IMAGE" tests/e2e/app
 kind load docker-image "$APP_IMAGE" --name "$CLUSTER"
