@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Helpers for run.sh: logging, waiting with deadlines, Prometheus queries
 # through the API server proxy, and diagnostics.
 
@@ -77,6 +78,10 @@ import json, sys
 result = json.load(sys.stdin)["data"]["result"]
 print(f"{len(result)} series of namespace {sys.argv[2]} in the Prometheus of {sys.argv[1]}")
 sys.exit(0 if not result else 1)' "$1" "$2"
+}
+
+ca_bundle_injected() {
+  [ -n "$(kubectl get mutatingwebhookconfiguration "$1" -o jsonpath='{.webhooks[0].clientConfig.caBundle}')" ]
 }
 
 # Every pod of the Deployment carries the native statsd-exporter sidecar.

@@ -79,8 +79,7 @@ helm install chiller-metrics manifests/chart/chiller-metrics \
   --wait --timeout 5m
 kubectl -n chiller-metrics rollout status deployment/chiller-metrics --timeout=180s
 kubectl -n chiller-metrics wait --for=condition=Ready certificate/chiller-metrics-serving --timeout=180s
-wait_until 180 "cert-manager injected the caBundle" \
-  bash -c '[ -n "$(kubectl get mutatingwebhookconfiguration chiller-metrics -o jsonpath="{.webhooks[0].clientConfig.caBundle}")" ]'
+wait_until 180 "cert-manager injected the caBundle" ca_bundle_injected chiller-metrics
 nodes=$(kubectl -n chiller-metrics get pods -l app.kubernetes.io/name=chiller-metrics \
   -o jsonpath='{range .items[*]}{.spec.nodeName}{"\n"}{end}' | sort -u | wc -l)
 echo "webhook replicas on $nodes node(s)"
@@ -136,9 +135,9 @@ for ns in "${NAMESPACES[@]}"; do
     no_series_from "$ns" "$other" gunicorn_requests_total ||
       fail "the Prometheus of $ns has series of $other"
   done
-  kubectl -n "$ns" get configmap -l grafana_dashboard=1 -o name | grep -q . ||
+  [ -n "$(kubectl -n "$ns" get configmap -l grafana_dashboard=1 -o name)" ] ||
     fail "no Grafana dashboard ConfigMap in $ns"
-  kubectl -n "$ns" get configmap -l grafana_datasource=1 -o name | grep -q . ||
+  [ -n "$(kubectl -n "$ns" get configmap -l grafana_datasource=1 -o name)" ] ||
     fail "no Grafana datasource ConfigMap in $ns"
 done
 
@@ -153,7 +152,7 @@ log "5. opting ${NAMESPACES[1]} out removes its objects"
 ns=${NAMESPACES[1]}
 kubectl label namespace "$ns" "$INJECT-"
 wait_until 180 "every object chiller-metrics made in $ns is gone" no_managed_objects "$ns"
-managed_objects "${NAMESPACES[0]}" | grep -q prometheus ||
-  fail "opting ${NAMESPACES[1]} out touched ${NAMESPACES[0]}"
+remaining=$(managed_objects "${NAMESPACES[0]}")
+grep -q '^prometheus' <<<"$remaining" || fail "opting ${NAMESPACES[1]} out touched ${NAMESPACES[0]}"
 
 log "PASSED"
