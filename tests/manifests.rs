@@ -1201,6 +1201,29 @@ fn kube_prometheus_stack_values_keep_namespaces_isolated() {
     }
 }
 
+#[test]
+fn e2e_test_app_chart_is_valid() {
+    // Checked here so that a typo fails in seconds, not in a kind run.
+    let output = run(helm()
+        .args(["template", "app"])
+        .arg(crate_path("tests/e2e/chart"))
+        .args(["--namespace", "shop-a"]));
+    let documents = parse_documents(&String::from_utf8_lossy(&output.stdout));
+    validate_all(&documents);
+    for name in ["frontend", "api", "db"] {
+        let deployment = named(&documents, "Deployment", name);
+        assert_eq!(
+            deployment["spec"]["template"]["metadata"]["labels"]["app"],
+            name
+        );
+        named(&documents, "Service", name);
+    }
+    let secret = named(&documents, "Secret", "db-auth");
+    for key in ["username", "password"] {
+        assert!(secret["stringData"][key].is_string(), "db-auth has {key}");
+    }
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
