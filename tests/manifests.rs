@@ -905,6 +905,20 @@ fn chart_failure_policy_fail_still_only_affects_opted_in_namespaces() {
 }
 
 #[test]
+fn chart_single_replica_has_no_pdb_that_would_block_drains() {
+    let documents = render_chart("chiller-metrics", &["replicas=1"]);
+    validate_all(&documents);
+    assert_eq!(one_of_kind(&documents, "Deployment")["spec"]["replicas"], 1);
+    assert!(all_of_kind(&documents, "PodDisruptionBudget").is_empty());
+    let documents = render_chart("chiller-metrics", &["replicas=3"]);
+    assert_eq!(one_of_kind(&documents, "Deployment")["spec"]["replicas"], 3);
+    assert_eq!(
+        one_of_kind(&documents, "PodDisruptionBudget")["spec"]["minAvailable"],
+        1
+    );
+}
+
+#[test]
 fn chart_rejects_unsafe_or_incomplete_values() {
     for (values, message) in [
         (
