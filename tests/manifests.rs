@@ -357,6 +357,24 @@ fn check_install(documents: &[Value], expected: &Expected) {
     check_cluster_role(one_of_kind(documents, "ClusterRole"));
     check_bindings(documents, expected.namespace);
     check_config_accepted(documents);
+    check_args_parse(documents);
+}
+
+/// The binary parses the Deployment's args (a trailing `--help` stops
+/// before serving; an unknown flag or a bad value fails first).
+fn check_args_parse(documents: &[Value]) {
+    let deployment = one_of_kind(documents, "Deployment");
+    let args = strings(&deployment["spec"]["template"]["spec"]["containers"][0]["args"]);
+    let output = Command::new(BINARY)
+        .args(&args)
+        .arg("--help")
+        .output()
+        .expect("run chiller-metrics");
+    assert!(
+        output.status.success(),
+        "chiller-metrics rejects the Deployment's args {args:?}:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 fn check_webhook(documents: &[Value], expected: &Expected) {
