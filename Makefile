@@ -66,6 +66,20 @@ manifests: tools
 e2e:
 	./tests/e2e/run.sh
 
+## Benchmarks (not part of `make test`): criterion mutation benches, then the
+## HTTPS load benchmark against the baseline server (needs h2load). BENCHMARKS.md explains.
+bench:
+	$(CARGO) bench --locked --bench mutate
+	./scripts/bench.sh
+
+## Fuzzes the request path for FUZZ_SECONDS (default 300) with cargo-fuzz on the
+## stable toolchain (RUSTC_BOOTSTRAP); installs cargo-fuzz if it is missing.
+FUZZ_SECONDS ?= 300
+fuzz:
+	command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -O review corpus/review -- \
+		-max_total_time=$(FUZZ_SECONDS) -max_len=65536 -dict=review.dict
+
 clean:
 	$(CARGO) clean
 	rm -rf .tools .bench

@@ -44,7 +44,8 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Time to read the body and answer one request.
     pub request_timeout: Duration,
-    /// A connection with no request for this long is closed.
+    /// A connection with no request in flight for this long is closed
+    /// gracefully; bytes without requests (HTTP/2 pings) do not count.
     pub idle_timeout: Duration,
     /// On shutdown, time in-flight requests get to finish.
     pub shutdown_timeout: Duration,
