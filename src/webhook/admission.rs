@@ -90,8 +90,20 @@ pub fn review(
     namespaces: &dyn NamespacePolicies,
     body: &[u8],
 ) -> Result<(AdmissionReview<DynamicObject>, Outcome), ReviewError> {
-    let review: AdmissionReview<DynamicObject> =
+    let mut value: serde_json::Value =
         serde_json::from_slice(body).map_err(ReviewError::Malformed)?;
+    // The objects stay plain JSON (the pod is patched as JSON below); without
+    // them the envelope parses cheaply, with no `DynamicObject` buffering.
+    let object = value
+        .get_mut("request")
+        .and_then(serde_json::Value::as_object_mut)
+        .and_then(|request| {
+            request.remove("oldObject");
+            request.remove("object")
+        })
+        .filter(|object| !object.is_null());
+    let review =
+        AdmissionReview::<DynamicObject>::deserialize(&value).map_err(ReviewError::Malformed)?;
     if review.types.api_version != API_VERSION || review.types.kind != KIND {
         return Err(ReviewError::UnsupportedVersion {
             api_version: review.types.api_version,
@@ -117,8 +129,7 @@ pub fn review(
     if request.operation != Operation::Create {
         return Ok((response.into_review(), Outcome::Ignored("not_create")));
     }
-    let object = request.object.as_ref().ok_or(ReviewError::MissingObject)?;
-    let mut object = serde_json::to_value(object).map_err(ReviewError::InvalidPod)?;
+    let mut object = object.ok_or(ReviewError::MissingObject)?;
     let pod = Pod::deserialize(&object).map_err(ReviewError::InvalidPod)?;
 
     let namespace = request
