@@ -17,6 +17,8 @@ use chiller_metrics::{
 };
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use k8s_openapi::api::core::v1::Pod;
+use kube::core::{DynamicObject, admission::AdmissionReview};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 /// Counts allocations (and bytes) made through the system allocator.
@@ -158,6 +160,19 @@ fn benches(c: &mut Criterion) {
                     .expect("a valid review");
                 serde_json::to_vec(&admission::to_json(&review)).expect("serializes")
             })
+        });
+        // Stages of `review`, to see where its time goes.
+        group.bench_function("stage-parse-review", |b| {
+            b.iter(|| {
+                serde_json::from_slice::<AdmissionReview<DynamicObject>>(black_box(&body))
+                    .expect("a review")
+            })
+        });
+        group.bench_function("stage-pod-from-value", |b| {
+            b.iter(|| Pod::deserialize(black_box(pod_json)).expect("a pod"))
+        });
+        group.bench_function("stage-pod-to-value", |b| {
+            b.iter(|| serde_json::to_value(black_box(&pod)).expect("serializes"))
         });
         group.finish();
     }
