@@ -399,6 +399,32 @@ async fn slowloris_headers_are_cut_off_by_the_header_timeout() {
 }
 
 #[tokio::test]
+async fn http2_headers_that_never_end_are_cut_off_by_the_idle_timeout() {
+    let server = start().await;
+    let mut stream = server
+        .client()
+        .tls_connect(HttpVersion::Http2)
+        .await
+        .unwrap();
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let settings = [0u8, 0, 0, 0x4, 0, 0, 0, 0, 0];
+    // HEADERS on stream 1 without END_HEADERS; the CONTINUATION never comes.
+    let headers = [0u8, 0, 1, 0x1, 0, 0, 0, 0, 1, 0x83];
+    stream
+        .write_all(&[&preface[..], &settings, &headers].concat())
+        .await
+        .unwrap();
+    stream.flush().await.unwrap();
+    // Well before the 20 s HTTP/2 keep-alive timeout could close it instead.
+    let (_, closed) = read_until_closed(&mut stream, Duration::from_secs(10)).await;
+    assert!(
+        closed,
+        "an HTTP/2 client that never finished its headers kept its connection"
+    );
+    assert_serves(&server, "unfinished HTTP/2 headers").await;
+}
+
+#[tokio::test]
 async fn a_silent_client_is_cut_off_by_the_handshake_timeout() {
     let server = start().await;
     let mut tcp = tokio::net::TcpStream::connect(server.webhook_addr)

@@ -45,7 +45,8 @@ pub struct Limits {
     /// Time to read the body and answer one request.
     pub request_timeout: Duration,
     /// A connection with no request in flight for this long is closed
-    /// gracefully; bytes without requests (HTTP/2 pings) do not count.
+    /// gracefully; bytes without requests (HTTP/2 pings) do not count. A
+    /// client that ignores the close is dropped `header_read_timeout` later.
     pub idle_timeout: Duration,
     /// On shutdown, time in-flight requests get to finish.
     pub shutdown_timeout: Duration,
@@ -211,6 +212,9 @@ impl ConnectionTask {
         let connection = self.builder.serve_connection(TokioIo::new(stream), service);
         tokio::pin!(connection);
         let mut closing = false;
+        // A graceful close can stall on a client that ignores it (HTTP/2 waits
+        // for a ping answer): an idle connection gets this long, then is dropped.
+        let mut idle_close_by: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 result = connection.as_mut() => {
@@ -230,9 +234,25 @@ impl ConnectionTask {
                     tracing::debug!(%peer, "closing idle connection");
                     connection.as_mut().graceful_shutdown();
                     closing = true;
+                    idle_close_by = Some(tokio::time::Instant::now() + self.limits.header_read_timeout);
+                }
+                () = sleep_until(idle_close_by) => {
+                    if activity.in_flight.load(Ordering::SeqCst) == 0 {
+                        tracing::debug!(%peer, "idle connection ignored the close; dropping it");
+                        return;
+                    }
+                    idle_close_by = Some(tokio::time::Instant::now() + self.limits.request_timeout);
                 }
             }
         }
+    }
+}
+
+/// Sleeps until `deadline`; never resolves without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 
