@@ -538,8 +538,10 @@ mod tests {
         config.sidecar.statsd_port = config.sidecar.metrics_port;
         assert!(config.validate().is_err());
 
-        let mut config = Config::default();
-        config.mapping = "mappings: []".into();
+        let config = Config {
+            mapping: "mappings: []".into(),
+            ..Default::default()
+        };
         assert!(
             config
                 .validate()
