@@ -404,3 +404,38 @@ fn set_entries(
         })]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_mode_uses_native_sidecars_from_1_29_and_without_a_cluster() {
+        let auto = SidecarMode::Auto;
+        assert_eq!(
+            ResolvedMode::resolve(auto, Some((1, 28))),
+            ResolvedMode::Container
+        );
+        assert_eq!(
+            ResolvedMode::resolve(auto, Some((1, 29))),
+            ResolvedMode::Native
+        );
+        assert_eq!(
+            ResolvedMode::resolve(auto, Some((1, 37))),
+            ResolvedMode::Native
+        );
+        assert_eq!(ResolvedMode::resolve(auto, None), ResolvedMode::Native);
+    }
+
+    #[test]
+    fn explicit_modes_ignore_the_server_version() {
+        assert_eq!(
+            ResolvedMode::resolve(SidecarMode::Container, Some((1, 33))),
+            ResolvedMode::Container
+        );
+        assert_eq!(
+            ResolvedMode::resolve(SidecarMode::Native, Some((1, 27))),
+            ResolvedMode::Native
+        );
+    }
+}
