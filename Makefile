@@ -23,7 +23,9 @@ demo:
 test: tools
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets --locked -- -D warnings
-	$(CARGO) test --all-targets --locked
+	@mkdir -p target
+	set -o pipefail; $(CARGO) test --all-targets --locked 2>&1 | tee target/test-output.log
+	@awk '/^test result:/ { passed += $$4; failed += $$6 } END { printf "tests: %d passed, %d failed\n", passed, failed }' target/test-output.log
 
 ## Installs the test tools that need no root into .tools/ (gunicorn, flask, helm, kubectl).
 tools:
