@@ -209,43 +209,6 @@ fn load_until(addr: std::net::SocketAddr, body: PathBuf, stop: Arc<AtomicBool>) 
     outputs
 }
 
-/// Asserts that an h2load run finished every request with a 2xx.
-fn assert_no_failures(output: &Output, what: &str) {
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{what}: h2load failed:\n{text}");
-    let requests = text
-        .lines()
-        .find(|l| l.starts_with("requests:"))
-        .unwrap_or_else(|| panic!("{what}: no summary in h2load output:\n{text}"));
-    let field = |name: &str| -> u64 {
-        requests
-            .split(',')
-            .find_map(|part| {
-                part.trim()
-                    .strip_suffix(name)?
-                    .trim()
-                    .split(' ')
-                    .next_back()?
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or_else(|| panic!("{what}: no `{name}` in {requests:?}"))
-    };
-    let total = field("total");
-    assert!(total > 0, "{what}: no requests sent");
-    assert_eq!(field("succeeded"), total, "{what}: {requests}");
-    assert_eq!(field("failed"), 0, "{what}: {requests}");
-    assert_eq!(field("errored"), 0, "{what}: {requests}");
-    let codes = text
-        .lines()
-        .find(|l| l.starts_with("status codes:"))
-        .unwrap_or_else(|| panic!("{what}: no status codes:\n{text}"));
-    assert!(
-        codes.starts_with(&format!("status codes: {total} 2xx,")),
-        "{what}: {codes}"
-    );
-}
-
 /// Polls until a new connection trusting `ca_pem` gets `leaf`.
 async fn wait_for_leaf(addr: std::net::SocketAddr, ca_pem: &str, leaf: &[u8], what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -321,7 +284,7 @@ async fn rotation_under_load_serves_the_new_certificate_and_fails_no_request() {
     stop.store(true, Ordering::SeqCst);
     let outputs = load.join().expect("load thread");
     for (i, output) in outputs.iter().enumerate() {
-        assert_no_failures(output, &format!("h2load batch {i}"));
+        support::load::assert_h2load_all_succeeded(output, &format!("h2load batch {i}"));
     }
     let metrics = support::https::admin_get(server.admin_addr, "/metrics")
         .await

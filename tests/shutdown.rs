@@ -35,38 +35,10 @@ fn h2load(addr: std::net::SocketAddr, body: &std::path::Path, http1: bool) -> Ch
     command.spawn().expect("running h2load")
 }
 
-/// The `requests:` summary of h2load; panics unless every request got a 2xx.
+/// Waits for h2load and panics unless every request got a 2xx.
 fn assert_no_failures(child: Child, what: &str) {
     let output = child.wait_with_output().expect("waiting for h2load");
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{what}: h2load failed:\n{text}");
-    let requests = text
-        .lines()
-        .find(|l| l.starts_with("requests:"))
-        .unwrap_or_else(|| panic!("{what}: no summary in h2load output:\n{text}"));
-    let field = |name: &str| -> u64 {
-        requests
-            .split(',')
-            .find_map(|part| {
-                part.trim()
-                    .strip_suffix(name)?
-                    .trim()
-                    .split(' ')
-                    .next_back()?
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or_else(|| panic!("{what}: no `{name}` in {requests:?}"))
-    };
-    let total = field("total");
-    assert!(total > 0, "{what}: no requests sent:\n{text}");
-    assert_eq!(field("succeeded"), total, "{what}: {requests}");
-    assert_eq!(field("failed"), 0, "{what}: {requests}");
-    assert_eq!(field("errored"), 0, "{what}: {requests}");
-    assert!(
-        text.contains(&format!("status codes: {total} 2xx,")),
-        "{what}: not every answer was a 2xx:\n{text}"
-    );
+    support::load::assert_h2load_all_succeeded(&output, what);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,7 @@
 
 /// The webhook over real HTTPS: in-process server, clients, the real binary.
 pub mod https;
+pub mod load;
 
 use std::{
     collections::HashMap,
