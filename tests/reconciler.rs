@@ -151,6 +151,25 @@ impl MockApi {
     }
 }
 
+/// One DELETE per object, in the order the loop deletes them (by managed
+/// kind, then namespace and name), each answered with the live object.
+fn delete_steps(objects: &[DesiredObject], config: &Config) -> Vec<Step> {
+    let mut ordered: Vec<&DesiredObject> = objects.iter().collect();
+    ordered.sort_by_key(|o| {
+        (
+            MANAGED_KINDS
+                .iter()
+                .position(|k| k.kind == o.kind && k.api_version == o.api_version),
+            o.namespace.clone(),
+            o.name.clone(),
+        )
+    });
+    ordered
+        .into_iter()
+        .map(|o| Step::new("DELETE", desired_path(o)).reply(200, live(o, config)))
+        .collect()
+}
+
 fn mock_client() -> (Client, ApiHandle) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     (Client::new(service, "default"), handle)
@@ -667,21 +686,8 @@ async fn an_object_no_longer_desired_is_deleted() {
     let ns = with_status(&ready_status(without.len(), 0), &[]);
     let mut live_objects: Vec<Value> = without.iter().map(|o| live(o, &config)).collect();
     live_objects.extend(stale.iter().map(|o| live(o, &config)));
-    let mut stale_in_delete_order: Vec<&DesiredObject> = stale.iter().collect();
-    stale_in_delete_order.sort_by_key(|o| {
-        (
-            MANAGED_KINDS
-                .iter()
-                .position(|k| k.kind == o.kind && k.api_version == o.api_version),
-            o.namespace.clone(),
-            o.name.clone(),
-        )
-    });
     let (client, handle) = mock_client();
-    let mut steps: Vec<Step> = stale_in_delete_order
-        .iter()
-        .map(|o| Step::new("DELETE", desired_path(o)).reply(200, live(o, &config)))
-        .collect();
+    let mut steps = delete_steps(&stale, &config);
     steps.push(pods_step(NS, vec![]));
     let api = serve(handle, steps);
     let (ctx, _) = context(client, config.clone(), true);
@@ -763,21 +769,8 @@ async fn opting_out_deletes_only_our_objects_for_that_namespace() {
         &[(keys().reconcile_status.as_str(), status_text.as_str())],
     );
 
-    let mut ours: Vec<&DesiredObject> = desired.iter().collect();
-    ours.sort_by_key(|o| {
-        (
-            MANAGED_KINDS
-                .iter()
-                .position(|k| k.kind == o.kind && k.api_version == o.api_version),
-            o.namespace.clone(),
-            o.name.clone(),
-        )
-    });
     let (client, handle) = mock_client();
-    let mut steps: Vec<Step> = ours
-        .iter()
-        .map(|o| Step::new("DELETE", desired_path(o)).reply(200, live(o, &config)))
-        .collect();
+    let mut steps = delete_steps(&desired, &config);
     steps.push(status_step(NS));
     let api = serve(handle, steps);
     let (ctx, metrics) = context(client, config.clone(), true);
