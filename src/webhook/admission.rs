@@ -129,7 +129,7 @@ pub fn review(
     if request.operation != Operation::Create {
         return Ok((response.into_review(), Outcome::Ignored("not_create")));
     }
-    let mut object = object.ok_or(ReviewError::MissingObject)?;
+    let object = object.ok_or(ReviewError::MissingObject)?;
     let pod = Pod::deserialize(&object).map_err(ReviewError::InvalidPod)?;
 
     let namespace = request
@@ -141,9 +141,23 @@ pub fn review(
         namespace: policy.as_ref(),
         ..Default::default()
     };
-    let decision = match catch_unwind(AssertUnwindSafe(|| injector.mutate(&pod, ctx))) {
+    let outcome = answer(response, &pod, object, || injector.mutate(&pod, ctx));
+    tracing::debug!(uid = %request.uid, namespace, outcome = ?outcome.1, "answered");
+    Ok(outcome)
+}
+
+/// Runs the mutation and turns its decision into the answer. Any failure on
+/// the way (a panic, a patch that does not apply or would leave an invalid
+/// pod) fails open: allowed, unpatched, with a warning.
+fn answer(
+    response: AdmissionResponse,
+    pod: &Pod,
+    mut object: serde_json::Value,
+    mutate: impl FnOnce() -> Decision,
+) -> (AdmissionReview<DynamicObject>, Outcome) {
+    let decision = match catch_unwind(AssertUnwindSafe(mutate)) {
         Ok(decision) => decision,
-        Err(_) => return Ok(fail_open(response, "mutation panicked")),
+        Err(_) => return fail_open(response, "mutation panicked"),
     };
     match decision {
         Decision::Skip(reason) => {
@@ -151,33 +165,33 @@ pub fn review(
             if reason.warrants_warning() {
                 response.warnings = Some(vec![format!("chiller-metrics did not inject: {reason}")]);
             }
-            tracing::debug!(uid = %request.uid, namespace, reason = %reason, "skipped");
-            Ok((
+            (
                 response.into_review(),
                 Outcome::Skipped(reason.metric_label()),
-            ))
+            )
         }
         Decision::Inject {
             patch, warnings, ..
         } => {
             // Verify before answering: the patch must apply and leave a pod the API server accepts.
             if let Err(e) = json_patch::patch(&mut object, &patch) {
-                return Ok(fail_open(response, &format!("patch does not apply: {e}")));
+                return fail_open(response, &format!("patch does not apply: {e}"));
             }
             let verdict = serde_json::from_value::<Pod>(object)
                 .map_err(|e| e.to_string())
                 .and_then(|patched| check_pod(&patched).map_err(|e| e.to_string()));
             if let Err(problem) = verdict
-                && check_pod(&pod).is_ok()
+                && check_pod(pod).is_ok()
             {
-                return Ok(fail_open(
+                return fail_open(
                     response,
                     &format!("patched pod would be invalid: {problem}"),
-                ));
+                );
             }
+            let unpatched = response.clone();
             let mut response = match response.with_patch(patch) {
                 Ok(response) => response,
-                Err(e) => return Ok(fail_open(AdmissionResponse::from(&request), &e.to_string())),
+                Err(e) => return fail_open(unpatched, &e.to_string()),
             };
             if !warnings.is_empty() {
                 response.warnings = Some(
@@ -187,8 +201,7 @@ pub fn review(
                         .collect(),
                 );
             }
-            tracing::debug!(uid = %request.uid, namespace, "injected");
-            Ok((response.into_review(), Outcome::Injected))
+            (response.into_review(), Outcome::Injected)
         }
     }
 }
@@ -218,4 +231,107 @@ fn fail_open(
         "chiller-metrics failed and did not inject: {why}"
     )]);
     (response.into_review(), Outcome::Error("internal"))
+}
+
+#[cfg(test)]
+mod tests {
+    use json_patch::{AddOperation, Patch, PatchOperation, ReplaceOperation, jsonptr::PointerBuf};
+    use serde_json::json;
+
+    use super::*;
+    use crate::inject::InjectionStatus;
+
+    fn pod_json() -> serde_json::Value {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "api"},
+            "spec": {"containers": [{"name": "api", "image": "api:1"}]}
+        })
+    }
+
+    fn response() -> AdmissionResponse {
+        let mut response = AdmissionResponse::invalid("");
+        response.uid = "uid-1".into();
+        response.allowed = true;
+        response
+    }
+
+    fn inject(ops: Vec<PatchOperation>) -> Decision {
+        Decision::Inject {
+            patch: Patch(ops),
+            status: InjectionStatus {
+                version: "test".into(),
+                sidecar: "statsd-exporter".into(),
+                mode: crate::inject::ResolvedMode::Native,
+                prefix: "api".into(),
+                containers: vec!["api".into()],
+            },
+            warnings: vec![],
+        }
+    }
+
+    fn assert_failed_open(answer: (AdmissionReview<DynamicObject>, Outcome), why: &str) {
+        let (review, outcome) = answer;
+        assert_eq!(outcome, Outcome::Error("internal"));
+        let response = review.response.expect("a response");
+        assert!(response.allowed, "an internal failure never blocks the pod");
+        assert_eq!(response.uid, "uid-1");
+        assert!(response.patch.is_none(), "no patch when failing open");
+        let warnings = response.warnings.expect("a warning").join(" ");
+        assert!(
+            warnings.contains("did not inject") && warnings.contains(why),
+            "{warnings}"
+        );
+    }
+
+    #[test]
+    fn a_panicking_mutation_fails_open() {
+        let value = pod_json();
+        let pod: Pod = serde_json::from_value(value.clone()).unwrap();
+        let answer = answer(response(), &pod, value, || panic!("boom"));
+        assert_failed_open(answer, "mutation panicked");
+    }
+
+    #[test]
+    fn a_patch_that_does_not_apply_fails_open() {
+        let value = pod_json();
+        let pod: Pod = serde_json::from_value(value.clone()).unwrap();
+        let broken = inject(vec![PatchOperation::Replace(ReplaceOperation {
+            path: PointerBuf::parse("/spec/initContainers/7/name").unwrap(),
+            value: json!("x"),
+        })]);
+        assert_failed_open(
+            answer(response(), &pod, value, || broken),
+            "patch does not apply",
+        );
+    }
+
+    #[test]
+    fn a_patch_that_would_break_the_pod_fails_open() {
+        let value = pod_json();
+        let pod: Pod = serde_json::from_value(value.clone()).unwrap();
+        let duplicate = inject(vec![PatchOperation::Add(AddOperation {
+            path: PointerBuf::parse("/spec/containers/-").unwrap(),
+            value: json!({"name": "api", "image": "other:1"}),
+        })]);
+        assert_failed_open(
+            answer(response(), &pod, value, || duplicate),
+            "patched pod would be invalid",
+        );
+    }
+
+    #[test]
+    fn a_good_patch_is_returned() {
+        let value = pod_json();
+        let pod: Pod = serde_json::from_value(value.clone()).unwrap();
+        let good = inject(vec![PatchOperation::Add(AddOperation {
+            path: PointerBuf::parse("/metadata/labels").unwrap(),
+            value: json!({"metrics.chiller.io/injected": "true"}),
+        })]);
+        let (review, outcome) = answer(response(), &pod, value, || good);
+        assert_eq!(outcome, Outcome::Injected);
+        let response = review.response.unwrap();
+        assert!(response.allowed && response.patch.is_some() && response.warnings.is_none());
+    }
 }
