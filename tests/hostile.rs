@@ -117,7 +117,7 @@ fn review_with(change: impl FnOnce(&mut Value)) -> Vec<u8> {
 }
 
 #[tokio::test]
-async fn malformed_bodies_get_a_clear_400() {
+async fn malformed_bodies_get_a_clear_4xx() {
     let server = start().await;
     let whole = fixture();
     let mut invalid_utf8 = whole.clone();
@@ -126,11 +126,23 @@ async fn malformed_bodies_get_a_clear_400() {
         .position(|w| w == b"api\"")
         .expect("the fixture names the api container");
     invalid_utf8[at] = 0xff;
-    // Deep nesting where values are parsed (the pod): serde_json stops at depth 128.
-    let envelope = r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u","object":{"kind":"Pod","spec":"#;
-    let deep_array = format!("{envelope}{}", "[".repeat(100_000)).into_bytes();
-    let deep_object = format!("{envelope}{}", r#"{"a":"#.repeat(50_000)).into_bytes();
-    let cases: [(&str, Vec<u8>, StatusCode, &str); 6] = [
+    // Deep nesting inside the pod. Unterminated, the body ends before the
+    // nesting does. Well-formed, it sits in `managedFields[].fieldsV1`, the
+    // one free-form JSON field of a pod: serde_json stops at depth 128 there
+    // (fields the webhook does not read are skipped without recursion).
+    let envelope = r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u","kind":{"group":"","version":"v1","kind":"Pod"},"operation":"CREATE","object":{"kind":"Pod","metadata":{"managedFields":[{"fieldsV1":"#;
+    let nested = |open: &str, close: &str, depth: usize, closed: bool| {
+        let mut body = format!("{envelope}{}", open.repeat(depth));
+        if closed {
+            body += if close == "}" { "0" } else { "" };
+            body += &close.repeat(depth);
+            body += "}]}}}}";
+        }
+        body.into_bytes()
+    };
+    let deep_array = nested("[", "]", 100_000, false);
+    let deep_object = nested(r#"{"a":"#, "}", 50_000, false);
+    let cases: [(&str, Vec<u8>, StatusCode, &str); 8] = [
         (
             "truncated JSON",
             whole[..whole.len() / 2].to_vec(),
@@ -138,15 +150,27 @@ async fn malformed_bodies_get_a_clear_400() {
             "eof",
         ),
         (
-            "array nested 100000 deep",
+            "array nested 100000 deep, unterminated",
             deep_array,
             StatusCode::BAD_REQUEST,
+            "eof while parsing",
+        ),
+        (
+            "object nested 50000 deep, unterminated",
+            deep_object,
+            StatusCode::BAD_REQUEST,
+            "eof while parsing",
+        ),
+        (
+            "array nested 100000 deep",
+            nested("[", "]", 100_000, true),
+            StatusCode::UNPROCESSABLE_ENTITY,
             "recursion limit",
         ),
         (
             "object nested 50000 deep",
-            deep_object,
-            StatusCode::BAD_REQUEST,
+            nested(r#"{"a":"#, "}", 50_000, true),
+            StatusCode::UNPROCESSABLE_ENTITY,
             "recursion limit",
         ),
         (

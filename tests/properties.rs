@@ -9,7 +9,7 @@ use chiller_metrics::{
     config::Config,
     inject::{
         Decision, GUNICORN_CMD_ARGS, Injector, NamespacePolicy, PodContext, ResolvedMode,
-        SkipReason, check_pod,
+        SkipReason, check_pod, verify_patch,
     },
 };
 use k8s_openapi::api::core::v1::Pod;
@@ -377,6 +377,11 @@ fn check(generated: &GenPod, mode: ResolvedMode) -> Result<(), TestCaseError> {
             let patched_pod: Pod = serde_json::from_value(patched.clone())
                 .map_err(|e| TestCaseError::fail(format!("patched pod does not parse: {e}")))?;
             prop_assert_eq!(check_pod(&patched_pod), Ok(()));
+            if let Err(problem) = verify_patch(&pod, &patch) {
+                return Err(TestCaseError::fail(format!(
+                    "the webhook's verification rejects a good patch: {problem}"
+                )));
+            }
             prop_assert_eq!(
                 &patched["metadata"]["labels"][format!("{DOMAIN}/injected")],
                 "true"
@@ -427,6 +432,124 @@ proptest! {
     fn container_mode_injects_valid_pods_once(generated in pod()) {
         check(&generated, ResolvedMode::Container)?;
     }
+
+    #[test]
+    fn verification_on_the_pod_shape_agrees_with_the_whole_pod(
+        generated in pod(),
+        corruption in corruption(),
+    ) {
+        check_verification(&generated, corruption)?;
+    }
+}
+
+/// A way to break a good patch, as a bug in the injector could.
+#[derive(Debug, Clone, Copy)]
+enum Corruption {
+    None,
+    /// Points an operation one past the end of the list it indexes.
+    IndexOutOfRange,
+    /// Adds a second container under an existing name.
+    DuplicateContainer,
+    /// Adds a volume under an existing name.
+    DuplicateVolume,
+    /// Gives the sidecar a port another long-running container declares.
+    DuplicatePort,
+    /// Mounts a volume the pod does not define.
+    MissingVolume,
+    /// Replaces a value that is not there.
+    ReplaceMissing,
+}
+
+fn corruption() -> impl Strategy<Value = Corruption> {
+    select(vec![
+        Corruption::None,
+        Corruption::IndexOutOfRange,
+        Corruption::DuplicateContainer,
+        Corruption::DuplicateVolume,
+        Corruption::DuplicatePort,
+        Corruption::MissingVolume,
+        Corruption::ReplaceMissing,
+    ])
+}
+
+fn corrupt(patch: &mut json_patch::Patch, pod: &Value, corruption: Corruption) {
+    use json_patch::{AddOperation, PatchOperation, ReplaceOperation, jsonptr::PointerBuf};
+    let add = |path: &str, value: Value| {
+        PatchOperation::Add(AddOperation {
+            path: PointerBuf::parse(path).unwrap(),
+            value,
+        })
+    };
+    let first = pod["spec"]["containers"][0]["name"]
+        .as_str()
+        .unwrap_or("app");
+    match corruption {
+        Corruption::None => {}
+        Corruption::IndexOutOfRange => {
+            let count = pod["spec"]["containers"].as_array().map_or(0, Vec::len);
+            patch.0.push(add(
+                &format!("/spec/containers/{}/env/-", count + 1),
+                json!({"name": "X", "value": "1"}),
+            ));
+        }
+        Corruption::DuplicateContainer => patch.0.push(add(
+            "/spec/containers/-",
+            json!({"name": first, "image": "other:1"}),
+        )),
+        Corruption::DuplicateVolume => {
+            let mut patched = pod.clone();
+            json_patch::patch(&mut patched, patch).expect("the good patch applies");
+            let name = patched["spec"]["volumes"][0]["name"].clone();
+            patch.0.push(add(
+                "/spec/volumes/-",
+                json!({"name": name, "emptyDir": {}}),
+            ));
+        }
+        Corruption::DuplicatePort => patch.0.push(add(
+            "/spec/containers/-",
+            json!({"name": "extra", "image": "x:1", "ports": [{"containerPort": 9102}]}),
+        )),
+        Corruption::MissingVolume => patch.0.push(add(
+            "/spec/containers/-",
+            json!({"name": "extra", "image": "x:1",
+                   "volumeMounts": [{"name": "not-defined", "mountPath": "/x"}]}),
+        )),
+        Corruption::ReplaceMissing => patch.0.push(PatchOperation::Replace(ReplaceOperation {
+            path: PointerBuf::parse("/spec/containers/0/env/999/value").unwrap(),
+            value: json!("x"),
+        })),
+    }
+}
+
+/// The webhook verifies a patch on the pod's shape; applying it to the whole
+/// pod and checking the result must give the same verdict.
+fn check_verification(generated: &GenPod, corruption: Corruption) -> Result<(), TestCaseError> {
+    let injector = Injector::new(Config::default(), ResolvedMode::Native);
+    let pod_json = to_json(generated);
+    let pod: Pod = serde_json::from_value(pod_json.clone())
+        .map_err(|e| TestCaseError::fail(format!("generated pod does not parse: {e}")))?;
+    let Decision::Inject { mut patch, .. } = injector.mutate(&pod, PodContext::default()) else {
+        return Ok(());
+    };
+    corrupt(&mut patch, &pod_json, corruption);
+    let mut patched = pod_json.clone();
+    let whole = json_patch::patch(&mut patched, &patch)
+        .map_err(|e| e.to_string())
+        .and_then(|()| serde_json::from_value::<Pod>(patched).map_err(|e| e.to_string()))
+        .and_then(|patched| check_pod(&patched).map_err(|e| e.to_string()));
+    let shape = verify_patch(&pod, &patch);
+    prop_assert_eq!(
+        whole.is_ok(),
+        shape.is_ok(),
+        "{:?}: whole pod says {:?}, shape says {:?}",
+        corruption,
+        whole,
+        shape.map_err(|e| e.to_string())
+    );
+    if !matches!(corruption, Corruption::None) {
+        prop_assert!(whole.is_err(), "{:?} must break the patch", corruption);
+    }
+    Ok(())
 }
 
 #[test]

@@ -7,6 +7,7 @@ mod prefix;
 mod safety;
 mod selector;
 mod sidecar;
+mod verify;
 
 use std::collections::BTreeMap;
 
@@ -18,9 +19,9 @@ use serde_json::Value;
 
 pub use gunicorn::{ContainerSkip, GUNICORN_CMD_ARGS};
 pub use prefix::statsd_prefix;
-pub use safety::{PodProblem, check_pod};
 pub use selector::{SelectorError, parse_selector};
 pub use sidecar::{MAPPING_DIR, mapping_volume, sidecar_container};
+pub use verify::{PatchProblem, PodProblem, PodShape, check_pod, verify_patch};
 
 use crate::{
     config::{Config, SidecarMode},

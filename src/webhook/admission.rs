@@ -2,14 +2,17 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
+use std::{borrow::Cow, collections::HashMap};
+
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::{
-    DynamicObject,
-    admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation},
+    DynamicObject, Status, TypeMeta,
+    admission::{AdmissionResponse, AdmissionReview, Operation},
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
-use crate::inject::{Decision, Injector, NamespacePolicy, PodContext, check_pod};
+use crate::inject::{Decision, Injector, NamespacePolicy, PodContext, check_pod, verify_patch};
 
 pub const API_VERSION: &str = "admission.k8s.io/v1";
 pub const KIND: &str = "AdmissionReview";
@@ -83,6 +86,46 @@ impl Outcome {
     }
 }
 
+/// The parts of an AdmissionReview request this webhook reads. The pod stays
+/// raw JSON until the request turns out to be a pod CREATE; everything else
+/// (`oldObject`, `options`, `userInfo`, ...) is skipped without allocating.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct IncomingReview<'a> {
+    #[serde(borrow, default)]
+    api_version: Cow<'a, str>,
+    #[serde(borrow, default)]
+    kind: Cow<'a, str>,
+    #[serde(borrow)]
+    request: Option<IncomingRequest<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct IncomingRequest<'a> {
+    #[serde(default)]
+    uid: String,
+    #[serde(borrow)]
+    kind: IncomingKind<'a>,
+    #[serde(borrow, default)]
+    sub_resource: Option<Cow<'a, str>>,
+    operation: Operation,
+    #[serde(borrow, default)]
+    namespace: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    object: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct IncomingKind<'a> {
+    #[serde(borrow, default)]
+    group: Cow<'a, str>,
+    #[serde(borrow, default)]
+    version: Cow<'a, str>,
+    #[serde(borrow, default)]
+    kind: Cow<'a, str>,
+}
+
 /// Answers one AdmissionReview body. Every well-formed review is allowed;
 /// internal failures fail open with a warning.
 pub fn review(
@@ -90,47 +133,28 @@ pub fn review(
     namespaces: &dyn NamespacePolicies,
     body: &[u8],
 ) -> Result<(AdmissionReview<DynamicObject>, Outcome), ReviewError> {
-    let mut value: serde_json::Value =
-        serde_json::from_slice(body).map_err(ReviewError::Malformed)?;
-    // The objects stay plain JSON (the pod is patched as JSON below); without
-    // them the envelope parses cheaply, with no `DynamicObject` buffering.
-    let object = value
-        .get_mut("request")
-        .and_then(serde_json::Value::as_object_mut)
-        .and_then(|request| {
-            request.remove("oldObject");
-            request.remove("object")
-        })
-        .filter(|object| !object.is_null());
-    let review =
-        AdmissionReview::<DynamicObject>::deserialize(&value).map_err(ReviewError::Malformed)?;
-    if review.types.api_version != API_VERSION || review.types.kind != KIND {
+    let review: IncomingReview = serde_json::from_slice(body).map_err(ReviewError::Malformed)?;
+    if review.api_version != API_VERSION || review.kind != KIND {
         return Err(ReviewError::UnsupportedVersion {
-            api_version: review.types.api_version,
-            kind: review.types.kind,
+            api_version: review.api_version.into_owned(),
+            kind: review.kind.into_owned(),
         });
     }
-    let request: AdmissionRequest<DynamicObject> =
-        review.try_into().map_err(|_| ReviewError::MissingRequest)?;
+    let request = review.request.ok_or(ReviewError::MissingRequest)?;
     if request.uid.is_empty() {
         return Err(ReviewError::MissingUid);
     }
-    let response = AdmissionResponse::from(&request);
+    let response = allowed(request.uid);
     let is_pod =
         request.kind.group.is_empty() && request.kind.version == "v1" && request.kind.kind == "Pod";
-    if !is_pod
-        || request
-            .sub_resource
-            .as_deref()
-            .is_some_and(|s| !s.is_empty())
-    {
+    if !is_pod || request.sub_resource.is_some_and(|s| !s.is_empty()) {
         return Ok((response.into_review(), Outcome::Ignored("not_a_pod")));
     }
     if request.operation != Operation::Create {
         return Ok((response.into_review(), Outcome::Ignored("not_create")));
     }
-    let object = object.ok_or(ReviewError::MissingObject)?;
-    let pod = Pod::deserialize(&object).map_err(ReviewError::InvalidPod)?;
+    let object = request.object.ok_or(ReviewError::MissingObject)?;
+    let pod: Pod = serde_json::from_str(object.get()).map_err(ReviewError::InvalidPod)?;
 
     let namespace = request
         .namespace
@@ -141,9 +165,22 @@ pub fn review(
         namespace: policy.as_ref(),
         ..Default::default()
     };
-    let outcome = answer(response, &pod, object, || injector.mutate(&pod, ctx));
-    tracing::debug!(uid = %request.uid, namespace, outcome = ?outcome.1, "answered");
+    let outcome = answer(response, &pod, || injector.mutate(&pod, ctx));
+    tracing::debug!(uid = %outcome.0.response.as_ref().map_or("", |r| r.uid.as_str()), namespace, outcome = ?outcome.1, "answered");
     Ok(outcome)
+}
+
+/// An "allowed" response with nothing else, for the request `uid`.
+fn allowed(uid: String) -> AdmissionResponse {
+    let mut response = AdmissionResponse::invalid("");
+    response.types = TypeMeta {
+        api_version: API_VERSION.into(),
+        kind: KIND.into(),
+    };
+    response.uid = uid;
+    response.allowed = true;
+    response.result = Status::default();
+    response
 }
 
 /// Runs the mutation and turns its decision into the answer. Any failure on
@@ -152,7 +189,6 @@ pub fn review(
 fn answer(
     response: AdmissionResponse,
     pod: &Pod,
-    mut object: serde_json::Value,
     mutate: impl FnOnce() -> Decision,
 ) -> (AdmissionReview<DynamicObject>, Outcome) {
     let decision = match catch_unwind(AssertUnwindSafe(mutate)) {
@@ -173,20 +209,12 @@ fn answer(
         Decision::Inject {
             patch, warnings, ..
         } => {
-            // Verify before answering: the patch must apply and leave a pod the API server accepts.
-            if let Err(e) = json_patch::patch(&mut object, &patch) {
-                return fail_open(response, &format!("patch does not apply: {e}"));
-            }
-            let verdict = serde_json::from_value::<Pod>(object)
-                .map_err(|e| e.to_string())
-                .and_then(|patched| check_pod(&patched).map_err(|e| e.to_string()));
-            if let Err(problem) = verdict
+            // Verify before answering: the patch must apply and leave a pod
+            // the API server accepts (unless the pod broke the rules already).
+            if let Err(problem) = verify_patch(pod, &patch)
                 && check_pod(pod).is_ok()
             {
-                return fail_open(
-                    response,
-                    &format!("patched pod would be invalid: {problem}"),
-                );
+                return fail_open(response, &problem.to_string());
             }
             let unpatched = response.clone();
             let mut response = match response.with_patch(patch) {
@@ -206,20 +234,61 @@ fn answer(
     }
 }
 
-/// Serializes a review the way Kubernetes documents it: `patch` as a base64
+/// A review as Kubernetes documents it on the wire: `patch` is a base64
 /// string (kube-core would write a byte array, which Go also accepts).
-pub fn to_json(review: &AdmissionReview<DynamicObject>) -> serde_json::Value {
-    use base64::{Engine, engine::general_purpose::STANDARD};
-    // Leave the patch out of the generic serialization: as a byte array it
-    // would become one JSON number per byte.
-    let mut without_patch = review.clone();
-    let patch = without_patch.response.as_mut().and_then(|r| r.patch.take());
-    let mut value =
-        serde_json::to_value(&without_patch).expect("an AdmissionReview always serializes");
-    if let Some(patch) = patch {
-        value["response"]["patch"] = serde_json::Value::String(STANDARD.encode(patch));
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct OutgoingReview<'a> {
+    api_version: &'a str,
+    kind: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response: Option<OutgoingResponse<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct OutgoingResponse<'a> {
+    uid: &'a str,
+    allowed: bool,
+    status: &'a Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "HashMap::is_empty")]
+    audit_annotations: &'a HashMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warnings: Option<&'a Vec<String>>,
+}
+
+impl<'a> OutgoingReview<'a> {
+    fn of(review: &'a AdmissionReview<DynamicObject>) -> Self {
+        use base64::{Engine, engine::general_purpose::STANDARD};
+        Self {
+            api_version: &review.types.api_version,
+            kind: &review.types.kind,
+            response: review.response.as_ref().map(|r| OutgoingResponse {
+                uid: &r.uid,
+                allowed: r.allowed,
+                status: &r.result,
+                patch: r.patch.as_ref().map(|p| STANDARD.encode(p)),
+                // kube-core only ever sets a JSONPatch, together with the patch.
+                patch_type: r.patch.as_ref().map(|_| "JSONPatch"),
+                audit_annotations: &r.audit_annotations,
+                warnings: r.warnings.as_ref(),
+            }),
+        }
     }
-    value
+}
+
+/// The review's JSON body, as sent to the API server.
+pub fn to_bytes(review: &AdmissionReview<DynamicObject>) -> Vec<u8> {
+    serde_json::to_vec(&OutgoingReview::of(review)).expect("an AdmissionReview always serializes")
+}
+
+/// The review as a JSON value, exactly as [`to_bytes`] writes it.
+pub fn to_json(review: &AdmissionReview<DynamicObject>) -> serde_json::Value {
+    serde_json::to_value(OutgoingReview::of(review)).expect("an AdmissionReview always serializes")
 }
 
 fn fail_open(
@@ -251,10 +320,7 @@ mod tests {
     }
 
     fn response() -> AdmissionResponse {
-        let mut response = AdmissionResponse::invalid("");
-        response.uid = "uid-1".into();
-        response.allowed = true;
-        response
+        allowed("uid-1".into())
     }
 
     fn inject(ops: Vec<PatchOperation>) -> Decision {
@@ -287,49 +353,42 @@ mod tests {
 
     #[test]
     fn a_panicking_mutation_fails_open() {
-        let value = pod_json();
-        let pod: Pod = serde_json::from_value(value.clone()).unwrap();
-        let answer = answer(response(), &pod, value, || panic!("boom"));
+        let pod: Pod = serde_json::from_value(pod_json()).unwrap();
+        let answer = answer(response(), &pod, || panic!("boom"));
         assert_failed_open(answer, "mutation panicked");
     }
 
     #[test]
     fn a_patch_that_does_not_apply_fails_open() {
-        let value = pod_json();
-        let pod: Pod = serde_json::from_value(value.clone()).unwrap();
+        let pod: Pod = serde_json::from_value(pod_json()).unwrap();
         let broken = inject(vec![PatchOperation::Replace(ReplaceOperation {
             path: PointerBuf::parse("/spec/initContainers/7/name").unwrap(),
             value: json!("x"),
         })]);
-        assert_failed_open(
-            answer(response(), &pod, value, || broken),
-            "patch does not apply",
-        );
+        assert_failed_open(answer(response(), &pod, || broken), "patch does not apply");
     }
 
     #[test]
     fn a_patch_that_would_break_the_pod_fails_open() {
-        let value = pod_json();
-        let pod: Pod = serde_json::from_value(value.clone()).unwrap();
+        let pod: Pod = serde_json::from_value(pod_json()).unwrap();
         let duplicate = inject(vec![PatchOperation::Add(AddOperation {
             path: PointerBuf::parse("/spec/containers/-").unwrap(),
             value: json!({"name": "api", "image": "other:1"}),
         })]);
         assert_failed_open(
-            answer(response(), &pod, value, || duplicate),
+            answer(response(), &pod, || duplicate),
             "patched pod would be invalid",
         );
     }
 
     #[test]
     fn a_good_patch_is_returned() {
-        let value = pod_json();
-        let pod: Pod = serde_json::from_value(value.clone()).unwrap();
+        let pod: Pod = serde_json::from_value(pod_json()).unwrap();
         let good = inject(vec![PatchOperation::Add(AddOperation {
             path: PointerBuf::parse("/metadata/labels").unwrap(),
             value: json!({"metrics.chiller.io/injected": "true"}),
         })]);
-        let (review, outcome) = answer(response(), &pod, value, || good);
+        let (review, outcome) = answer(response(), &pod, || good);
         assert_eq!(outcome, Outcome::Injected);
         let response = review.response.unwrap();
         assert!(response.allowed && response.patch.is_some() && response.warnings.is_none());

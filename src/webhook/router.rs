@@ -3,7 +3,7 @@
 use std::{sync::Arc, time::Instant};
 
 use axum::{
-    Json, Router,
+    Router,
     body::Bytes,
     extract::{DefaultBodyLimit, State, rejection::BytesRejection},
     http::{HeaderMap, StatusCode, header},
@@ -91,7 +91,11 @@ fn answer(
         Ok((review, outcome)) => {
             let (outcome, reason) = outcome.labels();
             state.metrics.admission(outcome, reason);
-            Json(admission::to_json(&review)).into_response()
+            (
+                [(header::CONTENT_TYPE, "application/json")],
+                admission::to_bytes(&review),
+            )
+                .into_response()
         }
         Err(error) => {
             let status = match error {
