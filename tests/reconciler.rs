@@ -1229,8 +1229,10 @@ async fn a_leader_that_cannot_renew_steps_down() {
         retry_period: Duration::from_millis(20),
     };
     let (leading_tx, mut leading) = watch::channel(false);
-    let campaign =
-        tokio::spawn(LeaseLock::new(client, LEASE_NS, LEASE, IDENTITY, timings).run(leading_tx));
+    let campaign = tokio::spawn(
+        LeaseLock::new(client, LEASE_NS, LEASE, IDENTITY, timings)
+            .run(leading_tx, std::future::pending()),
+    );
 
     tokio::time::timeout(HANG_GUARD, leading.wait_for(|lead| *lead))
         .await
@@ -1243,6 +1245,85 @@ async fn a_leader_that_cannot_renew_steps_down() {
 
     campaign.abort();
     server.abort();
+}
+
+#[tokio::test]
+async fn leader_election_releases_a_lease_it_holds() {
+    let (client, handle) = mock_client();
+    let api = serve(
+        handle,
+        vec![
+            Step::new("GET", format!("{LEASE_PATH}/{LEASE}")).reply(200, lease(IDENTITY, "7", 1)),
+            Step::new("PUT", format!("{LEASE_PATH}/{LEASE}")).echo(),
+        ],
+    );
+    let mut lock = lock(client);
+
+    assert!(lock.release().await.unwrap());
+
+    let seen = api.verify();
+    let released = &seen[1].body;
+    assert!(
+        released["spec"].get("holderIdentity").is_none(),
+        "no holder: the next candidate takes it at once: {released}"
+    );
+    assert_eq!(released["spec"]["leaseDurationSeconds"], 1);
+    assert_eq!(released["spec"]["leaseTransitions"], 1);
+    assert_eq!(
+        released["metadata"]["resourceVersion"], "7",
+        "the release is conditional on the version read"
+    );
+    support::validate_k8s(released).expect("a valid Lease");
+}
+
+#[tokio::test]
+async fn leader_election_never_releases_another_holders_lease() {
+    let (client, handle) = mock_client();
+    let api = serve(
+        handle,
+        vec![
+            Step::new("GET", format!("{LEASE_PATH}/{LEASE}"))
+                .reply(200, lease("replica-b", "8", 2)),
+            Step::new("GET", format!("{LEASE_PATH}/{LEASE}")).reply(404, not_found()),
+        ],
+    );
+    let mut lock = lock(client);
+
+    assert!(!lock.release().await.unwrap());
+    assert!(!lock.release().await.unwrap());
+
+    let seen = api.verify();
+    assert!(seen.iter().all(|request| request.method == "GET"));
+}
+
+#[tokio::test]
+async fn a_stopped_leader_steps_down_and_releases_its_lease() {
+    let (client, handle) = mock_client();
+    let api = serve(
+        handle,
+        vec![
+            Step::new("GET", format!("{LEASE_PATH}/{LEASE}")).reply(404, not_found()),
+            Step::new("POST", LEASE_PATH).echo(),
+            Step::new("GET", format!("{LEASE_PATH}/{LEASE}")).reply(200, lease(IDENTITY, "1", 0)),
+            Step::new("PUT", format!("{LEASE_PATH}/{LEASE}")).echo(),
+        ],
+    );
+    let (leading_tx, mut leading) = watch::channel(false);
+    let mut became_leader = leading.clone();
+    let stop = async move {
+        let _ = became_leader.wait_for(|lead| *lead).await;
+    };
+    let campaign = tokio::spawn(lock(client).run(leading_tx, stop));
+
+    tokio::time::timeout(HANG_GUARD, campaign)
+        .await
+        .expect("the campaign ends once stopped")
+        .unwrap();
+
+    assert!(!*leading.borrow_and_update(), "stepped down");
+    let seen = api.verify();
+    assert_eq!(seen[3].method, "PUT");
+    assert!(seen[3].body["spec"].get("holderIdentity").is_none());
 }
 
 // ---------------------------------------------------------------------------

@@ -35,6 +35,9 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
+/// How long shutdown waits for the reconcile loop to stop and release its lease.
+const RECONCILER_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Runs until `shutdown` resolves (SIGTERM or SIGINT in the binary).
 pub async fn run(args: ServeArgs, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
     let config = args.config.load()?;
@@ -70,20 +73,25 @@ pub async fn run(args: ServeArgs, shutdown: impl Future<Output = ()>) -> Result<
             )
         }
     };
-    match (&cluster, args.no_reconcile) {
+    let (stop_reconciling, reconcile_stop) = tokio::sync::watch::channel(false);
+    let reconciler = match (&cluster, args.no_reconcile) {
         (Some((client, _)), false) => {
             let options =
                 reconcile::Options::from_env(args.lease_namespace.clone(), args.lease_name.clone());
-            tokio::spawn(reconcile::run(
+            Some(tokio::spawn(reconcile::run(
                 client.clone(),
                 config.clone(),
                 metrics.clone(),
                 options,
-            ));
+                reconcile_stop,
+            )))
         }
-        (Some(_), true) => tracing::info!("reconcile loop disabled by --no-reconcile"),
-        (None, _) => {}
-    }
+        (Some(_), true) => {
+            tracing::info!("reconcile loop disabled by --no-reconcile");
+            None
+        }
+        (None, _) => None,
+    };
 
     let state = Arc::new(WebhookState {
         injector: Injector::new(config, mode),
@@ -128,6 +136,8 @@ pub async fn run(args: ServeArgs, shutdown: impl Future<Output = ()>) -> Result<
     let draining = async move {
         shutdown.await;
         readiness.mark_shutting_down();
+        // Hand the reconcile lease to another replica while this one drains.
+        let _ = stop_reconciling.send(true);
         tracing::info!(
             seconds = drain.as_secs(),
             "shutdown requested: not ready, draining"
@@ -143,6 +153,13 @@ pub async fn run(args: ServeArgs, shutdown: impl Future<Output = ()>) -> Result<
     )
     .await?;
     cert_watch.abort();
+    if let Some(reconciler) = reconciler
+        && tokio::time::timeout(RECONCILER_STOP_TIMEOUT, reconciler)
+            .await
+            .is_err()
+    {
+        tracing::warn!("the reconcile loop did not stop in time");
+    }
     let _ = admin_stop.send(());
     if let Ok(Err(error)) = admin.await {
         tracing::warn!(%error, "admin server ended with an error");

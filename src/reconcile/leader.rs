@@ -6,7 +6,7 @@
 //! skew between replicas does not matter); writes carry the resourceVersion
 //! they read, so two candidates cannot both win.
 
-use std::time::Duration;
+use std::{future::Future, time::Duration};
 
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
@@ -181,9 +181,68 @@ impl LeaseLock {
         }
     }
 
-    /// Campaigns forever, publishing whether we lead on `leading`. A leader
-    /// that cannot renew within the renew deadline steps down.
-    pub async fn run(mut self, leading: watch::Sender<bool>) {
+    /// Gives the lease up if we hold it, so that another replica takes over
+    /// at once instead of after the lease duration (as client-go does on
+    /// `ReleaseOnCancel`). `Ok(true)` means it was ours and is now free.
+    pub async fn release(&mut self) -> Result<bool, LeaderError> {
+        let existing = self
+            .api
+            .get_opt(&self.name)
+            .await
+            .map_err(|e| self.api_error(e))?;
+        let Some(mut lease) = existing else {
+            return Ok(false);
+        };
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return Ok(false);
+        }
+        let now = MicroTime(Timestamp::now());
+        spec.holder_identity = None;
+        spec.lease_duration_seconds = Some(1);
+        spec.acquire_time = Some(now.clone());
+        spec.renew_time = Some(now);
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => {
+                self.observed = None;
+                Ok(true)
+            }
+            Err(error) if is_conflict(&error) => Ok(false),
+            Err(error) => Err(self.api_error(error)),
+        }
+    }
+
+    /// Campaigns until `stop` resolves, publishing whether we lead on
+    /// `leading`. A leader that cannot renew within the renew deadline steps
+    /// down; on `stop` it steps down and releases the lease.
+    pub async fn run(mut self, leading: watch::Sender<bool>, stop: impl Future<Output = ()>) {
+        tokio::select! {
+            () = self.campaign(&leading) => {}
+            () = stop => {}
+        }
+        let was_leading = leading.send_replace(false);
+        if !was_leading {
+            return;
+        }
+        let deadline = self.timings.renew_deadline;
+        match tokio::time::timeout(deadline, self.release()).await {
+            Ok(Ok(true)) => {
+                tracing::info!(identity = %self.identity, "released the reconcile lease")
+            }
+            Ok(Ok(false)) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "could not release the reconcile lease"),
+            Err(_) => tracing::warn!(
+                timeout = ?deadline,
+                "could not release the reconcile lease: the API server did not answer"
+            ),
+        }
+    }
+
+    async fn campaign(&mut self, leading: &watch::Sender<bool>) {
         let mut last_renewal: Option<Instant> = None;
         loop {
             let deadline = self.timings.renew_deadline;

@@ -16,7 +16,7 @@ pub mod live;
 pub mod namespace;
 pub mod uninjected;
 
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::{
     admin::Metrics,
@@ -59,9 +59,16 @@ fn identity() -> String {
         .unwrap_or_else(|| format!("chiller-metrics-{}", std::process::id()))
 }
 
-/// Campaigns for the lease and, while leading, runs the controller. Every
-/// replica keeps serving the webhook whatever happens here.
-pub async fn run(client: kube::Client, config: Config, metrics: Arc<Metrics>, options: Options) {
+/// Campaigns for the lease and, while leading, runs the controller, until
+/// `stop` turns true: then the controller stops and the lease is released.
+/// Every replica keeps serving the webhook whatever happens here.
+pub async fn run(
+    client: kube::Client,
+    config: Config,
+    metrics: Arc<Metrics>,
+    options: Options,
+    mut stop: watch::Receiver<bool>,
+) {
     let version = match client.apiserver_version().await {
         Ok(info) => cluster::parse_version(&info.major, &info.minor),
         Err(error) => {
@@ -73,7 +80,7 @@ pub async fn run(client: kube::Client, config: Config, metrics: Arc<Metrics>, op
         config.clone(),
         ResolvedMode::resolve(config.sidecar.mode, version),
     );
-    let (leading_tx, mut leading) = watch::channel(false);
+    let (leading_tx, leading) = watch::channel(false);
     let lock = LeaseLock::new(
         client.clone(),
         &options.lease_namespace,
@@ -81,7 +88,10 @@ pub async fn run(client: kube::Client, config: Config, metrics: Arc<Metrics>, op
         &options.identity,
         LeaseTimings::default(),
     );
-    tokio::spawn(lock.run(leading_tx));
+    let (release, released) = oneshot::channel::<()>();
+    let elector = tokio::spawn(lock.run(leading_tx, async {
+        let _ = released.await;
+    }));
     let ctx = Arc::new(Context::new(
         client,
         injector,
@@ -94,6 +104,17 @@ pub async fn run(client: kube::Client, config: Config, metrics: Arc<Metrics>, op
         identity = %options.identity,
         "reconcile loop waiting for leadership"
     );
+    tokio::select! {
+        () = lead(ctx, leading) => {}
+        _ = stop.wait_for(|stop| *stop) => tracing::info!("stopping the reconcile loop"),
+    }
+    // The controller has stopped (its future is dropped); only now give up the lease.
+    let _ = release.send(());
+    let _ = elector.await;
+}
+
+/// Runs the controller whenever we lead, until the elector ends.
+async fn lead(ctx: Arc<Context>, mut leading: watch::Receiver<bool>) {
     loop {
         if leading.wait_for(|lead| *lead).await.is_err() {
             return;
