@@ -187,5 +187,12 @@ fn benches(c: &mut Criterion) {
     }
 }
 
-criterion_group!(mutation, benches);
+criterion_group! {
+    name = mutation;
+    // Short enough that `make bench` stays within a few minutes.
+    config = Criterion::default()
+        .warm_up_time(std::time::Duration::from_secs(1))
+        .measurement_time(std::time::Duration::from_secs(3));
+    targets = benches
+}
 criterion_main!(mutation);

@@ -4,14 +4,14 @@
 # under load, and start-up time to ready, over HTTP/1.1 and HTTP/2 with h2load.
 #
 # Environment: RUNS (default 3; medians are reported), DURATION seconds per
-# measurement (default 8), CLIENTS (default 16), STREAMS per HTTP/2 client
+# measurement (default 5), CLIENTS (default 16), STREAMS per HTTP/2 client
 # (default 4), SERVER_CPU and LOAD_CPU (default 0 and 1: the server and h2load
 # are pinned to separate cores with taskset when the machine has two or more).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUNS=${RUNS:-3}
-DURATION=${DURATION:-8}
+DURATION=${DURATION:-5}
 CLIENTS=${CLIENTS:-16}
 STREAMS=${STREAMS:-4}
 SERVER_CPU=${SERVER_CPU:-0}

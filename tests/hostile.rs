@@ -190,6 +190,37 @@ async fn malformed_bodies_get_a_clear_4xx() {
     assert_rejected_then_serves(&server, &cases).await;
 }
 
+/// Fields the webhook does not read (`options`, `oldObject`, `userInfo`) are
+/// skipped without recursion: nesting there, a million deep, neither
+/// overflows the stack nor changes the answer.
+#[tokio::test]
+async fn deep_nesting_in_fields_the_webhook_skips_changes_nothing() {
+    let server = start().await;
+    let depth = 1_000_000;
+    let mut review = chiller_api_review();
+    review["request"]["options"] = json!("NESTED");
+    let uid = review["request"]["uid"].as_str().unwrap().to_string();
+    let body = serde_json::to_string(&review)
+        .unwrap()
+        .replace(
+            "\"NESTED\"",
+            &format!("{}{}", "[".repeat(depth), "]".repeat(depth)),
+        )
+        .into_bytes();
+    for version in HttpVersion::ALL {
+        let response = post(&server, body.clone(), version).await;
+        assert_eq!(response.status, StatusCode::OK, "{}", response.text());
+        let answer = response.json();
+        assert_eq!(answer["response"]["uid"], uid.as_str());
+        assert_eq!(answer["response"]["allowed"], true);
+        assert!(
+            !decoded_patch(&answer).0.is_empty(),
+            "the pod is injected as usual"
+        );
+        assert_serves(&server, "deep nesting in options").await;
+    }
+}
+
 #[tokio::test]
 async fn wrong_content_type_gets_415() {
     let server = start().await;
