@@ -1,5 +1,6 @@
-//! The watches that drive reconciles: every Namespace, and every object we
-//! manage (one label-filtered watch per kind). Each managed-object watch both
+//! The watches that drive reconciles: every Namespace, every object we
+//! manage (one label-filtered watch per kind), and the metadata of pods
+//! without the injected label (see `pod_sightings`). Each managed-object watch both
 //! feeds the live cache and triggers its owner namespace, so one watch per kind
 //! serves the drift check and the trigger. Built on kube-runtime's `applier`,
 //! the engine under `Controller`, because the stable `Controller` builder cannot
@@ -8,14 +9,15 @@
 use std::{sync::Arc, time::Duration};
 
 use futures::{Stream, StreamExt, future, stream};
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{
     Api,
     api::DynamicObject,
+    core::PartialObjectMeta,
     runtime::{
         WatchStreamExt,
         controller::{self, applier},
-        reflector::{self, ObjectRef, reflector},
+        reflector::{self, ObjectRef, Store, reflector},
         watcher,
     },
 };
@@ -23,7 +25,8 @@ use kube::{
 use super::{
     context::{Context, error_policy},
     live::{MANAGED_KINDS, ManagedKind, managed_selector},
-    namespace::reconcile,
+    namespace::{is_opted_in, reconcile},
+    pod_sightings::PodSightings,
 };
 
 /// Time a burst of triggers for one namespace is collapsed into one reconcile.
@@ -63,6 +66,36 @@ fn managed_kind_triggers(
         .flatten()
 }
 
+/// Namespaces where a pod without the injected label shows up for the first time.
+fn uninjected_pod_triggers(
+    ctx: &Arc<Context>,
+    namespaces: Store<Namespace>,
+) -> impl Stream<Item = Trigger> + Send + 'static {
+    // Metadata only: the pods' specs are not needed here.
+    let api = Api::<PartialObjectMeta<Pod>>::all(ctx.client.clone());
+    let config = watcher::Config::default().labels(&format!("!{}", ctx.keys.injected));
+    let keys = ctx.keys.clone();
+    let mut sightings = PodSightings::default();
+    watcher(api, config)
+        .default_backoff()
+        .filter_map(move |event| {
+            let trigger = match event {
+                Ok(event) => sightings
+                    .observe(event, |name| {
+                        namespaces
+                            .get(&ObjectRef::new(name))
+                            .is_some_and(|namespace| is_opted_in(&namespace, &keys))
+                    })
+                    .map(|name| Ok(ObjectRef::new(&name))),
+                Err(error) => {
+                    tracing::warn!(%error, "pod watch failed; retrying");
+                    None
+                }
+            };
+            future::ready(trigger)
+        })
+}
+
 /// Runs the controller until the watches end (they do not, normally); the
 /// caller drops it to stop.
 pub async fn run(ctx: Arc<Context>) {
@@ -85,7 +118,10 @@ pub async fn run(ctx: Arc<Context>) {
             }
         })
     });
-    let mut triggers: Vec<stream::BoxStream<'static, Trigger>> = vec![namespaces.boxed()];
+    let mut triggers: Vec<stream::BoxStream<'static, Trigger>> = vec![
+        namespaces.boxed(),
+        uninjected_pod_triggers(&ctx, store.clone()).boxed(),
+    ];
     triggers.extend(
         MANAGED_KINDS
             .iter()

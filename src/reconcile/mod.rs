@@ -14,6 +14,7 @@ pub mod desired;
 pub mod leader;
 pub mod live;
 pub mod namespace;
+pub mod pod_sightings;
 pub mod uninjected;
 
 use tokio::sync::{oneshot, watch};

@@ -39,7 +39,7 @@ pub async fn reconcile(
         // Owner references let the garbage collector remove our objects.
         uninjected::forget(&name, &ctx);
         Ok(Action::await_change())
-    } else if is_opted_in(&namespace, &ctx) {
+    } else if is_opted_in(&namespace, &ctx.keys) {
         reconcile_opted_in(&namespace, &ctx).await
     } else {
         clean_up(&namespace, &ctx).await
@@ -61,11 +61,12 @@ pub async fn reconcile(
     result
 }
 
-fn is_opted_in(namespace: &Namespace, ctx: &Context) -> bool {
+/// Whether the namespace carries `<domain>/inject=enabled`.
+pub fn is_opted_in(namespace: &Namespace, keys: &keys::Keys) -> bool {
     namespace
         .labels()
-        .get(&ctx.keys.inject)
-        .is_some_and(|v| v == keys::ENABLED)
+        .get(&keys.inject)
+        .is_some_and(|v| v == crate::keys::ENABLED)
 }
 
 fn resync(ctx: &Context) -> Action {
