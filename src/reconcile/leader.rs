@@ -99,6 +99,27 @@ impl LeaseLock {
         }
     }
 
+    async fn read(&self) -> Result<Option<Lease>, LeaderError> {
+        self.api
+            .get_opt(&self.name)
+            .await
+            .map_err(|e| self.api_error(e))
+    }
+
+    /// Replaces the lease, conditional on the resourceVersion it carries;
+    /// `None` when another writer got there first.
+    async fn write(&self, lease: &Lease) -> Result<Option<Lease>, LeaderError> {
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), lease)
+            .await
+        {
+            Ok(written) => Ok(Some(written)),
+            Err(error) if is_conflict(&error) => Ok(None),
+            Err(error) => Err(self.api_error(error)),
+        }
+    }
+
     fn observe(&mut self, lease: &Lease, now: Instant) {
         let version = lease.metadata.resource_version.clone().unwrap_or_default();
         match &self.observed {
@@ -112,12 +133,7 @@ impl LeaseLock {
     pub async fn try_acquire_or_renew(&mut self, now: Instant) -> Result<bool, LeaderError> {
         let wall_clock = MicroTime(Timestamp::now());
         let duration_seconds = self.timings.lease_duration.as_secs().max(1) as i32;
-        let existing = self
-            .api
-            .get_opt(&self.name)
-            .await
-            .map_err(|e| self.api_error(e))?;
-        let Some(mut lease) = existing else {
+        let Some(mut lease) = self.read().await? else {
             let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(self.name.clone()),
@@ -167,30 +183,18 @@ impl LeaseLock {
         }
         spec.lease_duration_seconds = Some(duration_seconds);
         lease.spec = Some(spec);
-        match self
-            .api
-            .replace(&self.name, &PostParams::default(), &lease)
-            .await
-        {
-            Ok(updated) => {
-                self.observe(&updated, now);
-                Ok(true)
-            }
-            Err(error) if is_conflict(&error) => Ok(false),
-            Err(error) => Err(self.api_error(error)),
-        }
+        let Some(updated) = self.write(&lease).await? else {
+            return Ok(false);
+        };
+        self.observe(&updated, now);
+        Ok(true)
     }
 
     /// Gives the lease up if we hold it, so that another replica takes over
     /// at once instead of after the lease duration (as client-go does on
     /// `ReleaseOnCancel`). `Ok(true)` means it was ours and is now free.
     pub async fn release(&mut self) -> Result<bool, LeaderError> {
-        let existing = self
-            .api
-            .get_opt(&self.name)
-            .await
-            .map_err(|e| self.api_error(e))?;
-        let Some(mut lease) = existing else {
+        let Some(mut lease) = self.read().await? else {
             return Ok(false);
         };
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
@@ -202,18 +206,11 @@ impl LeaseLock {
         spec.lease_duration_seconds = Some(1);
         spec.acquire_time = Some(now.clone());
         spec.renew_time = Some(now);
-        match self
-            .api
-            .replace(&self.name, &PostParams::default(), &lease)
-            .await
-        {
-            Ok(_) => {
-                self.observed = None;
-                Ok(true)
-            }
-            Err(error) if is_conflict(&error) => Ok(false),
-            Err(error) => Err(self.api_error(error)),
+        let released = self.write(&lease).await?.is_some();
+        if released {
+            self.observed = None;
         }
+        Ok(released)
     }
 
     /// Campaigns until `stop` resolves, publishing whether we lead on
