@@ -271,7 +271,7 @@ impl Injector {
         {
             return Err(SkipReason::WindowsPod);
         }
-        safety::check_room_for_sidecar(pod, &self.config.sidecar)?;
+        safety::check_room_for_sidecar(&PodShape::of(pod), &self.config.sidecar)?;
 
         // 3. Which containers get the gunicorn settings.
         let targets = gunicorn::target_containers(

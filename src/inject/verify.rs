@@ -125,7 +125,8 @@ impl<'a> PodShape<'a> {
         }
     }
 
-    fn containers(&self) -> impl Iterator<Item = &ContainerShape<'a>> {
+    /// App containers and init containers.
+    pub fn containers(&self) -> impl Iterator<Item = &ContainerShape<'a>> {
         let spec = self.spec.as_ref();
         let apps = spec.map(|s| s.containers.as_slice()).unwrap_or_default();
         let inits = spec
@@ -136,7 +137,7 @@ impl<'a> PodShape<'a> {
 
     /// App containers and restartable (native sidecar) init containers: they
     /// share the pod's ports while the app runs.
-    fn long_running(&self) -> impl Iterator<Item = &ContainerShape<'a>> {
+    pub fn long_running(&self) -> impl Iterator<Item = &ContainerShape<'a>> {
         let spec = self.spec.as_ref();
         let apps = spec.map(|s| s.containers.as_slice()).unwrap_or_default();
         let sidecars = spec

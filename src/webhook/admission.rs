@@ -1,8 +1,10 @@
 //! The AdmissionReview protocol around the pure mutation.
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
-
-use std::{borrow::Cow, collections::HashMap};
+use std::{
+    borrow::Cow,
+    collections::HashMap,
+    panic::{AssertUnwindSafe, catch_unwind},
+};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::{
@@ -12,7 +14,9 @@ use kube::core::{
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::inject::{Decision, Injector, NamespacePolicy, PodContext, check_pod, verify_patch};
+use crate::inject::{
+    Decision, Injector, NamespacePolicy, PatchProblem, PodContext, check_pod, verify_patch,
+};
 
 pub const API_VERSION: &str = "admission.k8s.io/v1";
 pub const KIND: &str = "AdmissionReview";
@@ -165,13 +169,16 @@ pub fn review(
         namespace: policy.as_ref(),
         ..Default::default()
     };
-    let outcome = answer(response, &pod, || injector.mutate(&pod, ctx));
-    tracing::debug!(uid = %outcome.0.response.as_ref().map_or("", |r| r.uid.as_str()), namespace, outcome = ?outcome.1, "answered");
-    Ok(outcome)
+    let (review, outcome) = answer(response, &pod, || injector.mutate(&pod, ctx));
+    let uid = review.response.as_ref().map(|r| r.uid.as_str());
+    tracing::debug!(uid, namespace, ?outcome, "answered");
+    Ok((review, outcome))
 }
 
 /// An "allowed" response with nothing else, for the request `uid`.
 fn allowed(uid: String) -> AdmissionResponse {
+    // kube-core builds responses from an `AdmissionRequest` (which we do not
+    // parse) or as `invalid`; start from the latter and make it an allow.
     let mut response = AdmissionResponse::invalid("");
     response.types = TypeMeta {
         api_version: API_VERSION.into(),
@@ -210,11 +217,12 @@ fn answer(
             patch, warnings, ..
         } => {
             // Verify before answering: the patch must apply and leave a pod
-            // the API server accepts (unless the pod broke the rules already).
-            if let Err(problem) = verify_patch(pod, &patch)
-                && check_pod(pod).is_ok()
-            {
-                return fail_open(response, &problem.to_string());
+            // the API server accepts. A rule the pod broke before the patch
+            // is not the patch's doing: the API server decides on that pod.
+            match verify_patch(pod, &patch) {
+                Ok(()) => {}
+                Err(PatchProblem::BreaksRule(_)) if check_pod(pod).is_err() => {}
+                Err(problem) => return fail_open(response, &problem.to_string()),
             }
             let unpatched = response.clone();
             let mut response = match response.with_patch(patch) {
@@ -379,6 +387,39 @@ mod tests {
             answer(response(), &pod, || duplicate),
             "patched pod would be invalid",
         );
+    }
+
+    /// A pod that already breaks a rule (two containers named "api").
+    fn invalid_pod() -> Pod {
+        let mut value = pod_json();
+        value["spec"]["containers"] = json!([
+            {"name": "api", "image": "api:1"},
+            {"name": "api", "image": "api:2"}
+        ]);
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn a_patch_that_does_not_apply_fails_open_even_for_a_pod_already_invalid() {
+        let broken = inject(vec![PatchOperation::Replace(ReplaceOperation {
+            path: PointerBuf::parse("/spec/initContainers/7/name").unwrap(),
+            value: json!("x"),
+        })]);
+        assert_failed_open(
+            answer(response(), &invalid_pod(), || broken),
+            "patch does not apply",
+        );
+    }
+
+    #[test]
+    fn a_rule_the_pod_broke_before_is_not_blamed_on_the_patch() {
+        let good = inject(vec![PatchOperation::Add(AddOperation {
+            path: PointerBuf::parse("/metadata/labels").unwrap(),
+            value: json!({"metrics.chiller.io/injected": "true"}),
+        })]);
+        let (review, outcome) = answer(response(), &invalid_pod(), || good);
+        assert_eq!(outcome, Outcome::Injected);
+        assert!(review.response.unwrap().patch.is_some());
     }
 
     #[test]
