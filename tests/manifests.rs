@@ -154,7 +154,7 @@ fn validate_all(documents: &[Value]) -> BTreeSet<String> {
         .collect()
 }
 
-/// cert-manager has no schema in ../shared: check Issuer and Certificate by hand.
+/// cert-manager has no schema in the reference data: check Issuer and Certificate by hand.
 fn check_cert_manager(object: &Value) -> Result<(), String> {
     if object["apiVersion"] != "cert-manager.io/v1" {
         return Err(format!(

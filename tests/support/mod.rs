@@ -1,8 +1,9 @@
 //! Shared helpers for the integration tests (`mod support;`):
 //!
 //! - [`validate`], [`validate_k8s`], [`validate_crd`]: check objects against the
-//!   strict Kubernetes 1.37 JSON schemas and the prometheus-operator CRDs in
-//!   `../shared`, so that a misspelled or mistyped field fails a test.
+//!   strict Kubernetes 1.37 JSON schemas and the prometheus-operator CRDs that
+//!   `make tools` puts in `.tools/reference` (see [`reference_dir`]), so that a
+//!   misspelled or mistyped field fails a test.
 //! - [`tool`]: finds an external test tool or fails with how to install it.
 #![allow(dead_code)]
 
@@ -19,7 +20,7 @@ use std::{
 use jsonschema::{Retrieve, Uri, Validator};
 use serde_json::{Value, json};
 
-/// Folder of the Kubernetes schemas inside `../shared/schemas`.
+/// Folder of the Kubernetes schemas inside `.tools/reference/schemas`.
 pub const K8S_SCHEMAS: &str = "kubernetes-v1.37.0-strict";
 /// The API group of the prometheus-operator CRDs.
 pub const MONITORING_GROUP: &str = "monitoring.coreos.com";
@@ -32,14 +33,34 @@ pub fn crate_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `../shared` beside the crate: the reference schemas and CRDs.
-pub fn shared_dir() -> PathBuf {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared"));
+/// `.tools/reference` in the crate: the reference data that `make tools`
+/// (scripts/tools.sh) fetches at pinned versions.
+///
+/// - `schemas/kubernetes-v1.37.0-strict/`: from the PyPI package
+///   `kubernetes-validate==1.37.0`.
+/// - `crds/monitoring.coreos.com_{prometheuses,servicemonitors,podmonitors}.yaml`:
+///   from the Go module `github.com/prometheus-operator/prometheus-operator`,
+///   pinned in tools/prometheus-operator/go.mod.
+///
+/// Panics, saying to run `make tools`, when the data is missing.
+pub fn reference_dir() -> PathBuf {
+    let dir = crate_dir().join(".tools").join("reference");
+    let crds = ["prometheuses", "servicemonitors", "podmonitors"]
+        .map(|plural| PathBuf::from("crds").join(format!("{MONITORING_GROUP}_{plural}.yaml")));
+    let definitions = PathBuf::from("schemas")
+        .join(K8S_SCHEMAS)
+        .join("_definitions.json");
+    let missing: Vec<String> = std::iter::once(definitions)
+        .chain(crds)
+        .filter(|file| !dir.join(file).is_file())
+        .map(|file| file.display().to_string())
+        .collect();
     assert!(
-        dir.join("schemas").join(K8S_SCHEMAS).is_dir(),
-        "{} is missing or incomplete: the tests need ../shared beside the crate \
-         (schemas/{K8S_SCHEMAS}/ and crds/, see ../shared/README.md)",
-        dir.display()
+        missing.is_empty(),
+        "the reference schemas and CRDs are missing from {} (no {}): run `make tools`, \
+         which fetches kubernetes-validate with pip and the prometheus-operator Go module",
+        dir.display(),
+        missing.join(", ")
     );
     dir
 }
@@ -67,7 +88,8 @@ pub fn tool(name: &str) -> PathBuf {
     );
 }
 
-fn install_hint(name: &str) -> String {
+/// How to install the test tool `name`, for [`tool`]'s panic message.
+pub fn install_hint(name: &str) -> String {
     match name {
         "promtool" | "prometheus" => {
             "install it with `apt-get install -y prometheus` (Debian package `prometheus`)".into()
@@ -114,7 +136,10 @@ pub fn validate_k8s(object: &Value) -> Result<(), String> {
         label => format!("{}-{label}-{version}.json", kind.to_lowercase()),
     };
     let validator = cached(&file, || {
-        let path = shared_dir().join("schemas").join(K8S_SCHEMAS).join(&file);
+        let path = reference_dir()
+            .join("schemas")
+            .join(K8S_SCHEMAS)
+            .join(&file);
         let text = std::fs::read_to_string(&path).map_err(|e| {
             format!(
                 "no schema for {}/{kind} ({}: {e})",
@@ -148,7 +173,7 @@ pub fn validate_crd(object: &Value) -> Result<(), String> {
     };
     let key = format!("crd:{plural}:{version}");
     let validator = cached(&key, || {
-        let path = shared_dir()
+        let path = reference_dir()
             .join("crds")
             .join(format!("{MONITORING_GROUP}_{plural}.yaml"));
         let text = std::fs::read_to_string(&path)
@@ -315,7 +340,7 @@ impl Retrieve for SharedDefinitions {
         }
         static DEFINITIONS: OnceLock<Value> = OnceLock::new();
         let definitions = DEFINITIONS.get_or_init(|| {
-            let path = shared_dir()
+            let path = reference_dir()
                 .join("schemas")
                 .join(K8S_SCHEMAS)
                 .join("_definitions.json");
@@ -325,152 +350,5 @@ impl Retrieve for SharedDefinitions {
                 .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
         });
         Ok(definitions.clone())
-    }
-}
-
-#[cfg(test)]
-mod validator_tests {
-    use super::*;
-
-    fn pod() -> Value {
-        json!({
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": "api", "namespace": "chiller", "labels": {"app": "api"}},
-            "spec": {
-                "containers": [{
-                    "name": "api",
-                    "image": "chiller/api:1.4.2",
-                    "ports": [{"containerPort": 8000, "protocol": "TCP"}],
-                }],
-            },
-        })
-    }
-
-    fn service_monitor() -> Value {
-        json!({
-            "apiVersion": "monitoring.coreos.com/v1",
-            "kind": "ServiceMonitor",
-            "metadata": {"name": "gunicorn", "namespace": "chiller", "labels": {"app": "x"}},
-            "spec": {
-                "selector": {"matchLabels": {"metrics.chiller.io/injected": "true"}},
-                "endpoints": [{"port": "statsd-metrics", "interval": "15s", "targetPort": 9102}],
-            },
-        })
-    }
-
-    #[test]
-    fn accepts_a_valid_pod_and_service_monitor() {
-        validate(&pod()).unwrap();
-        validate(&service_monitor()).unwrap();
-        validate_k8s(&json!({"apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": "x"},
-            "spec": {"selector": {"matchLabels": {"a": "b"}},
-                     "template": {"metadata": {"labels": {"a": "b"}}, "spec": pod()["spec"]}}}))
-        .unwrap();
-    }
-
-    #[test]
-    fn rejects_a_misspelled_pod_field() {
-        let mut pod = pod();
-        let containers = pod["spec"]
-            .as_object_mut()
-            .unwrap()
-            .remove("containers")
-            .unwrap();
-        pod["spec"]["containerss"] = containers;
-        let error = validate_k8s(&pod).unwrap_err();
-        assert!(error.contains("containerss"), "{error}");
-        assert!(error.contains("at /spec"), "{error}");
-    }
-
-    #[test]
-    fn rejects_a_wrong_type_deep_in_a_pod() {
-        let mut pod = pod();
-        pod["spec"]["containers"][0]["ports"][0]["containerPort"] = json!("8000");
-        let error = validate(&pod).unwrap_err();
-        assert!(
-            error.contains("/spec/containers/0/ports/0/containerPort"),
-            "{error}"
-        );
-    }
-
-    #[test]
-    fn rejects_an_unknown_kind() {
-        let error =
-            validate_k8s(&json!({"apiVersion": "v1", "kind": "Podd", "metadata": {}})).unwrap_err();
-        assert!(error.contains("no schema"), "{error}");
-    }
-
-    #[test]
-    fn rejects_a_misspelled_crd_field_that_a_cluster_would_prune() {
-        let mut monitor = service_monitor();
-        monitor["spec"]["endpoints"][0]["intervall"] = json!("30s");
-        let error = validate_crd(&monitor).unwrap_err();
-        assert!(error.contains("intervall"), "{error}");
-        assert!(error.contains("/spec/endpoints/0"), "{error}");
-    }
-
-    #[test]
-    fn rejects_a_wrong_type_in_a_crd() {
-        let mut prometheus = json!({
-            "apiVersion": "monitoring.coreos.com/v1",
-            "kind": "Prometheus",
-            "metadata": {"name": "chiller"},
-            "spec": {"replicas": 1, "retention": "7d"},
-        });
-        validate(&prometheus).unwrap();
-        prometheus["spec"]["replicas"] = json!("one");
-        let error = validate(&prometheus).unwrap_err();
-        assert!(error.contains("/spec/replicas"), "{error}");
-    }
-
-    #[test]
-    fn crd_metadata_is_object_meta() {
-        let mut monitor = service_monitor();
-        monitor["metadata"]["lables"] = json!({"a": "b"});
-        let error = validate(&monitor).unwrap_err();
-        assert!(error.contains("lables"), "{error}");
-        let mut monitor = service_monitor();
-        monitor["metadata"]["labels"] = json!({"a": 1});
-        assert!(validate(&monitor).is_err());
-    }
-
-    #[test]
-    fn int_or_string_accepts_both_and_nothing_else() {
-        let mut monitor = service_monitor();
-        monitor["spec"]["endpoints"][0]["targetPort"] = json!("statsd-metrics");
-        validate_crd(&monitor).unwrap();
-        monitor["spec"]["endpoints"][0]["targetPort"] = json!(true);
-        assert!(validate_crd(&monitor).is_err());
-    }
-
-    #[test]
-    fn tool_finds_binaries_on_path_and_names_missing_ones() {
-        let sh = tool("sh");
-        assert!(sh.ends_with("sh") && sh.is_file(), "{}", sh.display());
-        let missing = std::panic::catch_unwind(|| tool("promtool-that-does-not-exist"))
-            .expect_err("a missing tool must fail");
-        let message = missing
-            .downcast_ref::<String>()
-            .expect("a formatted panic message");
-        assert!(
-            message.contains("`promtool-that-does-not-exist` not found"),
-            "{message}"
-        );
-        assert!(message.contains(".tools"), "{message}");
-        assert!(
-            install_hint("promtool").contains("apt-get install -y prometheus"),
-            "promtool's hint names its package"
-        );
-    }
-
-    #[test]
-    fn list_items_are_each_validated() {
-        let mut bad = pod();
-        bad["spec"]["hostNetwork"] = json!("yes");
-        let list = json!({"apiVersion": "v1", "kind": "List", "items": [pod(), bad]});
-        let error = validate(&list).unwrap_err();
-        assert!(error.starts_with("items[1]"), "{error}");
     }
 }
