@@ -8,7 +8,7 @@ SERVICE ?= chiller-metrics
 IMAGE ?= chiller-metrics:dev
 KIND_CLUSTER ?= chiller-metrics
 
-.PHONY: all build demo test tools lint fmt e2e image kind-load certs manifests bench fuzz golden clean
+.PHONY: all build demo test tools cluster-tools cluster-up cluster-down lint fmt e2e image kind-load certs manifests bench fuzz golden clean
 
 all: build
 
@@ -20,7 +20,7 @@ demo:
 	./scripts/demo.sh
 
 ## Everything CI runs: lint, unit, golden, schema, HTTPS, gunicorn, promtool, chart tests.
-test: tools
+test: tools cluster-tools
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets --locked -- -D warnings
 	@mkdir -p target
@@ -30,6 +30,19 @@ test: tools
 ## Installs the test tools that need no root into .tools/ (gunicorn, flask, helm, kubectl).
 tools:
 	./scripts/tools.sh
+
+## Builds etcd, kube-apiserver, kube-controller-manager and kube-scheduler from
+## the Go modules pinned in tools/cluster (needs Go 1.26+), into .tools/cluster/bin.
+cluster-tools:
+	./tools/cluster/build.sh
+
+## A local control plane on loopback (no Docker): prints `export KUBECONFIG=...`.
+cluster-up: tools cluster-tools
+	@$(CARGO) run --quiet --locked --example local_cluster -- up
+
+## Stops the local control plane and removes its state.
+cluster-down:
+	@$(CARGO) run --quiet --locked --example local_cluster -- down
 
 lint:
 	$(CARGO) fmt --all -- --check

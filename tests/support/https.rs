@@ -575,13 +575,22 @@ impl ServeProcess {
 
     /// Spawns `command` and waits for its "serving" log line, which names the
     /// bound addresses.
-    pub fn start(mut command: Command) -> Result<Self, StartError> {
+    pub fn start(command: Command) -> Result<Self, StartError> {
+        Self::start_with(command, |mut command| command.spawn())
+    }
+
+    /// [`Self::start`] with the spawning done by `spawn`, e.g. one that ties
+    /// the process's life to the test binary's.
+    pub fn start_with(
+        mut command: Command,
+        spawn: impl FnOnce(Command) -> std::io::Result<Child>,
+    ) -> Result<Self, StartError> {
         const STARTUP: Duration = Duration::from_secs(60);
         command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let mut child = command.spawn().map_err(|source| StartError::Spawn {
+        let mut child = spawn(command).map_err(|source| StartError::Spawn {
             binary: Self::BINARY.to_string(),
             source,
         })?;
@@ -658,6 +667,16 @@ impl ServeProcess {
                 }
                 _ => tokio::time::sleep(Duration::from_millis(50)).await,
             }
+        }
+    }
+
+    /// A function giving the last `lines` log lines, usable after the
+    /// process is moved or gone (for printing on failure).
+    pub fn log_tail(&self, lines: usize) -> impl Fn() -> String + 'static {
+        let log = self.log.clone();
+        move || {
+            let log = log.lock().unwrap_or_else(|p| p.into_inner());
+            log[log.len().saturating_sub(lines)..].join("\n")
         }
     }
 

@@ -1,0 +1,513 @@
+//! A local Kubernetes control plane for the tests, in the manner of
+//! controller-runtime's envtest: real etcd, kube-apiserver and
+//! kube-controller-manager, built from the modules pinned in `tools/cluster`,
+//! on free loopback ports. There is no kubelet: pods stay Pending.
+//!
+//! The API server runs with RBAC, the default admission plugins, a
+//! service-account issuer (TokenRequest works) and a Metadata-level audit log.
+//! Each test binary gets one control plane ([`ControlPlane::shared`]); its
+//! processes die with the binary, even when a test panics.
+#![allow(dead_code)]
+
+pub mod pki;
+pub mod process;
+
+use std::{
+    ffi::OsString,
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use process::{Lifetime, Process};
+
+/// How long one component may take to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(180);
+/// The Service CIDR; `10.0.0.1` is the `kubernetes` Service.
+pub const SERVICE_CIDR: &str = "10.0.0.0/24";
+pub const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
+const AUDIT_POLICY: &str = "\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: Metadata
+";
+
+pub struct ControlPlane {
+    /// State folder: pki, etcd data, logs, kubeconfig, audit log.
+    pub dir: PathBuf,
+    /// `https://127.0.0.1:PORT`.
+    pub server: String,
+    /// Admin kubeconfig (system:masters).
+    pub kubeconfig: PathBuf,
+    pub ca_cert: PathBuf,
+    pub audit_log: PathBuf,
+    pki: pki::PkiFiles,
+    etcd_client_url: String,
+    etcd: Mutex<Process>,
+    apiserver: Mutex<Process>,
+    controller_manager: Mutex<Process>,
+}
+
+impl ControlPlane {
+    /// The control plane of this test binary, started on first use.
+    pub fn shared() -> &'static ControlPlane {
+        static SHARED: OnceLock<ControlPlane> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            let root = crate_dir().join("target").join("controlplane");
+            remove_stale_states(&root);
+            let binary = std::env::current_exe()
+                .ok()
+                .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| "test".into());
+            let dir = root.join(format!("{binary}-{}", std::process::id()));
+            ControlPlane::start(&dir, Lifetime::TestBinary)
+        })
+    }
+
+    /// Builds the binaries if needed, then starts etcd, kube-apiserver and
+    /// kube-controller-manager with their state in `dir`, and waits for each.
+    pub fn start(dir: &Path, lifetime: Lifetime) -> ControlPlane {
+        let bin = binaries();
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).expect("creating the control plane folder");
+        let pki = pki::write(&dir.join("pki"));
+
+        let etcd_client_url = format!("http://127.0.0.1:{}", free_port());
+        let etcd_peer_url = format!("http://127.0.0.1:{}", free_port());
+        let etcd = Process::start(
+            "etcd",
+            bin.join("etcd"),
+            args(&[
+                "--name=default",
+                &format!("--data-dir={}", dir.join("etcd").display()),
+                &format!("--listen-client-urls={etcd_client_url}"),
+                &format!("--advertise-client-urls={etcd_client_url}"),
+                &format!("--listen-peer-urls={etcd_peer_url}"),
+                &format!("--initial-advertise-peer-urls={etcd_peer_url}"),
+                &format!("--initial-cluster=default={etcd_peer_url}"),
+                "--unsafe-no-fsync=true",
+                "--log-level=warn",
+            ]),
+            dir,
+            lifetime,
+        );
+        let etcd = Mutex::new(etcd);
+        wait_until("etcd /health", &etcd, || {
+            curl(&[&format!("{etcd_client_url}/health")])
+                .is_some_and(|body| body.contains("\"health\":\"true\""))
+        });
+
+        let api_port = free_port();
+        let server = format!("https://127.0.0.1:{api_port}");
+        let audit_policy = dir.join("audit-policy.yaml");
+        std::fs::write(&audit_policy, AUDIT_POLICY).unwrap();
+        let audit_log = dir.join("audit.log");
+        let p = |path: &Path| path.display().to_string();
+        let apiserver = Process::start(
+            "kube-apiserver",
+            bin.join("kube-apiserver"),
+            args(&[
+                &format!("--etcd-servers={etcd_client_url}"),
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                &format!("--secure-port={api_port}"),
+                &format!("--cert-dir={}", p(&dir.join("apiserver-certs"))),
+                &format!("--tls-cert-file={}", p(&pki.serving_cert)),
+                &format!("--tls-private-key-file={}", p(&pki.serving_key)),
+                &format!("--client-ca-file={}", p(&pki.ca_cert)),
+                // Lets kube-controller-manager delegate authentication quietly.
+                &format!("--requestheader-client-ca-file={}", p(&pki.ca_cert)),
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                "--authorization-mode=RBAC",
+                &format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+                &format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"),
+                &format!(
+                    "--service-account-key-file={}",
+                    p(&pki.service_account_public_key)
+                ),
+                &format!(
+                    "--service-account-signing-key-file={}",
+                    p(&pki.service_account_key)
+                ),
+                "--allow-privileged=true",
+                // No node can reach 127.0.0.1 anyway; a loopback endpoint is invalid.
+                "--endpoint-reconciler-type=none",
+                // Webhooks addressed by Service go to the endpoint, not the ClusterIP.
+                "--enable-aggregator-routing=true",
+                &format!("--audit-policy-file={}", p(&audit_policy)),
+                &format!("--audit-log-path={}", p(&audit_log)),
+                "--audit-log-mode=blocking",
+                "--audit-log-format=json",
+                "--v=1",
+            ]),
+            dir,
+            lifetime,
+        );
+        let kubeconfig = dir.join("admin.kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            kubeconfig_yaml(
+                &server,
+                &pki.ca_cert,
+                &format!(
+                    "client-certificate: {}\n      client-key: {}",
+                    p(&pki.admin_cert),
+                    p(&pki.admin_key)
+                ),
+            ),
+        )
+        .unwrap();
+
+        let mut plane = ControlPlane {
+            dir: dir.to_path_buf(),
+            server,
+            kubeconfig,
+            ca_cert: pki.ca_cert.clone(),
+            audit_log,
+            pki,
+            etcd_client_url,
+            etcd,
+            apiserver: Mutex::new(apiserver),
+            controller_manager: Mutex::new(Process::not_started("kube-controller-manager")),
+        };
+        plane.wait_apiserver_ready();
+
+        let kcm_port = free_port();
+        let controller_manager = Process::start(
+            "kube-controller-manager",
+            bin.join("kube-controller-manager"),
+            args(&[
+                &format!("--kubeconfig={}", p(&plane.kubeconfig)),
+                &format!("--authentication-kubeconfig={}", p(&plane.kubeconfig)),
+                &format!("--authorization-kubeconfig={}", p(&plane.kubeconfig)),
+                "--bind-address=127.0.0.1",
+                &format!("--secure-port={kcm_port}"),
+                &format!("--cert-dir={}", p(&dir.join("kcm-certs"))),
+                "--leader-elect=false",
+                &format!(
+                    "--service-account-private-key-file={}",
+                    p(&plane.pki.service_account_key)
+                ),
+                &format!("--root-ca-file={}", p(&plane.pki.ca_cert)),
+                &format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+                "--v=1",
+            ]),
+            dir,
+            lifetime,
+        );
+        plane.controller_manager = Mutex::new(controller_manager);
+        // The service-account controller runs: pods can be created in "default".
+        wait_until(
+            "the default ServiceAccount",
+            &plane.controller_manager,
+            || {
+                plane
+                    .get("/api/v1/namespaces/default/serviceaccounts/default")
+                    .0
+                    == 200
+            },
+        );
+        plane
+    }
+
+    /// `(status, body)` of an admin GET on the API server.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let output = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
+            .arg("--cacert")
+            .arg(&self.pki.ca_cert)
+            .arg("--cert")
+            .arg(&self.pki.admin_cert)
+            .arg("--key")
+            .arg(&self.pki.admin_key)
+            .arg(format!("{}{path}", self.server))
+            .output()
+            .expect("running curl (install the curl package)");
+        let text = String::from_utf8_lossy(&output.stdout);
+        let (body, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (status.trim().parse().unwrap_or(0), body.to_string())
+    }
+
+    /// Waits until `/readyz` answers ok.
+    pub fn wait_apiserver_ready(&self) {
+        wait_until("kube-apiserver /readyz", &self.apiserver, || {
+            let (status, body) = self.get("/readyz");
+            status == 200 && body.trim() == "ok"
+        });
+    }
+
+    /// An admin client.
+    pub async fn client(&self) -> kube::Client {
+        client_from(&self.kubeconfig).await
+    }
+
+    /// A kubeconfig that authenticates as `namespace/service_account`, with a
+    /// token from the TokenRequest API.
+    pub fn service_account_kubeconfig(&self, namespace: &str, service_account: &str) -> PathBuf {
+        let output = self
+            .kubectl()
+            .args(["create", "token", service_account, "-n", namespace])
+            .args(["--duration=2h"])
+            .output()
+            .expect("running kubectl create token");
+        assert!(
+            output.status.success(),
+            "kubectl create token {namespace}/{service_account}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let token = String::from_utf8(output.stdout).unwrap();
+        let path = self
+            .dir
+            .join(format!("{namespace}-{service_account}.kubeconfig"));
+        std::fs::write(
+            &path,
+            kubeconfig_yaml(
+                &self.server,
+                &self.pki.ca_cert,
+                &format!("token: {}", token.trim()),
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    /// kubectl with the admin kubeconfig.
+    pub fn kubectl(&self) -> Command {
+        let mut command = Command::new(kubectl_binary());
+        command.env("KUBECONFIG", &self.kubeconfig);
+        command
+    }
+
+    /// Kills kube-apiserver and starts it again on the same port; returns
+    /// once it is ready.
+    pub fn restart_apiserver(&self) {
+        self.apiserver.lock().unwrap().restart();
+        self.wait_apiserver_ready();
+    }
+
+    /// Kills kube-apiserver; [`Self::start_apiserver_again`] brings it back.
+    pub fn stop_apiserver(&self) {
+        self.apiserver.lock().unwrap().kill();
+    }
+
+    pub fn start_apiserver_again(&self) {
+        self.apiserver.lock().unwrap().restart();
+        self.wait_apiserver_ready();
+    }
+
+    /// Kills etcd (SIGKILL) and starts it again on the same data; returns
+    /// once the API server is ready again.
+    pub fn restart_etcd(&self, down_for: Duration) {
+        self.etcd.lock().unwrap().kill();
+        std::thread::sleep(down_for);
+        self.etcd.lock().unwrap().restart();
+        let url = self.etcd_client_url.clone();
+        wait_until("etcd /health", &self.etcd, || {
+            curl(&[&format!("{url}/health")]).is_some_and(|b| b.contains("\"health\":\"true\""))
+        });
+        self.wait_apiserver_ready();
+    }
+
+    /// The audit events so far, parsed.
+    pub fn audit_events(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.audit_log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+
+    /// The last lines of each component's log.
+    pub fn log_tails(&self, lines: usize) -> String {
+        [&self.apiserver, &self.controller_manager, &self.etcd]
+            .iter()
+            .map(|process| {
+                let process = process.lock().unwrap_or_else(|p| p.into_inner());
+                format!(
+                    "----- last {lines} lines of {} ({}) -----\n{}",
+                    process.name,
+                    process.log_path().display(),
+                    process.tail(lines)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// A guard that prints the control plane's last log lines, and those of
+    /// the `extra` sources, if the test panics while it lives.
+    pub fn logs_on_failure(&self) -> LogsOnFailure<'_> {
+        LogsOnFailure {
+            plane: self,
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// Prints log tails when dropped during a panic.
+pub struct LogsOnFailure<'a> {
+    plane: &'a ControlPlane,
+    extra: Vec<(String, Box<dyn Fn() -> String + 'a>)>,
+}
+
+impl<'a> LogsOnFailure<'a> {
+    pub fn with(mut self, name: &str, log_tail: impl Fn() -> String + 'a) -> Self {
+        self.extra.push((name.to_string(), Box::new(log_tail)));
+        self
+    }
+}
+
+impl Drop for LogsOnFailure<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        eprintln!("{}", self.plane.log_tails(30));
+        for (name, log_tail) in &self.extra {
+            eprintln!("----- last lines of {name} -----\n{}", log_tail());
+        }
+    }
+}
+
+/// A kube client from a kubeconfig file.
+pub async fn client_from(kubeconfig: &Path) -> kube::Client {
+    let file = kube::config::Kubeconfig::read_from(kubeconfig).expect("reading a kubeconfig");
+    let config =
+        kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+            .await
+            .expect("a usable kubeconfig");
+    kube::Client::try_from(config).expect("a kube client")
+}
+
+fn kubeconfig_yaml(server: &str, ca: &Path, credentials: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+  - name: local
+    cluster:
+      server: {server}
+      certificate-authority: {ca}
+users:
+  - name: user
+    user:
+      {credentials}
+contexts:
+  - name: local
+    context: {{cluster: local, user: user}}
+current-context: local
+",
+        ca = ca.display()
+    )
+}
+
+/// The crate root.
+pub fn crate_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The folder of the control plane binaries, built by `tools/cluster/build.sh`
+/// (a no-op when they are current). Panics with the build's message, e.g. when
+/// Go is missing.
+pub fn binaries() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let bin = crate_dir().join(".tools").join("cluster").join("bin");
+            let status = Command::new(crate_dir().join("tools/cluster/build.sh"))
+                .arg(&bin)
+                .status()
+                .expect("running tools/cluster/build.sh");
+            assert!(
+                status.success(),
+                "building the local control plane failed (see above); it needs Go 1.26+"
+            );
+            bin
+        })
+        .clone()
+}
+
+/// kubectl from PATH or `.tools/bin` (`make tools` installs it).
+pub fn kubectl_binary() -> PathBuf {
+    let local = crate_dir().join(".tools/bin/kubectl");
+    if local.is_file() {
+        return local;
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .map(|dir| dir.join("kubectl"))
+        .find(|file| file.is_file())
+        .expect("kubectl not found: run `make tools`")
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding a free port")
+        .port()
+}
+
+fn args(list: &[&str]) -> Vec<OsString> {
+    list.iter().map(OsString::from).collect()
+}
+
+fn curl(args: &[&str]) -> Option<String> {
+    let output = Command::new("curl")
+        .args(["-sS", "--max-time", "5"])
+        .args(args)
+        .output()
+        .ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Polls `ready` until it holds; panics with the process's log if the
+/// process exits or [`READY_TIMEOUT`] passes.
+fn wait_until(what: &str, process: &Mutex<Process>, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if ready() {
+            return;
+        }
+        let mut process = process.lock().unwrap();
+        process.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "{what} not ready within {READY_TIMEOUT:?}; last lines of {}:\n{}",
+            process.name,
+            process.tail(40)
+        );
+        drop(process);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Removes the state of control planes whose test binary is gone.
+fn remove_stale_states(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let alive = name
+            .rsplit_once('-')
+            .and_then(|(_, pid)| pid.parse::<i32>().ok())
+            // SAFETY: signal 0 only checks that the pid exists.
+            .is_some_and(|pid| unsafe { libc::kill(pid, 0) } == 0);
+        if !alive {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
