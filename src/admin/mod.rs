@@ -40,6 +40,15 @@ impl Readiness {
         self.namespaces_synced.store(true, Ordering::SeqCst);
     }
 
+    /// The namespace watch failed: the cache may be stale until it re-lists.
+    pub fn mark_namespaces_disconnected(&self) {
+        self.namespaces_synced.store(false, Ordering::SeqCst);
+    }
+
+    pub fn namespaces_connected(&self) -> bool {
+        self.namespaces_synced.load(Ordering::SeqCst)
+    }
+
     pub fn mark_shutting_down(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
     }

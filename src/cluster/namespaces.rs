@@ -25,7 +25,9 @@ pub struct NamespaceCache {
 
 impl NamespaceCache {
     /// Starts watching opted-in namespaces. The returned future drives the
-    /// watch and must be spawned; readiness turns true once the cache synced.
+    /// watch and must be spawned. Readiness follows the watch: ready once the
+    /// cache has synced, not ready while the watch fails (the API server or
+    /// etcd is down), ready again once a fresh list has synced.
     pub fn watch(
         client: Client,
         keys: Keys,
@@ -33,22 +35,27 @@ impl NamespaceCache {
     ) -> (Self, impl Future<Output = ()> + Send + 'static) {
         let (store, writer) = reflector::store();
         let config = watcher::Config::default().labels(&format!("{}={ENABLED}", keys.inject));
-        let stream = reflector(writer, watcher(Api::<Namespace>::all(client), config))
-            .default_backoff()
-            .touched_objects();
-        let ready_store = store.clone();
+        let stream =
+            reflector(writer, watcher(Api::<Namespace>::all(client), config)).default_backoff();
         let driver = async move {
-            tokio::spawn(async move {
-                if ready_store.wait_until_ready().await.is_ok() {
-                    readiness.mark_namespaces_synced();
-                    tracing::info!("namespace cache synced");
-                }
-            });
             stream
-                .for_each(|event| async move {
-                    if let Err(error) = event {
-                        tracing::warn!(%error, "namespace watch error; retrying");
+                .for_each(|event| {
+                    match event {
+                        Ok(watcher::Event::InitDone) => {
+                            if !readiness.namespaces_connected() {
+                                tracing::info!("namespace cache synced");
+                            }
+                            readiness.mark_namespaces_synced();
+                        }
+                        Ok(_) => {}
+                        Err(error) => {
+                            if readiness.namespaces_connected() {
+                                tracing::warn!(%error, "namespace watch failed: not ready until it recovers");
+                            }
+                            readiness.mark_namespaces_disconnected();
+                        }
                     }
+                    std::future::ready(())
                 })
                 .await;
         };

@@ -99,6 +99,19 @@ pub fn api_resource(api_version: &str, kind: &str, plural: &str) -> ApiResource 
     }
 }
 
+/// Whether our field manager applied (server-side) some of the object's fields.
+pub fn applied_by_us(object: &DynamicObject) -> bool {
+    object
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .any(|entry| {
+            entry.manager.as_deref() == Some(super::context::FIELD_MANAGER)
+                && entry.operation.as_deref() == Some("Apply")
+        })
+}
+
 /// The label selector of every watch: only objects we manage.
 pub fn managed_selector() -> String {
     format!("{}={}", keys::MANAGED_BY_KEY, keys::MANAGED_BY)
@@ -135,12 +148,14 @@ impl LiveCache {
     }
 
     /// The app namespace an object of ours serves, from its owner-namespace label,
-    /// if it is also labeled managed-by us.
+    /// if it is also labeled managed-by us and was applied by us. Labels
+    /// alone can be copied: a look-alike someone else made is never ours.
     pub fn owner_namespace(&self, object: &DynamicObject) -> Option<String> {
         let labels = object.labels();
-        (labels.get(keys::MANAGED_BY_KEY).map(String::as_str) == Some(keys::MANAGED_BY))
-            .then(|| labels.get(&self.owner_label).cloned())
-            .flatten()
+        (labels.get(keys::MANAGED_BY_KEY).map(String::as_str) == Some(keys::MANAGED_BY)
+            && applied_by_us(object))
+        .then(|| labels.get(&self.owner_label).cloned())
+        .flatten()
     }
 
     /// Applies one watch event; returns the owner namespaces it concerns,
@@ -264,9 +279,15 @@ mod tests {
         if let Some(owner) = owner {
             labels.insert(keys.owner_namespace.clone(), json!(owner));
         }
+        let managed_fields = if managed {
+            json!([{"manager": "chiller-metrics", "operation": "Apply", "apiVersion": "v1"}])
+        } else {
+            json!([{"manager": "kubectl-create", "operation": "Update", "apiVersion": "v1"}])
+        };
         serde_json::from_value(json!({
             "apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": name, "namespace": "ns", "labels": labels},
+            "metadata": {"name": name, "namespace": "ns", "labels": labels,
+                         "managedFields": managed_fields},
         }))
         .unwrap()
     }
@@ -292,6 +313,16 @@ mod tests {
         assert_eq!(touched, BTreeSet::from(["one".into(), "two".into()]));
         assert!(cache.get(CONFIG_MAP, "ns", "a").is_none());
         assert!(cache.get(CONFIG_MAP, "ns", "b").is_some());
+    }
+
+    #[test]
+    fn a_look_alike_with_our_labels_but_not_applied_by_us_is_not_ours() {
+        let cache = LiveCache::new(&Keys::default());
+        let mut look_alike = object("look-alike", Some("shop"), true);
+        look_alike.metadata.managed_fields = object("x", None, false).metadata.managed_fields;
+        let touched = cache.apply_event(CONFIG_MAP, watcher::Event::Apply(look_alike));
+        assert!(touched.is_empty());
+        assert!(cache.owned_by(CONFIG_MAP, "shop").is_empty());
     }
 
     #[test]

@@ -1,0 +1,579 @@
+//! The reconcile loop against a real kube-apiserver, under the chart's real
+//! RBAC: every call is judged by the chart's ClusterRole and Role, every
+//! object is validated (CRD OpenAPI and CEL rules included), and the audit
+//! log shows what the loop did.
+//!
+//! One scenario, in steps, because the last steps judge the whole run: no
+//! forbidden call, and no permission that no step used.
+
+mod controlplane;
+mod install;
+mod support;
+
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
+
+use controlplane::ControlPlane;
+use install::{DOMAIN, Install, ensure_namespace, kubectl_json, run, run_with_input};
+use serde_json::{Value, json};
+use support::https::ServeProcess;
+
+/// Only guards against hangs; nothing asserts on speed except "within
+/// seconds" for drift, which the resync of 5 s bounds.
+const CONVERGE: Duration = Duration::from_secs(90);
+const RESYNC_SECONDS: u64 = 5;
+const SERVICE_ACCOUNT: &str = "system:serviceaccount:chiller-metrics:chiller-metrics";
+
+struct Scenario {
+    plane: &'static ControlPlane,
+    install: Install,
+    serve: ServeProcess,
+}
+
+impl Scenario {
+    fn logs_on_failure(&self) -> controlplane::LogsOnFailure<'_> {
+        self.plane
+            .logs_on_failure()
+            .with("chiller-metrics serve", self.serve.log_tail(60))
+    }
+
+    fn metrics(&self) -> String {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime
+            .block_on(support::https::admin_get(self.serve.admin_addr, "/metrics"))
+            .expect("the admin port answers")
+            .text()
+    }
+
+    /// Our ServiceAccount's audit events since `from`.
+    fn our_calls(&self, from: usize) -> Vec<Value> {
+        self.plane.audit_events()[from..]
+            .iter()
+            .filter(|e| e["user"]["username"] == SERVICE_ACCOUNT)
+            .cloned()
+            .collect()
+    }
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + CONVERGE;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {CONVERGE:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// `(kind, name)` of what `chiller-metrics render` says the loop applies.
+fn rendered(namespace: &str, postgres: bool) -> BTreeSet<(String, String)> {
+    let mut command = std::process::Command::new(ServeProcess::BINARY);
+    command.args(["render", "--namespace", namespace]);
+    if postgres {
+        command.args([
+            "--postgres",
+            "db:5432/chiller",
+            "--postgres-secret",
+            "db-auth",
+        ]);
+    }
+    let output = run(&mut command);
+    serde_norway::Deserializer::from_str(&String::from_utf8(output.stdout).unwrap())
+        .map(|doc| <Value as serde::Deserialize>::deserialize(doc).unwrap())
+        .filter(|doc| !doc.is_null())
+        .map(|doc| {
+            (
+                doc["kind"].as_str().unwrap().to_string(),
+                doc["metadata"]["name"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+const MANAGED_RESOURCES: &str = "configmaps,services,serviceaccounts,roles.rbac.authorization.k8s.io,rolebindings.rbac.authorization.k8s.io,deployments.apps,prometheuses.monitoring.coreos.com,servicemonitors.monitoring.coreos.com";
+
+/// `(kind, name)` of the objects labeled managed-by us in `namespace`.
+fn managed_objects(plane: &ControlPlane, namespace: &str) -> BTreeSet<(String, String)> {
+    let list = kubectl_json(
+        plane,
+        &[
+            "get",
+            MANAGED_RESOURCES,
+            "-n",
+            namespace,
+            "-l",
+            "app.kubernetes.io/managed-by=chiller-metrics",
+        ],
+    );
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o["kind"].as_str().unwrap().to_string(),
+                o["metadata"]["name"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn reconcile_status(plane: &ControlPlane, namespace: &str) -> Option<Value> {
+    let ns = kubectl_json(plane, &["get", "namespace", namespace]);
+    ns["metadata"]["annotations"][format!("{DOMAIN}/reconcile-status")]
+        .as_str()
+        .map(|s| serde_json::from_str(s).expect("the status annotation is JSON"))
+}
+
+fn opt_in(plane: &ControlPlane, namespace: &str) {
+    ensure_namespace(
+        plane,
+        namespace,
+        &[(&format!("{DOMAIN}/inject"), "enabled")],
+    );
+}
+
+#[test]
+fn the_reconcile_loop_under_the_charts_rbac() {
+    let plane = ControlPlane::shared();
+    let _plane_logs = plane.logs_on_failure();
+    let install = Install::chart(
+        plane,
+        &[&format!("config.reconcile.resyncSeconds={RESYNC_SECONDS}")],
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let serve = runtime.block_on(install.serve("chiller-metrics-0"));
+    install.point_webhook_at(&serve);
+    let s = Scenario {
+        plane,
+        install,
+        serve,
+    };
+    let _logs = s.logs_on_failure();
+
+    creates_every_object(&s, "shop");
+    stays_quiet_at_steady_state(&s, "shop");
+    repairs_drift(&s, "shop");
+    opt_out_deletes_exactly_what_we_created(&s, "shop");
+    namespace_deletion_leaves_no_error_loop(&s, "doomed");
+    webhook_down_pods_are_reported_and_restarted(&s, "outage");
+    a_failing_namespace_gets_one_event_series(&s, "broken");
+    no_call_was_forbidden(&s);
+    every_permission_was_used(&s);
+}
+
+fn creates_every_object(s: &Scenario, namespace: &str) {
+    opt_in(s.plane, namespace);
+    run(s.plane.kubectl().args([
+        "annotate",
+        "--overwrite",
+        "namespace",
+        namespace,
+        &format!("{DOMAIN}/postgres=db:5432/chiller"),
+        &format!("{DOMAIN}/postgres-secret=db-auth"),
+    ]));
+    let want = rendered(namespace, true);
+    assert!(
+        want.iter().any(|(kind, _)| kind == "Prometheus"),
+        "{want:?}"
+    );
+    wait_until("every rendered object exists", || {
+        managed_objects(s.plane, namespace) == want
+    });
+    wait_until("the namespace status says ready", || {
+        reconcile_status(s.plane, namespace).is_some_and(|status| status["ready"] == true)
+    });
+}
+
+fn stays_quiet_at_steady_state(s: &Scenario, namespace: &str) {
+    // Let the last writes of creation settle, then watch two resyncs.
+    std::thread::sleep(Duration::from_secs(RESYNC_SECONDS));
+    let from = s.plane.audit_events().len();
+    let runs_before =
+        support::https::sample(&s.metrics(), "chiller_metrics_reconcile_runs_total").unwrap();
+    std::thread::sleep(Duration::from_secs(2 * RESYNC_SECONDS + 2));
+    let runs_after =
+        support::https::sample(&s.metrics(), "chiller_metrics_reconcile_runs_total").unwrap();
+    assert!(
+        runs_after >= runs_before + 2.0,
+        "at least two reconciles ran ({runs_before} -> {runs_after})"
+    );
+    let writes: Vec<Value> = s
+        .our_calls(from)
+        .into_iter()
+        .filter(|e| {
+            matches!(
+                e["verb"].as_str(),
+                Some("create" | "update" | "patch" | "delete" | "deletecollection")
+            )
+        })
+        // Renewing the leader Lease every retry period is leader election,
+        // not reconciling; everything else must stay unwritten.
+        .filter(|e| e["objectRef"]["resource"] != "leases")
+        .collect();
+    assert!(
+        writes.is_empty(),
+        "writes at steady state in {namespace}: {:#?}",
+        writes
+            .iter()
+            .map(|e| (&e["verb"], &e["requestURI"]))
+            .collect::<Vec<_>>()
+    );
+}
+
+fn repairs_drift(s: &Scenario, namespace: &str) {
+    let want = managed_objects(s.plane, namespace);
+    let monitor = want
+        .iter()
+        .find(|(kind, _)| kind == "ServiceMonitor")
+        .expect("a ServiceMonitor")
+        .1
+        .clone();
+    run(s
+        .plane
+        .kubectl()
+        .args(["delete", "servicemonitor", &monitor, "-n", namespace]));
+    let prometheus = want
+        .iter()
+        .find(|(kind, _)| kind == "Prometheus")
+        .unwrap()
+        .1
+        .clone();
+    let replicas = |plane: &ControlPlane| {
+        kubectl_json(plane, &["get", "prometheus", &prometheus, "-n", namespace])["spec"]["replicas"].clone()
+    };
+    let original = replicas(s.plane);
+    run(s.plane.kubectl().args([
+        "patch",
+        "prometheus",
+        &prometheus,
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"replicas":3}}"#,
+    ]));
+    wait_until(
+        "the deleted ServiceMonitor is back and the Prometheus repaired",
+        || managed_objects(s.plane, namespace) == want && replicas(s.plane) == original,
+    );
+}
+
+fn opt_out_deletes_exactly_what_we_created(s: &Scenario, namespace: &str) {
+    // A look-alike: our labels, made by someone else.
+    let look_alike = json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": "look-alike",
+            "namespace": namespace,
+            "labels": {
+                "app.kubernetes.io/managed-by": "chiller-metrics",
+                format!("{DOMAIN}/owner-namespace"): namespace,
+            },
+        },
+        "data": {"note": "not made by chiller-metrics"},
+    });
+    run_with_input(
+        s.plane.kubectl().args(["create", "-f", "-"]),
+        &look_alike.to_string(),
+    );
+    run(s.plane.kubectl().args([
+        "label",
+        "namespace",
+        namespace,
+        &format!("{DOMAIN}/inject-"),
+    ]));
+    wait_until("everything we made is deleted", || {
+        managed_objects(s.plane, namespace)
+            .into_iter()
+            .collect::<Vec<_>>()
+            == [("ConfigMap".to_string(), "look-alike".to_string())]
+    });
+    wait_until("the status annotation is removed", || {
+        reconcile_status(s.plane, namespace).is_none()
+    });
+    // And it stays that way over a resync.
+    std::thread::sleep(Duration::from_secs(RESYNC_SECONDS + 1));
+    assert_eq!(
+        managed_objects(s.plane, namespace).len(),
+        1,
+        "the look-alike survives a resync"
+    );
+}
+
+fn namespace_deletion_leaves_no_error_loop(s: &Scenario, namespace: &str) {
+    opt_in(s.plane, namespace);
+    let want = rendered(namespace, false);
+    wait_until("the doomed namespace is reconciled", || {
+        managed_objects(s.plane, namespace) == want
+    });
+    run(s.plane.kubectl().args([
+        "delete",
+        "namespace",
+        namespace,
+        "--wait=true",
+        "--timeout=90s",
+    ]));
+    let failures = |s: &Scenario| {
+        s.metrics()
+            .lines()
+            .filter(|l| l.starts_with("chiller_metrics_reconcile_failures_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let before = failures(s);
+    std::thread::sleep(Duration::from_secs(2 * RESYNC_SECONDS));
+    assert_eq!(
+        failures(s),
+        before,
+        "no reconcile failures after the namespace is gone"
+    );
+    let errors: Vec<String> = s
+        .serve
+        .log()
+        .into_iter()
+        .filter(|l| l.contains(namespace) && l.contains("\"ERROR\""))
+        .collect();
+    assert!(errors.is_empty(), "errors about {namespace}: {errors:#?}");
+}
+
+fn webhook_down_pods_are_reported_and_restarted(s: &Scenario, namespace: &str) {
+    opt_in(s.plane, namespace);
+    // The webhook is unreachable; failurePolicy Ignore admits pods uninjected.
+    let unreachable = format!("https://127.0.0.1:{}/mutate", controlplane::free_port());
+    run(s.plane.kubectl().args([
+        "patch",
+        "mutatingwebhookconfiguration",
+        install::WEBHOOK_CONFIGURATION,
+        "--type=json",
+        "-p",
+        &json!([{"op": "replace", "path": "/webhooks/0/clientConfig/url", "value": unreachable}])
+            .to_string(),
+    ]));
+    std::thread::sleep(Duration::from_secs(3));
+    let app = |kind: &str, name: &str| {
+        let mut object = json!({
+            "apiVersion": "apps/v1",
+            "kind": kind,
+            "metadata": {"name": name},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": {"app": name}},
+                "template": {
+                    "metadata": {"labels": {"app": name}},
+                    "spec": {"containers": [{"name": "app", "image": "ghcr.io/chiller-demo/chiller-api:1.4.2"}]},
+                },
+            },
+        });
+        if kind == "StatefulSet" {
+            object["spec"]["serviceName"] = json!(name);
+        }
+        object
+    };
+    for (kind, name) in [("Deployment", "api"), ("StatefulSet", "ws")] {
+        run_with_input(
+            s.plane
+                .kubectl()
+                .args(["apply", "-n", namespace, "-f", "-"]),
+            &app(kind, name).to_string(),
+        );
+    }
+    let pods = |plane: &ControlPlane| -> Vec<Value> {
+        kubectl_json(plane, &["get", "pods", "-n", namespace])["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let injected = |pod: &Value| pod["metadata"]["labels"][format!("{DOMAIN}/injected")] == "true";
+    wait_until("two uninjected pods", || {
+        let pods = pods(s.plane);
+        pods.len() == 2 && !pods.iter().any(injected)
+    });
+    wait_until("the namespace status counts them", || {
+        reconcile_status(s.plane, namespace).is_some_and(|status| status["uninjectedPods"] == 2)
+    });
+    wait_until("the metric counts them", || {
+        support::https::sample(
+            &s.metrics(),
+            &format!("chiller_metrics_uninjected_pods{{namespace=\"{namespace}\"}}"),
+        ) == Some(2.0)
+    });
+    wait_until("a Warning event names the Deployment", || {
+        let events = kubectl_json(s.plane, &["get", "events.events.k8s.io", "-n", namespace]);
+        events["items"].as_array().unwrap().iter().any(|e| {
+            e["type"] == "Warning"
+                && e["regarding"]["kind"] == "Deployment"
+                && e["regarding"]["name"] == "api"
+        })
+    });
+
+    // The webhook is back; with restart-uninjected the workloads roll.
+    install_webhook_again(s);
+    run(s.plane.kubectl().args([
+        "annotate",
+        "--overwrite",
+        "namespace",
+        namespace,
+        &format!("{DOMAIN}/restart-uninjected=true"),
+    ]));
+    wait_until("the Deployment's new pod is injected", || {
+        pods(s.plane)
+            .iter()
+            .any(|p| p["metadata"]["name"].as_str().unwrap().starts_with("api-") && injected(p))
+    });
+    // No kubelet: the StatefulSet controller replaces ws-0 only once it is gone.
+    wait_until("the StatefulSet was restarted", || {
+        let set = kubectl_json(s.plane, &["get", "statefulset", "ws", "-n", namespace]);
+        set["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/restartedAt"]
+            .is_string()
+    });
+}
+
+/// A reconcile that keeps failing reports one Warning event, whose series
+/// counts the repeats, and a status that says why.
+fn a_failing_namespace_gets_one_event_series(s: &Scenario, namespace: &str) {
+    opt_in(s.plane, namespace);
+    run(s.plane.kubectl().args([
+        "annotate",
+        "--overwrite",
+        "namespace",
+        namespace,
+        &format!("{DOMAIN}/postgres=db:not-a-port/chiller"),
+        &format!("{DOMAIN}/postgres-secret=db-auth"),
+    ]));
+    wait_until("the status says why", || {
+        reconcile_status(s.plane, namespace).is_some_and(|status| status["ready"] == false)
+    });
+    let warnings = |plane: &ControlPlane| -> Vec<Value> {
+        // A Namespace is cluster-scoped: its events live in "default", where
+        // `kubectl describe namespace` finds them.
+        let events = kubectl_json(plane, &["get", "events.events.k8s.io", "-A"]);
+        events["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| {
+                e["type"] == "Warning"
+                    && e["regarding"]["kind"] == "Namespace"
+                    && e["regarding"]["name"] == namespace
+            })
+            .cloned()
+            .collect()
+    };
+    wait_until(
+        "the repeated failure is counted in one event series",
+        || {
+            let warnings = warnings(s.plane);
+            warnings.len() == 1 && warnings[0]["series"]["count"].as_i64().unwrap_or(0) >= 2
+        },
+    );
+}
+
+fn install_webhook_again(s: &Scenario) {
+    s.install.point_webhook_at(&s.serve);
+}
+
+/// No request of ours was forbidden, in the whole run.
+fn no_call_was_forbidden(s: &Scenario) {
+    let forbidden: Vec<Value> = s
+        .our_calls(0)
+        .into_iter()
+        .filter(|e| e["responseStatus"]["code"] == 403)
+        .map(|e| json!([e["verb"], e["requestURI"]]))
+        .collect();
+    assert!(forbidden.is_empty(), "forbidden calls: {forbidden:#?}");
+    let secrets: Vec<Value> = s
+        .our_calls(0)
+        .into_iter()
+        .filter(|e| e["objectRef"]["resource"] == "secrets")
+        .map(|e| json!([e["verb"], e["requestURI"]]))
+        .collect();
+    assert!(secrets.is_empty(), "we never touch Secrets: {secrets:#?}");
+}
+
+/// Every (group, resource, verb) the ClusterRole and Role grant was used by
+/// a call in this run, or is required to create the Role we grant Prometheus
+/// (RBAC's escalation check: one can only grant what one holds).
+fn every_permission_was_used(s: &Scenario) {
+    let mut used = BTreeSet::new();
+    for event in s.our_calls(0) {
+        let field = |key: &str| event["objectRef"][key].as_str().unwrap_or("").to_string();
+        let (group, resource) = (field("apiGroup"), field("resource"));
+        let verb = event["verb"].as_str().unwrap_or("").to_string();
+        // A server-side apply that made a new object (201) was also
+        // authorized as a create.
+        if verb == "patch" && event["responseStatus"]["code"] == 201 {
+            used.insert((group.clone(), resource.clone(), "create".to_string()));
+        }
+        used.insert((group, resource, verb));
+    }
+    let roles = kubectl_json(
+        s.plane,
+        &[
+            "get",
+            "roles",
+            "-A",
+            "-l",
+            "app.kubernetes.io/managed-by=chiller-metrics",
+        ],
+    );
+    for role in roles["items"].as_array().unwrap() {
+        if role["metadata"]["namespace"] == install::RELEASE_NAMESPACE {
+            continue;
+        }
+        for rule in role["rules"].as_array().unwrap() {
+            for (group, resource, verb) in expand(rule) {
+                used.insert((group, resource, verb));
+            }
+        }
+    }
+    let mut unused = Vec::new();
+    let cluster_role = kubectl_json(s.plane, &["get", "clusterrole", install::RELEASE]);
+    let role = kubectl_json(
+        s.plane,
+        &[
+            "get",
+            "role",
+            "chiller-metrics-leader-election",
+            "-n",
+            install::RELEASE_NAMESPACE,
+        ],
+    );
+    for rule in cluster_role["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(role["rules"].as_array().unwrap())
+    {
+        for permission in expand(rule) {
+            if !used.contains(&permission) {
+                unused.push(permission);
+            }
+        }
+    }
+    assert!(unused.is_empty(), "granted but never used: {unused:#?}");
+}
+
+fn expand(rule: &Value) -> Vec<(String, String, String)> {
+    let strings = |key: &str| -> Vec<String> {
+        rule[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect()
+    };
+    let mut out = Vec::new();
+    for group in strings("apiGroups") {
+        for resource in strings("resources") {
+            for verb in strings("verbs") {
+                out.push((group.clone(), resource.clone(), verb));
+            }
+        }
+    }
+    out
+}
