@@ -225,8 +225,8 @@ fn replicas_share_the_lease_and_survive_control_plane_faults() {
     let plane = ControlPlane::shared();
     let _plane_logs = plane.logs_on_failure();
     let install = Install::chart(plane, &["config.reconcile.resyncSeconds=5"]);
-    let a = block_on(install.serve("replica-a"));
-    let b = block_on(install.serve("replica-b"));
+    let a = serve_draining(&install, "replica-a");
+    let b = serve_draining(&install, "replica-b");
     let _logs = plane
         .logs_on_failure()
         .with("replica-a", a.log_tail(40))
@@ -270,6 +270,10 @@ fn replicas_share_the_lease_and_survive_control_plane_faults() {
         .unwrap_or(0);
     let sigterm = Instant::now();
     leader.send_sigterm();
+    // Like an endpoints controller: stop sending once /readyz fails; the
+    // drain keeps the replica serving what is already on its way.
+    wait_until("the old leader turns unready", || !ready(&leader));
+    leader_expected.store(false, Ordering::SeqCst);
     wait_until("the follower holds the Lease", || {
         holder(plane).is_some_and(|h| h != leader_name)
     });
@@ -284,10 +288,7 @@ fn replicas_share_the_lease_and_survive_control_plane_faults() {
             .unwrap_or(0),
         transitions_before + 1
     );
-    // The old leader keeps answering while it drains; stop expecting it
-    // only once it has exited.
     let mut leader = leader;
-    leader_expected.store(false, Ordering::SeqCst);
     let (status, log) = {
         let status = leader.wait_exit(Duration::from_secs(60));
         (status, leader.log())
@@ -345,7 +346,8 @@ fn replicas_share_the_lease_and_survive_control_plane_faults() {
                 wait_until_flag(&saw_unready);
                 plane.start_apiserver_again();
             }
-            _ => plane.restart_etcd(Duration::from_secs(8)),
+            // Longer than a renew deadline: the election rounds time out.
+            _ => plane.restart_etcd(Duration::from_secs(15)),
         }
         let _ = watcher.join();
         assert!(
@@ -383,6 +385,15 @@ fn replicas_share_the_lease_and_survive_control_plane_faults() {
 
     // A leader that cannot renew steps down before anyone could take over.
     forbidden_renewal_steps_down(plane, &install, new_leader);
+}
+
+/// `serve` with a drain period, as the chart runs it.
+fn serve_draining(install: &Install, name: &str) -> ServeProcess {
+    let mut command = install.serve_command(name);
+    command.env("CHILLER_METRICS_DRAIN_SECONDS", "3");
+    let serve = install::start_serve(command);
+    block_on(serve.wait_ready()).expect("serve becomes ready");
+    serve
 }
 
 fn wait_until_flag(flag: &AtomicBool) {

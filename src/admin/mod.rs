@@ -25,6 +25,8 @@ pub use metrics::{AdmissionLabels, Metrics};
 pub struct Readiness {
     namespaces_synced: AtomicBool,
     shutting_down: AtomicBool,
+    /// False while the leader election's rounds find no API server.
+    api_server_unreachable: AtomicBool,
 }
 
 impl Readiness {
@@ -33,6 +35,7 @@ impl Readiness {
         Self {
             namespaces_synced: AtomicBool::new(!wait_for_namespaces),
             shutting_down: AtomicBool::new(false),
+            api_server_unreachable: AtomicBool::new(false),
         }
     }
 
@@ -49,6 +52,11 @@ impl Readiness {
         self.namespaces_synced.load(Ordering::SeqCst)
     }
 
+    pub fn mark_api_server_reachable(&self, reachable: bool) {
+        self.api_server_unreachable
+            .store(!reachable, Ordering::SeqCst);
+    }
+
     pub fn mark_shutting_down(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
     }
@@ -59,6 +67,9 @@ impl Readiness {
         }
         if !self.namespaces_synced.load(Ordering::SeqCst) {
             return Err("namespace cache has not synced");
+        }
+        if self.api_server_unreachable.load(Ordering::SeqCst) {
+            return Err("the API server does not answer");
         }
         Ok(())
     }
@@ -96,4 +107,26 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
         )],
         state.metrics.encode(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_follows_the_namespace_watch_and_the_api_server() {
+        let readiness = Readiness::new(true);
+        assert_eq!(readiness.is_ready(), Err("namespace cache has not synced"));
+        readiness.mark_namespaces_synced();
+        assert_eq!(readiness.is_ready(), Ok(()));
+        readiness.mark_namespaces_disconnected();
+        assert_eq!(readiness.is_ready(), Err("namespace cache has not synced"));
+        readiness.mark_namespaces_synced();
+        readiness.mark_api_server_reachable(false);
+        assert_eq!(readiness.is_ready(), Err("the API server does not answer"));
+        readiness.mark_api_server_reachable(true);
+        assert_eq!(readiness.is_ready(), Ok(()));
+        readiness.mark_shutting_down();
+        assert_eq!(readiness.is_ready(), Err("shutting down"));
+    }
 }

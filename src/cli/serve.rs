@@ -76,8 +76,13 @@ pub async fn run(args: ServeArgs, shutdown: impl Future<Output = ()>) -> Result<
     let (stop_reconciling, reconcile_stop) = tokio::sync::watch::channel(false);
     let reconciler = match (&cluster, args.no_reconcile) {
         (Some((client, _)), false) => {
-            let options =
-                reconcile::Options::from_env(args.lease_namespace.clone(), args.lease_name.clone());
+            let options = reconcile::Options {
+                readiness: Some(readiness.clone()),
+                ..reconcile::Options::from_env(
+                    args.lease_namespace.clone(),
+                    args.lease_name.clone(),
+                )
+            };
             Some(tokio::spawn(reconcile::run(
                 client.clone(),
                 config.clone(),

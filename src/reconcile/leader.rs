@@ -6,7 +6,7 @@
 //! skew between replicas does not matter); writes carry the resourceVersion
 //! they read, so two candidates cannot both win.
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
@@ -18,6 +18,8 @@ use kube::{
     api::{ObjectMeta, PostParams},
 };
 use tokio::{sync::watch, time::Instant};
+
+use crate::admin::Readiness;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LeaderError {
@@ -34,6 +36,20 @@ pub enum LeaderError {
         name: String,
         timeout: Duration,
     },
+}
+
+impl LeaderError {
+    /// The API server (or etcd behind it) did not answer: no answer in time,
+    /// no connection, or a 5xx. A 4xx such as Forbidden is an answer.
+    pub fn is_outage(&self) -> bool {
+        match self {
+            LeaderError::Timeout { .. } => true,
+            LeaderError::Api { source, .. } => match source {
+                kube::Error::Api(status) => status.code >= 500,
+                _ => true,
+            },
+        }
+    }
 }
 
 /// How long a lease lasts, how long a leader keeps trying to renew, and how often.
@@ -63,6 +79,7 @@ pub struct LeaseLock {
     timings: LeaseTimings,
     /// resourceVersion of the record last seen, and when we first saw it.
     observed: Option<(String, Instant)>,
+    health: Option<Arc<Readiness>>,
 }
 
 fn is_conflict(error: &kube::Error) -> bool {
@@ -84,7 +101,16 @@ impl LeaseLock {
             identity: identity.to_string(),
             timings,
             observed: None,
+            health: None,
         }
+    }
+
+    /// Reports each round's reachability of the API server to `readiness`:
+    /// every replica reads the lease each retry period, so this is the
+    /// heartbeat that shows an API server or etcd outage in `/readyz`.
+    pub fn reporting_to(mut self, readiness: Arc<Readiness>) -> Self {
+        self.health = Some(readiness);
+        self
     }
 
     pub fn identity(&self) -> &str {
@@ -252,6 +278,10 @@ impl LeaseLock {
                         timeout: deadline,
                     })
                 });
+            if let Some(health) = &self.health {
+                health
+                    .mark_api_server_reachable(!round.as_ref().is_err_and(LeaderError::is_outage));
+            }
             let now = Instant::now();
             let was_leading = *leading.borrow();
             let lead = match round {
@@ -277,5 +307,36 @@ impl LeaseLock {
             }
             tokio::time::sleep(self.timings.retry_period).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(code: u16) -> LeaderError {
+        LeaderError::Api {
+            namespace: "ns".into(),
+            name: "lease".into(),
+            source: kube::Error::Api(
+                kube::core::Status::failure("test", "Test")
+                    .with_code(code)
+                    .boxed(),
+            ),
+        }
+    }
+
+    #[test]
+    fn only_silence_and_server_errors_count_as_an_outage() {
+        let timeout = LeaderError::Timeout {
+            namespace: "ns".into(),
+            name: "lease".into(),
+            timeout: Duration::from_secs(10),
+        };
+        assert!(timeout.is_outage());
+        assert!(api_error(503).is_outage());
+        assert!(api_error(500).is_outage());
+        assert!(!api_error(403).is_outage(), "Forbidden is an answer");
+        assert!(!api_error(409).is_outage());
     }
 }

@@ -20,7 +20,7 @@ pub mod uninjected;
 use tokio::sync::{oneshot, watch};
 
 use crate::{
-    admin::Metrics,
+    admin::{Metrics, Readiness},
     cluster,
     config::Config,
     inject::{Injector, ResolvedMode},
@@ -37,6 +37,8 @@ pub struct Options {
     pub lease_namespace: String,
     pub lease_name: String,
     pub identity: String,
+    /// Where each election round reports whether the API server answered.
+    pub readiness: Option<Arc<Readiness>>,
 }
 
 impl Options {
@@ -47,6 +49,7 @@ impl Options {
                 .unwrap_or_else(|| "chiller-metrics".into()),
             lease_name,
             identity: identity(),
+            readiness: None,
         }
     }
 }
@@ -89,6 +92,10 @@ pub async fn run(
         &options.identity,
         LeaseTimings::default(),
     );
+    let lock = match options.readiness.clone() {
+        Some(readiness) => lock.reporting_to(readiness),
+        None => lock,
+    };
     let (release, released) = oneshot::channel::<()>();
     let elector = tokio::spawn(lock.run(leading_tx, async {
         let _ = released.await;
