@@ -34,7 +34,7 @@ tools:
 ## Builds etcd, kube-apiserver, kube-controller-manager and kube-scheduler from
 ## the Go modules pinned in tools/cluster (needs Go 1.26+), into .tools/cluster/bin.
 cluster-tools:
-	./tools/cluster/build.sh
+	./tools/build.sh cluster
 
 ## A local control plane on loopback (no Docker): prints `export KUBECONFIG=...`.
 cluster-up: tools cluster-tools

@@ -414,7 +414,7 @@ pub fn crate_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The folder of the control plane binaries, built by `tools/cluster/build.sh`
+/// The folder of the control plane binaries, built by `tools/build.sh cluster`
 /// (a no-op when they are current). Panics with the build's message, e.g. when
 /// Go is missing.
 pub fn binaries() -> PathBuf {
@@ -422,10 +422,11 @@ pub fn binaries() -> PathBuf {
     BUILT
         .get_or_init(|| {
             let bin = crate_dir().join(".tools").join("cluster").join("bin");
-            let status = Command::new(crate_dir().join("tools/cluster/build.sh"))
+            let status = Command::new(crate_dir().join("tools/build.sh"))
+                .arg("cluster")
                 .arg(&bin)
                 .status()
-                .expect("running tools/cluster/build.sh");
+                .expect("running tools/build.sh");
             assert!(
                 status.success(),
                 "building the local control plane failed (see above); it needs Go 1.26+"

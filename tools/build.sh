@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Builds the Go tools of one module under tools/ (its `tool` directives,
+# pinned by its go.mod and go.sum) into OUT_DIR, default .tools/MODULE/bin of
+# the repository. A stamp of go.mod, go.sum and this script skips a build
+# that is already current, so only the first run on a machine compiles.
+#
+#   tools/build.sh cluster|prometheus-operator|prometheus|statsd-exporter|postgres-exporter|kwok [OUT_DIR]
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+module=${1:?usage: tools/build.sh MODULE [OUT_DIR]}
+dir="$here/$module"
+[ -f "$dir/go.mod" ] || { echo "no Go module tools/$module" >&2; exit 2; }
+out=${2:-$here/../.tools/$module/bin}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+
+if ! command -v go >/dev/null; then
+  echo "Go is missing: tools/$module is built from pinned Go modules." >&2
+  echo "Install Go 1.26 or newer (https://go.dev/doc/install)." >&2
+  exit 1
+fi
+
+stamp="$out/.built-from"
+want=$(cat "$dir/go.mod" "$dir/go.sum" "$0" | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+
+version_of() { awk -v m="$1" '$1 == m { print $2; exit }' "$dir/go.mod"; }
+common_version=github.com/prometheus/common/version
+ldflags="-s -w"
+case "$module" in
+  cluster)
+    # /version must be real: the sidecar's `auto` mode reads it.
+    kube=$(version_of k8s.io/kubernetes)
+    major=${kube#v}; major=${major%%.*}
+    minor=${kube#v*.}; minor=${minor%%.*}
+    v=k8s.io/component-base/version
+    ldflags="$ldflags -X $v.gitVersion=$kube -X $v.gitMajor=$major -X $v.gitMinor=$minor"
+    ldflags="$ldflags -X $v.gitTreeState=clean -X $v.buildDate=1970-01-01T00:00:00Z"
+    ;;
+  prometheus)
+    # Module v0.3MM.P is Prometheus v3.MM.P.
+    v=$(version_of github.com/prometheus/prometheus); v=${v#v0.}
+    ldflags="$ldflags -X $common_version.Version=3.$((10#${v%%.*} - 300)).${v#*.}"
+    ;;
+  prometheus-operator)
+    v=$(version_of github.com/prometheus-operator/prometheus-operator)
+    ldflags="$ldflags -X $common_version.Version=${v#v}"
+    ;;
+  statsd-exporter)
+    v=$(version_of github.com/prometheus/statsd_exporter)
+    ldflags="$ldflags -X $common_version.Version=${v#v}"
+    ;;
+  postgres-exporter)
+    v=$(version_of github.com/prometheus-community/postgres_exporter)
+    ldflags="$ldflags -X $common_version.Version=${v#v}"
+    ;;
+esac
+
+echo "building tools/$module into $out (a cold build takes minutes)" >&2
+start=$SECONDS
+(cd "$dir" && go build -o "$out/" -ldflags "$ldflags" tool)
+# Binaries are named after the last path element of their package.
+[ -f "$out/server" ] && mv "$out/server" "$out/etcd"
+echo "$want" > "$stamp"
+echo "tools/$module built in $((SECONDS - start)) s" >&2
