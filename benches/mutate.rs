@@ -15,7 +15,7 @@ use chiller_metrics::{
     inject::{Decision, Injector, PodContext, ResolvedMode, verify_patch},
     webhook::{NoCluster, admission},
 };
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group};
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::{DynamicObject, admission::AdmissionReview};
 use mimalloc::MiMalloc;
@@ -187,6 +187,61 @@ fn benches(c: &mut Criterion) {
     }
 }
 
+/// What the baseline server (`benches/baseline/server.rs`) does per request,
+/// in process: parse into kube's types and answer "allowed" with no patch.
+fn baseline_review(body: &[u8]) -> Vec<u8> {
+    use kube::core::admission::{AdmissionRequest, AdmissionResponse};
+    let review: AdmissionReview<DynamicObject> = serde_json::from_slice(body).expect("a review");
+    let request: AdmissionRequest<DynamicObject> = review.try_into().expect("a request");
+    serde_json::to_vec(&AdmissionResponse::from(&request).into_review()).expect("serializes")
+}
+
+/// `MUTATE_CALLGRIND=<pod>:<path>:<iterations>` (pod: chiller-api,
+/// 60-containers or 600KB; path: review or baseline) runs one path in a loop
+/// instead of criterion, for instruction counts:
+///
+/// ```sh
+/// MUTATE_CALLGRIND=chiller-api:review:1000 valgrind --tool=callgrind \
+///   --collect-atstart=no --toggle-collect=mutate::callgrind_loop target/release/deps/mutate-*
+/// ```
+///
+/// Callgrind's total divided by the iterations is the cost per review.
+fn callgrind(spec: &str) {
+    let mut parts = spec.split(':');
+    let (Some(pod), Some(path), Some(iterations)) = (parts.next(), parts.next(), parts.next())
+    else {
+        panic!("MUTATE_CALLGRIND is <pod>:<review|baseline>:<iterations>, got {spec:?}");
+    };
+    let iterations: u64 = iterations.parse().expect("iterations is a number");
+    let pod_json = match pod {
+        "chiller-api" => chiller_pod(),
+        "60-containers" => pod_with_containers(60),
+        "600KB" => big_pod(600 * 1024),
+        other => panic!("unknown pod {other:?}"),
+    };
+    let body = review_body(&pod_json);
+    let injector = Injector::new(Config::default(), ResolvedMode::Native);
+    let review = |body: &[u8]| {
+        let (review, _) = admission::review(&injector, &NoCluster, body).expect("a valid review");
+        admission::to_bytes(&review)
+    };
+    let run: &dyn Fn(&[u8]) -> Vec<u8> = match path {
+        "review" => &review,
+        "baseline" => &baseline_review,
+        other => panic!("unknown path {other:?}"),
+    };
+    // Warm up outside the measured loop (lazy statics, allocator pages).
+    black_box(run(&body));
+    callgrind_loop(iterations, &body, run);
+}
+
+#[inline(never)]
+fn callgrind_loop(iterations: u64, body: &[u8], run: &dyn Fn(&[u8]) -> Vec<u8>) {
+    for _ in 0..iterations {
+        black_box(run(black_box(body)));
+    }
+}
+
 criterion_group! {
     name = mutation;
     // Short enough that `make bench` stays within a few minutes.
@@ -195,4 +250,12 @@ criterion_group! {
         .measurement_time(std::time::Duration::from_secs(3));
     targets = benches
 }
-criterion_main!(mutation);
+
+fn main() {
+    if let Ok(spec) = std::env::var("MUTATE_CALLGRIND") {
+        callgrind(&spec);
+        return;
+    }
+    mutation();
+    Criterion::default().configure_from_args().final_summary();
+}
