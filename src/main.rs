@@ -3,7 +3,7 @@ use std::{io::Write, process::ExitCode};
 use clap::Parser;
 use tracing_subscriber::{EnvFilter, fmt};
 
-use chiller_metrics::cli::{Cli, Command, LogFormat, offline, serve};
+use chiller_metrics::cli::{Cli, Command, LogFormat, check, offline, serve};
 
 /// mimalloc: a quarter to a third of a request's cycles went to glibc's malloc and free.
 #[global_allocator]
@@ -33,7 +33,7 @@ fn print(text: &str) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     match run() {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             // Our error messages already carry their causes: print one line, not a chain.
             eprintln!("error: {error}");
@@ -42,7 +42,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run() -> anyhow::Result<()> {
+fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
@@ -66,6 +66,15 @@ fn run() -> anyhow::Result<()> {
         }
         Command::Mapping(args) => print(&offline::mapping(&args)?)?,
         Command::Config(args) => print(&offline::config(&args)?)?,
+        Command::Check(args) => {
+            let runtime = tokio::runtime::Runtime::new()
+                .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
+            let report = runtime.block_on(check::run(&args))?;
+            print(&check::render(&report, args.output))?;
+            if !report.ok {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }

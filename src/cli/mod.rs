@@ -1,6 +1,7 @@
 //! Command-line interface: flags (with `CHILLER_METRICS_*` env overrides) and
 //! the commands. `main.rs` only parses and dispatches.
 
+pub mod check;
 pub mod offline;
 pub mod serve;
 
@@ -52,6 +53,8 @@ pub enum Command {
     Mapping(ConfigArgs),
     /// Print the effective configuration (defaults, file and overrides merged).
     Config(ConfigArgs),
+    /// Check the install on the cluster of the current kubeconfig, like `linkerd check`.
+    Check(check::CheckArgs),
 }
 
 /// Where the configuration comes from.
