@@ -9,6 +9,7 @@
 //! processes die with the binary, even when a test panics.
 #![allow(dead_code)]
 
+pub mod nodes;
 pub mod pki;
 pub mod process;
 
@@ -51,6 +52,10 @@ pub struct ControlPlane {
     etcd: Mutex<Process>,
     apiserver: Mutex<Process>,
     controller_manager: Mutex<Process>,
+    /// Started by [`ControlPlane::add_nodes`].
+    scheduler: Mutex<Process>,
+    kwok: Mutex<Process>,
+    lifetime: Lifetime,
 }
 
 impl ControlPlane {
@@ -177,6 +182,9 @@ impl ControlPlane {
             etcd,
             apiserver: Mutex::new(apiserver),
             controller_manager: Mutex::new(Process::not_started("kube-controller-manager")),
+            scheduler: Mutex::new(Process::not_started("kube-scheduler")),
+            kwok: Mutex::new(Process::not_started("kwok")),
+            lifetime,
         };
         plane.wait_apiserver_ready();
 
@@ -327,19 +335,28 @@ impl ControlPlane {
 
     /// The last lines of each component's log.
     pub fn log_tails(&self, lines: usize) -> String {
-        [&self.apiserver, &self.controller_manager, &self.etcd]
-            .iter()
-            .map(|process| {
-                let process = process.lock().unwrap_or_else(|p| p.into_inner());
-                format!(
-                    "----- last {lines} lines of {} ({}) -----\n{}",
-                    process.name,
-                    process.log_path().display(),
-                    process.tail(lines)
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
+        [
+            &self.apiserver,
+            &self.controller_manager,
+            &self.etcd,
+            &self.scheduler,
+            &self.kwok,
+        ]
+        .iter()
+        .filter_map(|process| {
+            let process = process.lock().unwrap_or_else(|p| p.into_inner());
+            process.pid().is_some().then_some(process)
+        })
+        .map(|process| {
+            format!(
+                "----- last {lines} lines of {} ({}) -----\n{}",
+                process.name,
+                process.log_path().display(),
+                process.tail(lines)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
     }
 
     /// A guard that prints the control plane's last log lines, and those of
