@@ -2,11 +2,10 @@
 //! like `istioctl kube-inject`: Pods and the pod templates of workloads get the
 //! same patch the webhook would return; everything else passes through.
 
-use k8s_openapi::api::core::v1::Pod;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::inject::{Decision, Injector, PodContext};
+use crate::inject::{Decision, Injector, PodContext, PodView};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -115,17 +114,18 @@ pub fn inject_object(
         map.entry("metadata")
             .or_insert_with(|| Value::Object(Default::default()));
     }
-    let pod: Pod =
-        serde_json::from_value(target.clone()).map_err(|source| ManifestError::InvalidPod {
-            object: label.clone(),
-            source,
-        })?;
+    let pod = PodView::deserialize(&*target).map_err(|source| ManifestError::InvalidPod {
+        object: label.clone(),
+        source,
+    })?;
     let ctx = PodContext {
         namespace: None,
         owner_hint: (!template_path.is_empty()).then_some(name.as_str()),
         job_template: job,
     };
-    let skipped = match injector.mutate(&pod, ctx) {
+    let decision = injector.mutate(&pod, ctx);
+    drop(pod);
+    let skipped = match decision {
         Decision::Inject { patch, .. } => {
             json_patch::patch(target, &patch).map_err(|e| ManifestError::Patch {
                 object: label.clone(),

@@ -2,10 +2,9 @@
 //! whatever the entrypoint is, shell form included, where args would not.
 
 use json_patch::{AddOperation, PatchOperation, ReplaceOperation};
-use k8s_openapi::api::core::v1::Container;
 use serde_json::{Value, json};
 
-use super::pointer;
+use super::{ContainerView, pointer, view::Str};
 
 pub const GUNICORN_CMD_ARGS: &str = "GUNICORN_CMD_ARGS";
 const STATSD_HOST_FLAG: &str = "--statsd-host";
@@ -22,8 +21,8 @@ pub enum ContainerSkip {
 /// Indexes of the containers to configure: all app containers, or those the
 /// annotation names (comma-separated). Unknown names are returned as the error.
 pub fn target_containers(
-    containers: &[Container],
-    annotation: Option<&String>,
+    containers: &[ContainerView],
+    annotation: Option<&str>,
 ) -> Result<Vec<usize>, Vec<String>> {
     let Some(names) = annotation else {
         return Ok((0..containers.len()).collect());
@@ -49,11 +48,11 @@ pub fn target_containers(
 /// The operation that puts `flags` into container `index`'s `GUNICORN_CMD_ARGS`,
 /// keeping any value it has, plus an optional note for the response's warnings.
 pub fn env_patch(
-    container: &Container,
+    container: &ContainerView,
     index: usize,
     flags: &str,
 ) -> Result<(PatchOperation, Option<String>), ContainerSkip> {
-    let mentions_flag = |parts: &Option<Vec<String>>| {
+    let mentions_flag = |parts: &Option<Vec<Str>>| {
         parts
             .as_ref()
             .is_some_and(|p| p.iter().any(|a| a.contains(STATSD_HOST_FLAG)))

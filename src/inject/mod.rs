@@ -8,11 +8,11 @@ mod safety;
 mod selector;
 mod sidecar;
 mod verify;
+mod view;
 
 use std::collections::BTreeMap;
 
 use json_patch::{AddOperation, Patch, PatchOperation, jsonptr::PointerBuf};
-use k8s_openapi::api::core::v1::{Container, Pod};
 use kube::core::SelectorExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -21,7 +21,11 @@ pub use gunicorn::{ContainerSkip, GUNICORN_CMD_ARGS};
 pub use prefix::statsd_prefix;
 pub use selector::{SelectorError, parse_selector};
 pub use sidecar::{MAPPING_DIR, mapping_volume, sidecar_container};
-pub use verify::{PatchProblem, PodProblem, PodShape, check_pod, verify_patch};
+pub use verify::{PatchProblem, PodProblem, check_pod, verify_patch};
+pub use view::{
+    AsPodView, ContainerView, EnvVarView, MetadataView, MountView, OsView, OwnerReferenceView,
+    PodView, PortView, Present, SpecView, Str, StrMap, VolumeView,
+};
 
 use crate::{
     config::{Config, SidecarMode},
@@ -198,62 +202,53 @@ impl Injector {
 
     /// Decides what to do with `pod` and builds the patch. Paths address the
     /// pod object (`/metadata/…`, `/spec/…`), so the same patch also applies
-    /// to a pod template.
-    pub fn mutate(&self, pod: &Pod, ctx: PodContext<'_>) -> Decision {
-        match self.plan(pod, ctx) {
+    /// to a pod template. `pod` is a [`PodView`] (as the webhook and the
+    /// `inject` command read it) or a typed `Pod`, which is viewed first.
+    pub fn mutate<P: AsPodView + ?Sized>(&self, pod: &P, ctx: PodContext<'_>) -> Decision {
+        pod.with_view(|view| match self.plan(view, ctx) {
             Ok((patch, status, warnings)) => Decision::Inject {
                 patch,
                 status,
                 warnings,
             },
             Err(reason) => Decision::Skip(reason),
-        }
+        })
     }
 
     fn plan(
         &self,
-        pod: &Pod,
+        pod: &PodView<'_>,
         ctx: PodContext<'_>,
     ) -> Result<(Patch, InjectionStatus, Vec<String>), SkipReason> {
         let keys = &self.keys;
-        let sidecar_name = &self.config.sidecar.name;
+        let sidecar_name = self.config.sidecar.name.as_str();
         let labels = pod.metadata.labels.as_ref();
         let annotations = pod.metadata.annotations.as_ref();
         let spec = pod.spec.as_ref();
-        let containers: &[Container] = spec.map(|s| s.containers.as_slice()).unwrap_or_default();
-        let init_containers: &[Container] = spec
-            .and_then(|s| s.init_containers.as_deref())
-            .unwrap_or_default();
+        let containers = pod.app_containers();
 
         // 1. Already done, or not wanted.
-        let has_sidecar = containers
-            .iter()
-            .chain(init_containers)
-            .any(|c| &c.name == sidecar_name);
-        let marked = labels
-            .and_then(|l| l.get(&keys.injected))
-            .is_some_and(|v| v == "true")
-            || annotations.is_some_and(|a| a.contains_key(&keys.status));
+        let has_sidecar = pod.containers().any(|c| c.name == sidecar_name);
+        let marked =
+            pod.label(&keys.injected) == Some("true") || pod.annotation(&keys.status).is_some();
         if has_sidecar && marked {
             return Err(SkipReason::AlreadyInjected);
         }
-        if labels
-            .and_then(|l| l.get(&keys.inject))
-            .is_some_and(|v| v == keys::DISABLED)
-        {
+        if pod.label(&keys.inject) == Some(keys::DISABLED) {
             return Err(SkipReason::OptedOutByLabel(keys.inject.clone()));
         }
-        if annotations
-            .and_then(|a| a.get(&keys.inject))
-            .is_some_and(|v| v == "false")
-        {
+        if pod.annotation(&keys.inject) == Some("false") {
             return Err(SkipReason::OptedOutByAnnotation(keys.inject.clone()));
         }
         if let Some(selector_text) = ctx.namespace.and_then(|ns| ns.pod_selector.as_deref()) {
             let selector =
                 parse_selector(selector_text).map_err(SkipReason::InvalidNamespaceSelector)?;
-            let empty = BTreeMap::new();
-            if !selector.matches(labels.unwrap_or(&empty)) {
+            let labels: BTreeMap<String, String> = labels
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            if !selector.matches(&labels) {
                 return Err(SkipReason::NotSelected(selector_text.to_string()));
             }
         }
@@ -271,17 +266,14 @@ impl Injector {
         {
             return Err(SkipReason::WindowsPod);
         }
-        safety::check_room_for_sidecar(&PodShape::of(pod), &self.config.sidecar)?;
+        safety::check_room_for_sidecar(pod, &self.config.sidecar)?;
 
         // 3. Which containers get the gunicorn settings.
-        let targets = gunicorn::target_containers(
-            containers,
-            annotations.and_then(|a| a.get(&keys.containers)),
-        )
-        .map_err(|missing| SkipReason::UnknownContainers {
-            annotation: keys.containers.clone(),
-            missing,
-        })?;
+        let targets = gunicorn::target_containers(containers, pod.annotation(&keys.containers))
+            .map_err(|missing| SkipReason::UnknownContainers {
+                annotation: keys.containers.clone(),
+                missing,
+            })?;
         let prefix = statsd_prefix(pod, keys, ctx.owner_hint);
         let flags = format!(
             "--statsd-host={}:{} --statsd-prefix={prefix}",
@@ -295,7 +287,7 @@ impl Injector {
             match gunicorn::env_patch(container, index, &flags) {
                 Ok((op, note)) => {
                     ops.push(op);
-                    injected.push(container.name.clone());
+                    injected.push(container.name.to_string());
                     skipped.extend(note.map(|n| format!("container {:?}: {n}", container.name)));
                 }
                 Err(skip) => skipped.push(format!("container {:?}: {skip}", container.name)),
@@ -322,7 +314,7 @@ impl Injector {
 
         let status = InjectionStatus {
             version: env!("CARGO_PKG_VERSION").to_string(),
-            sidecar: sidecar_name.clone(),
+            sidecar: sidecar_name.to_string(),
             mode: self.mode,
             prefix,
             containers: injected,
@@ -334,8 +326,8 @@ impl Injector {
         )];
         // Pin the container `kubectl logs` picked before injection (the first
         // one), so the sidecar never becomes the default.
-        if !annotations.is_some_and(|a| a.contains_key(keys::DEFAULT_CONTAINER)) {
-            new_annotations.push((keys::DEFAULT_CONTAINER, containers[0].name.clone()));
+        if pod.annotation(keys::DEFAULT_CONTAINER).is_none() {
+            new_annotations.push((keys::DEFAULT_CONTAINER, containers[0].name.to_string()));
         }
         ops.extend(set_entries("labels", labels.is_some(), &mut new_labels));
         ops.extend(set_entries(
@@ -348,11 +340,13 @@ impl Injector {
 }
 
 /// Job pods, and any pod that is meant to finish.
-fn runs_to_completion(pod: &Pod, ctx: PodContext<'_>) -> bool {
-    let owned_by_job = pod.metadata.owner_references.as_ref().is_some_and(|refs| {
-        refs.iter()
-            .any(|r| r.kind == "Job" && r.api_version.starts_with("batch/"))
-    });
+fn runs_to_completion(pod: &PodView<'_>, ctx: PodContext<'_>) -> bool {
+    let owned_by_job = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|r| r.kind == "Job" && r.api_version.starts_with("batch/"));
     let restart_policy = pod.spec.as_ref().and_then(|s| s.restart_policy.as_deref());
     ctx.job_template || owned_by_job || matches!(restart_policy, Some("Never" | "OnFailure"))
 }

@@ -1,7 +1,6 @@
 //! Chooses the statsd prefix gunicorn sends its metrics under.
 
-use k8s_openapi::api::core::v1::Pod;
-
+use super::view::PodView;
 use crate::keys::Keys;
 
 const POD_TEMPLATE_HASH: &str = "pod-template-hash";
@@ -10,19 +9,12 @@ const MAX_PREFIX: usize = 63;
 /// The prefix, in order of preference: the annotation, the recommended labels
 /// (`app.kubernetes.io/name` + `-component`), the `app` label, the owner's name
 /// (or `owner_hint` for a workload template), then the pod's name or `generateName`.
-pub fn statsd_prefix(pod: &Pod, keys: &Keys, owner_hint: Option<&str>) -> String {
+pub fn statsd_prefix(pod: &PodView, keys: &Keys, owner_hint: Option<&str>) -> String {
     let meta = &pod.metadata;
-    let label = |k: &str| {
-        meta.labels
-            .as_ref()
-            .and_then(|l| l.get(k))
-            .filter(|v| !v.is_empty())
-    };
-    let annotation = meta
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(&keys.statsd_prefix))
-        .map(|v| sanitize(v))
+    let label = |k: &str| pod.label(k).filter(|v| !v.is_empty());
+    let annotation = pod
+        .annotation(&keys.statsd_prefix)
+        .map(sanitize)
         .filter(|v| !v.is_empty());
     if let Some(prefix) = annotation {
         return prefix;
@@ -32,11 +24,11 @@ pub fn statsd_prefix(pod: &Pod, keys: &Keys, owner_hint: Option<&str>) -> String
         label("app.kubernetes.io/component"),
     ) {
         (Some(name), Some(component)) => Some(format!("{name}-{component}")),
-        (Some(name), None) => Some(name.clone()),
-        (None, Some(component)) => Some(component.clone()),
+        (Some(name), None) => Some(name.to_string()),
+        (None, Some(component)) => Some(component.to_string()),
         (None, None) => None,
     };
-    let hash = label(POD_TEMPLATE_HASH).map(String::as_str);
+    let hash = label(POD_TEMPLATE_HASH);
     let owner = meta
         .owner_references
         .as_ref()
@@ -47,17 +39,27 @@ pub fn statsd_prefix(pod: &Pod, keys: &Keys, owner_hint: Option<&str>) -> String
         })
         .map(|r| strip_hash(&r.name, hash))
         .or(owner_hint.map(str::to_string));
-    let own_name = meta.name.clone().filter(|n| !n.is_empty()).or_else(|| {
-        meta.generate_name
-            .as_deref()
-            .map(|g| strip_hash(g.trim_end_matches('-'), hash))
-    });
-    [recommended, label("app").cloned(), owner, own_name]
-        .into_iter()
-        .flatten()
-        .map(|candidate| sanitize(&candidate))
-        .find(|candidate| !candidate.is_empty())
-        .unwrap_or_else(|| "app".to_string())
+    let own_name = meta
+        .name
+        .as_deref()
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+        .or_else(|| {
+            meta.generate_name
+                .as_deref()
+                .map(|g| strip_hash(g.trim_end_matches('-'), hash))
+        });
+    [
+        recommended,
+        label("app").map(str::to_string),
+        owner,
+        own_name,
+    ]
+    .into_iter()
+    .flatten()
+    .map(|candidate| sanitize(&candidate))
+    .find(|candidate| !candidate.is_empty())
+    .unwrap_or_else(|| "app".to_string())
 }
 
 /// `chiller-api-7d9f8c6b5` with hash `7d9f8c6b5` → `chiller-api`.
@@ -90,7 +92,7 @@ fn sanitize(raw: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+    use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::OwnerReference};
     use serde_json::json;
 
     use super::*;
@@ -100,7 +102,7 @@ mod tests {
     }
 
     fn prefix(meta: serde_json::Value) -> String {
-        statsd_prefix(&pod(meta), &Keys::default(), None)
+        statsd_prefix(&PodView::of(&pod(meta)), &Keys::default(), None)
     }
 
     #[test]
@@ -143,7 +145,10 @@ mod tests {
             controller: Some(true),
             ..Default::default()
         }]);
-        assert_eq!(statsd_prefix(&p, &Keys::default(), None), "chiller-api");
+        assert_eq!(
+            statsd_prefix(&PodView::of(&p), &Keys::default(), None),
+            "chiller-api"
+        );
     }
 
     #[test]
@@ -162,7 +167,7 @@ mod tests {
     fn owner_hint_serves_templates() {
         let p = pod(json!({"labels": {"pod-template-hash": "abc"}}));
         assert_eq!(
-            statsd_prefix(&p, &Keys::default(), Some("chiller-frontend")),
+            statsd_prefix(&PodView::of(&p), &Keys::default(), Some("chiller-frontend")),
             "chiller-frontend"
         );
     }

@@ -1,169 +1,36 @@
 //! Verifying a patch before it is answered: it must apply, and the patched pod
 //! must still satisfy the rules the API server and the kubelet enforce.
 //!
-//! The check runs on a [`PodShape`]: the parts of a pod that the injector's
-//! patch touches (labels, annotations, containers and their env, ports and
-//! mounts, init containers, volumes) and that the rules read. Applying the
-//! patch to that shape instead of the whole pod keeps the check cheap on
-//! every request. Every array and map the patch addresses keeps its presence
-//! and length in the shape, so a patch applies to the shape exactly when it
-//! applies to the pod; a patch that addresses anything outside the shape
-//! fails verification (and the webhook fails open).
+//! The check runs on the pod's [`PodView`]: the patch is applied to the view,
+//! operation by operation, and the rules read the result. The view holds
+//! every array and map the injector's patch addresses (labels, annotations,
+//! containers and their env, ports and mounts, init containers, volumes),
+//! with its presence and length, so a patch applies to the view exactly when
+//! it applies to the pod; a patch that addresses anything outside the view,
+//! or uses an operation the injector never writes, fails verification (and
+//! the webhook fails open).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
-use json_patch::Patch;
-use k8s_openapi::api::core::v1::{Container, Pod};
-use serde::{Deserialize, Serialize};
+use json_patch::{Patch, PatchOperation, jsonptr::Pointer};
+use serde::Deserialize;
+use serde_json::Value;
 
+use super::view::{AsPodView, PodView, Str};
 use crate::config::is_port_name;
 
-/// The parts of a pod that the injector's patch touches and the rules read.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PodShape<'a> {
-    #[serde(borrow, default)]
-    pub metadata: MetadataShape<'a>,
-    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    pub spec: Option<SpecShape<'a>>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MetadataShape<'a> {
-    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    pub labels: Option<BTreeMap<&'a str, &'a str>>,
-    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    pub annotations: Option<BTreeMap<&'a str, &'a str>>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SpecShape<'a> {
-    #[serde(borrow, default)]
-    pub containers: Vec<ContainerShape<'a>>,
-    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    pub init_containers: Option<Vec<ContainerShape<'a>>>,
-    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    pub volumes: Option<Vec<VolumeShape<'a>>>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ContainerShape<'a> {
-    pub name: &'a str,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub restart_policy: Option<&'a str>,
-    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    pub env: Option<Vec<EnvVarShape<'a>>>,
-    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    pub ports: Option<Vec<PortShape<'a>>>,
-    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    pub volume_mounts: Option<Vec<MountShape<'a>>>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct EnvVarShape<'a> {
-    pub name: &'a str,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub value: Option<&'a str>,
-    /// Only whether the variable has a `valueFrom`; its source is not needed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub value_from: Option<Present>,
-}
-
-/// Marks that a field is set, whatever its content.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Present {}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PortShape<'a> {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<&'a str>,
-    pub container_port: i32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub protocol: Option<&'a str>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MountShape<'a> {
-    pub name: &'a str,
-    pub mount_path: &'a str,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VolumeShape<'a> {
-    pub name: &'a str,
-}
-
-impl<'a> PodShape<'a> {
-    pub fn of(pod: &'a Pod) -> Self {
-        let map = |m: &'a BTreeMap<String, String>| {
-            m.iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect::<BTreeMap<_, _>>()
-        };
-        let containers = |cs: &'a [Container]| cs.iter().map(ContainerShape::of).collect();
-        Self {
-            metadata: MetadataShape {
-                labels: pod.metadata.labels.as_ref().map(map),
-                annotations: pod.metadata.annotations.as_ref().map(map),
-            },
-            spec: pod.spec.as_ref().map(|spec| SpecShape {
-                containers: containers(&spec.containers),
-                init_containers: spec.init_containers.as_deref().map(containers),
-                volumes: spec.volumes.as_ref().map(|volumes| {
-                    volumes
-                        .iter()
-                        .map(|v| VolumeShape { name: &v.name })
-                        .collect()
-                }),
-            }),
-        }
-    }
-
-    /// App containers and init containers.
-    pub fn containers(&self) -> impl Iterator<Item = &ContainerShape<'a>> {
-        let spec = self.spec.as_ref();
-        let apps = spec.map(|s| s.containers.as_slice()).unwrap_or_default();
-        let inits = spec
-            .and_then(|s| s.init_containers.as_deref())
-            .unwrap_or_default();
-        apps.iter().chain(inits)
-    }
-
-    /// App containers and restartable (native sidecar) init containers: they
-    /// share the pod's ports while the app runs.
-    pub fn long_running(&self) -> impl Iterator<Item = &ContainerShape<'a>> {
-        let spec = self.spec.as_ref();
-        let apps = spec.map(|s| s.containers.as_slice()).unwrap_or_default();
-        let sidecars = spec
-            .and_then(|s| s.init_containers.as_deref())
-            .unwrap_or_default()
-            .iter()
-            .filter(|c| c.restart_policy == Some("Always"));
-        apps.iter().chain(sidecars)
-    }
-
+impl PodView<'_> {
     /// Checks the rules a patched pod must still satisfy.
     pub fn check(&self) -> Result<(), PodProblem> {
         let mut names = BTreeSet::new();
         for container in self.containers() {
-            if !names.insert(container.name) {
+            if !names.insert(container.name.as_str()) {
                 return Err(PodProblem::DuplicateContainer(container.name.to_string()));
             }
         }
-        let volumes = self
-            .spec
-            .as_ref()
-            .and_then(|s| s.volumes.as_deref())
-            .unwrap_or_default();
         let mut volume_names = BTreeSet::new();
-        for volume in volumes {
-            if !volume_names.insert(volume.name) {
+        for volume in self.volumes() {
+            if !volume_names.insert(volume.name.as_str()) {
                 return Err(PodProblem::DuplicateVolume(volume.name.to_string()));
             }
         }
@@ -171,20 +38,25 @@ impl<'a> PodShape<'a> {
         for container in self.containers() {
             let mut mount_paths = BTreeSet::new();
             for mount in container.volume_mounts.iter().flatten() {
-                if !volume_names.contains(mount.name) {
+                if !volume_names.contains(mount.name.as_str()) {
                     return Err(PodProblem::MissingVolume {
                         container: container.name.to_string(),
                         volume: mount.name.to_string(),
                     });
                 }
-                if !mount_paths.insert(mount.mount_path) {
+                if !mount_paths.insert(mount.mount_path.as_str()) {
                     return Err(PodProblem::DuplicateMountPath {
                         container: container.name.to_string(),
                         path: mount.mount_path.to_string(),
                     });
                 }
             }
-            for name in container.ports.iter().flatten().filter_map(|p| p.name) {
+            for name in container
+                .ports
+                .iter()
+                .flatten()
+                .filter_map(|p| p.name.as_deref())
+            {
                 if !is_port_name(name) {
                     return Err(PodProblem::InvalidPortName {
                         container: container.name.to_string(),
@@ -199,50 +71,16 @@ impl<'a> PodShape<'a> {
         let mut bound = BTreeSet::new();
         for container in self.long_running() {
             for port in container.ports.iter().flatten() {
-                let key = (port.container_port, port.protocol.unwrap_or("TCP"));
+                let key = (
+                    port.container_port,
+                    port.protocol.as_deref().unwrap_or("TCP"),
+                );
                 if !bound.insert(key) {
                     return Err(PodProblem::DuplicatePort(format!("{}/{}", key.0, key.1)));
                 }
             }
         }
         Ok(())
-    }
-}
-
-impl<'a> ContainerShape<'a> {
-    fn of(container: &'a Container) -> Self {
-        Self {
-            name: &container.name,
-            restart_policy: container.restart_policy.as_deref(),
-            env: container.env.as_ref().map(|env| {
-                env.iter()
-                    .map(|var| EnvVarShape {
-                        name: &var.name,
-                        value: var.value.as_deref(),
-                        value_from: var.value_from.as_ref().map(|_| Present {}),
-                    })
-                    .collect()
-            }),
-            ports: container.ports.as_ref().map(|ports| {
-                ports
-                    .iter()
-                    .map(|p| PortShape {
-                        name: p.name.as_deref(),
-                        container_port: p.container_port,
-                        protocol: p.protocol.as_deref(),
-                    })
-                    .collect()
-            }),
-            volume_mounts: container.volume_mounts.as_ref().map(|mounts| {
-                mounts
-                    .iter()
-                    .map(|m| MountShape {
-                        name: &m.name,
-                        mount_path: &m.mount_path,
-                    })
-                    .collect()
-            }),
-        }
     }
 }
 
@@ -270,24 +108,248 @@ pub enum PodProblem {
 /// Why a patch must not be answered.
 #[derive(Debug, thiserror::Error)]
 pub enum PatchProblem {
-    #[error("patch does not apply: {0}")]
-    DoesNotApply(#[from] json_patch::PatchError),
-    #[error("patched pod would be invalid: {0}")]
-    Malformed(#[from] serde_json::Error),
+    #[error("patch does not apply: operation {index} ({path}): {reason}")]
+    DoesNotApply {
+        index: usize,
+        path: String,
+        reason: &'static str,
+    },
+    #[error("patched pod would be invalid: operation {index} ({path}): {source}")]
+    Malformed {
+        index: usize,
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("patched pod would be invalid: {0}")]
     BreaksRule(#[from] PodProblem),
 }
 
 /// Checks the rules a pod must satisfy. The webhook runs them on every
 /// patched pod before answering; the tests run them on every golden result.
-pub fn check_pod(pod: &Pod) -> Result<(), PodProblem> {
-    PodShape::of(pod).check()
+pub fn check_pod<P: AsPodView + ?Sized>(pod: &P) -> Result<(), PodProblem> {
+    pod.with_view(|view| view.check())
 }
 
-/// Applies `patch` to `pod`'s shape and checks the result.
-pub fn verify_patch(pod: &Pod, patch: &Patch) -> Result<(), PatchProblem> {
-    let mut shape = serde_json::to_value(PodShape::of(pod))?;
-    json_patch::patch(&mut shape, patch)?;
-    PodShape::deserialize(&shape)?.check()?;
+/// Applies `patch` to `pod`'s view and checks the result.
+pub fn verify_patch<P: AsPodView + ?Sized>(pod: &P, patch: &Patch) -> Result<(), PatchProblem> {
+    pod.with_view(|view| {
+        let mut patched = view.clone();
+        for (index, operation) in patch.0.iter().enumerate() {
+            let (path, result) = match operation {
+                PatchOperation::Add(op) => {
+                    (&op.path, apply(&mut patched, &op.path, &op.value, Op::Add))
+                }
+                PatchOperation::Replace(op) => (
+                    &op.path,
+                    apply(&mut patched, &op.path, &op.value, Op::Replace),
+                ),
+                PatchOperation::Remove(op) => (&op.path, Err(Failure::Unsupported)),
+                PatchOperation::Move(op) => (&op.path, Err(Failure::Unsupported)),
+                PatchOperation::Copy(op) => (&op.path, Err(Failure::Unsupported)),
+                PatchOperation::Test(op) => (&op.path, Err(Failure::Unsupported)),
+            };
+            result.map_err(|failure| failure.at(index, path))?;
+        }
+        patched.check()?;
+        Ok(())
+    })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Add,
+    Replace,
+}
+
+enum Failure {
+    /// RFC 6902 says the operation fails: its target or parent is missing.
+    Missing,
+    /// The path leaves the view: not something the injector writes.
+    OutsideView,
+    Unsupported,
+    Malformed(serde_json::Error),
+}
+
+impl From<serde_json::Error> for Failure {
+    fn from(error: serde_json::Error) -> Self {
+        Self::Malformed(error)
+    }
+}
+
+impl Failure {
+    fn at(self, index: usize, path: &Pointer) -> PatchProblem {
+        let path = path.as_str().to_string();
+        let reason = match self {
+            Self::Missing => "the target or its parent does not exist",
+            Self::OutsideView => "the path is outside what the injector writes",
+            Self::Unsupported => "the injector writes only add and replace",
+            Self::Malformed(source) => {
+                return PatchProblem::Malformed {
+                    index,
+                    path,
+                    source,
+                };
+            }
+        };
+        PatchProblem::DoesNotApply {
+            index,
+            path,
+            reason,
+        }
+    }
+}
+
+/// Applies one add or replace at `path` to the view, with the semantics
+/// `json_patch` gives it on the pod's JSON.
+fn apply<'p>(
+    pod: &mut PodView<'p>,
+    path: &Pointer,
+    value: &'p Value,
+    op: Op,
+) -> Result<(), Failure> {
+    let tokens: Vec<_> = path.tokens().collect();
+    let decoded: Vec<std::borrow::Cow<'_, str>> = tokens.iter().map(|t| t.decoded()).collect();
+    let keys: Vec<&str> = decoded.iter().map(|t| t.as_ref()).collect();
+    match keys.as_slice() {
+        ["metadata", field @ ("labels" | "annotations"), rest @ ..] => {
+            let map = match *field {
+                "labels" => &mut pod.metadata.labels,
+                _ => &mut pod.metadata.annotations,
+            };
+            match rest {
+                [] => set_field(map, value, op),
+                [key] => {
+                    let map = map.as_mut().ok_or(Failure::Missing)?;
+                    if op == Op::Replace && !map.contains_key(*key) {
+                        return Err(Failure::Missing);
+                    }
+                    map.insert(Str((*key).to_owned().into()), Str::deserialize(value)?);
+                    Ok(())
+                }
+                _ => Err(Failure::OutsideView),
+            }
+        }
+        ["spec", list @ ("containers" | "initContainers"), rest @ ..] => {
+            let spec = pod.spec.as_mut().ok_or(Failure::Missing)?;
+            if *list == "containers" {
+                // Always present in the view; absent in the JSON only if the
+                // pod has no containers, which the API server rejects.
+                let mut list = Some(std::mem::take(&mut spec.containers));
+                let result = apply_container_list(&mut list, rest, value, op);
+                spec.containers = list.unwrap_or_default();
+                result
+            } else {
+                apply_container_list(&mut spec.init_containers, rest, value, op)
+            }
+        }
+        ["spec", "volumes", rest @ ..] => {
+            let spec = pod.spec.as_mut().ok_or(Failure::Missing)?;
+            apply_list(&mut spec.volumes, rest, value, op, |_, _, _, _| {
+                Err(Failure::OutsideView)
+            })
+        }
+        _ => Err(Failure::OutsideView),
+    }
+}
+
+fn apply_container_list<'p>(
+    list: &mut Option<Vec<super::view::ContainerView<'p>>>,
+    rest: &[&str],
+    value: &'p Value,
+    op: Op,
+) -> Result<(), Failure> {
+    apply_list(
+        list,
+        rest,
+        value,
+        op,
+        |container, rest, value, op| match rest {
+            ["env", rest @ ..] => apply_list(
+                &mut container.env,
+                rest,
+                value,
+                op,
+                |var, rest, value, op| match rest {
+                    ["value"] => {
+                        if op == Op::Replace && var.value.is_none() {
+                            return Err(Failure::Missing);
+                        }
+                        var.value = Some(Str::deserialize(value)?);
+                        Ok(())
+                    }
+                    _ => Err(Failure::OutsideView),
+                },
+            ),
+            ["ports", rest @ ..] => {
+                apply_list(&mut container.ports, rest, value, op, |_, _, _, _| {
+                    Err(Failure::OutsideView)
+                })
+            }
+            ["volumeMounts", rest @ ..] => apply_list(
+                &mut container.volume_mounts,
+                rest,
+                value,
+                op,
+                |_, _, _, _| Err(Failure::OutsideView),
+            ),
+            _ => Err(Failure::OutsideView),
+        },
+    )
+}
+
+/// Sets a whole field: add creates or replaces it, replace needs it to exist.
+fn set_field<'p, T: Deserialize<'p>>(
+    field: &mut Option<T>,
+    value: &'p Value,
+    op: Op,
+) -> Result<(), Failure> {
+    if op == Op::Replace && field.is_none() {
+        return Err(Failure::Missing);
+    }
+    *field = Some(T::deserialize(value)?);
     Ok(())
+}
+
+/// An operation on a list field, its items, or (through `inner`) inside one item.
+fn apply_list<'p, T: Deserialize<'p>>(
+    list: &mut Option<Vec<T>>,
+    rest: &[&str],
+    value: &'p Value,
+    op: Op,
+    inner: impl FnOnce(&mut T, &[&str], &'p Value, Op) -> Result<(), Failure>,
+) -> Result<(), Failure> {
+    let [token, rest @ ..] = rest else {
+        return set_field(list, value, op);
+    };
+    let items = list.as_mut().ok_or(Failure::Missing)?;
+    if rest.is_empty() && op == Op::Add {
+        // RFC 6902: `-` appends, an index up to the length inserts.
+        let at = match *token {
+            "-" => items.len(),
+            index => parse_index(index)
+                .filter(|&i| i <= items.len())
+                .ok_or(Failure::Missing)?,
+        };
+        items.insert(at, T::deserialize(value)?);
+        return Ok(());
+    }
+    let item = parse_index(token)
+        .and_then(|i| items.get_mut(i))
+        .ok_or(Failure::Missing)?;
+    if rest.is_empty() {
+        *item = T::deserialize(value)?;
+        Ok(())
+    } else {
+        inner(item, rest, value, op)
+    }
+}
+
+/// An array index as JSON Pointer writes it: digits, no leading zero.
+fn parse_index(token: &str) -> Option<usize> {
+    let digits = !token.is_empty() && token.bytes().all(|b| b.is_ascii_digit());
+    if !digits || (token.len() > 1 && token.starts_with('0')) {
+        return None;
+    }
+    token.parse().ok()
 }

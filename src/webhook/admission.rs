@@ -6,7 +6,6 @@ use std::{
     panic::{AssertUnwindSafe, catch_unwind},
 };
 
-use k8s_openapi::api::core::v1::Pod;
 use kube::core::{
     DynamicObject, Status, TypeMeta,
     admission::{AdmissionResponse, AdmissionReview, Operation},
@@ -15,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::inject::{
-    Decision, Injector, NamespacePolicy, PatchProblem, PodContext, check_pod, verify_patch,
+    Decision, Injector, NamespacePolicy, PatchProblem, PodContext, PodView, check_pod, verify_patch,
 };
 
 pub const API_VERSION: &str = "admission.k8s.io/v1";
@@ -158,7 +157,7 @@ pub fn review(
         return Ok((response.into_review(), Outcome::Ignored("not_create")));
     }
     let object = request.object.ok_or(ReviewError::MissingObject)?;
-    let pod: Pod = serde_json::from_str(object.get()).map_err(ReviewError::InvalidPod)?;
+    let pod: PodView = serde_json::from_str(object.get()).map_err(ReviewError::InvalidPod)?;
 
     let namespace = request
         .namespace
@@ -195,7 +194,7 @@ fn allowed(uid: String) -> AdmissionResponse {
 /// pod) fails open: allowed, unpatched, with a warning.
 fn answer(
     response: AdmissionResponse,
-    pod: &Pod,
+    pod: &PodView<'_>,
     mutate: impl FnOnce() -> Decision,
 ) -> (AdmissionReview<DynamicObject>, Outcome) {
     let decision = match catch_unwind(AssertUnwindSafe(mutate)) {
@@ -318,6 +317,8 @@ mod tests {
     use super::*;
     use crate::inject::InjectionStatus;
 
+    type Pod = PodView<'static>;
+
     fn pod_json() -> serde_json::Value {
         json!({
             "apiVersion": "v1",
@@ -361,14 +362,14 @@ mod tests {
 
     #[test]
     fn a_panicking_mutation_fails_open() {
-        let pod: Pod = serde_json::from_value(pod_json()).unwrap();
+        let pod = Pod::deserialize(pod_json()).unwrap();
         let answer = answer(response(), &pod, || panic!("boom"));
         assert_failed_open(answer, "mutation panicked");
     }
 
     #[test]
     fn a_patch_that_does_not_apply_fails_open() {
-        let pod: Pod = serde_json::from_value(pod_json()).unwrap();
+        let pod = Pod::deserialize(pod_json()).unwrap();
         let broken = inject(vec![PatchOperation::Replace(ReplaceOperation {
             path: PointerBuf::parse("/spec/initContainers/7/name").unwrap(),
             value: json!("x"),
@@ -378,7 +379,7 @@ mod tests {
 
     #[test]
     fn a_patch_that_would_break_the_pod_fails_open() {
-        let pod: Pod = serde_json::from_value(pod_json()).unwrap();
+        let pod = Pod::deserialize(pod_json()).unwrap();
         let duplicate = inject(vec![PatchOperation::Add(AddOperation {
             path: PointerBuf::parse("/spec/containers/-").unwrap(),
             value: json!({"name": "api", "image": "other:1"}),
@@ -396,7 +397,7 @@ mod tests {
             {"name": "api", "image": "api:1"},
             {"name": "api", "image": "api:2"}
         ]);
-        serde_json::from_value(value).unwrap()
+        Pod::deserialize(value).unwrap()
     }
 
     #[test]
@@ -424,7 +425,7 @@ mod tests {
 
     #[test]
     fn a_good_patch_is_returned() {
-        let pod: Pod = serde_json::from_value(pod_json()).unwrap();
+        let pod = Pod::deserialize(pod_json()).unwrap();
         let good = inject(vec![PatchOperation::Add(AddOperation {
             path: PointerBuf::parse("/metadata/labels").unwrap(),
             value: json!({"metrics.chiller.io/injected": "true"}),
