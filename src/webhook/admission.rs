@@ -2,15 +2,13 @@
 
 use std::{
     borrow::Cow,
-    collections::HashMap,
+    cell::RefCell,
     panic::{AssertUnwindSafe, catch_unwind},
 };
 
-use kube::core::{
-    DynamicObject, Status, TypeMeta,
-    admission::{AdmissionResponse, AdmissionReview, Operation},
-};
-use serde::{Deserialize, Serialize};
+use json_patch::Patch;
+use kube::core::admission::Operation;
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::inject::{
@@ -106,8 +104,8 @@ struct IncomingReview<'a> {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct IncomingRequest<'a> {
-    #[serde(default)]
-    uid: String,
+    #[serde(borrow, default)]
+    uid: Cow<'a, str>,
     #[serde(borrow)]
     kind: IncomingKind<'a>,
     #[serde(borrow, default)]
@@ -129,13 +127,33 @@ struct IncomingKind<'a> {
     kind: Cow<'a, str>,
 }
 
+/// The answer to one review: allowed, with or without a patch. Written to the
+/// wire by [`to_bytes`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub uid: String,
+    /// The verified patch, when the pod is injected.
+    pub patch: Option<Patch>,
+    pub warnings: Vec<String>,
+}
+
+impl Answer {
+    fn allowed(uid: String) -> Self {
+        Self {
+            uid,
+            patch: None,
+            warnings: Vec::new(),
+        }
+    }
+}
+
 /// Answers one AdmissionReview body. Every well-formed review is allowed;
 /// internal failures fail open with a warning.
 pub fn review(
     injector: &Injector,
     namespaces: &dyn NamespacePolicies,
     body: &[u8],
-) -> Result<(AdmissionReview<DynamicObject>, Outcome), ReviewError> {
+) -> Result<(Answer, Outcome), ReviewError> {
     let review: IncomingReview = serde_json::from_slice(body).map_err(ReviewError::Malformed)?;
     if review.api_version != API_VERSION || review.kind != KIND {
         return Err(ReviewError::UnsupportedVersion {
@@ -147,14 +165,14 @@ pub fn review(
     if request.uid.is_empty() {
         return Err(ReviewError::MissingUid);
     }
-    let response = allowed(request.uid);
+    let response = Answer::allowed(request.uid.into_owned());
     let is_pod =
         request.kind.group.is_empty() && request.kind.version == "v1" && request.kind.kind == "Pod";
     if !is_pod || request.sub_resource.is_some_and(|s| !s.is_empty()) {
-        return Ok((response.into_review(), Outcome::Ignored("not_a_pod")));
+        return Ok((response, Outcome::Ignored("not_a_pod")));
     }
     if request.operation != Operation::Create {
-        return Ok((response.into_review(), Outcome::Ignored("not_create")));
+        return Ok((response, Outcome::Ignored("not_create")));
     }
     let object = request.object.ok_or(ReviewError::MissingObject)?;
     let pod: PodView = serde_json::from_str(object.get()).map_err(ReviewError::InvalidPod)?;
@@ -168,49 +186,31 @@ pub fn review(
         namespace: policy.as_ref(),
         ..Default::default()
     };
-    let (review, outcome) = answer(response, &pod, || injector.mutate(&pod, ctx));
-    let uid = review.response.as_ref().map(|r| r.uid.as_str());
-    tracing::debug!(uid, namespace, ?outcome, "answered");
-    Ok((review, outcome))
-}
-
-/// An "allowed" response with nothing else, for the request `uid`.
-fn allowed(uid: String) -> AdmissionResponse {
-    // kube-core builds responses from an `AdmissionRequest` (which we do not
-    // parse) or as `invalid`; start from the latter and make it an allow.
-    let mut response = AdmissionResponse::invalid("");
-    response.types = TypeMeta {
-        api_version: API_VERSION.into(),
-        kind: KIND.into(),
-    };
-    response.uid = uid;
-    response.allowed = true;
-    response.result = Status::default();
-    response
+    let (answer, outcome) = answer(response, &pod, || injector.mutate(&pod, ctx));
+    tracing::debug!(uid = answer.uid, namespace, ?outcome, "answered");
+    Ok((answer, outcome))
 }
 
 /// Runs the mutation and turns its decision into the answer. Any failure on
 /// the way (a panic, a patch that does not apply or would leave an invalid
 /// pod) fails open: allowed, unpatched, with a warning.
 fn answer(
-    response: AdmissionResponse,
+    mut response: Answer,
     pod: &PodView<'_>,
     mutate: impl FnOnce() -> Decision,
-) -> (AdmissionReview<DynamicObject>, Outcome) {
+) -> (Answer, Outcome) {
     let decision = match catch_unwind(AssertUnwindSafe(mutate)) {
         Ok(decision) => decision,
         Err(_) => return fail_open(response, "mutation panicked"),
     };
     match decision {
         Decision::Skip(reason) => {
-            let mut response = response;
             if reason.warrants_warning() {
-                response.warnings = Some(vec![format!("chiller-metrics did not inject: {reason}")]);
+                response
+                    .warnings
+                    .push(format!("chiller-metrics did not inject: {reason}"));
             }
-            (
-                response.into_review(),
-                Outcome::Skipped(reason.metric_label()),
-            )
+            (response, Outcome::Skipped(reason.metric_label()))
         }
         Decision::Inject {
             patch, warnings, ..
@@ -223,90 +223,93 @@ fn answer(
                 Err(PatchProblem::BreaksRule(_)) if check_pod(pod).is_err() => {}
                 Err(problem) => return fail_open(response, &problem.to_string()),
             }
-            let unpatched = response.clone();
-            let mut response = match response.with_patch(patch) {
-                Ok(response) => response,
-                Err(e) => return fail_open(unpatched, &e.to_string()),
-            };
-            if !warnings.is_empty() {
-                response.warnings = Some(
-                    warnings
-                        .into_iter()
-                        .map(|w| format!("chiller-metrics: {w}"))
-                        .collect(),
-                );
+            response.patch = Some(patch);
+            response.warnings = warnings
+                .into_iter()
+                .map(|w| format!("chiller-metrics: {w}"))
+                .collect();
+            (response, Outcome::Injected)
+        }
+    }
+}
+
+fn fail_open(mut response: Answer, why: &str) -> (Answer, Outcome) {
+    tracing::warn!(uid = %response.uid, error = why, "internal error; pod allowed without injection");
+    response.patch = None;
+    response.warnings = vec![format!("chiller-metrics failed and did not inject: {why}")];
+    (response, Outcome::Error("internal"))
+}
+
+thread_local! {
+    /// The patch's JSON before it is base64-encoded into the response; kept
+    /// per thread so that a review allocates no buffer for it.
+    static PATCH_JSON: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A scratch buffer that grew past this is given back after use.
+const PATCH_JSON_KEEP: usize = 64 * 1024;
+
+/// The review's JSON body, as sent to the API server: the AdmissionReview
+/// envelope with `patch` as a base64 string, as Kubernetes documents it on
+/// the wire. The patch is serialized into a reused buffer and encoded
+/// straight into the response.
+pub fn to_bytes(answer: &Answer) -> Vec<u8> {
+    PATCH_JSON.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        scratch.clear();
+        if let Some(patch) = &answer.patch {
+            serde_json::to_writer(&mut *scratch, patch).expect("a patch always serializes");
+        }
+        let out = write_response(answer, &scratch);
+        if scratch.capacity() > PATCH_JSON_KEEP {
+            *scratch = Vec::new();
+        }
+        out
+    })
+}
+
+fn write_response(answer: &Answer, patch_json: &[u8]) -> Vec<u8> {
+    use base64::{Engine, engine::general_purpose::STANDARD};
+
+    let warnings: usize = answer.warnings.iter().map(|w| w.len() + 8).sum();
+    let capacity = 160 + answer.uid.len() + patch_json.len().div_ceil(3) * 4 + warnings;
+    let mut out = Vec::with_capacity(capacity);
+    out.extend_from_slice(
+        br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"#,
+    );
+    write_string(&mut out, &answer.uid);
+    out.extend_from_slice(br#","allowed":true,"status":{}"#);
+    if answer.patch.is_some() {
+        out.extend_from_slice(br#","patch":""#);
+        let start = out.len();
+        out.resize(start + patch_json.len().div_ceil(3) * 4, 0);
+        let written = STANDARD
+            .encode_slice(patch_json, &mut out[start..])
+            .expect("the buffer fits the encoding");
+        out.truncate(start + written);
+        out.extend_from_slice(br#"","patchType":"JSONPatch""#);
+    }
+    if !answer.warnings.is_empty() {
+        out.extend_from_slice(br#","warnings":["#);
+        for (i, warning) in answer.warnings.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
             }
-            (response.into_review(), Outcome::Injected)
+            write_string(&mut out, warning);
         }
+        out.push(b']');
     }
+    out.extend_from_slice(b"}}");
+    out
 }
 
-/// A review as Kubernetes documents it on the wire: `patch` is a base64
-/// string (kube-core would write a byte array, which Go also accepts).
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct OutgoingReview<'a> {
-    api_version: &'a str,
-    kind: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    response: Option<OutgoingResponse<'a>>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct OutgoingResponse<'a> {
-    uid: &'a str,
-    allowed: bool,
-    status: &'a Status,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    patch: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    patch_type: Option<&'static str>,
-    #[serde(skip_serializing_if = "HashMap::is_empty")]
-    audit_annotations: &'a HashMap<String, String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    warnings: Option<&'a Vec<String>>,
-}
-
-impl<'a> OutgoingReview<'a> {
-    fn of(review: &'a AdmissionReview<DynamicObject>) -> Self {
-        use base64::{Engine, engine::general_purpose::STANDARD};
-        Self {
-            api_version: &review.types.api_version,
-            kind: &review.types.kind,
-            response: review.response.as_ref().map(|r| OutgoingResponse {
-                uid: &r.uid,
-                allowed: r.allowed,
-                status: &r.result,
-                patch: r.patch.as_ref().map(|p| STANDARD.encode(p)),
-                // kube-core only ever sets a JSONPatch, together with the patch.
-                patch_type: r.patch.as_ref().map(|_| "JSONPatch"),
-                audit_annotations: &r.audit_annotations,
-                warnings: r.warnings.as_ref(),
-            }),
-        }
-    }
-}
-
-/// The review's JSON body, as sent to the API server.
-pub fn to_bytes(review: &AdmissionReview<DynamicObject>) -> Vec<u8> {
-    serde_json::to_vec(&OutgoingReview::of(review)).expect("an AdmissionReview always serializes")
+fn write_string(out: &mut Vec<u8>, s: &str) {
+    serde_json::to_writer(out, s).expect("a string always serializes");
 }
 
 /// The review as a JSON value, exactly as [`to_bytes`] writes it.
-pub fn to_json(review: &AdmissionReview<DynamicObject>) -> serde_json::Value {
-    serde_json::to_value(OutgoingReview::of(review)).expect("an AdmissionReview always serializes")
-}
-
-fn fail_open(
-    mut response: AdmissionResponse,
-    why: &str,
-) -> (AdmissionReview<DynamicObject>, Outcome) {
-    tracing::warn!(uid = %response.uid, error = why, "internal error; pod allowed without injection");
-    response.warnings = Some(vec![format!(
-        "chiller-metrics failed and did not inject: {why}"
-    )]);
-    (response.into_review(), Outcome::Error("internal"))
+pub fn to_json(answer: &Answer) -> serde_json::Value {
+    serde_json::from_slice(&to_bytes(answer)).expect("the response is JSON")
 }
 
 #[cfg(test)]
@@ -328,8 +331,8 @@ mod tests {
         })
     }
 
-    fn response() -> AdmissionResponse {
-        allowed("uid-1".into())
+    fn response() -> Answer {
+        Answer::allowed("uid-1".into())
     }
 
     fn inject(ops: Vec<PatchOperation>) -> Decision {
@@ -346,14 +349,22 @@ mod tests {
         }
     }
 
-    fn assert_failed_open(answer: (AdmissionReview<DynamicObject>, Outcome), why: &str) {
-        let (review, outcome) = answer;
+    fn assert_failed_open(answer: (Answer, Outcome), why: &str) {
+        let (answer, outcome) = answer;
         assert_eq!(outcome, Outcome::Error("internal"));
-        let response = review.response.expect("a response");
-        assert!(response.allowed, "an internal failure never blocks the pod");
-        assert_eq!(response.uid, "uid-1");
-        assert!(response.patch.is_none(), "no patch when failing open");
-        let warnings = response.warnings.expect("a warning").join(" ");
+        let wire = to_json(&answer);
+        assert_eq!(
+            wire["response"]["allowed"], true,
+            "an internal failure never blocks the pod"
+        );
+        assert_eq!(wire["response"]["uid"], "uid-1");
+        assert!(answer.patch.is_none(), "no patch when failing open");
+        assert!(
+            wire["response"]["patch"].is_null(),
+            "no patch when failing open"
+        );
+        assert!(!answer.warnings.is_empty(), "a warning");
+        let warnings = answer.warnings.join(" ");
         assert!(
             warnings.contains("did not inject") && warnings.contains(why),
             "{warnings}"
@@ -418,9 +429,9 @@ mod tests {
             path: PointerBuf::parse("/metadata/labels").unwrap(),
             value: json!({"metrics.chiller.io/injected": "true"}),
         })]);
-        let (review, outcome) = answer(response(), &invalid_pod(), || good);
+        let (answer, outcome) = answer(response(), &invalid_pod(), || good);
         assert_eq!(outcome, Outcome::Injected);
-        assert!(review.response.unwrap().patch.is_some());
+        assert!(answer.patch.is_some());
     }
 
     #[test]
@@ -430,9 +441,53 @@ mod tests {
             path: PointerBuf::parse("/metadata/labels").unwrap(),
             value: json!({"metrics.chiller.io/injected": "true"}),
         })]);
-        let (review, outcome) = answer(response(), &pod, || good);
+        let (answer, outcome) = answer(response(), &pod, || good);
         assert_eq!(outcome, Outcome::Injected);
-        let response = review.response.unwrap();
-        assert!(response.allowed && response.patch.is_some() && response.warnings.is_none());
+        let wire = to_json(&answer);
+        assert_eq!(wire["response"]["allowed"], true);
+        assert!(answer.patch.is_some() && answer.warnings.is_empty());
+        assert!(wire["response"]["warnings"].is_null());
+    }
+
+    /// The wire format: the patch is the base64 of its JSON, `patchType` goes
+    /// with it, strings are escaped; the reused buffer leaves nothing behind.
+    #[test]
+    fn the_response_is_written_as_kubernetes_reads_it() {
+        use base64::{Engine, engine::general_purpose::STANDARD};
+        let patch = Patch(vec![PatchOperation::Add(AddOperation {
+            path: PointerBuf::parse("/metadata/labels").unwrap(),
+            value: json!({"metrics.chiller.io/injected": "tr\"ue\u{e9}"}),
+        })]);
+        let long = Patch(vec![PatchOperation::Add(AddOperation {
+            path: PointerBuf::parse("/metadata/annotations").unwrap(),
+            value: json!({"x": "y".repeat(100_000)}),
+        })]);
+        let with = |patch: Option<&Patch>, warnings: &[&str]| Answer {
+            uid: "u\"1".into(),
+            patch: patch.cloned(),
+            warnings: warnings.iter().map(|w| w.to_string()).collect(),
+        };
+        for answer in [
+            with(Some(&long), &[]),
+            with(Some(&patch), &["a \"quoted\" warning", "second"]),
+            with(None, &["only a warning"]),
+            with(None, &[]),
+        ] {
+            let wire = to_json(&answer);
+            let mut expected = json!({
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "response": {"uid": "u\"1", "allowed": true, "status": {}},
+            });
+            if let Some(patch) = &answer.patch {
+                let encoded = STANDARD.encode(serde_json::to_vec(patch).unwrap());
+                expected["response"]["patch"] = json!(encoded);
+                expected["response"]["patchType"] = json!("JSONPatch");
+            }
+            if !answer.warnings.is_empty() {
+                expected["response"]["warnings"] = json!(answer.warnings);
+            }
+            assert_eq!(wire, expected);
+        }
     }
 }
