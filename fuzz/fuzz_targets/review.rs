@@ -1,6 +1,8 @@
-//! The whole request path: bytes in → `admission::review` (parse, mutate,
-//! verify the patch) → response serialization. Must never panic, and every
-//! answer must be a well-formed AdmissionReview.
+//! The whole request path: bytes in → `admission::review` (the envelope, the
+//! pod's borrowed view, mutation and the patch check on the view) → the
+//! response written to bytes. Must never panic, every answer must be a
+//! well-formed AdmissionReview, and a patch it answers must apply to the
+//! request's pod as JSON (what the API server does with it).
 #![no_main]
 
 use std::sync::LazyLock;
@@ -19,8 +21,7 @@ fuzz_target!(|body: &[u8]| {
     let Ok((review, _outcome)) = admission::review(&INJECTOR, &NoCluster, body) else {
         return;
     };
-    let json = admission::to_json(&review);
-    let bytes = serde_json::to_vec(&json).expect("a response always serializes");
+    let bytes = admission::to_bytes(&review);
     let answer: serde_json::Value = serde_json::from_slice(&bytes).expect("a response is JSON");
     assert_eq!(answer["apiVersion"], admission::API_VERSION);
     assert_eq!(
@@ -32,4 +33,18 @@ fuzz_target!(|body: &[u8]| {
             .as_str()
             .is_some_and(|uid| !uid.is_empty())
     );
+    if let Some(encoded) = answer["response"]["patch"].as_str() {
+        use base64::{Engine, engine::general_purpose::STANDARD};
+        let patch: json_patch::Patch =
+            serde_json::from_slice(&STANDARD.decode(encoded).expect("the patch is base64"))
+                .expect("the patch is a JSON Patch");
+        // serde_json's Value stops at depth 128, where the review skipped.
+        let Ok(request) = serde_json::from_slice::<serde_json::Value>(body) else {
+            return;
+        };
+        let mut pod = request["request"]["object"].clone();
+        if let Err(error) = json_patch::patch(&mut pod, &patch) {
+            panic!("the answered patch does not apply to the pod: {error}");
+        }
+    }
 });

@@ -213,6 +213,9 @@ fn apply<'p>(
     let keys: Vec<&str> = decoded.iter().map(|t| t.as_ref()).collect();
     match keys.as_slice() {
         ["metadata", field @ ("labels" | "annotations"), rest @ ..] => {
+            if !pod.metadata.present {
+                return Err(Failure::Missing);
+            }
             let map = match *field {
                 "labels" => &mut pod.metadata.labels,
                 _ => &mut pod.metadata.annotations,

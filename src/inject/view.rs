@@ -131,15 +131,31 @@ pub type StrMap<'a> = BTreeMap<Str<'a>, Str<'a>>;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodView<'a> {
-    #[serde(borrow, default, deserialize_with = "nullable")]
+    #[serde(borrow, default, deserialize_with = "present_metadata")]
     pub metadata: MetadataView<'a>,
     #[serde(borrow, default)]
     pub spec: Option<SpecView<'a>>,
 }
 
+/// Metadata as read, marked present: a patch can only add to metadata
+/// that the pod's JSON has.
+fn present_metadata<'de: 'a, 'a, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<MetadataView<'a>, D::Error> {
+    Ok(Option::<MetadataView>::deserialize(deserializer)?
+        .map(|metadata| MetadataView {
+            present: true,
+            ..metadata
+        })
+        .unwrap_or_default())
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MetadataView<'a> {
+    /// Whether the pod's JSON has `metadata` (an object); a typed pod always has.
+    #[serde(skip)]
+    pub present: bool,
     #[serde(borrow, default)]
     pub name: Option<Str<'a>>,
     #[serde(borrow, default)]
@@ -265,6 +281,7 @@ impl<'a> PodView<'a> {
         let meta = &pod.metadata;
         Self {
             metadata: MetadataView {
+                present: true,
                 name: opt(&meta.name),
                 generate_name: opt(&meta.generate_name),
                 namespace: opt(&meta.namespace),
@@ -464,7 +481,7 @@ mod tests {
 
     #[test]
     fn required_fields_may_be_null_or_missing_as_in_k8s_openapi() {
-        let text = r#"{"metadata":null,"spec":{"containers":[{"name":null,
+        let text = r#"{"metadata":{"name":null},"spec":{"containers":[{"name":null,
             "ports":[{"containerPort":null}]}]}}"#;
         let view: PodView = serde_json::from_str(text).unwrap();
         let pod: Pod = serde_json::from_str(text).unwrap();
