@@ -12,6 +12,7 @@
 pub mod nodes;
 pub mod pki;
 pub mod process;
+pub mod runner;
 
 use std::{
     ffi::OsString,

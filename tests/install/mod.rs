@@ -259,14 +259,27 @@ pub fn apply_monitoring_crds(plane: &ControlPlane) {
             .arg(dir.join(format!("monitoring.coreos.com_{plural}.yaml")));
     }
     run(&mut apply);
-    run(plane.kubectl().args([
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/prometheuses.monitoring.coreos.com",
-        "crd/servicemonitors.monitoring.coreos.com",
-        "crd/podmonitors.monitoring.coreos.com",
-    ]));
+    // Polled: `kubectl wait` fails outright while a new CRD has no status yet.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for plural in ["prometheuses", "servicemonitors", "podmonitors"] {
+        let name = format!("{plural}.monitoring.coreos.com");
+        loop {
+            let crd = kubectl_json(plane, &["get", "crd", &name]);
+            let established = crd["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Established" && c["status"] == "True");
+            if established {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "CRD {name} not established within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
 }
 
 /// Where `make tools` puts the prometheus-operator CRDs.

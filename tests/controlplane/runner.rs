@@ -1,0 +1,592 @@
+//! The pod runner: what a kubelet would do for the pods kwok marks Running,
+//! with real processes instead of containers. Each pod gets a network
+//! namespace holding its IP on a bridge, so `localhost` in a pod is that pod
+//! alone; each container's process runs in it with the container's command,
+//! args, env and volumes (bubblewrap binds the volumes at their mountPaths).
+//! Images map to local binaries through an explicit table; an image missing
+//! from it fails the run, naming the image.
+//!
+//! It must run inside a network namespace the test made (see
+//! [`isolated`]): the bridge and every pod address live there, never on the
+//! host's interfaces.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use serde_json::Value;
+
+use super::ControlPlane;
+
+/// The bridge every pod's veth joins, and its address: the pods' gateway.
+pub const BRIDGE: &str = "chiller0";
+pub const BRIDGE_ADDRESS: &str = "10.244.0.1/16";
+
+/// How an image runs here: a program and the image's entrypoint arguments.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// The image's ENTRYPOINT, with the program resolved to a local file.
+    pub entrypoint: Vec<String>,
+    /// The image's CMD, used when the container gives no args.
+    pub default_args: Vec<String>,
+    pub workdir: Option<PathBuf>,
+    /// Extra PATH entries (a virtualenv's bin).
+    pub path: Vec<PathBuf>,
+}
+
+/// Image repository (without tag) to how it runs.
+pub type ImageTable = BTreeMap<String, Launch>;
+
+/// The repository part of an image reference.
+pub fn repository(image: &str) -> &str {
+    let without_digest = image.split('@').next().unwrap_or(image);
+    match without_digest.rsplit_once(':') {
+        Some((repo, tag)) if !tag.contains('/') => repo,
+        _ => without_digest,
+    }
+}
+
+struct RunningPod {
+    netns: String,
+    host_veth: String,
+    processes: Vec<(String, Child)>,
+}
+
+/// Watches pods and runs those on our nodes; stops everything on drop.
+pub struct PodRunner {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    errors: Arc<Mutex<Vec<String>>>,
+    pods: Arc<Mutex<HashMap<String, RunningPod>>>,
+    dir: PathBuf,
+}
+
+impl PodRunner {
+    /// Sets up the bridge and starts polling the API server for Running pods.
+    pub fn start(plane: &'static ControlPlane, table: ImageTable) -> Self {
+        sh(&["ip", "link", "add", BRIDGE, "type", "bridge"]);
+        sh(&["ip", "addr", "add", BRIDGE_ADDRESS, "dev", BRIDGE]);
+        sh(&["ip", "link", "set", BRIDGE, "up"]);
+        let stop = Arc::new(AtomicBool::new(false));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let pods: Arc<Mutex<HashMap<String, RunningPod>>> = Arc::default();
+        let dir = plane.dir.join("pods");
+        std::fs::create_dir_all(&dir).unwrap();
+        let thread = {
+            let (stop, errors, pods, dir) =
+                (stop.clone(), errors.clone(), pods.clone(), dir.clone());
+            std::thread::spawn(move || {
+                // Bounded: at most an hour of half-second rounds.
+                for _ in 0..7200 {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    if let Err(error) = sync_once(plane, &table, &pods, &dir) {
+                        errors.lock().unwrap().push(error);
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            })
+        };
+        Self {
+            stop,
+            thread: Some(thread),
+            errors,
+            pods,
+            dir,
+        }
+    }
+
+    /// Errors so far (an unknown image, a failed start).
+    pub fn errors(&self) -> Vec<String> {
+        self.errors.lock().unwrap().clone()
+    }
+
+    /// The last lines of a container's log.
+    pub fn log_tail(&self, pod_uid: &str, container: &str, lines: usize) -> String {
+        super::process::tail(
+            &self.dir.join(pod_uid).join(format!("{container}.log")),
+            lines,
+        )
+    }
+
+    /// The network namespace of a running pod, by uid.
+    pub fn netns_of(&self, pod_uid: &str) -> Option<String> {
+        self.pods
+            .lock()
+            .unwrap()
+            .get(pod_uid)
+            .map(|p| p.netns.clone())
+    }
+}
+
+impl Drop for PodRunner {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        for (_, pod) in self.pods.lock().unwrap().drain() {
+            stop_pod(pod);
+        }
+        let _ = Command::new("ip").args(["link", "del", BRIDGE]).status();
+    }
+}
+
+fn stop_pod(mut pod: RunningPod) {
+    for (_, child) in pod.processes.iter_mut() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let _ = Command::new("ip")
+        .args(["link", "del", &pod.host_veth])
+        .status();
+    let _ = Command::new("ip")
+        .args(["netns", "del", &pod.netns])
+        .status();
+}
+
+fn sh(args: &[&str]) {
+    let output = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn try_sh(args: &[&str]) -> Result<(), String> {
+    let output = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("{args:?}: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
+fn kubectl_json(plane: &ControlPlane, args: &[&str]) -> Result<Value, String> {
+    let output = plane
+        .kubectl()
+        .args(args)
+        .args(["-o", "json"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !output.status.success() {
+        return Err(format!(
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    serde_json::from_slice(&output.stdout).map_err(|e| e.to_string())
+}
+
+/// One round: start pods that are Running with an IP and not started yet;
+/// stop pods that are gone.
+fn sync_once(
+    plane: &ControlPlane,
+    table: &ImageTable,
+    pods: &Mutex<HashMap<String, RunningPod>>,
+    dir: &Path,
+) -> Result<(), String> {
+    let list = kubectl_json(plane, &["get", "pods", "-A"])?;
+    let items = list["items"].as_array().cloned().unwrap_or_default();
+    let mut seen = Vec::new();
+    for pod in &items {
+        let uid = pod["metadata"]["uid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let running = pod["status"]["phase"] == "Running"
+            && pod["status"]["podIP"].is_string()
+            && pod["metadata"]["deletionTimestamp"].is_null();
+        if !running {
+            continue;
+        }
+        seen.push(uid.clone());
+        if pods.lock().unwrap().contains_key(&uid) {
+            continue;
+        }
+        let index = pods.lock().unwrap().len();
+        let started = start_pod(plane, table, pod, index, &dir.join(&uid))?;
+        pods.lock().unwrap().insert(uid, started);
+    }
+    let gone: Vec<String> = pods
+        .lock()
+        .unwrap()
+        .keys()
+        .filter(|uid| !seen.contains(uid))
+        .cloned()
+        .collect();
+    for uid in gone {
+        if let Some(pod) = pods.lock().unwrap().remove(&uid) {
+            stop_pod(pod);
+        }
+    }
+    Ok(())
+}
+
+fn start_pod(
+    plane: &ControlPlane,
+    table: &ImageTable,
+    pod: &Value,
+    index: usize,
+    dir: &Path,
+) -> Result<RunningPod, String> {
+    let namespace = pod["metadata"]["namespace"].as_str().unwrap_or_default();
+    let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+    let ip = pod["status"]["podIP"].as_str().unwrap_or_default();
+    // Fail before touching the network when an image is unknown.
+    let containers = containers_in_start_order(pod);
+    for container in &containers {
+        let image = container["image"].as_str().unwrap_or_default();
+        if !table.contains_key(repository(image)) {
+            return Err(format!(
+                "pod {namespace}/{name}: image {image:?} is not in the pod runner's table"
+            ));
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let netns = format!("chiller-pod-{index}");
+    let host_veth = format!("cpv{index}");
+    try_sh(&["ip", "netns", "add", &netns])?;
+    try_sh(&[
+        "ip", "link", "add", &host_veth, "type", "veth", "peer", "name", "eth0", "netns", &netns,
+    ])?;
+    try_sh(&["ip", "link", "set", &host_veth, "master", BRIDGE, "up"])?;
+    let in_pod = |args: &[&str]| {
+        let mut full = vec!["ip", "netns", "exec", netns.as_str()];
+        full.extend_from_slice(args);
+        try_sh(&full)
+    };
+    in_pod(&["ip", "link", "set", "lo", "up"])?;
+    in_pod(&["ip", "addr", "add", &format!("{ip}/16"), "dev", "eth0"])?;
+    in_pod(&["ip", "link", "set", "eth0", "up"])?;
+    in_pod(&[
+        "ip",
+        "route",
+        "add",
+        "default",
+        "via",
+        BRIDGE_ADDRESS.split('/').next().unwrap(),
+    ])?;
+
+    let volumes = materialize_volumes(plane, pod, &dir.join("volumes"))?;
+    let mut processes = Vec::new();
+    for container in containers {
+        let child = start_container(plane, table, pod, container, &netns, &volumes, dir)?;
+        let name = container["name"].as_str().unwrap_or_default().to_string();
+        processes.push((name, child));
+    }
+    Ok(RunningPod {
+        netns,
+        host_veth,
+        processes,
+    })
+}
+
+/// Native sidecars (init containers with `restartPolicy: Always`) first,
+/// then the app containers. Plain init containers are not run yet.
+fn containers_in_start_order(pod: &Value) -> Vec<&Value> {
+    let spec = &pod["spec"];
+    let sidecars = spec["initContainers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["restartPolicy"] == "Always");
+    sidecars
+        .chain(spec["containers"].as_array().into_iter().flatten())
+        .collect()
+}
+
+/// Writes ConfigMap, Secret and emptyDir volumes into `dir`; their paths.
+fn materialize_volumes(
+    plane: &ControlPlane,
+    pod: &Value,
+    dir: &Path,
+) -> Result<HashMap<String, PathBuf>, String> {
+    let namespace = pod["metadata"]["namespace"].as_str().unwrap_or_default();
+    let mut paths = HashMap::new();
+    for volume in pod["spec"]["volumes"].as_array().into_iter().flatten() {
+        let name = volume["name"].as_str().unwrap_or_default();
+        let path = dir.join(name);
+        std::fs::create_dir_all(&path).map_err(|e| e.to_string())?;
+        if let Some(sources) = volume["projected"]["sources"].as_array() {
+            project(plane, pod, sources, &path)?;
+            paths.insert(name.to_string(), path);
+            continue;
+        }
+        let (kind, object, data_key) = if let Some(cm) = volume["configMap"]["name"].as_str() {
+            ("configmap", cm, "data")
+        } else if let Some(secret) = volume["secret"]["secretName"].as_str() {
+            ("secret", secret, "data")
+        } else {
+            // emptyDir and the rest: an empty folder.
+            paths.insert(name.to_string(), path);
+            continue;
+        };
+        let object = kubectl_json(plane, &["get", kind, object, "-n", namespace])?;
+        for (key, value) in object[data_key].as_object().into_iter().flatten() {
+            let text = value.as_str().unwrap_or_default();
+            let bytes = if kind == "secret" {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD
+                    .decode(text)
+                    .map_err(|e| e.to_string())?
+            } else {
+                text.as_bytes().to_vec()
+            };
+            std::fs::write(path.join(key), bytes).map_err(|e| e.to_string())?;
+        }
+        paths.insert(name.to_string(), path);
+    }
+    Ok(paths)
+}
+
+/// A projected volume: service-account token (TokenRequest), ConfigMap
+/// items and downward-API fields, as the kubelet writes them.
+fn project(plane: &ControlPlane, pod: &Value, sources: &[Value], dir: &Path) -> Result<(), String> {
+    let namespace = pod["metadata"]["namespace"].as_str().unwrap_or_default();
+    let account = pod["spec"]["serviceAccountName"]
+        .as_str()
+        .unwrap_or("default");
+    for source in sources {
+        if let Some(token) = source["serviceAccountToken"].as_object() {
+            let output = plane
+                .kubectl()
+                .args(["create", "token", account, "-n", namespace, "--duration=2h"])
+                .output()
+                .map_err(|e| e.to_string())?;
+            if !output.status.success() {
+                return Err(format!(
+                    "token for {namespace}/{account}: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                ));
+            }
+            let path = token["path"].as_str().unwrap_or("token");
+            std::fs::write(dir.join(path), output.stdout).map_err(|e| e.to_string())?;
+        } else if let Some(name) = source["configMap"]["name"].as_str() {
+            let cm = kubectl_json(plane, &["get", "configmap", name, "-n", namespace])?;
+            for item in source["configMap"]["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                let key = item["key"].as_str().unwrap_or_default();
+                let path = item["path"].as_str().unwrap_or(key);
+                std::fs::write(dir.join(path), cm["data"][key].as_str().unwrap_or_default())
+                    .map_err(|e| e.to_string())?;
+            }
+        } else if let Some(items) = source["downwardAPI"]["items"].as_array() {
+            for item in items {
+                let path = item["path"].as_str().unwrap_or_default();
+                let value = field(
+                    pod,
+                    item["fieldRef"]["fieldPath"].as_str().unwrap_or_default(),
+                );
+                std::fs::write(dir.join(path), value).map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Where a mount lands on this machine: symlinks in the existing part of
+/// the path resolved (bubblewrap cannot create directories through them),
+/// and the missing directories created, so bubblewrap can bind over them.
+fn mount_point(target: &str) -> Result<PathBuf, String> {
+    let target = Path::new(target);
+    let mut existing = target;
+    let mut missing = Vec::new();
+    while !existing.exists() {
+        missing.push(existing.file_name().unwrap_or_default().to_owned());
+        existing = existing.parent().unwrap_or(Path::new("/"));
+    }
+    let mut resolved = existing.canonicalize().map_err(|e| e.to_string())?;
+    for part in missing.iter().rev() {
+        resolved.push(part);
+    }
+    std::fs::create_dir_all(&resolved)
+        .map_err(|e| format!("mount point {}: {e}", resolved.display()))?;
+    Ok(resolved)
+}
+
+fn env_of(
+    plane: &ControlPlane,
+    pod: &Value,
+    container: &Value,
+) -> Result<Vec<(String, String)>, String> {
+    let namespace = pod["metadata"]["namespace"].as_str().unwrap_or_default();
+    let mut env = Vec::new();
+    for var in container["env"].as_array().into_iter().flatten() {
+        let name = var["name"].as_str().unwrap_or_default().to_string();
+        let value = if let Some(value) = var["value"].as_str() {
+            value.to_string()
+        } else if let Some(key) = var["valueFrom"]["configMapKeyRef"].as_object() {
+            let cm = kubectl_json(
+                plane,
+                &[
+                    "get",
+                    "configmap",
+                    key["name"].as_str().unwrap_or_default(),
+                    "-n",
+                    namespace,
+                ],
+            )?;
+            cm["data"][key["key"].as_str().unwrap_or_default()]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        } else if let Some(key) = var["valueFrom"]["secretKeyRef"].as_object() {
+            let secret = kubectl_json(
+                plane,
+                &[
+                    "get",
+                    "secret",
+                    key["name"].as_str().unwrap_or_default(),
+                    "-n",
+                    namespace,
+                ],
+            )?;
+            let encoded = secret["data"][key["key"].as_str().unwrap_or_default()]
+                .as_str()
+                .unwrap_or_default();
+            use base64::Engine;
+            String::from_utf8_lossy(
+                &base64::engine::general_purpose::STANDARD
+                    .decode(encoded)
+                    .map_err(|e| e.to_string())?,
+            )
+            .into_owned()
+        } else if let Some(path) = var["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+            field(pod, path)
+        } else {
+            String::new()
+        };
+        env.push((name, value));
+    }
+    Ok(env)
+}
+
+/// A downward-API field such as `metadata.name` or `status.podIP`.
+fn field(pod: &Value, path: &str) -> String {
+    let mut value = pod;
+    for part in path.split('.') {
+        value = &value[part];
+    }
+    value.as_str().unwrap_or_default().to_string()
+}
+
+fn start_container(
+    plane: &ControlPlane,
+    table: &ImageTable,
+    pod: &Value,
+    container: &Value,
+    netns: &str,
+    volumes: &HashMap<String, PathBuf>,
+    dir: &Path,
+) -> Result<Child, String> {
+    let image = container["image"].as_str().unwrap_or_default();
+    let launch = &table[repository(image)];
+    let strings = |key: &str| -> Option<Vec<String>> {
+        container[key].as_array().map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+    };
+    // Kubernetes: `command` replaces ENTRYPOINT (and drops CMD); `args` replaces CMD.
+    let mut argv = match strings("command") {
+        Some(command) => command,
+        None => launch.entrypoint.clone(),
+    };
+    match strings("args") {
+        Some(args) => argv.extend(args),
+        None if container["command"].is_null() => argv.extend(launch.default_args.clone()),
+        None => {}
+    }
+    let mut command = Command::new("ip");
+    // Its own PID namespace, ended with the runner: no process outlives its pod.
+    command.args([
+        "netns",
+        "exec",
+        netns,
+        "bwrap",
+        "--die-with-parent",
+        "--unshare-pid",
+    ]);
+    command.args(["--dev-bind", "/", "/", "--proc", "/proc"]);
+    for mount in container["volumeMounts"].as_array().into_iter().flatten() {
+        let volume = mount["name"].as_str().unwrap_or_default();
+        let target = mount["mountPath"].as_str().unwrap_or_default();
+        let Some(source) = volumes.get(volume) else {
+            return Err(format!("volume {volume} is not materialized"));
+        };
+        let source = match mount["subPath"].as_str() {
+            Some(sub) => source.join(sub),
+            None => source.clone(),
+        };
+        command.arg("--bind").arg(source).arg(mount_point(target)?);
+    }
+    if let Some(workdir) = container["workingDir"]
+        .as_str()
+        .map(PathBuf::from)
+        .or(launch.workdir.clone())
+    {
+        command.arg("--chdir").arg(workdir);
+    }
+    command.arg("--").args(&argv);
+    let path = launch
+        .path
+        .iter()
+        .map(|p| p.display().to_string())
+        .chain(std::env::var("PATH").ok())
+        .collect::<Vec<_>>()
+        .join(":");
+    command.env_clear().env("PATH", path).env("HOME", "/tmp");
+    for (name, value) in env_of(plane, pod, container)? {
+        command.env(name, value);
+    }
+    let name = container["name"].as_str().unwrap_or_default();
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).map_err(|e| e.to_string())?;
+    command
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log);
+    super::process::spawn_tied_to_this_process(command).map_err(|e| format!("starting {name}: {e}"))
+}
+
+/// Runs the current test again inside new network and mount namespaces
+/// (loopback up), so every address it creates is its own; returns whether
+/// this process is already that isolated run.
+pub fn isolated(test_name: &str) -> bool {
+    if std::env::var_os("CHILLER_TEST_ISOLATED").is_some() {
+        sh(&["ip", "link", "set", "lo", "up"]);
+        return true;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let status = Command::new("unshare")
+        .args(["--net", "--mount", "--propagation", "private", "--"])
+        .arg(exe)
+        .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
+        .env("CHILLER_TEST_ISOLATED", "1")
+        .status()
+        .expect("running unshare (util-linux)");
+    assert!(
+        status.success(),
+        "the isolated run of {test_name} failed (see above)"
+    );
+    false
+}
