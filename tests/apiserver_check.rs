@@ -393,6 +393,7 @@ fn check_reports_each_broken_item_with_its_hint() {
     crds_missing(&s);
     broken_reconcile(&s);
     uninjected_pod(&s);
+    service_addressed_webhook(&s);
     lease_expires_when_serve_stops(&mut s);
 }
 
@@ -683,6 +684,93 @@ fn uninjected_pod(s: &Scenario) {
         "--wait=true",
         "--timeout=60s",
     ]));
+    s.wait_healthy();
+}
+
+/// The chart's own clientConfig (a Service): check resolves a ready endpoint
+/// from the Service's EndpointSlices and verifies the certificate for
+/// `SERVICE.NAMESPACE.svc`; `--webhook-address` overrides the address only.
+/// (Endpoints may not be loopback addresses, so the resolved one is
+/// unreachable here and the forwarded address is what verifies.)
+fn service_addressed_webhook(s: &Scenario) {
+    // TEST-NET-1: the API server rejects loopback endpoints.
+    const ENDPOINT: &str = "192.0.2.10";
+    let port = s.serve().webhook_addr.port();
+    let slice = json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "chiller-metrics-local",
+            "namespace": install::RELEASE_NAMESPACE,
+            "labels": {
+                "kubernetes.io/service-name": install::RELEASE,
+                "endpointslice.kubernetes.io/managed-by": "chiller-tests",
+            },
+        },
+        "addressType": "IPv4",
+        "endpoints": [
+            {"addresses": ["192.0.2.9"], "conditions": {"ready": false}},
+            {"addresses": [ENDPOINT], "conditions": {"ready": true}},
+        ],
+        "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
+    });
+    run_with_input(
+        s.plane.kubectl().args(["apply", "-f", "-"]),
+        &slice.to_string(),
+    );
+    run(s.plane.kubectl().args([
+        "patch",
+        "mutatingwebhookconfiguration",
+        install::WEBHOOK_CONFIGURATION,
+        "--type=json",
+        "-p",
+        &json!([
+            {"op": "remove", "path": "/webhooks/0/clientConfig/url"},
+            {"op": "add", "path": "/webhooks/0/clientConfig/service", "value": {
+                "namespace": install::RELEASE_NAMESPACE, "name": install::RELEASE,
+                "path": "/mutate", "port": 443,
+            }},
+        ])
+        .to_string(),
+    ]));
+    // The endpoint is not reachable from here (no pod runs there).
+    let outcome = s.check_json();
+    s.assert_fails(
+        &outcome,
+        "webhook-ca-bundle",
+        &format!("cannot connect to {ENDPOINT}:{port}"),
+        "--webhook-address 127.0.0.1:8443",
+    );
+    // Forwarded: the certificate is verified for the Service's DNS name.
+    let forwarded = s.check(&[
+        "-o",
+        "json",
+        "--webhook-address",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    let item = forwarded.item("webhook-ca-bundle");
+    assert_eq!(item["status"], "pass", "{}", forwarded.stdout);
+    assert!(
+        item["detail"].as_str().unwrap().contains(&format!(
+            "presented at 127.0.0.1:{port} for chiller-metrics.chiller-metrics.svc"
+        )),
+        "{item:#}"
+    );
+    run(s.plane.kubectl().args([
+        "delete",
+        "endpointslice",
+        "chiller-metrics-local",
+        "-n",
+        install::RELEASE_NAMESPACE,
+    ]));
+    let outcome = s.check_json();
+    s.assert_fails(
+        &outcome,
+        "webhook-ca-bundle",
+        "Service chiller-metrics has no ready endpoint for port 443",
+        "--webhook-address 127.0.0.1:8443",
+    );
+    s.install.point_webhook_at(s.serve());
     s.wait_healthy();
 }
 
