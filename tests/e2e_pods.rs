@@ -1,7 +1,10 @@
-//! Injected pods really run: kube-scheduler binds them to kwok nodes, the
-//! pod runner starts gunicorn and the injected statsd_exporter sidecar in
-//! the pod's own network namespace, and each exporter counts exactly its own
-//! pod's requests. The test runs in network namespaces it creates itself.
+//! Injected pods really run: chiller-metrics itself runs as the pods of the
+//! chart's Deployment (generated-certificate mode, the in-cluster
+//! service-account token) and the API server calls it through the chart's
+//! `clientConfig.service`. kube-scheduler binds pods to kwok nodes; the pod
+//! runner starts gunicorn and the injected statsd_exporter sidecar in each
+//! pod's own network namespace; each exporter counts exactly its own pod's
+//! requests. The test runs in network namespaces it creates itself.
 
 mod controlplane;
 mod install;
@@ -27,6 +30,16 @@ fn table() -> ImageTable {
     let venv = controlplane::crate_dir().join(".tools/venv/bin");
     let statsd = build("statsd-exporter").join("statsd_exporter");
     BTreeMap::from([
+        (
+            // Dockerfile: ENTRYPOINT the binary, CMD serve.
+            "chiller-metrics".to_string(),
+            Launch {
+                entrypoint: vec![support::https::ServeProcess::BINARY.to_string()],
+                default_args: vec!["serve".into(), "--log-format".into(), "json".into()],
+                workdir: None,
+                path: vec![],
+            },
+        ),
         (
             "prom/statsd-exporter".to_string(),
             Launch {
@@ -107,12 +120,16 @@ fn injected_pods_run_with_their_own_exporter_in_their_own_network_namespace() {
         ("kwok-node-a", "10.244.1.0/24"),
         ("kwok-node-b", "10.244.2.0/24"),
     ]);
-    // The webhook runs as a local process here; the chart's own pods do not run.
-    let install = Install::chart(plane, &["reconcile=false", "replicas=0"]);
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let serve = runtime.block_on(install.serve("chiller-metrics-0"));
-    install.point_webhook_at(&serve);
+    Install::chart(plane, &["certs.mode=generated"]);
     let runner = PodRunner::start(plane, table());
+    let configuration = kubectl_json(
+        plane,
+        &["get", "mutatingwebhookconfiguration", "chiller-metrics"],
+    );
+    assert!(
+        configuration["webhooks"][0]["clientConfig"]["service"].is_object(),
+        "the chart's clientConfig.service, not rewritten: {configuration:#}"
+    );
 
     let namespace = "shop";
     ensure_namespace(
@@ -120,20 +137,28 @@ fn injected_pods_run_with_their_own_exporter_in_their_own_network_namespace() {
         namespace,
         &[(&format!("{DOMAIN}/inject"), "enabled")],
     );
-    // The mapping ConfigMap the reconcile loop would make (it is off here).
-    let mapping = std::process::Command::new(support::https::ServeProcess::BINARY)
-        .arg("mapping")
-        .output()
-        .unwrap();
-    let config_map = json!({
-        "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": "chiller-metrics-statsd-mapping", "namespace": namespace},
-        "data": {"statsd-mapping.yaml": String::from_utf8(mapping.stdout).unwrap()},
+    // The webhook pods answer once they run and their namespace cache synced.
+    wait_for("the webhook pods inject through the Service", || {
+        let errors = runner.errors();
+        assert!(errors.is_empty(), "pod runner: {errors:#?}");
+        let pod = install::dry_run_pod(plane, namespace, &install::probe_pod("probe"));
+        (pod["metadata"]["labels"][format!("{DOMAIN}/injected")] == "true").then_some(())
     });
-    run_with_input(
-        plane.kubectl().args(["apply", "-f", "-"]),
-        &config_map.to_string(),
-    );
+    // The reconcile loop, in those pods, made the namespace's statsd mapping.
+    wait_for("the statsd mapping ConfigMap", || {
+        let output = plane
+            .kubectl()
+            .args([
+                "get",
+                "configmap",
+                "chiller-metrics-statsd-mapping",
+                "-n",
+                namespace,
+            ])
+            .output()
+            .ok()?;
+        output.status.success().then_some(())
+    });
     for name in ["alpha", "beta"] {
         run_with_input(
             plane.kubectl().args(["apply", "-n", namespace, "-f", "-"]),

@@ -1186,8 +1186,8 @@ fn cluster_role_covers_what_the_reconciler_applies() {
             format!("{kind}s")
         };
         // Server-side apply (patch, and create for a new object), list and
-        // watch, and delete on opt-out; nothing is read one by one.
-        for verb in ["list", "watch", "create", "patch", "delete"] {
+        // watch, delete on opt-out, and get until the watch caches sync.
+        for verb in ["get", "list", "watch", "create", "patch", "delete"] {
             let triple = (group.to_string(), resource.clone(), verb.to_string());
             if !granted.contains(&triple) {
                 missing.insert(triple);

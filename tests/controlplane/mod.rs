@@ -44,6 +44,7 @@ pub struct ControlPlane {
     pub dir: PathBuf,
     /// `https://127.0.0.1:PORT`.
     pub server: String,
+    pub api_port: u16,
     /// Admin kubeconfig (system:masters).
     pub kubeconfig: PathBuf,
     pub ca_cert: PathBuf,
@@ -110,6 +111,13 @@ impl ControlPlane {
 
         let api_port = free_port();
         let server = format!("https://127.0.0.1:{api_port}");
+        // In the test's own network namespace the API server also serves the
+        // pods' bridge (see runner.rs); elsewhere only loopback.
+        let bind_address = if runner::in_isolated_network() {
+            "0.0.0.0"
+        } else {
+            "127.0.0.1"
+        };
         let audit_policy = dir.join("audit-policy.yaml");
         std::fs::write(&audit_policy, AUDIT_POLICY).unwrap();
         let audit_log = dir.join("audit.log");
@@ -119,7 +127,7 @@ impl ControlPlane {
             bin.join("kube-apiserver"),
             args(&[
                 &format!("--etcd-servers={etcd_client_url}"),
-                "--bind-address=127.0.0.1",
+                &format!("--bind-address={bind_address}"),
                 "--advertise-address=127.0.0.1",
                 &format!("--secure-port={api_port}"),
                 &format!("--cert-dir={}", p(&dir.join("apiserver-certs"))),
@@ -175,6 +183,7 @@ impl ControlPlane {
         let mut plane = ControlPlane {
             dir: dir.to_path_buf(),
             server,
+            api_port,
             kubeconfig,
             ca_cert: pki.ca_cert.clone(),
             audit_log,

@@ -28,6 +28,8 @@ use super::ControlPlane;
 /// The bridge every pod's veth joins, and its address: the pods' gateway.
 pub const BRIDGE: &str = "chiller0";
 pub const BRIDGE_ADDRESS: &str = "10.244.0.1/16";
+/// The ClusterIP of the `kubernetes` Service (first of the Service CIDR).
+pub const KUBERNETES_SERVICE_IP: &str = "10.0.0.1";
 
 /// How an image runs here: a program and the image's entrypoint arguments.
 #[derive(Debug, Clone)]
@@ -274,13 +276,28 @@ fn start_pod(
     in_pod(&["ip", "link", "set", "lo", "up"])?;
     in_pod(&["ip", "addr", "add", &format!("{ip}/16"), "dev", "eth0"])?;
     in_pod(&["ip", "link", "set", "eth0", "up"])?;
+    let gateway = BRIDGE_ADDRESS.split('/').next().unwrap();
+    in_pod(&["ip", "route", "add", "default", "via", gateway])?;
+    // What kube-proxy does for the `kubernetes` Service: its ClusterIP leads
+    // to the API server, which serves the bridge.
+    let service = format!("{KUBERNETES_SERVICE_IP}/32");
+    let api_server = format!("{gateway}:{}", plane.api_port);
     in_pod(&[
-        "ip",
-        "route",
-        "add",
-        "default",
-        "via",
-        BRIDGE_ADDRESS.split('/').next().unwrap(),
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-d",
+        &service,
+        "-p",
+        "tcp",
+        "--dport",
+        "443",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        &api_server,
     ])?;
 
     let volumes = materialize_volumes(plane, pod, &dir.join("volumes"))?;
@@ -555,7 +572,13 @@ fn start_container(
         .chain(std::env::var("PATH").ok())
         .collect::<Vec<_>>()
         .join(":");
-    command.env_clear().env("PATH", path).env("HOME", "/tmp");
+    command
+        .env_clear()
+        .env("PATH", path)
+        .env("HOME", "/tmp")
+        // As the kubelet sets them in every container.
+        .env("KUBERNETES_SERVICE_HOST", KUBERNETES_SERVICE_IP)
+        .env("KUBERNETES_SERVICE_PORT", "443");
     for (name, value) in env_of(plane, pod, container)? {
         command.env(name, value);
     }
@@ -571,8 +594,15 @@ fn start_container(
 /// Runs the current test again inside new network and mount namespaces
 /// (loopback up), so every address it creates is its own; returns whether
 /// this process is already that isolated run.
+/// Whether this process runs inside the network namespace [`isolated`] made.
+pub fn in_isolated_network() -> bool {
+    std::env::var_os(ISOLATED).is_some()
+}
+
+const ISOLATED: &str = "CHILLER_TEST_ISOLATED";
+
 pub fn isolated(test_name: &str) -> bool {
-    if std::env::var_os("CHILLER_TEST_ISOLATED").is_some() {
+    if in_isolated_network() {
         sh(&["ip", "link", "set", "lo", "up"]);
         return true;
     }
@@ -581,7 +611,7 @@ pub fn isolated(test_name: &str) -> bool {
         .args(["--net", "--mount", "--propagation", "private", "--"])
         .arg(exe)
         .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
-        .env("CHILLER_TEST_ISOLATED", "1")
+        .env(ISOLATED, "1")
         .status()
         .expect("running unshare (util-linux)");
     assert!(
