@@ -8,7 +8,7 @@ SERVICE ?= chiller-metrics
 IMAGE ?= chiller-metrics:dev
 KIND_CLUSTER ?= chiller-metrics
 
-.PHONY: all build demo test tools cluster-tools cluster-up cluster-down lint fmt e2e image kind-load certs manifests bench fuzz golden clean
+.PHONY: all build demo test tools cluster-tools cluster-up cluster-down e2e-local lint fmt e2e image kind-load certs manifests bench fuzz golden clean
 
 all: build
 
@@ -75,6 +75,13 @@ manifests: tools
 	kubectl kustomize manifests/overlays/cert-manager > manifests/out/cert-manager.yaml
 	helm template chiller-metrics manifests/chart/chiller-metrics --namespace $(NAMESPACE) > manifests/out/helm-default.yaml
 	@echo "rendered into manifests/out/ (self-managed: make certs, then kubectl kustomize manifests/overlays/self-managed)"
+
+## The local journey without Docker (part of `make test`): kwok nodes, the pod
+## runner, chiller-metrics as the chart's pods, the real Prometheus Operator and
+## Prometheus, in network namespaces the test creates (needs root, iproute2,
+## iptables and bubblewrap).
+e2e-local: tools cluster-tools
+	$(CARGO) test --locked --test e2e_pods -- --nocapture
 
 ## End-to-end on kind (needs Docker and kind; skipped with a message otherwise).
 ## KEEP_CLUSTER=1 keeps the cluster afterwards.

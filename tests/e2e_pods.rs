@@ -29,7 +29,33 @@ fn table() -> ImageTable {
     let app = controlplane::crate_dir().join("tests/e2e/app");
     let venv = controlplane::crate_dir().join(".tools/venv/bin");
     let statsd = build("statsd-exporter").join("statsd_exporter");
+    let prometheus = build("prometheus").join("prometheus");
+    let reloader = build("prometheus-operator").join("prometheus-config-reloader");
     BTreeMap::from([
+        (
+            // The version prometheus-operator v0.93.0 deploys.
+            "quay.io/prometheus/prometheus".to_string(),
+            Launch {
+                entrypoint: vec![prometheus.display().to_string()],
+                default_args: vec![],
+                workdir: None,
+                path: vec![],
+                programs: vec![],
+            },
+        ),
+        (
+            "quay.io/prometheus-operator/prometheus-config-reloader".to_string(),
+            Launch {
+                entrypoint: vec![reloader.display().to_string()],
+                default_args: vec![],
+                workdir: None,
+                path: vec![],
+                programs: vec![(
+                    "/bin/prometheus-config-reloader".to_string(),
+                    reloader.clone(),
+                )],
+            },
+        ),
         (
             // Dockerfile: ENTRYPOINT the binary, CMD serve.
             "chiller-metrics".to_string(),
@@ -38,6 +64,7 @@ fn table() -> ImageTable {
                 default_args: vec!["serve".into(), "--log-format".into(), "json".into()],
                 workdir: None,
                 path: vec![],
+                programs: vec![],
             },
         ),
         (
@@ -47,6 +74,7 @@ fn table() -> ImageTable {
                 default_args: vec![],
                 workdir: None,
                 path: vec![],
+                programs: vec![],
             },
         ),
         (
@@ -61,6 +89,7 @@ fn table() -> ImageTable {
                 default_args: vec![],
                 workdir: Some(app),
                 path: vec![venv],
+                programs: vec![],
             },
         ),
     ])
@@ -98,13 +127,19 @@ fn http_get(url: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+/// Polls `probe` until it gives a value; on timeout the pod runner's errors
+/// are part of the message.
+fn wait_for<T>(runner: Option<&PodRunner>, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + CONVERGE;
     loop {
         if let Some(value) = probe() {
             return value;
         }
-        assert!(Instant::now() < deadline, "{what}: not within {CONVERGE:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {CONVERGE:?}; pod runner errors: {:#?}",
+            runner.map(PodRunner::errors).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
 }
@@ -138,14 +173,16 @@ fn injected_pods_run_with_their_own_exporter_in_their_own_network_namespace() {
         &[(&format!("{DOMAIN}/inject"), "enabled")],
     );
     // The webhook pods answer once they run and their namespace cache synced.
-    wait_for("the webhook pods inject through the Service", || {
-        let errors = runner.errors();
-        assert!(errors.is_empty(), "pod runner: {errors:#?}");
-        let pod = install::dry_run_pod(plane, namespace, &install::probe_pod("probe"));
-        (pod["metadata"]["labels"][format!("{DOMAIN}/injected")] == "true").then_some(())
-    });
+    wait_for(
+        Some(&runner),
+        "the webhook pods inject through the Service",
+        || {
+            let pod = install::dry_run_pod(plane, namespace, &install::probe_pod("probe"));
+            (pod["metadata"]["labels"][format!("{DOMAIN}/injected")] == "true").then_some(())
+        },
+    );
     // The reconcile loop, in those pods, made the namespace's statsd mapping.
-    wait_for("the statsd mapping ConfigMap", || {
+    wait_for(Some(&runner), "the statsd mapping ConfigMap", || {
         let output = plane
             .kubectl()
             .args([
@@ -165,7 +202,7 @@ fn injected_pods_run_with_their_own_exporter_in_their_own_network_namespace() {
             &deployment(name).to_string(),
         );
     }
-    let pods: Vec<Value> = wait_for("two Running pods with IPs", || {
+    let pods: Vec<Value> = wait_for(Some(&runner), "two Running pods with IPs", || {
         let pods = kubectl_json(plane, &["get", "pods", "-n", namespace]);
         let pods: Vec<Value> = pods["items"].as_array().cloned().unwrap_or_default();
         (pods.len() == 2
@@ -185,11 +222,11 @@ fn injected_pods_run_with_their_own_exporter_in_their_own_network_namespace() {
             pod["metadata"]["labels"][format!("{DOMAIN}/injected")],
             "true"
         );
-        wait_for(&format!("gunicorn of {name} answers on {ip}"), || {
-            let errors = runner.errors();
-            assert!(errors.is_empty(), "pod runner: {errors:#?}");
-            http_get(&format!("http://{ip}:8000/healthz"))
-        });
+        wait_for(
+            Some(&runner),
+            &format!("gunicorn of {name} answers on {ip}"),
+            || http_get(&format!("http://{ip}:8000/healthz")),
+        );
         for _ in 0..requests {
             assert_eq!(
                 http_get(&format!("http://{ip}:8000/")).as_deref(),
@@ -201,16 +238,133 @@ fn injected_pods_run_with_their_own_exporter_in_their_own_network_namespace() {
     // Each exporter counts its own pod's requests (the health check included), under its prefix.
     for (name, (ip, expected)) in &sent {
         let series = format!("gunicorn_requests_total{{prefix=\"{name}\"}}");
-        let count = wait_for(&format!("{name}'s exporter counts its requests"), || {
-            let metrics = http_get(&format!("http://{ip}:9102/metrics"))?;
-            let count = support::https::sample(&metrics, &series)?;
-            (count >= *expected as f64).then_some((count, metrics))
-        });
+        let count = wait_for(
+            Some(&runner),
+            &format!("{name}'s exporter counts its requests"),
+            || {
+                let metrics = http_get(&format!("http://{ip}:9102/metrics"))?;
+                let count = support::https::sample(&metrics, &series)?;
+                (count >= *expected as f64).then_some((count, metrics))
+            },
+        );
         assert_eq!(count.0, *expected as f64, "{name}: {series}");
         for (other, _) in sent.iter().filter(|(other, _)| *other != name) {
             assert!(
                 !count.1.contains(&format!("prefix=\"{other}\"")),
                 "{name}'s exporter saw {other}'s statsd lines"
+            );
+        }
+    }
+
+    // Every CRD of the operator (kube-prometheus-stack installs them all),
+    // from the pinned module.
+    let crds = controlplane::nodes::module_dir(
+        "prometheus-operator",
+        "github.com/prometheus-operator/prometheus-operator",
+    )
+    .join("example/prometheus-operator-crd");
+    install::run(
+        plane
+            .kubectl()
+            .args(["apply", "--server-side", "--force-conflicts", "-f"])
+            .arg(&crds),
+    );
+    // The Prometheus Operator, watching every namespace as the
+    // kube-prometheus-stack values run it (here as a process).
+    let operator_log = plane.dir.join("prometheus-operator.log");
+    let mut operator = std::process::Command::new(build("prometheus-operator").join("operator"));
+    operator
+        .args([
+            &format!(
+                "--web.listen-address=127.0.0.1:{}",
+                controlplane::free_port()
+            ),
+            "--log-level=info",
+        ])
+        .env("KUBECONFIG", &plane.kubeconfig)
+        .stdout(std::fs::File::create(&operator_log).unwrap())
+        .stderr(std::fs::File::create(operator_log.with_extension("err.log")).unwrap());
+    let _operator =
+        controlplane::process::spawn_tied_to_this_process(operator).expect("operator starts");
+
+    // A second install of the app, in its own opted-in namespace.
+    let other = "shop-b";
+    ensure_namespace(plane, other, &[(&format!("{DOMAIN}/inject"), "enabled")]);
+    run_with_input(
+        plane.kubectl().args(["apply", "-n", other, "-f", "-"]),
+        &deployment("gamma").to_string(),
+    );
+    let gamma_ip: String = wait_for(Some(&runner), "gamma runs", || {
+        let pods = kubectl_json(plane, &["get", "pods", "-n", other, "-l", "app=gamma"]);
+        let ip = pods["items"][0]["status"]["podIP"].as_str()?.to_string();
+        http_get(&format!("http://{ip}:8000/healthz")).map(|_| ip)
+    });
+    for _ in 0..5 {
+        http_get(&format!("http://{gamma_ip}:8000/"));
+    }
+
+    // Each namespace's Prometheus comes from the operator's StatefulSet,
+    // discovers its targets through the API server, and holds only its own
+    // namespace's gunicorn series.
+    for (namespace, own, foreign) in [
+        (namespace, vec!["alpha", "beta"], "gamma"),
+        (other, vec!["gamma"], "alpha"),
+    ] {
+        let ip: String = wait_for(
+            Some(&runner),
+            &format!("the Prometheus pod of {namespace}"),
+            || {
+                let pods = kubectl_json(
+                    plane,
+                    &[
+                        "get",
+                        "pods",
+                        "-n",
+                        namespace,
+                        "-l",
+                        "app.kubernetes.io/name=prometheus",
+                    ],
+                );
+                pods["items"][0]["status"]["podIP"]
+                    .as_str()
+                    .map(String::from)
+            },
+        );
+        wait_for(
+            Some(&runner),
+            &format!("{namespace}'s Prometheus has its statsd targets up"),
+            || {
+                let targets: Value = serde_json::from_str(&http_get(&format!(
+                    "http://{ip}:9090/api/v1/targets?state=active"
+                ))?)
+                .ok()?;
+                let active = targets["data"]["activeTargets"].as_array()?;
+                (!active.is_empty() && active.iter().all(|t| t["health"] == "up")).then_some(())
+            },
+        );
+        let result: Vec<Value> = wait_for(
+            Some(&runner),
+            &format!("{namespace}'s Prometheus holds gunicorn series"),
+            || {
+                let answer: Value = serde_json::from_str(&http_get(&format!(
+                    "http://{ip}:9090/api/v1/query?query=gunicorn_requests_total"
+                ))?)
+                .ok()?;
+                let result = answer["data"]["result"].as_array()?.clone();
+                let prefixes: Vec<&str> = result
+                    .iter()
+                    .filter_map(|r| r["metric"]["prefix"].as_str())
+                    .collect();
+                own.iter()
+                    .all(|app| prefixes.contains(app))
+                    .then_some(result)
+            },
+        );
+        for series in &result {
+            assert_eq!(series["metric"]["namespace"], namespace, "{series}");
+            assert_ne!(
+                series["metric"]["prefix"], foreign,
+                "{namespace} sees {foreign}: {series}"
             );
         }
     }

@@ -41,6 +41,9 @@ pub struct Launch {
     pub workdir: Option<PathBuf>,
     /// Extra PATH entries (a virtualenv's bin).
     pub path: Vec<PathBuf>,
+    /// Programs inside the image a container's `command` may name, and the
+    /// local file each is.
+    pub programs: Vec<(String, PathBuf)>,
 }
 
 /// Image repository (without tag) to how it runs.
@@ -73,6 +76,7 @@ pub struct PodRunner {
 impl PodRunner {
     /// Sets up the bridge and starts polling the API server for Running pods.
     pub fn start(plane: &'static ControlPlane, table: ImageTable) -> Self {
+        remove_stale_network_namespaces();
         sh(&["ip", "link", "add", BRIDGE, "type", "bridge"]);
         sh(&["ip", "addr", "add", BRIDGE_ADDRESS, "dev", BRIDGE]);
         sh(&["ip", "link", "set", BRIDGE, "up"]);
@@ -86,12 +90,17 @@ impl PodRunner {
                 (stop.clone(), errors.clone(), pods.clone(), dir.clone());
             std::thread::spawn(move || {
                 // Bounded: at most an hour of half-second rounds.
-                for _ in 0..7200 {
+                for round in 0..7200 {
                     if stop.load(Ordering::SeqCst) {
                         return;
                     }
-                    if let Err(error) = sync_once(plane, &table, &pods, &dir) {
-                        errors.lock().unwrap().push(error);
+                    // Volumes follow their objects every 5 s, as a kubelet's sync.
+                    let refresh = round % 10 == 9;
+                    for error in sync_once(plane, &table, &pods, &dir, refresh) {
+                        let mut errors = errors.lock().unwrap();
+                        if !errors.contains(&error) {
+                            errors.push(error);
+                        }
                     }
                     std::thread::sleep(Duration::from_millis(500));
                 }
@@ -139,6 +148,28 @@ impl Drop for PodRunner {
             stop_pod(pod);
         }
         let _ = Command::new("ip").args(["link", "del", BRIDGE]).status();
+    }
+}
+
+/// Named network namespaces are files in /run/netns, which outlive a killed
+/// test: remove those of test processes that are gone.
+fn remove_stale_network_namespaces() {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("chiller-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: signal 0 only checks that the pid exists.
+        if unsafe { libc::kill(pid, 0) } != 0 {
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        }
     }
 }
 
@@ -202,8 +233,13 @@ fn sync_once(
     table: &ImageTable,
     pods: &Mutex<HashMap<String, RunningPod>>,
     dir: &Path,
-) -> Result<(), String> {
-    let list = kubectl_json(plane, &["get", "pods", "-A"])?;
+    refresh: bool,
+) -> Vec<String> {
+    let mut errors = Vec::new();
+    let list = match kubectl_json(plane, &["get", "pods", "-A"]) {
+        Ok(list) => list,
+        Err(error) => return vec![error],
+    };
     let items = list["items"].as_array().cloned().unwrap_or_default();
     let mut seen = Vec::new();
     for pod in &items {
@@ -219,11 +255,25 @@ fn sync_once(
         }
         seen.push(uid.clone());
         if pods.lock().unwrap().contains_key(&uid) {
+            // Like the kubelet's sync: ConfigMap and Secret volumes follow
+            // their objects (a config reloader watches for that).
+            if refresh
+                && let Err(error) =
+                    materialize_volumes(plane, pod, &dir.join(&uid).join("volumes"), true)
+            {
+                errors.push(error);
+            }
             continue;
         }
-        let index = pods.lock().unwrap().len();
-        let started = start_pod(plane, table, pod, index, &dir.join(&uid))?;
-        pods.lock().unwrap().insert(uid, started);
+        // One pod failing to start does not hold up the others; it is tried
+        // again next round.
+        let index = NEXT_POD.fetch_add(1, Ordering::SeqCst);
+        match start_pod(plane, table, pod, index, &dir.join(&uid)) {
+            Ok(started) => {
+                pods.lock().unwrap().insert(uid, started);
+            }
+            Err(error) => errors.push(error),
+        }
     }
     let gone: Vec<String> = pods
         .lock()
@@ -237,8 +287,11 @@ fn sync_once(
             stop_pod(pod);
         }
     }
-    Ok(())
+    errors
 }
+
+/// Numbers network namespaces and veths uniquely, failed starts included.
+static NEXT_POD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 fn start_pod(
     plane: &ControlPlane,
@@ -261,7 +314,7 @@ fn start_pod(
         }
     }
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-    let netns = format!("chiller-pod-{index}");
+    let netns = format!("chiller-{}-pod-{index}", std::process::id());
     let host_veth = format!("cpv{index}");
     try_sh(&["ip", "netns", "add", &netns])?;
     try_sh(&[
@@ -300,39 +353,93 @@ fn start_pod(
         &api_server,
     ])?;
 
-    let volumes = materialize_volumes(plane, pod, &dir.join("volumes"))?;
-    let mut processes = Vec::new();
-    for container in containers {
-        let child = start_container(plane, table, pod, container, &netns, &volumes, dir)?;
-        let name = container["name"].as_str().unwrap_or_default().to_string();
-        processes.push((name, child));
-    }
-    Ok(RunningPod {
+    let mut started = RunningPod {
         netns,
         host_veth,
-        processes,
-    })
+        processes: Vec::new(),
+    };
+    match run_containers(plane, table, pod, &containers, dir, &mut started) {
+        Ok(()) => Ok(started),
+        Err(error) => {
+            stop_pod(started);
+            Err(error)
+        }
+    }
 }
 
-/// Native sidecars (init containers with `restartPolicy: Always`) first,
-/// then the app containers. Plain init containers are not run yet.
+/// Starts the containers of a pod whose network is set up, in order.
+fn run_containers(
+    plane: &ControlPlane,
+    table: &ImageTable,
+    pod: &Value,
+    containers: &[&Value],
+    dir: &Path,
+    started: &mut RunningPod,
+) -> Result<(), String> {
+    let namespace = pod["metadata"]["namespace"].as_str().unwrap_or_default();
+    let pod_name = pod["metadata"]["name"].as_str().unwrap_or_default();
+    let netns = started.netns.clone();
+    let volumes = materialize_volumes(plane, pod, &dir.join("volumes"), false)?;
+    let processes = &mut started.processes;
+    for container in containers.iter().copied() {
+        let mut child = start_container(plane, table, pod, container, &netns, &volumes, dir)?;
+        let name = container["name"].as_str().unwrap_or_default().to_string();
+        if is_init_to_completion(pod, container) {
+            // Like the kubelet: the next container starts once this one succeeded.
+            let deadline = std::time::Instant::now() + INIT_TIMEOUT;
+            let status = loop {
+                if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+                    break status;
+                }
+                if std::time::Instant::now() > deadline {
+                    let _ = child.kill();
+                    return Err(format!(
+                        "init container {name} of {namespace}/{pod_name} ran over {INIT_TIMEOUT:?}"
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            if !status.success() {
+                return Err(format!(
+                    "init container {name} of {namespace}/{pod_name} failed: {status}"
+                ));
+            }
+            continue;
+        }
+        processes.push((name, child));
+    }
+    Ok(())
+}
+
+/// Init containers in their order (native sidecars, with `restartPolicy:
+/// Always`, among them), then the app containers.
 fn containers_in_start_order(pod: &Value) -> Vec<&Value> {
     let spec = &pod["spec"];
-    let sidecars = spec["initContainers"]
+    spec["initContainers"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|c| c["restartPolicy"] == "Always");
-    sidecars
         .chain(spec["containers"].as_array().into_iter().flatten())
         .collect()
 }
 
+fn is_init_to_completion(pod: &Value, container: &Value) -> bool {
+    container["restartPolicy"] != "Always"
+        && pod["spec"]["initContainers"]
+            .as_array()
+            .is_some_and(|init| init.iter().any(|c| c["name"] == container["name"]))
+}
+
+/// How long a plain init container may run before the pod counts as failed.
+const INIT_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Writes ConfigMap, Secret and emptyDir volumes into `dir`; their paths.
+/// With `refresh`, only ConfigMap and Secret contents are written again.
 fn materialize_volumes(
     plane: &ControlPlane,
     pod: &Value,
     dir: &Path,
+    refresh: bool,
 ) -> Result<HashMap<String, PathBuf>, String> {
     let namespace = pod["metadata"]["namespace"].as_str().unwrap_or_default();
     let mut paths = HashMap::new();
@@ -341,7 +448,9 @@ fn materialize_volumes(
         let path = dir.join(name);
         std::fs::create_dir_all(&path).map_err(|e| e.to_string())?;
         if let Some(sources) = volume["projected"]["sources"].as_array() {
-            project(plane, pod, sources, &path)?;
+            if !refresh {
+                project(plane, pod, sources, &path)?;
+            }
             paths.insert(name.to_string(), path);
             continue;
         }
@@ -354,7 +463,17 @@ fn materialize_volumes(
             paths.insert(name.to_string(), path);
             continue;
         };
-        let object = kubectl_json(plane, &["get", kind, object, "-n", namespace])?;
+        let optional =
+            volume["configMap"]["optional"] == true || volume["secret"]["optional"] == true;
+        let object = match kubectl_json(plane, &["get", kind, object, "-n", namespace]) {
+            Ok(object) => object,
+            // Like the kubelet: a missing optional source is an empty volume.
+            Err(error) if optional && error.contains("NotFound") => {
+                paths.insert(name.to_string(), path);
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
         for (key, value) in object[data_key].as_object().into_iter().flatten() {
             let text = value.as_str().unwrap_or_default();
             let bytes = if kind == "secret" {
@@ -365,11 +484,21 @@ fn materialize_volumes(
             } else {
                 text.as_bytes().to_vec()
             };
-            std::fs::write(path.join(key), bytes).map_err(|e| e.to_string())?;
+            write_if_changed(&path.join(key), &bytes)?;
         }
         paths.insert(name.to_string(), path);
     }
     Ok(paths)
+}
+
+/// Replaces `file` through a rename when its content differs.
+fn write_if_changed(file: &Path, bytes: &[u8]) -> Result<(), String> {
+    if std::fs::read(file).is_ok_and(|current| current == bytes) {
+        return Ok(());
+    }
+    let tmp = file.with_extension("tmp-write");
+    std::fs::write(&tmp, bytes).map_err(|e| e.to_string())?;
+    std::fs::rename(&tmp, file).map_err(|e| e.to_string())
 }
 
 /// A projected volume: service-account token (TokenRequest), ConfigMap
@@ -423,7 +552,7 @@ fn project(plane: &ControlPlane, pod: &Value, sources: &[Value], dir: &Path) -> 
 /// Where a mount lands on this machine: symlinks in the existing part of
 /// the path resolved (bubblewrap cannot create directories through them),
 /// and the missing directories created, so bubblewrap can bind over them.
-fn mount_point(target: &str) -> Result<PathBuf, String> {
+fn mount_point(target: &str, file: bool) -> Result<PathBuf, String> {
     let target = Path::new(target);
     let mut existing = target;
     let mut missing = Vec::new();
@@ -435,8 +564,18 @@ fn mount_point(target: &str) -> Result<PathBuf, String> {
     for part in missing.iter().rev() {
         resolved.push(part);
     }
-    std::fs::create_dir_all(&resolved)
-        .map_err(|e| format!("mount point {}: {e}", resolved.display()))?;
+    let fail = |e: std::io::Error| format!("mount point {}: {e}", resolved.display());
+    if file {
+        // A subPath file is bound over a file.
+        if let Some(parent) = resolved.parent() {
+            std::fs::create_dir_all(parent).map_err(fail)?;
+        }
+        if !resolved.exists() {
+            std::fs::write(&resolved, b"").map_err(fail)?;
+        }
+    } else {
+        std::fs::create_dir_all(&resolved).map_err(fail)?;
+    }
     Ok(resolved)
 }
 
@@ -534,6 +673,11 @@ fn start_container(
         None if container["command"].is_null() => argv.extend(launch.default_args.clone()),
         None => {}
     }
+    if let Some(program) = argv.first_mut()
+        && let Some((_, local)) = launch.programs.iter().find(|(name, _)| name == program)
+    {
+        *program = local.display().to_string();
+    }
     let mut command = Command::new("ip");
     // Its own PID namespace, ended with the runner: no process outlives its pod.
     command.args([
@@ -555,7 +699,8 @@ fn start_container(
             Some(sub) => source.join(sub),
             None => source.clone(),
         };
-        command.arg("--bind").arg(source).arg(mount_point(target)?);
+        let target = mount_point(target, source.is_file())?;
+        command.arg("--bind").arg(source).arg(target);
     }
     if let Some(workdir) = container["workingDir"]
         .as_str()
