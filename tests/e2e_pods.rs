@@ -284,7 +284,7 @@ fn injected_pods_run_with_their_own_exporter_in_their_own_network_namespace() {
         .env("KUBECONFIG", &plane.kubeconfig)
         .stdout(std::fs::File::create(&operator_log).unwrap())
         .stderr(std::fs::File::create(operator_log.with_extension("err.log")).unwrap());
-    let _operator =
+    let mut operator =
         controlplane::process::spawn_tied_to_this_process(operator).expect("operator starts");
 
     // A second install of the app, in its own opted-in namespace.
@@ -369,4 +369,6 @@ fn injected_pods_run_with_their_own_exporter_in_their_own_network_namespace() {
         }
     }
     drop(runner);
+    let _ = operator.kill();
+    let _ = operator.wait();
 }
