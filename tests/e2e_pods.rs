@@ -144,6 +144,40 @@ fn wait_for<T>(runner: Option<&PodRunner>, what: &str, mut probe: impl FnMut() -
     }
 }
 
+/// The Prometheus pod's IP in `namespace`.
+fn prometheus_ip(plane: &ControlPlane, namespace: &str) -> String {
+    let pods = kubectl_json(
+        plane,
+        &[
+            "get",
+            "pods",
+            "-n",
+            namespace,
+            "-l",
+            "app.kubernetes.io/name=prometheus",
+        ],
+    );
+    pods["items"][0]["status"]["podIP"]
+        .as_str()
+        .expect("a Prometheus pod IP")
+        .to_string()
+}
+
+/// Scrapes the Prometheus at `ip` has recorded so far (one `up` sample each).
+fn scraped_samples(ip: &str) -> f64 {
+    http_get(&format!(
+        "http://{ip}:9090/api/v1/query?query=sum(count_over_time(up%5B1h%5D))"
+    ))
+    .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+    .and_then(|answer| {
+        answer["data"]["result"][0]["value"][1]
+            .as_str()?
+            .parse()
+            .ok()
+    })
+    .unwrap_or(0.0)
+}
+
 #[test]
 fn injected_pods_run_with_their_own_exporter_in_their_own_network_namespace() {
     if !isolated("injected_pods_run_with_their_own_exporter_in_their_own_network_namespace") {
@@ -368,6 +402,126 @@ fn injected_pods_run_with_their_own_exporter_in_their_own_network_namespace() {
             );
         }
     }
+
+    // The datasource ConfigMap's URL is the Service that serves that
+    // namespace's Prometheus: its EndpointSlice leads to the Prometheus pod.
+    for namespace in [namespace, other] {
+        let datasource = kubectl_json(
+            plane,
+            &[
+                "get",
+                "configmap",
+                &format!("chiller-metrics-datasource-{namespace}"),
+                "-n",
+                namespace,
+            ],
+        );
+        let text = datasource["data"]
+            .as_object()
+            .unwrap()
+            .values()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_string();
+        let url = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("url: "))
+            .expect("the datasource has a url")
+            .to_string();
+        let host = url
+            .trim_start_matches("http://")
+            .split(':')
+            .next()
+            .unwrap()
+            .to_string();
+        let (service, service_namespace) = host
+            .split_once('.')
+            .map(|(s, rest)| (s.to_string(), rest.trim_end_matches(".svc").to_string()))
+            .unwrap();
+        assert_eq!(service_namespace, namespace, "{url}");
+        let prometheus_ip = prometheus_ip(plane, namespace);
+        let slices = kubectl_json(
+            plane,
+            &[
+                "get",
+                "endpointslices",
+                "-n",
+                namespace,
+                "-l",
+                &format!("kubernetes.io/service-name={service}"),
+            ],
+        );
+        let addresses: Vec<String> = slices["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+            .flat_map(|e| e["addresses"].as_array().cloned().unwrap_or_default())
+            .filter_map(|a| a.as_str().map(String::from))
+            .collect();
+        assert_eq!(
+            addresses,
+            [prometheus_ip.clone()],
+            "{url} leads to the Prometheus pod"
+        );
+        let port = url.rsplit(':').next().unwrap();
+        assert!(
+            http_get(&format!("http://{prometheus_ip}:{port}/-/ready")).is_some(),
+            "{url} serves"
+        );
+    }
+
+    // Repair: a deleted ServiceMonitor comes back, and so do its targets.
+    install::run(plane.kubectl().args([
+        "delete",
+        "servicemonitor",
+        "chiller-metrics-statsd",
+        "-n",
+        namespace,
+    ]));
+    let ip = prometheus_ip(plane, namespace);
+    wait_for(
+        Some(&runner),
+        "the ServiceMonitor and its targets are back",
+        || {
+            let targets: Value = serde_json::from_str(&http_get(&format!(
+                "http://{ip}:9090/api/v1/targets?state=active"
+            ))?)
+            .ok()?;
+            let active = targets["data"]["activeTargets"].as_array()?;
+            (active.len() >= 2 && active.iter().all(|t| t["health"] == "up")).then_some(())
+        },
+    );
+
+    // Opt-out: shop-b's Prometheus and objects go away, shop keeps scraping.
+    install::run(
+        plane
+            .kubectl()
+            .args(["label", "namespace", other, &format!("{DOMAIN}/inject-")]),
+    );
+    wait_for(Some(&runner), "shop-b's Prometheus is gone", || {
+        let pods = kubectl_json(
+            plane,
+            &[
+                "get",
+                "pods",
+                "-n",
+                other,
+                "-l",
+                "app.kubernetes.io/name=prometheus",
+            ],
+        );
+        let prometheuses = kubectl_json(plane, &["get", "prometheuses", "-n", other]);
+        (pods["items"].as_array()?.is_empty() && prometheuses["items"].as_array()?.is_empty())
+            .then_some(())
+    });
+    let before = scraped_samples(&ip);
+    wait_for(Some(&runner), "shop keeps scraping", || {
+        (scraped_samples(&ip) > before).then_some(())
+    });
+
     drop(runner);
     let _ = operator.kill();
     let _ = operator.wait();
