@@ -463,7 +463,7 @@ fn injected_pods_run_with_their_own_exporter_in_their_own_network_namespace() {
             .collect();
         assert_eq!(
             addresses,
-            [prometheus_ip.clone()],
+            std::slice::from_ref(&prometheus_ip),
             "{url} leads to the Prometheus pod"
         );
         let port = url.rsplit(':').next().unwrap();
