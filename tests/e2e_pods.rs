@@ -116,6 +116,15 @@ fn deployment(name: &str) -> Value {
     })
 }
 
+fn kubectl_text(plane: &ControlPlane, args: &[&str]) -> String {
+    plane
+        .kubectl()
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
 fn http_get(url: &str) -> Option<String> {
     let output = std::process::Command::new("curl")
         .args(["-sS", "--max-time", "3", url])
@@ -191,6 +200,42 @@ fn injected_pods_run_with_their_own_exporter_in_their_own_network_namespace() {
     ]);
     Install::chart(plane, &["certs.mode=generated"]);
     let runner = PodRunner::start(plane, table());
+    // On failure: the pods, the events, each Prometheus's targets and the
+    // last lines of every container.
+    let _dump = plane
+        .logs_on_failure()
+        .with("pods", || {
+            kubectl_text(plane, &["get", "pods", "-A", "-o", "wide"])
+        })
+        .with("events", || kubectl_text(plane, &["get", "events", "-A"]))
+        .with("Prometheus targets", || {
+            ["shop", "shop-b"]
+                .iter()
+                .map(|ns| {
+                    let pods = kubectl_json(
+                        plane,
+                        &[
+                            "get",
+                            "pods",
+                            "-n",
+                            ns,
+                            "-l",
+                            "app.kubernetes.io/name=prometheus",
+                        ],
+                    );
+                    let ip = pods["items"][0]["status"]["podIP"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string();
+                    format!(
+                        "{ns}: {}",
+                        http_get(&format!("http://{ip}:9090/api/v1/targets")).unwrap_or_default()
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .with("containers", || runner.container_logs(20));
     let configuration = kubectl_json(
         plane,
         &["get", "mutatingwebhookconfiguration", "chiller-metrics"],
@@ -522,6 +567,7 @@ fn injected_pods_run_with_their_own_exporter_in_their_own_network_namespace() {
         (scraped_samples(&ip) > before).then_some(())
     });
 
+    drop(_dump);
     drop(runner);
     let _ = operator.kill();
     let _ = operator.wait();

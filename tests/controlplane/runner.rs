@@ -128,6 +128,29 @@ impl PodRunner {
         )
     }
 
+    /// For a failed test: the last lines of every container's log.
+    pub fn container_logs(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for pod in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            for log in std::fs::read_dir(pod.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let path = log.path();
+                if path.extension().is_some_and(|e| e == "log") {
+                    out.push_str(&format!(
+                        "--- {}/{}\n{}\n",
+                        pod.file_name().to_string_lossy(),
+                        log.file_name().to_string_lossy(),
+                        super::process::tail(&path, lines)
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     /// The network namespace of a running pod, by uid.
     pub fn netns_of(&self, pod_uid: &str) -> Option<String> {
         self.pods
