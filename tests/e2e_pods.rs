@@ -381,6 +381,11 @@ fn injected_pods_run_with_their_own_exporter_in_their_own_network_namespace() {
     for _ in 0..5 {
         http_get(&format!("http://{gamma_ip}:8000/"));
     }
+    let mut app_ips: BTreeMap<String, String> = sent
+        .iter()
+        .map(|(name, (ip, _))| (name.clone(), ip.clone()))
+        .collect();
+    app_ips.insert("gamma".into(), gamma_ip.clone());
 
     // Each namespace's Prometheus comes from the operator's StatefulSet,
     // discovers its targets through the API server, and holds only its own
@@ -425,6 +430,13 @@ fn injected_pods_run_with_their_own_exporter_in_their_own_network_namespace() {
             Some(&runner),
             &format!("{namespace}'s Prometheus holds gunicorn series"),
             || {
+                // Traffic while waiting: statsd is UDP, and a line sent while
+                // an exporter (re)started is gone, as in a cluster.
+                for app in &own {
+                    if let Some(app_ip) = app_ips.get(*app) {
+                        http_get(&format!("http://{app_ip}:8000/"));
+                    }
+                }
                 let answer: Value = serde_json::from_str(&http_get(&format!(
                     "http://{ip}:9090/api/v1/query?query=gunicorn_requests_total"
                 ))?)

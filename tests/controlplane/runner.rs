@@ -62,6 +62,10 @@ struct RunningPod {
     netns: String,
     host_veth: String,
     processes: Vec<(String, Child)>,
+    /// What a restart needs: the pod, its volumes and its state folder.
+    pod: Value,
+    volumes: HashMap<String, PathBuf>,
+    dir: PathBuf,
 }
 
 /// Watches pods and runs those on our nodes; stops everything on drop.
@@ -280,6 +284,11 @@ fn sync_once(
         if pods.lock().unwrap().contains_key(&uid) {
             // Like the kubelet's sync: ConfigMap and Secret volumes follow
             // their objects (a config reloader watches for that).
+            // Like the kubelet with restartPolicy Always: a container whose
+            // process ended starts again (once per round at most).
+            if let Some(running) = pods.lock().unwrap().get_mut(&uid) {
+                restart_exited(plane, table, running, &mut errors);
+            }
             if refresh
                 && let Err(error) =
                     materialize_volumes(plane, pod, &dir.join(&uid).join("volumes"), true)
@@ -311,6 +320,38 @@ fn sync_once(
         }
     }
     errors
+}
+
+fn restart_exited(
+    plane: &ControlPlane,
+    table: &ImageTable,
+    running: &mut RunningPod,
+    errors: &mut Vec<String>,
+) {
+    let containers: Vec<Value> = containers_in_start_order(&running.pod)
+        .into_iter()
+        .cloned()
+        .collect();
+    for (name, child) in running.processes.iter_mut() {
+        if !matches!(child.try_wait(), Ok(Some(_))) {
+            continue;
+        }
+        let Some(container) = containers.iter().find(|c| c["name"] == name.as_str()) else {
+            continue;
+        };
+        match start_container(
+            plane,
+            table,
+            &running.pod,
+            container,
+            &running.netns,
+            &running.volumes,
+            &running.dir,
+        ) {
+            Ok(restarted) => *child = restarted,
+            Err(error) => errors.push(error),
+        }
+    }
 }
 
 /// Numbers network namespaces and veths uniquely, failed starts included.
@@ -380,6 +421,9 @@ fn start_pod(
         netns,
         host_veth,
         processes: Vec::new(),
+        pod: pod.clone(),
+        volumes: HashMap::new(),
+        dir: dir.to_path_buf(),
     };
     match run_containers(plane, table, pod, &containers, dir, &mut started) {
         Ok(()) => Ok(started),
@@ -403,6 +447,7 @@ fn run_containers(
     let pod_name = pod["metadata"]["name"].as_str().unwrap_or_default();
     let netns = started.netns.clone();
     let volumes = materialize_volumes(plane, pod, &dir.join("volumes"), false)?;
+    started.volumes = volumes.clone();
     let processes = &mut started.processes;
     for container in containers.iter().copied() {
         let mut child = start_container(plane, table, pod, container, &netns, &volumes, dir)?;
@@ -751,7 +796,11 @@ fn start_container(
         command.env(name, value);
     }
     let name = container["name"].as_str().unwrap_or_default();
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).map_err(|e| e.to_string())?;
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{name}.log")))
+        .map_err(|e| e.to_string())?;
     command
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(|e| e.to_string())?)
@@ -775,13 +824,23 @@ pub fn isolated(test_name: &str) -> bool {
         return true;
     }
     let exe = std::env::current_exe().unwrap();
-    let status = Command::new("unshare")
+    let mut child = Command::new("unshare")
         .args(["--net", "--mount", "--propagation", "private", "--"])
         .arg(exe)
         .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
         .env(ISOLATED, "1")
-        .status()
+        .stdout(Stdio::piped())
+        .spawn()
         .expect("running unshare (util-linux)");
+    // The inner run's own summary lines would count this test twice.
+    use std::io::BufRead;
+    let output = std::io::BufReader::new(child.stdout.take().unwrap());
+    for line in output.lines().map_while(Result::ok) {
+        if !line.starts_with("test result:") && !line.starts_with("running ") {
+            println!("{line}");
+        }
+    }
+    let status = child.wait().expect("waiting for the isolated run");
     assert!(
         status.success(),
         "the isolated run of {test_name} failed (see above)"
