@@ -44,10 +44,7 @@ fn block_on<F: std::future::Future>(future: F) -> F::Output {
 }
 
 fn metric(serve: &ServeProcess, series: &str) -> f64 {
-    let text = block_on(admin_get(serve.admin_addr, "/metrics"))
-        .expect("metrics")
-        .text();
-    support::https::sample(&text, series).unwrap_or(0.0)
+    support::https::sample(&install::metrics_of(serve), series).unwrap_or(0.0)
 }
 
 fn ready(serve: &ServeProcess) -> bool {

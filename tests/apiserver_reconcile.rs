@@ -40,14 +40,7 @@ impl Scenario {
     }
 
     fn metrics(&self) -> String {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime
-            .block_on(support::https::admin_get(self.serve.admin_addr, "/metrics"))
-            .expect("the admin port answers")
-            .text()
+        install::metrics_of(&self.serve)
     }
 
     /// Our ServiceAccount's audit events since `from`.

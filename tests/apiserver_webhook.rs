@@ -71,14 +71,7 @@ impl Fixture {
     }
 
     fn serve_metrics(&self) -> String {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime
-            .block_on(support::https::admin_get(self.serve.admin_addr, "/metrics"))
-            .expect("the admin port answers")
-            .text()
+        install::metrics_of(&self.serve)
     }
 }
 

@@ -187,6 +187,20 @@ impl Install {
     }
 }
 
+/// `serve`'s `/metrics`, read from a synchronous test.
+pub fn metrics_of(serve: &ServeProcess) -> String {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(crate::support::https::admin_get(
+            serve.admin_addr,
+            "/metrics",
+        ))
+        .expect("the admin port answers")
+        .text()
+}
+
 /// Starts `serve` so that it dies with the test binary, even when a static
 /// fixture holds it.
 pub fn start_serve(command: Command) -> ServeProcess {
