@@ -589,7 +589,9 @@ fn crds_missing(s: &Scenario) {
         "servicemonitors.monitoring.coreos.com",
         "podmonitors.monitoring.coreos.com",
         "--wait=true",
-        "--timeout=90s",
+        // Deleting a CRD first removes its custom resources; on a busy
+        // 2-core machine that took over 90 s once.
+        "--timeout=240s",
     ]));
     let outcome = s.check_json();
     s.assert_fails(
