@@ -547,33 +547,9 @@ fn every_golden_request_replayed_as_a_real_create_is_accepted() {
         // The namespace watch may lag the annotation: retry while the outcome differs.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let created = install::try_with_input(
-                f.plane.kubectl().args([
-                    "create",
-                    "--dry-run=server",
-                    "-o",
-                    "json",
-                    "-n",
-                    namespace,
-                    "-f",
-                    "-",
-                ]),
-                &pod.to_string(),
-            );
+            let created = install::try_dry_run_pod(f.plane, namespace, &pod);
             if !created.status.success() {
-                let control = install::try_with_input(
-                    f.plane.kubectl().args([
-                        "create",
-                        "--dry-run=server",
-                        "-o",
-                        "json",
-                        "-n",
-                        "chiller-golden-control",
-                        "-f",
-                        "-",
-                    ]),
-                    &pod.to_string(),
-                );
+                let control = install::try_dry_run_pod(f.plane, "chiller-golden-control", &pod);
                 if control.status.success() {
                     broken_by_us.push(format!(
                         "{stem}: {}",

@@ -223,7 +223,18 @@ pub fn probe_pod(name: &str) -> Value {
 
 /// `kubectl create --dry-run=server` of `pod`; the pod the API server returns.
 pub fn dry_run_pod(plane: &ControlPlane, namespace: &str, pod: &Value) -> Value {
-    let output = run_with_input(
+    let output = try_dry_run_pod(plane, namespace, pod);
+    assert!(
+        output.status.success(),
+        "dry-run create in {namespace} failed: {}\npod: {pod}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("kubectl prints JSON")
+}
+
+/// `kubectl create --dry-run=server -o json` of `pod`, whatever its outcome.
+pub fn try_dry_run_pod(plane: &ControlPlane, namespace: &str, pod: &Value) -> Output {
+    try_with_input(
         plane.kubectl().args([
             "create",
             "--dry-run=server",
@@ -235,8 +246,7 @@ pub fn dry_run_pod(plane: &ControlPlane, namespace: &str, pod: &Value) -> Value 
             "-",
         ]),
         &pod.to_string(),
-    );
-    serde_json::from_slice(&output.stdout).expect("kubectl prints JSON")
+    )
 }
 
 /// Creates the namespace if it is missing, and sets `labels` on it.
