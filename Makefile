@@ -76,10 +76,10 @@ manifests: tools
 	helm template chiller-metrics manifests/chart/chiller-metrics --namespace $(NAMESPACE) > manifests/out/helm-default.yaml
 	@echo "rendered into manifests/out/ (self-managed: make certs, then kubectl kustomize manifests/overlays/self-managed)"
 
-## The local journey without Docker (part of `make test`): kwok nodes, the pod
-## runner, chiller-metrics as the chart's pods, the real Prometheus Operator and
-## Prometheus, in network namespaces the test creates (needs root, iproute2,
-## iptables and bubblewrap).
+## The kind journey without Docker (part of `make test`): the scenario of
+## `make e2e` (tests/e2e/scenario.sh) on two kwok nodes, with the pod runner in
+## place of the container runtime; everything else is real (needs root,
+## iproute2, iptables, bubblewrap and Debian's postgresql).
 e2e-local: tools cluster-tools
 	$(CARGO) test --locked --test e2e_pods -- --nocapture
 

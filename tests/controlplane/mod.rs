@@ -12,7 +12,9 @@
 pub mod nodes;
 pub mod pki;
 pub mod process;
+pub mod readiness;
 pub mod runner;
+pub mod services;
 
 use std::{
     ffi::OsString,

@@ -24,13 +24,27 @@ const STAGES: &[&str] = &[
     "kustomize/stage/pod/fast/pod-delete.yaml",
 ];
 
+/// Who reports whether a pod is ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodReadiness {
+    /// kwok marks every Running pod Ready at once.
+    Kwok,
+    /// kwok leaves Running pods not ready; the pod runner reports readiness
+    /// from the containers' probes, as a kubelet does.
+    PodRunner,
+}
+
 impl ControlPlane {
     /// Starts kube-scheduler and kwok, and registers `nodes` as
     /// `(name, podCIDR)`; returns once every node is Ready.
     pub fn add_nodes(&self, nodes: &[(&str, &str)]) {
+        self.add_nodes_with(nodes, PodReadiness::Kwok)
+    }
+
+    pub fn add_nodes_with(&self, nodes: &[(&str, &str)], readiness: PodReadiness) {
         let kwok_bin = build("kwok");
         let stages = self.dir.join("kwok-stages.yaml");
-        std::fs::write(&stages, kwok_stages()).expect("writing kwok's stages");
+        std::fs::write(&stages, kwok_stages(readiness)).expect("writing kwok's stages");
         let p = |path: &Path| path.display().to_string();
         let lifetime = self.lifetime;
         {
@@ -63,6 +77,9 @@ impl ControlPlane {
                     &format!("--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake"),
                     &format!("--server-address=127.0.0.1:{}", free_port()),
                     "--node-ip=127.0.0.1",
+                    // Leases keep the nodes Ready between the rare status
+                    // heartbeats of the heartbeat-with-lease stage.
+                    "--node-lease-duration-seconds=40",
                 ]),
                 &self.dir,
                 lifetime,
@@ -137,16 +154,44 @@ pub fn module_dir(tools_module: &str, module: &str) -> PathBuf {
     PathBuf::from(info["Dir"].as_str().expect("a module Dir"))
 }
 
-fn kwok_stages() -> String {
+fn kwok_stages(readiness: PodReadiness) -> String {
     let dir = module_dir("kwok", "sigs.k8s.io/kwok");
     STAGES
         .iter()
         .map(|file| {
-            std::fs::read_to_string(dir.join(file))
-                .unwrap_or_else(|e| panic!("kwok stage {file}: {e}"))
+            let stage = std::fs::read_to_string(dir.join(file))
+                .unwrap_or_else(|e| panic!("kwok stage {file}: {e}"));
+            match readiness {
+                PodReadiness::PodRunner if file.ends_with("pod-ready.yaml") => {
+                    readiness_left_to_runner(&stage)
+                }
+                _ => stage,
+            }
         })
         .collect::<Vec<_>>()
         .join("\n---\n")
+}
+
+/// kwok's pod-ready stage with the pod Running but not ready: the Ready and
+/// ContainersReady conditions and every container's `ready` start false.
+fn readiness_left_to_runner(stage: &str) -> String {
+    let mut out = stage.to_string();
+    for condition in ["Ready", "ContainersReady"] {
+        let ready = format!("status: \"True\"\n        type: {condition}\n");
+        assert!(
+            out.contains(&ready),
+            "kwok's pod-ready stage no longer sets {condition} as expected"
+        );
+        out = out.replace(
+            &ready,
+            &format!("status: \"False\"\n        type: {condition}\n"),
+        );
+    }
+    assert!(
+        out.contains("ready: true"),
+        "kwok's pod-ready stage sets no container ready"
+    );
+    out.replace("ready: true", "ready: false")
 }
 
 fn args(list: &[&str]) -> Vec<OsString> {

@@ -23,7 +23,12 @@ use std::{
 
 use serde_json::Value;
 
-use super::ControlPlane;
+use super::{
+    ControlPlane,
+    process::Process,
+    readiness::{self, ExecTarget, ProbeState},
+    services,
+};
 
 /// The bridge every pod's veth joins, and its address: the pods' gateway.
 pub const BRIDGE: &str = "chiller0";
@@ -44,6 +49,8 @@ pub struct Launch {
     /// Programs inside the image a container's `command` may name, and the
     /// local file each is.
     pub programs: Vec<(String, PathBuf)>,
+    /// Folders the image has to itself (an empty tmpfs per container).
+    pub private_dirs: Vec<String>,
 }
 
 /// Image repository (without tag) to how it runs.
@@ -66,6 +73,10 @@ struct RunningPod {
     pod: Value,
     volumes: HashMap<String, PathBuf>,
     dir: PathBuf,
+    /// Readiness probe results per container, and what the API server was
+    /// last told.
+    probes: HashMap<String, ProbeState>,
+    reported: Option<HashMap<String, bool>>,
 }
 
 /// Watches pods and runs those on our nodes; stops everything on drop.
@@ -75,15 +86,23 @@ pub struct PodRunner {
     errors: Arc<Mutex<Vec<String>>>,
     pods: Arc<Mutex<HashMap<String, RunningPod>>>,
     dir: PathBuf,
+    kube_proxy: Process,
 }
 
 impl PodRunner {
-    /// Sets up the bridge and starts polling the API server for Running pods.
+    /// Sets up the bridge and kube-proxy, and starts polling the API server
+    /// for Running pods. Nodes must be registered first.
     pub fn start(plane: &'static ControlPlane, table: ImageTable) -> Self {
         remove_stale_network_namespaces();
         sh(&["ip", "link", "add", BRIDGE, "type", "bridge"]);
         sh(&["ip", "addr", "add", BRIDGE_ADDRESS, "dev", BRIDGE]);
         sh(&["ip", "link", "set", BRIDGE, "up"]);
+        let nodes = kubectl_json(plane, &["get", "nodes"]).expect("listing nodes");
+        let node = nodes["items"][0]["metadata"]["name"]
+            .as_str()
+            .expect("a node registered before the pod runner starts")
+            .to_string();
+        let kube_proxy = services::start_kube_proxy(plane, &node);
         let stop = Arc::new(AtomicBool::new(false));
         let errors = Arc::new(Mutex::new(Vec::new()));
         let pods: Arc<Mutex<HashMap<String, RunningPod>>> = Arc::default();
@@ -116,7 +135,13 @@ impl PodRunner {
             errors,
             pods,
             dir,
+            kube_proxy,
         }
+    }
+
+    /// kube-proxy's last log lines.
+    pub fn kube_proxy_log(&self, lines: usize) -> String {
+        self.kube_proxy.tail(lines)
     }
 
     /// Errors so far (an unknown image, a failed start).
@@ -174,6 +199,7 @@ impl Drop for PodRunner {
         for (_, pod) in self.pods.lock().unwrap().drain() {
             stop_pod(pod);
         }
+        self.kube_proxy.kill();
         let _ = Command::new("ip").args(["link", "del", BRIDGE]).status();
     }
 }
@@ -268,6 +294,13 @@ fn sync_once(
         Err(error) => return vec![error],
     };
     let items = list["items"].as_array().cloned().unwrap_or_default();
+    let mut services: Option<Value> = None;
+    let mut services_now = || -> Result<Value, String> {
+        if services.is_none() {
+            services = Some(kubectl_json(plane, &["get", "services", "-A"])?);
+        }
+        Ok(services.clone().unwrap_or_default())
+    };
     let mut seen = Vec::new();
     for pod in &items {
         let uid = pod["metadata"]["uid"]
@@ -288,19 +321,38 @@ fn sync_once(
             // process ended starts again (once per round at most).
             if let Some(running) = pods.lock().unwrap().get_mut(&uid) {
                 restart_exited(plane, table, running, &mut errors);
+                if let Err(error) = report_readiness(plane, running) {
+                    errors.push(error);
+                }
             }
-            if refresh
-                && let Err(error) =
+            if refresh {
+                if let Err(error) =
                     materialize_volumes(plane, pod, &dir.join(&uid).join("volumes"), true)
-            {
-                errors.push(error);
+                {
+                    errors.push(error);
+                }
+                if let Err(error) = services_now().and_then(|services| {
+                    services::write_in_place(
+                        &dir.join(&uid).join("hosts"),
+                        &services::hosts_file(pod, &services),
+                    )
+                }) {
+                    errors.push(error);
+                }
             }
             continue;
         }
+        let hosts = match services_now() {
+            Ok(services) => services::hosts_file(pod, &services),
+            Err(error) => {
+                errors.push(error);
+                continue;
+            }
+        };
         // One pod failing to start does not hold up the others; it is tried
         // again next round.
         let index = NEXT_POD.fetch_add(1, Ordering::SeqCst);
-        match start_pod(plane, table, pod, index, &dir.join(&uid)) {
+        match start_pod(plane, table, pod, index, &dir.join(&uid), &hosts) {
             Ok(started) => {
                 pods.lock().unwrap().insert(uid, started);
             }
@@ -354,6 +406,45 @@ fn restart_exited(
     }
 }
 
+/// Probes the pod's long-running containers and reports their readiness
+/// when it changed.
+fn report_readiness(plane: &ControlPlane, running: &mut RunningPod) -> Result<(), String> {
+    let ip = running.pod["status"]["podIP"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let mut ready = HashMap::new();
+    for container in containers_in_start_order(&running.pod) {
+        if is_init_to_completion(&running.pod, container) {
+            continue;
+        }
+        let name = container["name"].as_str().unwrap_or_default().to_string();
+        let pid = running
+            .processes
+            .iter_mut()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, child)| matches!(child.try_wait(), Ok(None)).then(|| child.id()));
+        let state = running.probes.entry(name.clone()).or_default();
+        match (pid, container["readinessProbe"].as_object()) {
+            (None, _) => *state = ProbeState::default(),
+            (Some(pid), Some(_)) => {
+                let exec = readiness::sandbox_pid(pid).map(|pid| ExecTarget {
+                    pid,
+                    path: std::env::var("PATH").unwrap_or_default(),
+                });
+                let probe = &container["readinessProbe"];
+                let passed = readiness::probe_passes(probe, container, &ip, exec.as_ref());
+                state.record(passed, probe);
+            }
+            (Some(_), None) => state.ready = true,
+        }
+        ready.insert(name, state.ready);
+    }
+    readiness::report(plane, &running.pod, &ready, running.reported.as_ref())?;
+    running.reported = Some(ready);
+    Ok(())
+}
+
 /// Numbers network namespaces and veths uniquely, failed starts included.
 static NEXT_POD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -363,6 +454,7 @@ fn start_pod(
     pod: &Value,
     index: usize,
     dir: &Path,
+    hosts: &str,
 ) -> Result<RunningPod, String> {
     let namespace = pod["metadata"]["namespace"].as_str().unwrap_or_default();
     let name = pod["metadata"]["name"].as_str().unwrap_or_default();
@@ -378,6 +470,7 @@ fn start_pod(
         }
     }
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    services::write_in_place(&dir.join("hosts"), hosts)?;
     let netns = format!("chiller-{}-pod-{index}", std::process::id());
     let host_veth = format!("cpv{index}");
     try_sh(&["ip", "netns", "add", &netns])?;
@@ -424,6 +517,8 @@ fn start_pod(
         pod: pod.clone(),
         volumes: HashMap::new(),
         dir: dir.to_path_buf(),
+        probes: HashMap::new(),
+        reported: None,
     };
     match run_containers(plane, table, pod, &containers, dir, &mut started) {
         Ok(()) => Ok(started),
@@ -757,6 +852,14 @@ fn start_container(
         "--unshare-pid",
     ]);
     command.args(["--dev-bind", "/", "/", "--proc", "/proc"]);
+    // The pod's hosts file, as the kubelet mounts one into every container.
+    command
+        .arg("--bind")
+        .arg(dir.join("hosts"))
+        .arg("/etc/hosts");
+    for private in &launch.private_dirs {
+        command.args(["--tmpfs", private]);
+    }
     for mount in container["volumeMounts"].as_array().into_iter().flatten() {
         let volume = mount["name"].as_str().unwrap_or_default();
         let target = mount["mountPath"].as_str().unwrap_or_default();

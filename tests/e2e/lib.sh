@@ -80,6 +80,42 @@ print(f"{len(result)} series of namespace {sys.argv[2]} in the Prometheus of {sy
 sys.exit(0 if not result else 1)' "$1" "$2"
 }
 
+# exporter_counts_own_app NAMESPACE APP "APPS...": the statsd exporter in
+# a pod of APP counts that pod's gunicorn requests (prefix APP), and no
+# other app's.
+exporter_counts_own_app() {
+  local ns=$1 app=$2 apps=$3 pod
+  pod=$(kubectl -n "$ns" get pods -l "app=$app" --field-selector=status.phase=Running \
+    -o jsonpath='{.items[0].metadata.name}')
+  [ -n "$pod" ] || return 1
+  kubectl get --raw "/api/v1/namespaces/$ns/pods/$pod:9102/proxy/metrics" | python3 -c '
+import re, sys
+app, others = sys.argv[1], set(sys.argv[2].split()) - {sys.argv[1]}
+counts = {}
+for line in sys.stdin:
+    m = re.match(r"gunicorn_requests_total\{(.*)\} (\S+)$", line.strip())
+    if m:
+        prefix = re.search(r"prefix=\"([^\"]*)\"", m.group(1))
+        counts[prefix.group(1) if prefix else ""] = float(m.group(2))
+print(f"gunicorn_requests_total by prefix: {counts}")
+sys.exit(0 if counts.get(app, 0) > 0 and not others & counts.keys() else 1)' "$app" "$apps"
+}
+
+# dashboard_answers NAMESPACE "APPS...": every query of the namespace's
+# dashboard returns data through the URL of its datasource.
+dashboard_answers() {
+  python3 tests/e2e/dashboard_queries.py "$1" "$2"
+}
+
+# scrape_count NAMESPACE: the scrapes the namespace's Prometheus recorded in
+# the last hour.
+scrape_count() {
+  prom_query "$1" 'sum(count_over_time(up[1h]))' | python3 -c '
+import json, sys
+result = json.load(sys.stdin)["data"]["result"]
+print(int(float(result[0]["value"][1])) if result else 0)'
+}
+
 ca_bundle_injected() {
   [ -n "$(kubectl get mutatingwebhookconfiguration "$1" -o jsonpath='{.webhooks[0].clientConfig.caBundle}')" ]
 }

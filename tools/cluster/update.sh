@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Pins the control plane: k8s.io/kubernetes at KUBE_VERSION plus the matching
-# etcd server, as Go tool dependencies of this module.
+# Pins the control plane (and kube-proxy, which the pod runner's nodes use):
+# k8s.io/kubernetes at KUBE_VERSION plus the matching etcd server, as Go tool dependencies of this module.
 #
 # k8s.io/kubernetes requires its staging modules (k8s.io/api, k8s.io/apiserver,
 # ...) at v0.0.0 and replaces them with ./staging paths, which only work in its
@@ -32,6 +32,7 @@ go_version=$(awk '$1 == "go" { print $2; exit }' "$kube_mod")
   echo "	go.etcd.io/etcd/server/v3"
   echo "	k8s.io/kubernetes/cmd/kube-apiserver"
   echo "	k8s.io/kubernetes/cmd/kube-controller-manager"
+  echo "	k8s.io/kubernetes/cmd/kube-proxy"
   echo "	k8s.io/kubernetes/cmd/kube-scheduler"
   echo ")"
   echo
