@@ -248,19 +248,30 @@ pub struct Overrides {
 impl Config {
     /// Loads the file (if any), applies overrides and validates.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
-        let mut config = match path {
+        match path {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.display().to_string(),
                     source,
                 })?;
-                Self::from_yaml(&text).map_err(|source| ConfigError::Parse {
-                    path: path.display().to_string(),
-                    source,
-                })?
+                Self::from_text(&text, path, overrides)
             }
-            None => Self::default(),
-        };
+            None => Self::default().overridden(overrides),
+        }
+    }
+
+    /// Parses the text of the file at `path`, applies overrides and validates.
+    pub fn from_text(text: &str, path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
+        Self::from_yaml(text)
+            .map_err(|source| ConfigError::Parse {
+                path: path.display().to_string(),
+                source,
+            })?
+            .overridden(overrides)
+    }
+
+    fn overridden(mut self, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let config = &mut self;
         if let Some(mode) = overrides.sidecar_mode {
             config.sidecar.mode = mode;
         }
@@ -271,7 +282,7 @@ impl Config {
             config.reconcile.grafana_namespace = Some(ns.clone()).filter(|ns| !ns.is_empty());
         }
         config.validate()?;
-        Ok(config)
+        Ok(self)
     }
 
     /// Parses YAML; an empty document gives the defaults.

@@ -41,6 +41,7 @@ pub struct Metrics {
     pub admission_duration: Histogram,
     pub rejected_requests: Family<ReasonLabels, Counter>,
     pub tls_reloads: Family<ResultLabels, Counter>,
+    pub config_reloads: Family<ResultLabels, Counter>,
     pub reconcile_runs: Counter,
     pub reconcile_failures: Family<ReconcileFailureLabels, Counter>,
     pub reconcile_duration: Histogram,
@@ -83,6 +84,12 @@ impl Metrics {
             "Attempts to load a changed serving certificate, by result",
             tls_reloads.clone(),
         );
+        let config_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Attempts to load a changed config file, by result (a failure keeps the running config)",
+            config_reloads.clone(),
+        );
         let reconcile_runs = Counter::default();
         registry.register(
             "reconcile_runs",
@@ -121,6 +128,7 @@ impl Metrics {
             admission_duration,
             rejected_requests,
             tls_reloads,
+            config_reloads,
             reconcile_runs,
             reconcile_failures,
             reconcile_duration,

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::{desired::DesiredError, live::LiveCache};
-use crate::{admin::Metrics, config::Config, inject::Injector, keys::Keys};
+use crate::{admin::Metrics, inject::Injector, keys::Keys, live_config::LiveInjector};
 
 /// The one field manager of every write.
 pub const FIELD_MANAGER: &str = "chiller-metrics";
@@ -103,9 +103,10 @@ struct Memory {
 
 pub struct Context {
     pub client: Client,
-    pub config: Config,
+    /// Fixed for the process: the domain never changes on a reload.
     pub keys: Keys,
-    pub injector: Injector,
+    /// The current config, reloaded with `serve`'s config file.
+    injector: Arc<LiveInjector>,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
     pub live: LiveCache,
@@ -118,13 +119,13 @@ pub struct Context {
 impl Context {
     pub fn new(
         client: Client,
-        injector: Injector,
+        injector: impl Into<Arc<LiveInjector>>,
         metrics: Arc<Metrics>,
         leading: watch::Receiver<bool>,
         identity: &str,
     ) -> Self {
-        let config = injector.config().clone();
-        let keys = config.keys();
+        let injector = injector.into();
+        let keys = injector.current().keys().clone();
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -135,7 +136,6 @@ impl Context {
         Self {
             live: LiveCache::new(&keys),
             client,
-            config,
             keys,
             injector,
             metrics,
@@ -144,6 +144,11 @@ impl Context {
             restart_cooldown: RESTART_COOLDOWN,
             memory: Mutex::default(),
         }
+    }
+
+    /// The injector of the current config (and with it the config).
+    pub fn injector(&self) -> Arc<Injector> {
+        self.injector.current()
     }
 
     pub fn is_leading(&self) -> bool {

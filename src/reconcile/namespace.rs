@@ -70,7 +70,9 @@ pub fn is_opted_in(namespace: &Namespace, keys: &keys::Keys) -> bool {
 }
 
 fn resync(ctx: &Context) -> Action {
-    Action::requeue(Duration::from_secs(ctx.config.reconcile.resync_seconds))
+    Action::requeue(Duration::from_secs(
+        ctx.injector().config().reconcile.resync_seconds,
+    ))
 }
 
 async fn reconcile_opted_in(
@@ -89,7 +91,7 @@ async fn reconcile_opted_in(
             return Err(error);
         }
     };
-    let objects = desired::desired_objects(&settings, &ctx.config);
+    let objects = desired::desired_objects(&settings, ctx.injector().config());
     let keep: HashSet<_> = objects
         .iter()
         .map(|o| {
@@ -208,7 +210,7 @@ async fn apply_all(objects: &[DesiredObject], ctx: &Context) -> ApplyOutcome {
             name: object.name.clone(),
             source,
         };
-        let value = applied_value(&object.value, &ctx.config.domain);
+        let value = applied_value(&object.value, &ctx.injector().config().domain);
         let kind = managed_kind(object.api_version, object.kind).copied();
         let live: Option<Value> = match kind.filter(|k| ctx.live.is_synced(*k)) {
             Some(kind) => ctx
@@ -339,7 +341,8 @@ async fn owned_objects(
     );
     let mut namespaces = vec![owner.to_string()];
     namespaces.extend(
-        ctx.config
+        ctx.injector()
+            .config()
             .reconcile
             .grafana_namespace
             .clone()

@@ -113,7 +113,7 @@ fn should_have_sidecar(pod: &Pod, ctx: &Context, policy: &crate::inject::Namespa
         ..Default::default()
     };
     matches!(
-        ctx.injector.mutate(pod, pod_context),
+        ctx.injector().mutate(pod, pod_context),
         Decision::Inject { .. }
     )
 }
@@ -249,7 +249,7 @@ async fn restart_workload(
     else {
         return Ok(());
     };
-    let key = restarted_for_injection_key(&ctx.config.domain);
+    let key = restarted_for_injection_key(&ctx.injector().config().domain);
     let now = Timestamp::now();
     let last = live
         .annotations()
