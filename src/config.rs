@@ -135,6 +135,12 @@ pub struct ReconcileConfig {
     pub postgres_exporter: PostgresExporterConfig,
     /// Seconds between full resyncs of a healthy namespace.
     pub resync_seconds: u64,
+    /// How long a workload restarted for an outdated config may take to be
+    /// available again before the rollout stops with an error.
+    pub rollout_timeout_seconds: u64,
+    /// How long after a mapping change the kubelet may take to refresh the
+    /// mounted ConfigMap; running exporters are reloaded after that.
+    pub mapping_reload_delay_seconds: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -212,6 +218,9 @@ impl Default for ReconcileConfig {
             prometheus: PrometheusConfig::default(),
             postgres_exporter: PostgresExporterConfig::default(),
             resync_seconds: 300,
+            rollout_timeout_seconds: 600,
+            // The kubelet's sync period (1 min) plus its ConfigMap cache.
+            mapping_reload_delay_seconds: 90,
         }
     }
 }
@@ -402,6 +411,12 @@ impl Config {
             return Err(invalid(
                 "reconcile.postgresExporter.image",
                 format!("{exporter_image:?} is not an image reference"),
+            ));
+        }
+        if self.reconcile.rollout_timeout_seconds == 0 {
+            return Err(invalid(
+                "reconcile.rolloutTimeoutSeconds",
+                "must be at least 1",
             ));
         }
         if self.reconcile.resync_seconds == 0 {

@@ -46,7 +46,10 @@ pub struct Metrics {
     pub reconcile_failures: Family<ReconcileFailureLabels, Counter>,
     pub reconcile_duration: Histogram,
     pub uninjected_pods: Family<NamespaceLabels, Gauge>,
+    pub outdated_pods: Family<NamespaceLabels, Gauge>,
     pub workload_restarts: Counter,
+    pub outdated_restarts: Counter,
+    pub mapping_reloads: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -116,11 +119,29 @@ impl Metrics {
             "Pods in an opted-in namespace that should carry the sidecar but do not",
             uninjected_pods.clone(),
         );
+        let outdated_pods = Family::<NamespaceLabels, Gauge>::default();
+        registry.register(
+            "outdated_pods",
+            "Injected pods in an opted-in namespace whose config hash is not the current one",
+            outdated_pods.clone(),
+        );
         let workload_restarts = Counter::default();
         registry.register(
             "workload_restarts",
             "Deployments and StatefulSets restarted so their pods get injected",
             workload_restarts.clone(),
+        );
+        let outdated_restarts = Counter::default();
+        registry.register(
+            "outdated_restarts",
+            "Deployments and StatefulSets restarted so their pods get the current sidecar config",
+            outdated_restarts.clone(),
+        );
+        let mapping_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "mapping_reloads",
+            "Exporters asked to reload a changed mapping (POST /-/reload), by result",
+            mapping_reloads.clone(),
         );
         Self {
             registry,
@@ -133,7 +154,10 @@ impl Metrics {
             reconcile_failures,
             reconcile_duration,
             uninjected_pods,
+            outdated_pods,
             workload_restarts,
+            outdated_restarts,
+            mapping_reloads,
         }
     }
 

@@ -43,6 +43,16 @@ pub enum ReconcileError {
         #[source]
         source: DesiredError,
     },
+    #[error(
+        "namespace {namespace}: {kind} {name} was restarted for the current sidecar config at {since} and is not available after {timeout_seconds} s; rollout of outdated workloads stopped"
+    )]
+    RolloutStuck {
+        namespace: String,
+        kind: String,
+        name: String,
+        since: String,
+        timeout_seconds: u64,
+    },
     #[error("{action} {kind} {namespace}/{name}: {source}")]
     Api {
         action: &'static str,
@@ -60,6 +70,7 @@ impl ReconcileError {
         match self {
             Self::PrometheusOperatorMissing { .. } => "crd_missing",
             Self::Settings { .. } => "invalid_settings",
+            Self::RolloutStuck { .. } => "rollout_stuck",
             Self::Api { .. } => "api_error",
         }
     }
@@ -69,19 +80,33 @@ impl ReconcileError {
         match self {
             Self::PrometheusOperatorMissing { .. } => "PrometheusOperatorMissing",
             Self::Settings { .. } => "InvalidSettings",
+            Self::RolloutStuck { .. } => "RolloutStuck",
             Self::Api { .. } => "ApplyFailed",
         }
     }
 }
 
 /// The namespace status annotation (JSON).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NamespaceStatus {
     pub ready: bool,
     pub reason: String,
     pub message: String,
+    /// Pods that should carry the sidecar but do not.
     pub uninjected_pods: usize,
+    /// Pods carrying the sidecar, outdated ones included.
+    #[serde(default)]
+    pub injected_pods: usize,
+    /// Injected pods whose config hash is not the current one.
+    #[serde(default)]
+    pub outdated_pods: usize,
+    /// Pods the webhook skipped with a warning, by reason.
+    #[serde(default)]
+    pub skipped_pods: BTreeMap<String, usize>,
+    /// The config hash pods are injected with now.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub config_hash: String,
 }
 
 /// A workload (or bare pod) some uninjected pods belong to.
@@ -99,6 +124,10 @@ struct Memory {
     failures: HashMap<String, u32>,
     /// Uninjected pods last reported per namespace and workload.
     reported: HashMap<String, BTreeMap<Workload, BTreeSet<String>>>,
+    /// Skips reported per namespace, as (workload, reason).
+    skips_reported: HashMap<String, BTreeSet<(Workload, String)>>,
+    /// Per namespace, the mapping hash applied and since when we know it.
+    mapping_since: HashMap<String, (String, std::time::Instant)>,
 }
 
 pub struct Context {
@@ -188,6 +217,56 @@ impl Context {
             memory.reported.insert(namespace.to_string(), current);
         }
         changed
+    }
+}
+
+impl Context {
+    /// Since when the namespace's mapping has had hash `mapping` (as far as
+    /// this replica knows: from `now` for a hash not seen before).
+    pub(super) fn mapping_current_since(
+        &self,
+        namespace: &str,
+        mapping: &str,
+        now: std::time::Instant,
+    ) -> std::time::Instant {
+        let mut memory = self.memory();
+        let entry = memory
+            .mapping_since
+            .entry(namespace.to_string())
+            .or_insert_with(|| (mapping.to_string(), now));
+        if entry.0 != mapping {
+            *entry = (mapping.to_string(), now);
+        }
+        entry.1
+    }
+
+    /// Takes the (workload, reason) skips seen now in a namespace; returns
+    /// those never reported, at most `limit`, and remembers them as
+    /// reported. Pairs no longer seen are forgotten, so a skip that comes
+    /// back is reported again.
+    pub(super) fn skips_to_report(
+        &self,
+        namespace: &str,
+        current: &BTreeSet<(Workload, String)>,
+        limit: usize,
+    ) -> Vec<(Workload, String)> {
+        let mut memory = self.memory();
+        let reported = memory
+            .skips_reported
+            .entry(namespace.to_string())
+            .or_default();
+        reported.retain(|pair| current.contains(pair));
+        let new: Vec<_> = current
+            .iter()
+            .filter(|pair| !reported.contains(*pair))
+            .take(limit)
+            .cloned()
+            .collect();
+        reported.extend(new.iter().cloned());
+        if reported.is_empty() {
+            memory.skips_reported.remove(namespace);
+        }
+        new
     }
 }
 

@@ -14,7 +14,10 @@ pub mod desired;
 pub mod leader;
 pub mod live;
 pub mod namespace;
+pub mod outdated;
 pub mod pod_sightings;
+pub mod pod_state;
+pub mod reload;
 pub mod uninjected;
 
 use tokio::sync::{oneshot, watch};
