@@ -255,19 +255,30 @@ impl Context {
             .skips_reported
             .entry(namespace.to_string())
             .or_default();
-        reported.retain(|pair| current.contains(pair));
-        let new: Vec<_> = current
-            .iter()
-            .filter(|pair| !reported.contains(*pair))
-            .take(limit)
-            .cloned()
-            .collect();
-        reported.extend(new.iter().cloned());
+        let new = select_new(reported, current, limit);
         if reported.is_empty() {
             memory.skips_reported.remove(namespace);
         }
         new
     }
+}
+
+/// Forgets reported items no longer current; returns up to `limit` current
+/// items not reported yet, and marks them reported.
+fn select_new<T: Ord + Clone>(
+    reported: &mut BTreeSet<T>,
+    current: &BTreeSet<T>,
+    limit: usize,
+) -> Vec<T> {
+    reported.retain(|item| current.contains(item));
+    let new: Vec<T> = current
+        .iter()
+        .filter(|item| !reported.contains(*item))
+        .take(limit)
+        .cloned()
+        .collect();
+    reported.extend(new.iter().cloned());
+    new
 }
 
 /// Retry delay after the `failures`-th consecutive failure.
@@ -287,4 +298,28 @@ pub fn error_policy(
     let delay = backoff_delay(ctx.record_failure(&name));
     tracing::warn!(namespace = %name, %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_skip_is_reported_once_while_it_lasts_and_at_most_limit_at_a_time() {
+        let mut reported = BTreeSet::new();
+        let current: BTreeSet<u32> = [1, 2, 3].into();
+        assert_eq!(select_new(&mut reported, &current, 2), vec![1, 2]);
+        assert_eq!(
+            select_new(&mut reported, &current, 2),
+            vec![3],
+            "the rest next time"
+        );
+        assert!(
+            select_new(&mut reported, &current, 2).is_empty(),
+            "never twice"
+        );
+        // 2 goes away and comes back: reported again.
+        assert!(select_new(&mut reported, &[1, 3].into(), 2).is_empty());
+        assert_eq!(select_new(&mut reported, &current, 2), vec![2]);
+    }
 }

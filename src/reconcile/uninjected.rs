@@ -403,3 +403,17 @@ async fn restart_workload(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skip_event_reasons_are_camel_case() {
+        assert_eq!(skip_event_reason("host_network"), "NotInjectedHostNetwork");
+        assert_eq!(
+            skip_event_reason("job_needs_native_sidecar"),
+            "NotInjectedJobNeedsNativeSidecar"
+        );
+    }
+}
