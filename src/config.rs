@@ -135,6 +135,12 @@ pub struct ReconcileConfig {
     pub postgres_exporter: PostgresExporterConfig,
     /// Seconds between full resyncs of a healthy namespace.
     pub resync_seconds: u64,
+    /// How long a workload restarted for an outdated config may take to be
+    /// available again before the rollout stops with an error.
+    pub rollout_timeout_seconds: u64,
+    /// How long after a mapping change the kubelet may take to refresh the
+    /// mounted ConfigMap; running exporters are reloaded after that.
+    pub mapping_reload_delay_seconds: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -212,6 +218,9 @@ impl Default for ReconcileConfig {
             prometheus: PrometheusConfig::default(),
             postgres_exporter: PostgresExporterConfig::default(),
             resync_seconds: 300,
+            rollout_timeout_seconds: 600,
+            // The kubelet's sync period (1 min) plus its ConfigMap cache.
+            mapping_reload_delay_seconds: 90,
         }
     }
 }
@@ -248,19 +257,30 @@ pub struct Overrides {
 impl Config {
     /// Loads the file (if any), applies overrides and validates.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
-        let mut config = match path {
+        match path {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.display().to_string(),
                     source,
                 })?;
-                Self::from_yaml(&text).map_err(|source| ConfigError::Parse {
-                    path: path.display().to_string(),
-                    source,
-                })?
+                Self::from_text(&text, path, overrides)
             }
-            None => Self::default(),
-        };
+            None => Self::default().overridden(overrides),
+        }
+    }
+
+    /// Parses the text of the file at `path`, applies overrides and validates.
+    pub fn from_text(text: &str, path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
+        Self::from_yaml(text)
+            .map_err(|source| ConfigError::Parse {
+                path: path.display().to_string(),
+                source,
+            })?
+            .overridden(overrides)
+    }
+
+    fn overridden(mut self, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let config = &mut self;
         if let Some(mode) = overrides.sidecar_mode {
             config.sidecar.mode = mode;
         }
@@ -271,7 +291,7 @@ impl Config {
             config.reconcile.grafana_namespace = Some(ns.clone()).filter(|ns| !ns.is_empty());
         }
         config.validate()?;
-        Ok(config)
+        Ok(self)
     }
 
     /// Parses YAML; an empty document gives the defaults.
@@ -391,6 +411,12 @@ impl Config {
             return Err(invalid(
                 "reconcile.postgresExporter.image",
                 format!("{exporter_image:?} is not an image reference"),
+            ));
+        }
+        if self.reconcile.rollout_timeout_seconds == 0 {
+            return Err(invalid(
+                "reconcile.rolloutTimeoutSeconds",
+                "must be at least 1",
             ));
         }
         if self.reconcile.resync_seconds == 0 {

@@ -24,6 +24,15 @@ pub struct Keys {
     pub restart_uninjected: String,
     /// Namespace annotation where the reconciler records its status.
     pub reconcile_status: String,
+    /// Pod annotation recording why the webhook skipped a pod (a reason that
+    /// deserves a warning).
+    pub skipped: String,
+    /// Namespace annotation enabling rollout restarts of outdated workloads.
+    pub rollout_outdated: String,
+    /// Workload annotation: the config hash it was last restarted for.
+    pub restarted_for_config: String,
+    /// Workload annotation: when it was restarted for that config.
+    pub restarted_for_config_at: String,
     /// Label on every object the reconciler creates, naming the app namespace it serves.
     pub owner_namespace: String,
 }
@@ -53,6 +62,10 @@ impl Keys {
             postgres_secret: key("postgres-secret"),
             restart_uninjected: key("restart-uninjected"),
             reconcile_status: key("reconcile-status"),
+            skipped: key("skipped"),
+            rollout_outdated: key("rollout-outdated"),
+            restarted_for_config: key("restarted-for-config"),
+            restarted_for_config_at: key("restarted-for-config-at"),
             owner_namespace: key("owner-namespace"),
         }
     }

@@ -6,6 +6,7 @@
 //! - [`admin`]: the plain-HTTP admin endpoints and process metrics.
 //! - [`cluster`]: everything that talks to the API server for the webhook.
 //! - [`reconcile`]: the per-namespace monitoring reconcile loop.
+//! - [`live_config`]: the config `serve` runs with, reloaded when its file changes.
 //! - [`cli`]: the offline commands (`inject`, `render`, `certs`) and `serve` wiring.
 
 pub mod admin;
@@ -15,6 +16,7 @@ pub mod cluster;
 pub mod config;
 pub mod inject;
 pub mod keys;
+pub mod live_config;
 pub mod manifest;
 pub mod reconcile;
 pub mod webhook;

@@ -24,6 +24,8 @@ use support::https::ServeProcess;
 /// seconds" for drift, which the resync of 5 s bounds.
 const CONVERGE: Duration = Duration::from_secs(90);
 const RESYNC_SECONDS: u64 = 5;
+const MAPPING_RELOAD_DELAY: u64 = 2;
+const ROLLOUT_TIMEOUT: u64 = 15;
 const SERVICE_ACCOUNT: &str = "system:serviceaccount:chiller-metrics:chiller-metrics";
 
 struct Scenario {
@@ -133,9 +135,17 @@ fn opt_in(plane: &ControlPlane, namespace: &str) {
 fn the_reconcile_loop_under_the_charts_rbac() {
     let plane = ControlPlane::shared();
     let _plane_logs = plane.logs_on_failure();
+    // The exporter a pod "runs" is a real statsd_exporter on loopback: its
+    // port is the sidecar's metrics port of this install.
+    let exporter_port = controlplane::free_port();
     let install = Install::chart(
         plane,
-        &[&format!("config.reconcile.resyncSeconds={RESYNC_SECONDS}")],
+        &[
+            &format!("config.reconcile.resyncSeconds={RESYNC_SECONDS}"),
+            &format!("config.sidecar.metricsPort={exporter_port}"),
+            &format!("config.reconcile.mappingReloadDelaySeconds={MAPPING_RELOAD_DELAY}"),
+            &format!("config.reconcile.rolloutTimeoutSeconds={ROLLOUT_TIMEOUT}"),
+        ],
     );
     // Opted in before the loop starts: reconciled while its caches sync.
     opt_in(plane, "early");
@@ -160,6 +170,8 @@ fn the_reconcile_loop_under_the_charts_rbac() {
     namespace_deletion_leaves_no_error_loop(&s, "doomed");
     webhook_down_pods_are_reported_and_restarted(&s, "outage");
     a_failing_namespace_gets_one_event_series(&s, "broken");
+    skipped_pods_are_reported_on_their_owner(&s, "skips");
+    config_changes_reach_running_pods(&s, "operate", exporter_port);
     no_call_was_forbidden(&s);
     every_permission_was_used(&s);
 }
@@ -470,6 +482,343 @@ fn a_failing_namespace_gets_one_event_series(s: &Scenario, namespace: &str) {
             warnings.len() == 1 && warnings[0]["series"]["count"].as_i64().unwrap_or(0) >= 2
         },
     );
+}
+
+fn pods_of(plane: &ControlPlane, namespace: &str) -> Vec<Value> {
+    kubectl_json(plane, &["get", "pods", "-n", namespace])["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn events_of(plane: &ControlPlane, namespace: &str) -> Vec<Value> {
+    kubectl_json(plane, &["get", "events.events.k8s.io", "-n", namespace])["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn deployment(name: &str, host_network: bool) -> Value {
+    let mut spec =
+        json!({"containers": [{"name": "app", "image": "ghcr.io/chiller-demo/chiller-api:1.4.2"}]});
+    if host_network {
+        spec["hostNetwork"] = json!(true);
+    }
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}}, "spec": spec},
+        },
+    })
+}
+
+/// A pod the webhook skips with a warning carries the reason; its
+/// Deployment gets one Warning event for it, and the namespace status
+/// counts it.
+fn skipped_pods_are_reported_on_their_owner(s: &Scenario, namespace: &str) {
+    opt_in(s.plane, namespace);
+    run_with_input(
+        s.plane
+            .kubectl()
+            .args(["apply", "-n", namespace, "-f", "-"]),
+        &deployment("edge", true).to_string(),
+    );
+    let skipped_key = format!("{DOMAIN}/skipped");
+    wait_until("the pod records why it was skipped", || {
+        pods_of(s.plane, namespace)
+            .iter()
+            .any(|p| p["metadata"]["annotations"][&skipped_key] == "host_network")
+    });
+    wait_until("the namespace status counts the skip", || {
+        reconcile_status(s.plane, namespace).is_some_and(|status| {
+            status["skippedPods"] == json!({"host_network": 1})
+                && status["uninjectedPods"] == 0
+                && status["injectedPods"] == 0
+        })
+    });
+    let skip_events = |plane: &ControlPlane| -> Vec<Value> {
+        events_of(plane, namespace)
+            .into_iter()
+            .filter(|e| {
+                e["type"] == "Warning"
+                    && e["reason"] == "NotInjectedHostNetwork"
+                    && e["regarding"]["kind"] == "Deployment"
+                    && e["regarding"]["name"] == "edge"
+            })
+            .collect()
+    };
+    wait_until("a Warning event on the Deployment says why", || {
+        skip_events(s.plane).iter().any(|e| {
+            e["note"]
+                .as_str()
+                .is_some_and(|n| n.contains("host network"))
+        })
+    });
+    // Later reconciles (every resync) add no event for the same skip.
+    std::thread::sleep(Duration::from_secs(2 * RESYNC_SECONDS + 1));
+    let events = skip_events(s.plane);
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert!(events[0]["series"].is_null(), "repeated: {:#?}", events[0]);
+}
+
+/// Rewrites serve's config file (renamed over, as a ConfigMap volume swaps),
+/// with `change` applied to its YAML.
+fn change_config(s: &Scenario, change: impl FnOnce(&mut Value)) {
+    let text = std::fs::read_to_string(&s.install.config_file).unwrap();
+    let mut config: Value = serde_norway::from_str(&text).unwrap_or(json!({}));
+    if config.is_null() {
+        config = json!({});
+    }
+    change(&mut config);
+    let staged = s.install.config_file.with_extension("staged");
+    std::fs::write(&staged, serde_norway::to_string(&config).unwrap()).unwrap();
+    std::fs::rename(&staged, &s.install.config_file).unwrap();
+}
+
+/// A real statsd_exporter, stopped on drop.
+struct Exporter {
+    child: std::process::Child,
+    statsd: std::net::SocketAddr,
+    web: std::net::SocketAddr,
+}
+
+impl Exporter {
+    fn start(web_port: u16, mapping: &std::path::Path) -> Self {
+        let binary = controlplane::nodes::build("statsd-exporter").join("statsd_exporter");
+        let statsd: std::net::SocketAddr = format!("127.0.0.1:{}", controlplane::free_port())
+            .parse()
+            .unwrap();
+        let web: std::net::SocketAddr = format!("127.0.0.1:{web_port}").parse().unwrap();
+        let mut command = std::process::Command::new(binary);
+        command
+            .arg(format!("--statsd.mapping-config={}", mapping.display()))
+            .arg(format!("--statsd.listen-tcp={statsd}"))
+            .arg(format!("--statsd.listen-udp={statsd}"))
+            .arg(format!("--web.listen-address={web}"))
+            .arg("--web.enable-lifecycle")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let child = controlplane::process::spawn_tied_to_this_process(command).unwrap();
+        let exporter = Self { child, statsd, web };
+        wait_until("the exporter answers", || exporter.metrics().is_some());
+        exporter
+    }
+
+    fn metrics(&self) -> Option<String> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(self.web).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.web
+        )
+        .ok()?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).ok()?;
+        Some(text)
+    }
+
+    fn send(&self, line: &str) {
+        use std::io::Write;
+        let mut stream = std::net::TcpStream::connect(self.statsd).unwrap();
+        stream.write_all(format!("{line}\n").as_bytes()).unwrap();
+    }
+}
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn status_of(pod: &Value) -> Value {
+    pod["metadata"]["annotations"][format!("{DOMAIN}/status")]
+        .as_str()
+        .map(|text| serde_json::from_str(text).unwrap())
+        .unwrap_or(Value::Null)
+}
+
+/// The mapping with a rule, first, that names `chiller.reload.*` lines
+/// `chiller_reloaded`.
+fn mapping_with_reload_rule() -> String {
+    let mut mapping: Value =
+        serde_norway::from_str(chiller_metrics::config::DEFAULT_MAPPING).unwrap();
+    mapping["mappings"].as_array_mut().unwrap().insert(
+        0,
+        json!({"match": "chiller.reload.*", "name": "chiller_reloaded"}),
+    );
+    serde_norway::to_string(&mapping).unwrap()
+}
+
+/// A mapping change reaches a running exporter by `POST /-/reload`, without
+/// a restart; a sidecar change makes pods outdated, and with
+/// `rollout-outdated` their Deployment is restarted once for that config,
+/// and the rollout stops with an error when it does not become available
+/// (no kubelet runs pods here).
+fn config_changes_reach_running_pods(s: &Scenario, namespace: &str, exporter_port: u16) {
+    let original_config = std::fs::read_to_string(&s.install.config_file).unwrap();
+    opt_in(s.plane, namespace);
+    run_with_input(
+        s.plane
+            .kubectl()
+            .args(["apply", "-n", namespace, "-f", "-"]),
+        &deployment("api", false).to_string(),
+    );
+    let injected = |pod: &Value| pod["metadata"]["labels"][format!("{DOMAIN}/injected")] == "true";
+    wait_until("the pod is injected", || {
+        pods_of(s.plane, namespace).iter().any(injected)
+    });
+    let pod = pods_of(s.plane, namespace)
+        .into_iter()
+        .find(injected)
+        .unwrap();
+    let pod_name = pod["metadata"]["name"].as_str().unwrap().to_string();
+    let first = status_of(&pod);
+    let first_hash = first["configHash"].as_str().unwrap().to_string();
+    assert!(first["sidecarHash"].is_string(), "{first}");
+    wait_until("the namespace status has the pod current", || {
+        reconcile_status(s.plane, namespace).is_some_and(|status| {
+            status["configHash"] == first_hash.as_str()
+                && status["injectedPods"] == 1
+                && status["outdatedPods"] == 0
+        })
+    });
+
+    // The pod "runs": its exporter is a real one on loopback, started with
+    // the mapping its volume held at creation.
+    let scratch = tempfile::tempdir().unwrap();
+    let mapping_file = scratch.path().join("statsd-mapping.yaml");
+    std::fs::write(&mapping_file, chiller_metrics::config::DEFAULT_MAPPING).unwrap();
+    let exporter = Exporter::start(exporter_port, &mapping_file);
+    run(s.plane.kubectl().args([
+        "patch",
+        "pod",
+        &pod_name,
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &json!({"status": {"phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}]}}).to_string(),
+    ]));
+
+    // The mapping changes. The kubelet refreshes the volume (here: the file
+    // is rewritten at once); the exporter does not notice by itself.
+    let new_mapping = mapping_with_reload_rule();
+    std::fs::write(&mapping_file, &new_mapping).unwrap();
+    change_config(s, |config| config["mapping"] = json!(new_mapping));
+    let current_pod = |plane: &ControlPlane| {
+        pods_of(plane, namespace)
+            .into_iter()
+            .find(|p| p["metadata"]["name"] == pod_name.as_str())
+            .unwrap()
+    };
+    wait_until("the pod records the reloaded config", || {
+        let recorded = status_of(&current_pod(s.plane));
+        recorded["configHash"] != first_hash.as_str()
+            && reconcile_status(s.plane, namespace)
+                .is_some_and(|status| status["configHash"] == recorded["configHash"])
+    });
+    let reloaded = status_of(&current_pod(s.plane));
+    assert_eq!(
+        reloaded["sidecarHash"], first["sidecarHash"],
+        "same sidecar"
+    );
+    let metrics = exporter.metrics().unwrap();
+    assert!(
+        metrics.contains("statsd_exporter_config_reloads_total{outcome=\"success\"} 1"),
+        "{metrics}"
+    );
+    exporter.send("chiller.reload.hits:1|c");
+    wait_until("the exporter maps with the new mapping", || {
+        exporter
+            .metrics()
+            .is_some_and(|m| m.lines().any(|l| l.starts_with("chiller_reloaded")))
+    });
+    wait_until("nothing is outdated after the reload", || {
+        reconcile_status(s.plane, namespace).is_some_and(|status| status["outdatedPods"] == 0)
+    });
+    drop(exporter);
+
+    // The sidecar image changes: the pod is outdated, and nothing is
+    // restarted without the namespace annotation.
+    change_config(s, |config| {
+        config["sidecar"]["image"] = json!("prom/statsd-exporter:v0.28.0-rebuilt")
+    });
+    wait_until("the status counts the outdated pod", || {
+        reconcile_status(s.plane, namespace).is_some_and(|status| status["outdatedPods"] == 1)
+    });
+    wait_until("the metric counts it", || {
+        support::https::sample(
+            &s.metrics(),
+            &format!("chiller_metrics_outdated_pods{{namespace=\"{namespace}\"}}"),
+        ) == Some(1.0)
+    });
+    let restarted_at = |plane: &ControlPlane| {
+        let deployment = kubectl_json(plane, &["get", "deployment", "api", "-n", namespace]);
+        (
+            deployment["spec"]["template"]["metadata"]["annotations"]
+                ["kubectl.kubernetes.io/restartedAt"]
+                .clone(),
+            deployment["metadata"]["annotations"][format!("{DOMAIN}/restarted-for-config")]
+                .clone(),
+        )
+    };
+    std::thread::sleep(Duration::from_secs(RESYNC_SECONDS + 1));
+    assert_eq!(
+        restarted_at(s.plane),
+        (Value::Null, Value::Null),
+        "restarted without the annotation"
+    );
+
+    run(s.plane.kubectl().args([
+        "annotate",
+        "--overwrite",
+        "namespace",
+        namespace,
+        &format!("{DOMAIN}/rollout-outdated=true"),
+    ]));
+    wait_until("the Deployment is restarted for the current config", || {
+        let current = reconcile_status(s.plane, namespace)
+            .map(|status| status["configHash"].clone())
+            .unwrap_or(Value::Null);
+        let (at, config) = restarted_at(s.plane);
+        at.is_string() && config == current
+    });
+    let first_restart = restarted_at(s.plane);
+    // No kubelet: the new pod never becomes available, so after the timeout
+    // the rollout stops with an error, and it was never restarted again.
+    wait_until("the status reports the stuck rollout", || {
+        reconcile_status(s.plane, namespace).is_some_and(|status| {
+            status["ready"] == false
+                && status["reason"] == "RolloutStuck"
+                && status["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("Deployment api"))
+        })
+    });
+    assert_eq!(
+        restarted_at(s.plane),
+        first_restart,
+        "restarted twice for one config"
+    );
+
+    // Back to the install's config; the annotation goes away.
+    run(s.plane.kubectl().args([
+        "annotate",
+        "namespace",
+        namespace,
+        &format!("{DOMAIN}/rollout-outdated-"),
+    ]));
+    let staged = s.install.config_file.with_extension("staged");
+    std::fs::write(&staged, original_config).unwrap();
+    std::fs::rename(&staged, &s.install.config_file).unwrap();
 }
 
 fn install_webhook_again(s: &Scenario) {

@@ -156,9 +156,11 @@ impl Fixture {
                 }
             }
             Some(encoded) => {
-                if outcome != Outcome::Injected {
-                    return Err(format!("outcome {outcome:?} but the response has a patch"));
-                }
+                let skipped = match outcome {
+                    Outcome::Injected => None,
+                    Outcome::Skipped(reason) => Some(reason),
+                    _ => return Err(format!("outcome {outcome:?} but the response has a patch")),
+                };
                 if answer["response"]["patchType"] != "JSONPatch" {
                     return Err(format!(
                         "patchType is {}, not JSONPatch",
@@ -173,7 +175,10 @@ impl Fixture {
                 let mut patched = request["object"].clone();
                 json_patch::patch(&mut patched, &patch)
                     .map_err(|e| format!("patch does not apply to request.object: {e}"))?;
-                self.check_patched(&patched)?;
+                match skipped {
+                    None => self.check_patched(&patched)?,
+                    Some(reason) => self.check_skip_mark(&request["object"], &patched, reason)?,
+                }
                 answer["response"]["patch"] =
                     serde_json::from_slice(&bytes).expect("checked above");
                 golden["patchedPod"] = patched;
@@ -181,6 +186,38 @@ impl Fixture {
         }
         golden["review"] = answer;
         Ok(golden)
+    }
+
+    /// A skip's patch only records the reason in the skipped annotation,
+    /// and the marked pod gets the same skip without a patch.
+    fn check_skip_mark(
+        &self,
+        original: &Value,
+        patched: &Value,
+        reason: &'static str,
+    ) -> Result<(), String> {
+        let key = "metrics.chiller.io/skipped";
+        let mut expected = original.clone();
+        if !expected["metadata"]["annotations"].is_object() {
+            expected["metadata"]["annotations"] = json!({});
+        }
+        expected["metadata"]["annotations"][key] = json!(reason);
+        if *patched != expected {
+            return Err(format!(
+                "the skip's patch changes more than {key}: {}",
+                line_diff(&pretty(&expected), &pretty(patched))
+            ));
+        }
+        let mut again = self.request.clone();
+        again["request"]["object"] = patched.clone();
+        let (answer, outcome) = self.answer(&again)?;
+        if !answer["response"]["patch"].is_null() || outcome != Outcome::Skipped(reason) {
+            return Err(format!(
+                "the marked pod is not skipped the same way without a patch: outcome {outcome:?}, patch {}",
+                answer["response"]["patch"]
+            ));
+        }
+        Ok(())
     }
 
     fn check_patched(&self, patched: &Value) -> Result<(), String> {

@@ -378,7 +378,7 @@ async fn admin_port_serves_health_and_openmetrics() {
 #[tokio::test]
 async fn router_answers_without_a_network() {
     let state = Arc::new(WebhookState {
-        injector: Injector::new(Config::default(), ResolvedMode::Native),
+        injector: Injector::new(Config::default(), ResolvedMode::Native).into(),
         namespaces: Arc::new(NoCluster),
         metrics: Arc::new(Metrics::new()),
         body_limit: BODY_LIMIT,

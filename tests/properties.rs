@@ -8,12 +8,13 @@ mod support;
 use chiller_metrics::{
     config::Config,
     inject::{
-        Decision, GUNICORN_CMD_ARGS, Injector, NamespacePolicy, PodContext, ResolvedMode,
+        Decision, GUNICORN_CMD_ARGS, Injector, NamespacePolicy, PodContext, PodView, ResolvedMode,
         SkipReason, check_pod, verify_patch,
     },
 };
 use k8s_openapi::api::core::v1::Pod;
 use proptest::{prelude::*, sample::select};
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 const DOMAIN: &str = "metrics.chiller.io";
@@ -415,6 +416,33 @@ fn check(generated: &GenPod, mode: ResolvedMode) -> Result<(), TestCaseError> {
                 justified(&reason, &pod_json, mode),
                 "skip reason {reason:?} ({reason}) does not hold for {pod_json:#}"
             );
+            // A skip worth a warning is recorded once: the marked pod is
+            // valid, skipped for the same reason, and not marked again.
+            let view = PodView::deserialize(&pod_json).unwrap();
+            let mark = injector.skip_mark(&view, &reason);
+            prop_assert_eq!(mark.is_some(), reason.warrants_warning());
+            if let Some(mark) = mark {
+                let mut marked = pod_json.clone();
+                json_patch::patch(&mut marked, &mark)
+                    .map_err(|e| TestCaseError::fail(format!("skip mark does not apply: {e}")))?;
+                prop_assert_eq!(
+                    &marked["metadata"]["annotations"][format!("{DOMAIN}/skipped")],
+                    reason.metric_label()
+                );
+                prop_assert_eq!(support::validate_k8s(&marked), Ok(()));
+                let marked_view = PodView::deserialize(&marked).unwrap();
+                match injector.mutate(&marked_view, PodContext::default()) {
+                    Decision::Skip(again) => {
+                        prop_assert_eq!(&again, &reason);
+                        prop_assert!(injector.skip_mark(&marked_view, &again).is_none());
+                    }
+                    other => {
+                        return Err(TestCaseError::fail(format!(
+                            "the marked pod must be skipped again, got {other:?}"
+                        )));
+                    }
+                }
+            }
         }
     }
     Ok(())

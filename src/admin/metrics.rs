@@ -41,11 +41,15 @@ pub struct Metrics {
     pub admission_duration: Histogram,
     pub rejected_requests: Family<ReasonLabels, Counter>,
     pub tls_reloads: Family<ResultLabels, Counter>,
+    pub config_reloads: Family<ResultLabels, Counter>,
     pub reconcile_runs: Counter,
     pub reconcile_failures: Family<ReconcileFailureLabels, Counter>,
     pub reconcile_duration: Histogram,
     pub uninjected_pods: Family<NamespaceLabels, Gauge>,
+    pub outdated_pods: Family<NamespaceLabels, Gauge>,
     pub workload_restarts: Counter,
+    pub outdated_restarts: Counter,
+    pub mapping_reloads: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -83,6 +87,12 @@ impl Metrics {
             "Attempts to load a changed serving certificate, by result",
             tls_reloads.clone(),
         );
+        let config_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Attempts to load a changed config file, by result (a failure keeps the running config)",
+            config_reloads.clone(),
+        );
         let reconcile_runs = Counter::default();
         registry.register(
             "reconcile_runs",
@@ -109,11 +119,29 @@ impl Metrics {
             "Pods in an opted-in namespace that should carry the sidecar but do not",
             uninjected_pods.clone(),
         );
+        let outdated_pods = Family::<NamespaceLabels, Gauge>::default();
+        registry.register(
+            "outdated_pods",
+            "Injected pods in an opted-in namespace whose config hash is not the current one",
+            outdated_pods.clone(),
+        );
         let workload_restarts = Counter::default();
         registry.register(
             "workload_restarts",
             "Deployments and StatefulSets restarted so their pods get injected",
             workload_restarts.clone(),
+        );
+        let outdated_restarts = Counter::default();
+        registry.register(
+            "outdated_restarts",
+            "Deployments and StatefulSets restarted so their pods get the current sidecar config",
+            outdated_restarts.clone(),
+        );
+        let mapping_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "mapping_reloads",
+            "Exporters asked to reload a changed mapping (POST /-/reload), by result",
+            mapping_reloads.clone(),
         );
         Self {
             registry,
@@ -121,11 +149,15 @@ impl Metrics {
             admission_duration,
             rejected_requests,
             tls_reloads,
+            config_reloads,
             reconcile_runs,
             reconcile_failures,
             reconcile_duration,
             uninjected_pods,
+            outdated_pods,
             workload_restarts,
+            outdated_restarts,
+            mapping_reloads,
         }
     }
 

@@ -9,8 +9,8 @@ use crate::{
     admin::{self, AdminState, Metrics, Readiness},
     cli::ServeArgs,
     cluster::{self, NamespaceCache},
-    config::ConfigError,
-    inject::{Injector, ResolvedMode},
+    config::{ConfigError, Overrides},
+    live_config::LiveInjector,
     reconcile,
     webhook::{
         self, NamespacePolicies, NoCluster, WebhookState,
@@ -40,7 +40,8 @@ const RECONCILER_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs until `shutdown` resolves (SIGTERM or SIGINT in the binary).
 pub async fn run(args: ServeArgs, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
-    let config = args.config.load()?;
+    // Loaded once here so that a bad file fails start-up before anything binds.
+    args.config.load()?;
     let cert = ReloadingCert::load(&args.tls_cert, &args.tls_key)?;
     let tls = server_config(cert.clone(), args.tls_min_version)?;
     let bind = |addr| async move {
@@ -54,23 +55,27 @@ pub async fn run(args: ServeArgs, shutdown: impl Future<Output = ()>) -> Result<
 
     let cluster = cluster::connect().await;
     let readiness = Arc::new(Readiness::new(cluster.is_some()));
-    let (namespaces, mode): (Arc<dyn NamespacePolicies>, ResolvedMode) = match &cluster {
+    let overrides = Overrides {
+        sidecar_mode: args.config.sidecar_mode,
+        sidecar_image: args.config.sidecar_image.clone(),
+        grafana_namespace: args.config.grafana_namespace.clone(),
+    };
+    let server_version = cluster.as_ref().map(|(_, version)| *version);
+    let injector = LiveInjector::load(args.config.config.as_deref(), overrides, server_version)?;
+    let mode = injector.current().mode();
+    let namespaces: Arc<dyn NamespacePolicies> = match &cluster {
         Some((client, version)) => {
-            let (cache, driver) =
-                NamespaceCache::watch(client.clone(), config.keys(), readiness.clone());
+            let keys = injector.current().keys().clone();
+            let (cache, driver) = NamespaceCache::watch(client.clone(), keys, readiness.clone());
             tokio::spawn(driver);
-            let mode = ResolvedMode::resolve(config.sidecar.mode, Some(*version));
             tracing::info!(version = ?version, ?mode, "connected to the cluster");
-            (Arc::new(cache), mode)
+            Arc::new(cache)
         }
         None => {
             tracing::warn!(
                 "no cluster reachable: serving the webhook alone (pod-level settings only, no reconcile loop)"
             );
-            (
-                Arc::new(NoCluster),
-                ResolvedMode::resolve(config.sidecar.mode, None),
-            )
+            Arc::new(NoCluster)
         }
     };
     let (stop_reconciling, reconcile_stop) = tokio::sync::watch::channel(false);
@@ -85,7 +90,7 @@ pub async fn run(args: ServeArgs, shutdown: impl Future<Output = ()>) -> Result<
             };
             Some(tokio::spawn(reconcile::run(
                 client.clone(),
-                config.clone(),
+                injector.clone(),
                 metrics.clone(),
                 options,
                 reconcile_stop,
@@ -98,8 +103,12 @@ pub async fn run(args: ServeArgs, shutdown: impl Future<Output = ()>) -> Result<
         (None, _) => None,
     };
 
+    let config_watch = tokio::spawn(injector.clone().watch(
+        Duration::from_secs(args.cert_reload_seconds.max(1)),
+        metrics.clone(),
+    ));
     let state = Arc::new(WebhookState {
-        injector: Injector::new(config, mode),
+        injector,
         namespaces,
         metrics: metrics.clone(),
         body_limit: args.max_body_bytes,
@@ -158,6 +167,7 @@ pub async fn run(args: ServeArgs, shutdown: impl Future<Output = ()>) -> Result<
     )
     .await?;
     cert_watch.abort();
+    config_watch.abort();
     if let Some(reconciler) = reconciler
         && tokio::time::timeout(RECONCILER_STOP_TIMEOUT, reconciler)
             .await

@@ -140,12 +140,67 @@ impl SkipReason {
 
 /// What was injected, recorded in the pod's status annotation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct InjectionStatus {
     pub version: String,
     pub sidecar: String,
     pub mode: ResolvedMode,
     pub prefix: String,
     pub containers: Vec<String>,
+    /// [`ConfigHashes::config`] the pod was injected with (or its exporter
+    /// last reloaded); empty for pods injected before hashes existed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub config_hash: String,
+    /// [`ConfigHashes::sidecar`] the pod was injected with.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sidecar_hash: String,
+}
+
+/// Short hashes of what shapes the sidecar. `sidecar` covers the container
+/// and volume as injected (image, args, ports, resources, probes, mode);
+/// `mapping` the mapping's content; `config` both. A mapping change alone can
+/// reach a running exporter by a reload; a sidecar change needs a new pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigHashes {
+    pub sidecar: String,
+    pub mapping: String,
+    pub config: String,
+}
+
+/// Hex characters kept of each SHA-256.
+const HASH_LEN: usize = 10;
+
+fn short_hash(parts: &[&[u8]]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part);
+    }
+    let digest = hasher.finalize();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    hex[..HASH_LEN].to_string()
+}
+
+impl ConfigHashes {
+    pub fn new(sidecar: &Value, volume: &Value, mapping: &str) -> Self {
+        let sidecar = short_hash(&[
+            sidecar.to_string().as_bytes(),
+            volume.to_string().as_bytes(),
+        ]);
+        let mapping = short_hash(&[mapping.as_bytes()]);
+        let config = Self::combine(&sidecar, &mapping);
+        Self {
+            sidecar,
+            mapping,
+            config,
+        }
+    }
+
+    /// The config hash of a sidecar hash and a mapping hash.
+    pub fn combine(sidecar: &str, mapping: &str) -> String {
+        short_hash(&[sidecar.as_bytes(), mapping.as_bytes()])
+    }
 }
 
 /// The outcome of [`Injector::mutate`].
@@ -168,6 +223,7 @@ pub struct Injector {
     mode: ResolvedMode,
     sidecar: Value,
     volume: Value,
+    hashes: ConfigHashes,
 }
 
 impl Injector {
@@ -179,13 +235,33 @@ impl Injector {
         .expect("a Container always serializes");
         let volume = serde_json::to_value(mapping_volume(&config.sidecar))
             .expect("a Volume always serializes");
+        let hashes = ConfigHashes::new(&sidecar, &volume, &config.mapping);
         Self {
             keys: config.keys(),
             config,
             mode,
             sidecar,
             volume,
+            hashes,
         }
+    }
+
+    /// The hashes pods injected now record.
+    pub fn hashes(&self) -> &ConfigHashes {
+        &self.hashes
+    }
+
+    /// The patch recording a skip on the pod (`<domain>/skipped: <reason>`),
+    /// for reasons that deserve a warning; `None` for routine skips, and
+    /// when the pod already says so (a second pass changes nothing).
+    pub fn skip_mark(&self, pod: &PodView<'_>, reason: &SkipReason) -> Option<Patch> {
+        let label = reason.metric_label();
+        if !reason.warrants_warning() || pod.annotation(&self.keys.skipped) == Some(label) {
+            return None;
+        }
+        let exists = pod.metadata.annotations.is_some();
+        let mut entries = vec![(self.keys.skipped.as_str(), label.to_string())];
+        Some(Patch(set_entries("annotations", exists, &mut entries)))
     }
 
     pub fn config(&self) -> &Config {
@@ -318,6 +394,8 @@ impl Injector {
             mode: self.mode,
             prefix,
             containers: injected,
+            config_hash: self.hashes.config.clone(),
+            sidecar_hash: self.hashes.sidecar.clone(),
         };
         let mut new_labels = vec![(keys.injected.as_str(), "true".to_string())];
         let mut new_annotations = vec![(
@@ -420,6 +498,44 @@ mod tests {
             ResolvedMode::Native
         );
         assert_eq!(ResolvedMode::resolve(auto, None), ResolvedMode::Native);
+    }
+
+    #[test]
+    fn hashes_follow_what_shapes_the_sidecar() {
+        let hashes = |config: Config, mode| Injector::new(config, mode).hashes().clone();
+        let base = hashes(Config::default(), ResolvedMode::Native);
+        assert_eq!(base, hashes(Config::default(), ResolvedMode::Native));
+        assert_eq!(base.config.len(), HASH_LEN);
+
+        let mut image = Config::default();
+        image.sidecar.image = "prom/statsd-exporter:v0.28.1".into();
+        let image = hashes(image, ResolvedMode::Native);
+        assert_ne!(image.sidecar, base.sidecar);
+        assert_ne!(image.config, base.config);
+        assert_eq!(image.mapping, base.mapping);
+
+        let mode = hashes(Config::default(), ResolvedMode::Container);
+        assert_ne!(mode.sidecar, base.sidecar, "restartPolicy differs");
+
+        let mut probe = Config::default();
+        probe.sidecar.readiness_probe = false;
+        assert_ne!(hashes(probe, ResolvedMode::Native).sidecar, base.sidecar);
+
+        let mut mapping = Config::default();
+        mapping.mapping.push_str("\n# changed\n");
+        let mapping = hashes(mapping, ResolvedMode::Native);
+        assert_eq!(mapping.sidecar, base.sidecar);
+        assert_ne!(mapping.mapping, base.mapping);
+        assert_ne!(mapping.config, base.config);
+        assert_eq!(
+            ConfigHashes::combine(&mapping.sidecar, &mapping.mapping),
+            mapping.config
+        );
+
+        // A setting that does not reach the pod leaves the hashes alone.
+        let mut unrelated = Config::default();
+        unrelated.reconcile.resync_seconds = 7;
+        assert_eq!(hashes(unrelated, ResolvedMode::Native), base);
     }
 
     #[test]

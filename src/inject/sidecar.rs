@@ -39,6 +39,9 @@ pub fn sidecar_container(cfg: &SidecarConfig, native: bool) -> Container {
             format!("--statsd.listen-udp=:{}", cfg.statsd_port),
             format!("--statsd.listen-tcp=:{}", cfg.statsd_port),
             format!("--web.listen-address=:{}", cfg.metrics_port),
+            // `POST /-/reload` re-reads the mapping: the reconcile loop
+            // carries a changed mapping to running exporters this way.
+            "--web.enable-lifecycle".to_string(),
         ]),
         ports: Some(vec![
             port(cfg.metrics_port, "TCP", Some(&cfg.metrics_port_name)),

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::{desired::DesiredError, live::LiveCache};
-use crate::{admin::Metrics, config::Config, inject::Injector, keys::Keys};
+use crate::{admin::Metrics, inject::Injector, keys::Keys, live_config::LiveInjector};
 
 /// The one field manager of every write.
 pub const FIELD_MANAGER: &str = "chiller-metrics";
@@ -43,6 +43,16 @@ pub enum ReconcileError {
         #[source]
         source: DesiredError,
     },
+    #[error(
+        "namespace {namespace}: {kind} {name} was restarted for the current sidecar config at {since} and is not available after {timeout_seconds} s; rollout of outdated workloads stopped"
+    )]
+    RolloutStuck {
+        namespace: String,
+        kind: String,
+        name: String,
+        since: String,
+        timeout_seconds: u64,
+    },
     #[error("{action} {kind} {namespace}/{name}: {source}")]
     Api {
         action: &'static str,
@@ -60,6 +70,7 @@ impl ReconcileError {
         match self {
             Self::PrometheusOperatorMissing { .. } => "crd_missing",
             Self::Settings { .. } => "invalid_settings",
+            Self::RolloutStuck { .. } => "rollout_stuck",
             Self::Api { .. } => "api_error",
         }
     }
@@ -69,19 +80,33 @@ impl ReconcileError {
         match self {
             Self::PrometheusOperatorMissing { .. } => "PrometheusOperatorMissing",
             Self::Settings { .. } => "InvalidSettings",
+            Self::RolloutStuck { .. } => "RolloutStuck",
             Self::Api { .. } => "ApplyFailed",
         }
     }
 }
 
 /// The namespace status annotation (JSON).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NamespaceStatus {
     pub ready: bool,
     pub reason: String,
     pub message: String,
+    /// Pods that should carry the sidecar but do not.
     pub uninjected_pods: usize,
+    /// Pods carrying the sidecar, outdated ones included.
+    #[serde(default)]
+    pub injected_pods: usize,
+    /// Injected pods whose config hash is not the current one.
+    #[serde(default)]
+    pub outdated_pods: usize,
+    /// Pods the webhook skipped with a warning, by reason.
+    #[serde(default)]
+    pub skipped_pods: BTreeMap<String, usize>,
+    /// The config hash pods are injected with now.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub config_hash: String,
 }
 
 /// A workload (or bare pod) some uninjected pods belong to.
@@ -99,13 +124,18 @@ struct Memory {
     failures: HashMap<String, u32>,
     /// Uninjected pods last reported per namespace and workload.
     reported: HashMap<String, BTreeMap<Workload, BTreeSet<String>>>,
+    /// Skips reported per namespace, as (workload, reason).
+    skips_reported: HashMap<String, BTreeSet<(Workload, String)>>,
+    /// Per namespace, the mapping hash applied and since when we know it.
+    mapping_since: HashMap<String, (String, std::time::Instant)>,
 }
 
 pub struct Context {
     pub client: Client,
-    pub config: Config,
+    /// Fixed for the process: the domain never changes on a reload.
     pub keys: Keys,
-    pub injector: Injector,
+    /// The current config, reloaded with `serve`'s config file.
+    injector: Arc<LiveInjector>,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
     pub live: LiveCache,
@@ -118,13 +148,13 @@ pub struct Context {
 impl Context {
     pub fn new(
         client: Client,
-        injector: Injector,
+        injector: impl Into<Arc<LiveInjector>>,
         metrics: Arc<Metrics>,
         leading: watch::Receiver<bool>,
         identity: &str,
     ) -> Self {
-        let config = injector.config().clone();
-        let keys = config.keys();
+        let injector = injector.into();
+        let keys = injector.current().keys().clone();
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -135,7 +165,6 @@ impl Context {
         Self {
             live: LiveCache::new(&keys),
             client,
-            config,
             keys,
             injector,
             metrics,
@@ -144,6 +173,11 @@ impl Context {
             restart_cooldown: RESTART_COOLDOWN,
             memory: Mutex::default(),
         }
+    }
+
+    /// The injector of the current config (and with it the config).
+    pub fn injector(&self) -> Arc<Injector> {
+        self.injector.current()
     }
 
     pub fn is_leading(&self) -> bool {
@@ -186,6 +220,67 @@ impl Context {
     }
 }
 
+impl Context {
+    /// Since when the namespace's mapping has had hash `mapping` (as far as
+    /// this replica knows: from `now` for a hash not seen before).
+    pub(super) fn mapping_current_since(
+        &self,
+        namespace: &str,
+        mapping: &str,
+        now: std::time::Instant,
+    ) -> std::time::Instant {
+        let mut memory = self.memory();
+        let entry = memory
+            .mapping_since
+            .entry(namespace.to_string())
+            .or_insert_with(|| (mapping.to_string(), now));
+        if entry.0 != mapping {
+            *entry = (mapping.to_string(), now);
+        }
+        entry.1
+    }
+
+    /// Takes the (workload, reason) skips seen now in a namespace; returns
+    /// those never reported, at most `limit`, and remembers them as
+    /// reported. Pairs no longer seen are forgotten, so a skip that comes
+    /// back is reported again.
+    pub(super) fn skips_to_report(
+        &self,
+        namespace: &str,
+        current: &BTreeSet<(Workload, String)>,
+        limit: usize,
+    ) -> Vec<(Workload, String)> {
+        let mut memory = self.memory();
+        let reported = memory
+            .skips_reported
+            .entry(namespace.to_string())
+            .or_default();
+        let new = select_new(reported, current, limit);
+        if reported.is_empty() {
+            memory.skips_reported.remove(namespace);
+        }
+        new
+    }
+}
+
+/// Forgets reported items no longer current; returns up to `limit` current
+/// items not reported yet, and marks them reported.
+fn select_new<T: Ord + Clone>(
+    reported: &mut BTreeSet<T>,
+    current: &BTreeSet<T>,
+    limit: usize,
+) -> Vec<T> {
+    reported.retain(|item| current.contains(item));
+    let new: Vec<T> = current
+        .iter()
+        .filter(|item| !reported.contains(*item))
+        .take(limit)
+        .cloned()
+        .collect();
+    reported.extend(new.iter().cloned());
+    new
+}
+
 /// Retry delay after the `failures`-th consecutive failure.
 pub fn backoff_delay(failures: u32) -> Duration {
     let factor = 2u32.saturating_pow(failures.saturating_sub(1));
@@ -203,4 +298,28 @@ pub fn error_policy(
     let delay = backoff_delay(ctx.record_failure(&name));
     tracing::warn!(namespace = %name, %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_skip_is_reported_once_while_it_lasts_and_at_most_limit_at_a_time() {
+        let mut reported = BTreeSet::new();
+        let current: BTreeSet<u32> = [1, 2, 3].into();
+        assert_eq!(select_new(&mut reported, &current, 2), vec![1, 2]);
+        assert_eq!(
+            select_new(&mut reported, &current, 2),
+            vec![3],
+            "the rest next time"
+        );
+        assert!(
+            select_new(&mut reported, &current, 2).is_empty(),
+            "never twice"
+        );
+        // 2 goes away and comes back: reported again.
+        assert!(select_new(&mut reported, &[1, 3].into(), 2).is_empty());
+        assert_eq!(select_new(&mut reported, &current, 2), vec![2]);
+    }
 }

@@ -14,16 +14,17 @@ pub mod desired;
 pub mod leader;
 pub mod live;
 pub mod namespace;
+pub mod outdated;
 pub mod pod_sightings;
+pub mod pod_state;
+pub mod reload;
 pub mod uninjected;
 
 use tokio::sync::{oneshot, watch};
 
 use crate::{
     admin::{Metrics, Readiness},
-    cluster,
-    config::Config,
-    inject::{Injector, ResolvedMode},
+    live_config::LiveInjector,
 };
 
 pub use context::{Context, NamespaceStatus, ReconcileError, error_policy};
@@ -68,22 +69,11 @@ fn identity() -> String {
 /// Every replica keeps serving the webhook whatever happens here.
 pub async fn run(
     client: kube::Client,
-    config: Config,
+    injector: Arc<LiveInjector>,
     metrics: Arc<Metrics>,
     options: Options,
     mut stop: watch::Receiver<bool>,
 ) {
-    let version = match client.apiserver_version().await {
-        Ok(info) => cluster::parse_version(&info.major, &info.minor),
-        Err(error) => {
-            tracing::warn!(%error, "cannot read the API server version");
-            None
-        }
-    };
-    let injector = Injector::new(
-        config.clone(),
-        ResolvedMode::resolve(config.sidecar.mode, version),
-    );
     let (leading_tx, leading) = watch::channel(false);
     let lock = LeaseLock::new(
         client.clone(),

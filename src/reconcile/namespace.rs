@@ -20,7 +20,9 @@ use super::{
     context::{Context, FIELD_MANAGER, NamespaceStatus, ReconcileError},
     desired::{self, DesiredObject, NamespaceSettings},
     live::{MANAGED_KINDS, ManagedKind, PROMETHEUS_OPERATOR_GROUP, api_resource, managed_kind},
-    uninjected,
+    outdated,
+    pod_state::PodCounts,
+    reload, uninjected,
 };
 use crate::{admin::metrics_labels::ReconcileFailureLabels, keys};
 
@@ -69,8 +71,12 @@ pub fn is_opted_in(namespace: &Namespace, keys: &keys::Keys) -> bool {
         .is_some_and(|v| v == crate::keys::ENABLED)
 }
 
+fn resync_interval(ctx: &Context) -> Duration {
+    Duration::from_secs(ctx.injector().config().reconcile.resync_seconds)
+}
+
 fn resync(ctx: &Context) -> Action {
-    Action::requeue(Duration::from_secs(ctx.config.reconcile.resync_seconds))
+    Action::requeue(resync_interval(ctx))
 }
 
 async fn reconcile_opted_in(
@@ -89,7 +95,7 @@ async fn reconcile_opted_in(
             return Err(error);
         }
     };
-    let objects = desired::desired_objects(&settings, &ctx.config);
+    let objects = desired::desired_objects(&settings, ctx.injector().config());
     let keep: HashSet<_> = objects
         .iter()
         .map(|o| {
@@ -103,11 +109,28 @@ async fn reconcile_opted_in(
         .collect();
     let mut outcome = apply_all(&objects, ctx).await;
     outcome.errors.extend(prune(&name, &keep, ctx).await);
-    let uninjected = match uninjected::check(namespace, ctx).await {
-        Ok(count) => count,
+    let config_hash = ctx.injector().hashes().config.clone();
+    let mut look_again: Option<Duration> = None;
+    let counts = match uninjected::check(namespace, ctx).await {
+        Ok(survey) => {
+            look_again = reload::reload_stale_mappings(&name, &survey.stale_mapping, ctx).await;
+            let rollout = namespace
+                .annotations()
+                .get(&ctx.keys.rollout_outdated)
+                .is_some_and(|v| v == "true");
+            if rollout {
+                match outdated::roll(&name, &survey.outdated, ctx).await {
+                    Ok(poll) => look_again = look_again.into_iter().chain(poll).min(),
+                    Err(error) => outcome.errors.insert(0, error),
+                }
+            }
+            survey.counts
+        }
         Err(error) => {
             outcome.errors.push(error);
-            current_status(namespace, ctx).map_or(0, |s| s.uninjected_pods)
+            current_status(namespace, ctx)
+                .map(|s| counts_of(&s))
+                .unwrap_or_default()
         }
     };
 
@@ -124,15 +147,18 @@ async fn reconcile_opted_in(
             ready: true,
             reason: "Ready".into(),
             message: format!("{} monitoring objects in sync", objects.len()),
-            uninjected_pods: uninjected,
+            ..status_counts(&counts, config_hash)
         },
-        Some(error) => failed_status(error, uninjected),
+        Some(error) => failed_status(error, &counts, config_hash),
     };
     if let Err(status_error) = set_status(namespace, Some(&status), ctx).await {
         tracing::warn!(namespace = %name, error = %status_error, "cannot record the namespace status");
     }
     match error {
-        None => Ok(resync(ctx)),
+        None => Ok(match look_again {
+            Some(delay) => Action::requeue(delay.min(resync_interval(ctx))),
+            None => resync(ctx),
+        }),
         Some(error) => {
             if matches!(error, ReconcileError::PrometheusOperatorMissing { .. }) {
                 tracing::error!(namespace = %name, %error, "install the Prometheus Operator (monitoring.coreos.com/v1 CRDs); retrying with backoff");
@@ -143,20 +169,51 @@ async fn reconcile_opted_in(
     }
 }
 
-fn failed_status(error: &ReconcileError, uninjected_pods: usize) -> NamespaceStatus {
+fn counts_of(status: &NamespaceStatus) -> PodCounts {
+    PodCounts {
+        injected: status.injected_pods,
+        outdated: status.outdated_pods,
+        uninjected: status.uninjected_pods,
+        skipped: status.skipped_pods.clone(),
+    }
+}
+
+fn status_counts(counts: &PodCounts, config_hash: String) -> NamespaceStatus {
+    NamespaceStatus {
+        uninjected_pods: counts.uninjected,
+        injected_pods: counts.injected,
+        outdated_pods: counts.outdated,
+        skipped_pods: counts.skipped.clone(),
+        config_hash,
+        ..Default::default()
+    }
+}
+
+fn failed_status(
+    error: &ReconcileError,
+    counts: &PodCounts,
+    config_hash: String,
+) -> NamespaceStatus {
     NamespaceStatus {
         ready: false,
         reason: error.status_reason().into(),
         message: error.to_string(),
-        uninjected_pods,
+        ..status_counts(counts, config_hash)
     }
 }
 
 /// Event and status for a reconcile that failed before applying anything.
 async fn report_failure(namespace: &Namespace, error: &ReconcileError, ctx: &Context) {
-    let uninjected = current_status(namespace, ctx).map_or(0, |s| s.uninjected_pods);
-    if let Err(status_error) =
-        set_status(namespace, Some(&failed_status(error, uninjected)), ctx).await
+    let counts = current_status(namespace, ctx)
+        .map(|s| counts_of(&s))
+        .unwrap_or_default();
+    let config_hash = ctx.injector().hashes().config.clone();
+    if let Err(status_error) = set_status(
+        namespace,
+        Some(&failed_status(error, &counts, config_hash)),
+        ctx,
+    )
+    .await
     {
         tracing::warn!(error = %status_error, "cannot record the namespace status");
     }
@@ -208,7 +265,7 @@ async fn apply_all(objects: &[DesiredObject], ctx: &Context) -> ApplyOutcome {
             name: object.name.clone(),
             source,
         };
-        let value = applied_value(&object.value, &ctx.config.domain);
+        let value = applied_value(&object.value, &ctx.injector().config().domain);
         let kind = managed_kind(object.api_version, object.kind).copied();
         let live: Option<Value> = match kind.filter(|k| ctx.live.is_synced(*k)) {
             Some(kind) => ctx
@@ -339,7 +396,8 @@ async fn owned_objects(
     );
     let mut namespaces = vec![owner.to_string()];
     namespaces.extend(
-        ctx.config
+        ctx.injector()
+            .config()
             .reconcile
             .grafana_namespace
             .clone()

@@ -1,7 +1,9 @@
-//! Pods of an opted-in namespace that should carry the sidecar but do not
-//! (created while the webhook was down, or before the namespace opted in):
-//! reported as events, a metric and a count, and optionally fixed by
-//! restarting their Deployment or StatefulSet.
+//! The pods of an opted-in namespace. Those that should carry the sidecar
+//! but do not (created while the webhook was down, or before the namespace
+//! opted in) are reported as events, a metric and a count, and optionally
+//! fixed by restarting their Deployment or StatefulSet. Those the webhook
+//! skipped with a warning are reported on their owner, once per workload
+//! and reason. Outdated ones are counted.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -24,11 +26,12 @@ use super::{
     context::{Context, FIELD_MANAGER, ReconcileError, Workload},
     live::api_resource,
     namespace::{is_not_found, truncate},
+    pod_state::{PodCounts, PodState, classify},
 };
 use crate::{
     admin::metrics_labels::NamespaceLabels,
     cluster::policy_from_namespace,
-    inject::{Decision, PodContext},
+    inject::{Decision, Injector, NamespacePolicy, PodContext},
 };
 
 /// The pod-template annotation `kubectl rollout restart` sets.
@@ -39,13 +42,29 @@ pub fn restarted_for_injection_key(domain: &str) -> String {
     format!("{domain}/restarted-for-injection-at")
 }
 
-/// Finds, reports and (if the namespace asks) restarts; returns the number of
-/// uninjected pods.
-pub async fn check(namespace: &Namespace, ctx: &Context) -> Result<usize, ReconcileError> {
+/// Skip events published per namespace and reconcile, at most; the rest
+/// follow at the next reconciles.
+const SKIP_EVENTS_PER_RECONCILE: usize = 10;
+
+/// What the pods of a namespace amount to.
+#[derive(Debug, Default)]
+pub struct Survey {
+    pub counts: PodCounts,
+    /// Outdated pods by owning workload.
+    pub outdated: BTreeMap<Workload, BTreeSet<String>>,
+    /// Running outdated pods whose sidecar is current: only their mapping
+    /// is old, which a reload of their exporter fixes.
+    pub stale_mapping: Vec<Pod>,
+}
+
+/// Surveys the namespace's pods: reports uninjected pods (and restarts their
+/// workloads if the namespace asks), reports skipped pods on their owners.
+pub async fn check(namespace: &Namespace, ctx: &Context) -> Result<Survey, ReconcileError> {
     let ns = namespace.name_any();
     let keys = &ctx.keys;
+    let injector = ctx.injector();
     let pods = Api::<Pod>::namespaced(ctx.client.clone(), &ns)
-        .list(&ListParams::default().labels(&format!("!{}", keys.injected)))
+        .list(&ListParams::default())
         .await
         .map_err(|source| ReconcileError::Api {
             action: "list",
@@ -55,25 +74,52 @@ pub async fn check(namespace: &Namespace, ctx: &Context) -> Result<usize, Reconc
             source,
         })?;
     let policy = policy_from_namespace(namespace, keys);
+    let mut survey = Survey::default();
     let mut by_workload: BTreeMap<Workload, BTreeSet<String>> = BTreeMap::new();
+    let mut skipped: BTreeMap<(Workload, String), Vec<&Pod>> = BTreeMap::new();
     let mut replica_set_owners = HashMap::new();
     for pod in &pods.items {
-        if !should_have_sidecar(pod, ctx, &policy) {
-            continue;
+        let state = classify(pod, &injector, &policy);
+        survey.counts.add(&state);
+        match state {
+            PodState::Uninjected => {
+                let workload = owning_workload(pod, &ns, ctx, &mut replica_set_owners).await?;
+                by_workload
+                    .entry(workload)
+                    .or_default()
+                    .insert(pod.name_any());
+            }
+            PodState::Skipped(reason) => {
+                let workload = owning_workload(pod, &ns, ctx, &mut replica_set_owners).await?;
+                skipped.entry((workload, reason)).or_default().push(pod);
+            }
+            PodState::Outdated { .. } => {
+                let workload = owning_workload(pod, &ns, ctx, &mut replica_set_owners).await?;
+                survey
+                    .outdated
+                    .entry(workload)
+                    .or_default()
+                    .insert(pod.name_any());
+                if recorded_sidecar_hash(pod, &keys.status).as_deref()
+                    == Some(injector.hashes().sidecar.as_str())
+                {
+                    survey.stale_mapping.push(pod.clone());
+                }
+            }
+            PodState::Injected | PodState::Ignored => {}
         }
-        let workload = owning_workload(pod, &ns, ctx, &mut replica_set_owners).await?;
-        by_workload
-            .entry(workload)
-            .or_default()
-            .insert(pod.name_any());
     }
-    let count = by_workload.values().map(BTreeSet::len).sum();
+    let labels = NamespaceLabels {
+        namespace: ns.clone(),
+    };
     ctx.metrics
         .uninjected_pods
-        .get_or_create(&NamespaceLabels {
-            namespace: ns.clone(),
-        })
-        .set(count as i64);
+        .get_or_create(&labels)
+        .set(survey.counts.uninjected as i64);
+    ctx.metrics
+        .outdated_pods
+        .get_or_create(&labels)
+        .set(survey.counts.outdated as i64);
 
     let restart = namespace
         .annotations()
@@ -88,34 +134,91 @@ pub async fn check(namespace: &Namespace, ctx: &Context) -> Result<usize, Reconc
             restart_workload(&ns, workload, ctx).await?;
         }
     }
-    Ok(count)
+    let seen = skipped.keys().cloned().collect();
+    for (workload, reason) in ctx.skips_to_report(&ns, &seen, SKIP_EVENTS_PER_RECONCILE) {
+        let pods = &skipped[&(workload.clone(), reason.clone())];
+        report_skip(&ns, &workload, &reason, pods, &injector, &policy, ctx).await;
+    }
+    Ok(survey)
+}
+
+/// The sidecar hash recorded in a pod's status annotation.
+fn recorded_sidecar_hash(pod: &Pod, status_key: &str) -> Option<String> {
+    let status: serde_json::Value =
+        serde_json::from_str(pod.annotations().get(status_key)?).ok()?;
+    status.get("sidecarHash")?.as_str().map(str::to_string)
 }
 
 /// Clears what was reported for a namespace that opted out.
 pub fn forget(namespace: &str, ctx: &Context) {
     ctx.update_reported(namespace, BTreeMap::new());
-    ctx.metrics.uninjected_pods.remove(&NamespaceLabels {
+    ctx.skips_to_report(namespace, &BTreeSet::new(), 0);
+    let labels = NamespaceLabels {
         namespace: namespace.to_string(),
-    });
+    };
+    ctx.metrics.uninjected_pods.remove(&labels);
+    ctx.metrics.outdated_pods.remove(&labels);
 }
 
-fn should_have_sidecar(pod: &Pod, ctx: &Context, policy: &crate::inject::NamespacePolicy) -> bool {
-    let finished = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.phase.as_deref())
-        .is_some_and(|phase| matches!(phase, "Succeeded" | "Failed"));
-    if finished || pod.metadata.deletion_timestamp.is_some() {
-        return false;
-    }
-    let pod_context = PodContext {
+/// The event reason of a skip: `NotInjected` and the reason in CamelCase.
+pub fn skip_event_reason(reason: &str) -> String {
+    let camel: String = reason
+        .split('_')
+        .filter(|word| !word.is_empty())
+        .map(|word| {
+            let mut chars = word.chars();
+            chars
+                .next()
+                .map(|first| first.to_ascii_uppercase().to_string() + chars.as_str())
+                .unwrap_or_default()
+        })
+        .collect();
+    format!("NotInjected{camel}")
+}
+
+/// One Warning event on the workload for one skip reason. Its note says why,
+/// in the webhook's words for the first pod.
+async fn report_skip(
+    namespace: &str,
+    workload: &Workload,
+    reason: &str,
+    pods: &[&Pod],
+    injector: &Injector,
+    policy: &NamespacePolicy,
+    ctx: &Context,
+) {
+    let ctx_pod = PodContext {
         namespace: Some(policy),
         ..Default::default()
     };
-    matches!(
-        ctx.injector.mutate(pod, pod_context),
-        Decision::Inject { .. }
-    )
+    let why = pods
+        .first()
+        .and_then(|pod| match injector.mutate(*pod, ctx_pod) {
+            Decision::Skip(skip) if skip.metric_label() == reason => Some(skip.to_string()),
+            _ => None,
+        })
+        .unwrap_or_else(|| reason.replace('_', " "));
+    let names: Vec<String> = pods.iter().map(|p| p.name_any()).collect();
+    let note = format!(
+        "chiller-metrics did not inject {} pod(s) ({}): {why}",
+        names.len(),
+        names.join(", ")
+    );
+    tracing::warn!(%namespace, kind = %workload.kind, name = %workload.name, reason, pods = names.len(), "pods skipped by the webhook");
+    let event = Event {
+        type_: EventType::Warning,
+        reason: skip_event_reason(reason),
+        note: Some(truncate(&note, 1000)),
+        action: "Inject".into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx
+        .recorder
+        .publish(&event, &reference(namespace, workload))
+        .await
+    {
+        tracing::warn!(%error, "cannot publish the skipped pods event");
+    }
 }
 
 fn controller_of(references: Option<&Vec<OwnerReference>>) -> Option<&OwnerReference> {
@@ -174,7 +277,7 @@ async fn owning_workload(
         .unwrap_or_else(|| workload_from(owner)))
 }
 
-fn reference(namespace: &str, workload: &Workload) -> ObjectReference {
+pub(super) fn reference(namespace: &str, workload: &Workload) -> ObjectReference {
     ObjectReference {
         api_version: Some(workload.api_version.clone()),
         kind: Some(workload.kind.clone()),
@@ -249,7 +352,7 @@ async fn restart_workload(
     else {
         return Ok(());
     };
-    let key = restarted_for_injection_key(&ctx.config.domain);
+    let key = restarted_for_injection_key(&ctx.injector().config().domain);
     let now = Timestamp::now();
     let last = live
         .annotations()
@@ -299,4 +402,18 @@ async fn restart_workload(
         tracing::warn!(%error, "cannot publish the restart event");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skip_event_reasons_are_camel_case() {
+        assert_eq!(skip_event_reason("host_network"), "NotInjectedHostNetwork");
+        assert_eq!(
+            skip_event_reason("job_needs_native_sidecar"),
+            "NotInjectedJobNeedsNativeSidecar"
+        );
+    }
 }

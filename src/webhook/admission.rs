@@ -12,7 +12,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::inject::{
-    Decision, Injector, NamespacePolicy, PatchProblem, PodContext, PodView, check_pod, verify_patch,
+    Decision, Injector, NamespacePolicy, PatchProblem, PodContext, PodView, SkipReason, check_pod,
+    verify_patch,
 };
 
 pub const API_VERSION: &str = "admission.k8s.io/v1";
@@ -186,18 +187,26 @@ pub fn review(
         namespace: policy.as_ref(),
         ..Default::default()
     };
-    let (answer, outcome) = answer(response, &pod, || injector.mutate(&pod, ctx));
+    let (answer, outcome) = answer(
+        response,
+        &pod,
+        || injector.mutate(&pod, ctx),
+        |reason| injector.skip_mark(&pod, reason),
+    );
     tracing::debug!(uid = answer.uid, namespace, ?outcome, "answered");
     Ok((answer, outcome))
 }
 
 /// Runs the mutation and turns its decision into the answer. Any failure on
 /// the way (a panic, a patch that does not apply or would leave an invalid
-/// pod) fails open: allowed, unpatched, with a warning.
+/// pod) fails open: allowed, unpatched, with a warning. A skip that deserves
+/// a warning is also recorded on the pod by `mark_skip`'s patch, since
+/// nobody reads the warnings of pods a controller creates.
 fn answer(
     mut response: Answer,
     pod: &PodView<'_>,
     mutate: impl FnOnce() -> Decision,
+    mark_skip: impl FnOnce(&SkipReason) -> Option<Patch>,
 ) -> (Answer, Outcome) {
     let decision = match catch_unwind(AssertUnwindSafe(mutate)) {
         Ok(decision) => decision,
@@ -209,6 +218,15 @@ fn answer(
                 response
                     .warnings
                     .push(format!("chiller-metrics did not inject: {reason}"));
+            }
+            if let Some(mark) = mark_skip(&reason) {
+                match verify_patch(pod, &mark) {
+                    Ok(()) => response.patch = Some(mark),
+                    // Recording the skip is a courtesy: never fail the pod over it.
+                    Err(problem) => {
+                        tracing::warn!(uid = %response.uid, error = %problem, "skip not recorded on the pod");
+                    }
+                }
             }
             (response, Outcome::Skipped(reason.metric_label()))
         }
@@ -344,6 +362,8 @@ mod tests {
                 mode: crate::inject::ResolvedMode::Native,
                 prefix: "api".into(),
                 containers: vec!["api".into()],
+                config_hash: String::new(),
+                sidecar_hash: String::new(),
             },
             warnings: vec![],
         }
@@ -374,7 +394,7 @@ mod tests {
     #[test]
     fn a_panicking_mutation_fails_open() {
         let pod = Pod::deserialize(pod_json()).unwrap();
-        let answer = answer(response(), &pod, || panic!("boom"));
+        let answer = answer(response(), &pod, || panic!("boom"), |_| None);
         assert_failed_open(answer, "mutation panicked");
     }
 
@@ -385,7 +405,10 @@ mod tests {
             path: PointerBuf::parse("/spec/initContainers/7/name").unwrap(),
             value: json!("x"),
         })]);
-        assert_failed_open(answer(response(), &pod, || broken), "patch does not apply");
+        assert_failed_open(
+            answer(response(), &pod, || broken, |_| None),
+            "patch does not apply",
+        );
     }
 
     #[test]
@@ -396,7 +419,7 @@ mod tests {
             value: json!({"name": "api", "image": "other:1"}),
         })]);
         assert_failed_open(
-            answer(response(), &pod, || duplicate),
+            answer(response(), &pod, || duplicate, |_| None),
             "patched pod would be invalid",
         );
     }
@@ -418,7 +441,7 @@ mod tests {
             value: json!("x"),
         })]);
         assert_failed_open(
-            answer(response(), &invalid_pod(), || broken),
+            answer(response(), &invalid_pod(), || broken, |_| None),
             "patch does not apply",
         );
     }
@@ -429,7 +452,7 @@ mod tests {
             path: PointerBuf::parse("/metadata/labels").unwrap(),
             value: json!({"metrics.chiller.io/injected": "true"}),
         })]);
-        let (answer, outcome) = answer(response(), &invalid_pod(), || good);
+        let (answer, outcome) = answer(response(), &invalid_pod(), || good, |_| None);
         assert_eq!(outcome, Outcome::Injected);
         assert!(answer.patch.is_some());
     }
@@ -441,12 +464,58 @@ mod tests {
             path: PointerBuf::parse("/metadata/labels").unwrap(),
             value: json!({"metrics.chiller.io/injected": "true"}),
         })]);
-        let (answer, outcome) = answer(response(), &pod, || good);
+        let (answer, outcome) = answer(response(), &pod, || good, |_| None);
         assert_eq!(outcome, Outcome::Injected);
         let wire = to_json(&answer);
         assert_eq!(wire["response"]["allowed"], true);
         assert!(answer.patch.is_some() && answer.warnings.is_empty());
         assert!(wire["response"]["warnings"].is_null());
+    }
+
+    /// A skip worth a warning is recorded on the pod by a patch of its own;
+    /// the pod carrying that mark gets no patch the second time.
+    #[test]
+    fn a_warned_skip_is_recorded_on_the_pod_once() {
+        let injector = Injector::new(
+            crate::config::Config::default(),
+            crate::inject::ResolvedMode::Native,
+        );
+        let mut value = pod_json();
+        value["spec"]["hostNetwork"] = json!(true);
+        let body = |pod: &serde_json::Value| {
+            json!({
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "request": {
+                    "uid": "u1",
+                    "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                    "resource": {"group": "", "version": "v1", "resource": "pods"},
+                    "operation": "CREATE",
+                    "namespace": "shop",
+                    "object": pod,
+                },
+            })
+            .to_string()
+        };
+        let (first, outcome) = review(&injector, &NoCluster, body(&value).as_bytes()).unwrap();
+        assert_eq!(outcome, Outcome::Skipped("host_network"));
+        assert_eq!(first.warnings.len(), 1, "{:?}", first.warnings);
+        let patch = first.patch.expect("the skip is recorded");
+        json_patch::patch(&mut value, &patch).unwrap();
+        assert_eq!(
+            value["metadata"]["annotations"]["metrics.chiller.io/skipped"],
+            "host_network"
+        );
+        let (second, outcome) = review(&injector, &NoCluster, body(&value).as_bytes()).unwrap();
+        assert_eq!(outcome, Outcome::Skipped("host_network"));
+        assert!(second.patch.is_none(), "{:?}", second.patch);
+
+        // A routine skip (the user opted out) is not recorded.
+        let mut opted_out = pod_json();
+        opted_out["metadata"]["annotations"] = json!({"metrics.chiller.io/inject": "false"});
+        let (answer, outcome) = review(&injector, &NoCluster, body(&opted_out).as_bytes()).unwrap();
+        assert_eq!(outcome, Outcome::Skipped("opted_out"));
+        assert!(answer.patch.is_none() && answer.warnings.is_empty());
     }
 
     /// The wire format: the patch is the base64 of its JSON, `patchType` goes

@@ -12,13 +12,14 @@ use axum::{
 };
 
 use super::admission::{self, NamespacePolicies, ReviewError};
-use crate::{admin::Metrics, inject::Injector};
+use crate::{admin::Metrics, live_config::LiveInjector};
 
 /// kube-apiserver sends up to 3 MiB per object, and UPDATE carries two.
 pub const DEFAULT_BODY_LIMIT: usize = 7 * 1024 * 1024;
 
 pub struct WebhookState {
-    pub injector: Injector,
+    /// The current config's injector; a reloaded config applies to the next request.
+    pub injector: Arc<LiveInjector>,
     pub namespaces: Arc<dyn NamespacePolicies>,
     pub metrics: Arc<Metrics>,
     pub body_limit: usize,
@@ -87,7 +88,7 @@ fn answer(
             "request body is empty".into(),
         );
     }
-    match admission::review(&state.injector, state.namespaces.as_ref(), &body) {
+    match admission::review(&state.injector.current(), state.namespaces.as_ref(), &body) {
         Ok((review, outcome)) => {
             let (outcome, reason) = outcome.labels();
             state.metrics.admission(outcome, reason);

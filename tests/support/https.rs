@@ -191,7 +191,7 @@ impl TestServer {
         let metrics = Arc::new(Metrics::new());
         let readiness = Arc::new(Readiness::new(false));
         let state = Arc::new(WebhookState {
-            injector: Injector::new(options.config, options.mode),
+            injector: Injector::new(options.config, options.mode).into(),
             namespaces: options.namespaces,
             metrics: metrics.clone(),
             body_limit: options.body_limit,
