@@ -569,6 +569,27 @@ async fn idle_connections_beyond_the_limit_are_closed_and_serving_resumes() {
 }
 
 #[tokio::test]
+async fn keep_alive_connections_stay_open_past_the_header_timeout() {
+    // kube-apiserver keeps idle webhook connections for 90 s and writes the
+    // next review into one of them: a server that closes sooner races it
+    // (a broken pipe, the review fails open, the pod goes uninjected).
+    let server = start().await;
+    for version in HttpVersion::ALL {
+        let mut connection = server.client().connect(version).await.unwrap();
+        let response = connection.post_json("/mutate", fixture()).await.unwrap();
+        assert_eq!(response.status, StatusCode::OK);
+        // Idle longer than the 1 s header timeout, shorter than the 2 s idle timeout.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let again = connection.post_json("/mutate", fixture()).await;
+        assert!(
+            again.as_ref().is_ok_and(|r| r.status == StatusCode::OK),
+            "{version:?}: a keep-alive connection was closed before the idle timeout: {:?}",
+            again.err()
+        );
+    }
+}
+
+#[tokio::test]
 async fn idle_keep_alive_connections_are_closed() {
     let server = start().await;
     for version in HttpVersion::ALL {

@@ -148,7 +148,7 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "CHILLER_METRICS_IDLE_TIMEOUT_SECONDS",
-        default_value_t = 90
+        default_value_t = 120
     )]
     pub idle_timeout_seconds: u64,
     /// On SIGTERM: seconds to keep serving while not ready, so endpoints update.

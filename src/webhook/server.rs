@@ -4,10 +4,12 @@
 use std::{
     future::Future,
     net::SocketAddr,
+    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
@@ -25,6 +27,7 @@ use hyper_util::{
 };
 use rustls::ServerConfig;
 use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::{Notify, Semaphore, mpsc, watch},
 };
@@ -40,13 +43,17 @@ pub struct Limits {
     /// Time a client has to finish the TLS handshake.
     pub handshake_timeout: Duration,
     /// Time a client has to send a request's headers (HTTP/1.1), counted from
-    /// the start of the connection or the end of the previous response.
+    /// the first byte of the request. An idle keep-alive connection waits for
+    /// its next request up to `idle_timeout`.
     pub header_read_timeout: Duration,
     /// Time to read the body and answer one request.
     pub request_timeout: Duration,
     /// A connection with no request in flight for this long is closed
     /// gracefully; bytes without requests (HTTP/2 pings) do not count. A
     /// client that ignores the close is dropped `header_read_timeout` later.
+    /// Longer than kube-apiserver keeps idle connections (90 s), so the API
+    /// server always closes first and never sends a review into a connection
+    /// this side is closing.
     pub idle_timeout: Duration,
     /// On shutdown, time in-flight requests get to finish.
     pub shutdown_timeout: Duration,
@@ -59,7 +66,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(90),
+            idle_timeout: Duration::from_secs(120),
             shutdown_timeout: Duration::from_secs(15),
         }
     }
@@ -82,7 +89,9 @@ fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // hyper would time the wait for the next request on a keep-alive
+        // connection too; the head is timed from its first byte instead.
+        .header_read_timeout(None)
         .max_buf_size(64 * 1024)
         .keep_alive(true);
     builder
@@ -196,6 +205,9 @@ impl ConnectionTask {
             _ = self.stopping.wait_for(|stop| *stop != Stop::Running) => return,
         };
         let activity = Arc::new(Activity::new());
+        // HTTP/2 frames flow without requests (pings, settings): only an
+        // HTTP/1.1 head is timed from its first byte.
+        let times_heads = stream.get_ref().1.alpn_protocol() != Some(b"h2");
         let service = {
             let activity = activity.clone();
             let router = self.router.clone();
@@ -209,7 +221,11 @@ impl ConnectionTask {
                 }
             })
         };
-        let connection = self.builder.serve_connection(TokioIo::new(stream), service);
+        let io = TokioIo::new(ReadWatch {
+            inner: stream,
+            activity: activity.clone(),
+        });
+        let connection = self.builder.serve_connection(io, service);
         tokio::pin!(connection);
         let mut closing = false;
         // A graceful close can stall on a client that ignores it (HTTP/2 waits
@@ -229,6 +245,10 @@ impl ConnectionTask {
                     }
                     connection.as_mut().graceful_shutdown();
                     closing = true;
+                }
+                () = activity.head_overdue(self.limits.header_read_timeout), if times_heads => {
+                    tracing::debug!(%peer, "request head not complete in time; dropping the connection");
+                    return;
                 }
                 () = activity.idle_for(self.limits.idle_timeout), if !closing => {
                     tracing::debug!(%peer, "closing idle connection");
@@ -271,10 +291,12 @@ async fn stop_signal(stopping: &mut watch::Receiver<Stop>, closing: bool) -> Sto
 }
 
 /// Requests in flight on one connection. A connection is idle while none is,
-/// whatever bytes flow (HTTP/2 pings, a client trickling headers).
+/// whatever bytes flow (HTTP/2 pings, a client trickling headers). Bytes
+/// that arrive while it is idle start a request's head.
 struct Activity {
     in_flight: AtomicUsize,
     idle_since: Mutex<Instant>,
+    head_since: Mutex<Option<Instant>>,
     changed: Notify,
 }
 
@@ -285,14 +307,47 @@ impl Activity {
         Self {
             in_flight: AtomicUsize::new(0),
             idle_since: Mutex::new(Instant::now()),
+            head_since: Mutex::new(None),
             changed: Notify::new(),
         }
     }
 
     fn start(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
+        *self.head_since.lock().expect("lock") = None;
         self.changed.notify_waiters();
         InFlight(self.clone())
+    }
+
+    /// Bytes arrived: with no request in flight, they begin the next head.
+    fn bytes_arrived(&self) {
+        if self.in_flight.load(Ordering::SeqCst) != 0 {
+            return;
+        }
+        let mut head_since = self.head_since.lock().expect("lock");
+        if head_since.is_none() {
+            *head_since = Some(Instant::now());
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Resolves once a head began `timeout` ago and no request started since.
+    async fn head_overdue(&self, timeout: Duration) {
+        loop {
+            let changed = self.changed.notified();
+            let head_since = *self.head_since.lock().expect("lock");
+            match head_since {
+                Some(since) => tokio::select! {
+                    () = tokio::time::sleep_until((since + timeout).into()) => {
+                        if *self.head_since.lock().expect("lock") == Some(since) {
+                            return;
+                        }
+                    }
+                    () = changed => {}
+                },
+                None => changed.await,
+            }
+        }
     }
 
     /// Resolves once no request has been in flight for `timeout`.
@@ -317,5 +372,56 @@ impl Drop for InFlight {
         *self.0.idle_since.lock().expect("lock") = Instant::now();
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
         self.0.changed.notify_waiters();
+    }
+}
+
+/// The connection's stream, telling `Activity` when bytes arrive.
+struct ReadWatch<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ReadWatch<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.bytes_arrived();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ReadWatch<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
