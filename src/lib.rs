@@ -6,7 +6,9 @@
 //! - [`admin`]: the plain-HTTP admin endpoints and process metrics.
 //! - [`cluster`]: everything that talks to the API server for the webhook.
 //! - [`reconcile`]: the per-namespace monitoring reconcile loop.
-//! - [`cli`]: the offline commands (`inject`, `render`, `certs`) and `serve` wiring.
+//! - [`uninject`]: the inverse of the mutation.
+//! - [`cli`]: the commands: `serve` wiring, offline `inject`/`uninject`/`render`/`certs`,
+//!   and `check`/`explain` through the user's kubeconfig.
 
 pub mod admin;
 pub mod certs;
@@ -17,4 +19,5 @@ pub mod inject;
 pub mod keys;
 pub mod manifest;
 pub mod reconcile;
+pub mod uninject;
 pub mod webhook;
