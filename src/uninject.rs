@@ -50,16 +50,24 @@ fn remove(tokens: &[&str]) -> PatchOperation {
 }
 
 /// The patch that removes what injection added, or `None` when the pod
-/// carries nothing of it.
+/// does not carry our marks (the label or the status annotation): a
+/// container that only has the sidecar's name is someone else's.
 pub fn uninject_patch(config: &Config, pod: &Value) -> Option<Patch> {
     let keys = config.keys();
     let sidecar = config.sidecar.name.as_str();
     let mut ops = Vec::new();
 
-    let status = pod
+    let status_text = pod
         .pointer(&annotation_pointer(&keys.status))
+        .and_then(Value::as_str);
+    let labeled = pod
+        .pointer(&pointer(&["metadata", "labels", &keys.injected]).to_string())
         .and_then(Value::as_str)
-        .and_then(recorded_status);
+        == Some("true");
+    if status_text.is_none() && !labeled {
+        return None;
+    }
+    let status = status_text.and_then(recorded_status);
     let containers = list(pod, "containers");
     if let Some(status) = &status {
         for (index, container) in containers.iter().enumerate() {
@@ -209,7 +217,8 @@ mod tests {
     #[test]
     fn a_pod_without_marks_gives_no_patch() {
         let pod = json!({"metadata": {"labels": {"app": "api"}}, "spec": {"containers": [
-            {"name": "app", "env": [{"name": "GUNICORN_CMD_ARGS", "value": "--statsd-host=x:1 --statsd-prefix=y"}]}
+            {"name": "app", "env": [{"name": "GUNICORN_CMD_ARGS", "value": "--statsd-host=x:1 --statsd-prefix=y"}]},
+            {"name": "statsd-exporter", "image": "someone-elses"},
         ]}});
         assert_eq!(uninject_patch(&Config::default(), &pod), None);
     }

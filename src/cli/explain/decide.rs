@@ -641,3 +641,364 @@ fn verdict(
         _ => decided,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::{cli::explain::input::shipped_webhook, config::Config};
+
+    const INJECT: &str = "metrics.chiller.io/inject";
+
+    fn injector(mode: ResolvedMode) -> Injector {
+        Injector::new(Config::default(), mode)
+    }
+
+    fn chart() -> WebhookFacts {
+        WebhookFacts {
+            source: "test".into(),
+            webhook: shipped_webhook("metrics.chiller.io")
+                .webhooks
+                .and_then(|w| w.into_iter().next()),
+        }
+    }
+
+    fn opted_in() -> NamespaceFacts {
+        NamespaceFacts {
+            labels: [(INJECT.to_string(), "enabled".to_string())].into(),
+            annotations: BTreeMap::new(),
+        }
+    }
+
+    fn pod(metadata: Value) -> Subject {
+        Subject {
+            kind: "pod".into(),
+            namespace: "shop".into(),
+            name: "api".into(),
+            pod: json!({"metadata": metadata, "spec": {"containers": [{"name": "app", "image": "app:1"}]}}),
+            job: false,
+            existing_pod: false,
+        }
+    }
+
+    fn run(
+        subject: &Subject,
+        namespace: Option<&NamespaceFacts>,
+        webhook: &WebhookFacts,
+    ) -> Explanation {
+        run_with(subject, namespace, webhook, &injector(ResolvedMode::Native))
+    }
+
+    fn run_with(
+        subject: &Subject,
+        namespace: Option<&NamespaceFacts>,
+        webhook: &WebhookFacts,
+        injector: &Injector,
+    ) -> Explanation {
+        explain(&Inputs {
+            subject,
+            namespace,
+            webhook,
+            injector,
+        })
+    }
+
+    fn statuses(explanation: &Explanation) -> Vec<StepStatus> {
+        explanation.steps.iter().map(|s| s.status).collect()
+    }
+
+    fn failed(explanation: &Explanation) -> Vec<u8> {
+        explanation
+            .steps
+            .iter()
+            .filter(|s| s.status == StepStatus::Fail)
+            .map(|s| s.number)
+            .collect()
+    }
+
+    use crate::inject::ResolvedMode;
+    use StepStatus::{Fail, Pass, Unknown};
+
+    #[test]
+    fn an_opted_in_pod_would_be_injected() {
+        let explanation = run(
+            &pod(json!({"labels": {"app": "api"}})),
+            Some(&opted_in()),
+            &chart(),
+        );
+        assert_eq!(statuses(&explanation), [Pass; 6]);
+        assert_eq!(explanation.outcome, Outcome::WouldInject);
+        assert_eq!(explanation.verdict, "would be injected");
+        assert!(
+            explanation.steps[5].detail.contains("--statsd-prefix=api"),
+            "{:?}",
+            explanation.steps[5]
+        );
+        assert_eq!(
+            explanation
+                .steps
+                .iter()
+                .map(|s| s.number)
+                .collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5, 6]
+        );
+    }
+
+    #[test]
+    fn a_namespace_without_the_label_is_not_called_with_a_hint() {
+        let explanation = run(&pod(json!({})), Some(&NamespaceFacts::default()), &chart());
+        assert_eq!(failed(&explanation), [1]);
+        assert_eq!(explanation.outcome, Outcome::NotCalled);
+        let detail = &explanation.steps[0].detail;
+        assert!(
+            detail.contains("does not match metrics.chiller.io/inject=enabled"),
+            "{detail}"
+        );
+        assert!(
+            detail.contains("kubectl label namespace shop metrics.chiller.io/inject=enabled"),
+            "{detail}"
+        );
+        assert!(
+            explanation.verdict.contains("step 1"),
+            "{}",
+            explanation.verdict
+        );
+    }
+
+    #[test]
+    fn an_excluded_namespace_fails_step_2_even_when_labeled() {
+        let mut subject = pod(json!({}));
+        subject.namespace = "kube-system".into();
+        let explanation = run(&subject, Some(&opted_in()), &chart());
+        assert_eq!(failed(&explanation), [2]);
+        assert!(
+            explanation.steps[1]
+                .detail
+                .contains("kube-system is excluded")
+        );
+        // The API server sets the name label; a namespace's own value wins.
+        let mut renamed = opted_in();
+        renamed
+            .labels
+            .insert(NAME_LABEL.into(), "kube-system".into());
+        let explanation = run(&pod(json!({})), Some(&renamed), &chart());
+        assert_eq!(failed(&explanation), [2]);
+    }
+
+    #[test]
+    fn the_opt_out_label_stops_the_call_at_the_object_selector() {
+        let explanation = run(
+            &pod(json!({"labels": {INJECT: "disabled"}})),
+            Some(&opted_in()),
+            &chart(),
+        );
+        assert_eq!(failed(&explanation), [3, 5, 6]);
+        assert_eq!(explanation.outcome, Outcome::NotCalled);
+        assert!(
+            explanation.steps[2]
+                .detail
+                .contains("metrics.chiller.io/inject notin (disabled)")
+        );
+    }
+
+    #[test]
+    fn the_opt_out_annotation_is_the_webhooks_decision() {
+        let explanation = run(
+            &pod(json!({"annotations": {INJECT: "false"}})),
+            Some(&opted_in()),
+            &chart(),
+        );
+        assert_eq!(failed(&explanation), [5, 6]);
+        assert_eq!(explanation.outcome, Outcome::Skipped);
+        assert!(
+            explanation.steps[5]
+                .detail
+                .contains("opted out with the annotation")
+        );
+    }
+
+    #[test]
+    fn an_injected_label_fails_the_match_condition() {
+        let explanation = run(
+            &pod(json!({"labels": {"metrics.chiller.io/injected": "true"}})),
+            Some(&opted_in()),
+            &chart(),
+        );
+        assert_eq!(explanation.steps[2].status, Fail);
+        assert!(
+            explanation.steps[2]
+                .detail
+                .contains("matchCondition not-already-injected is false")
+        );
+    }
+
+    #[test]
+    fn an_unknown_match_condition_is_undetermined() {
+        let mut webhook = chart();
+        let conditions = webhook
+            .webhook
+            .as_mut()
+            .unwrap()
+            .match_conditions
+            .as_mut()
+            .unwrap();
+        conditions[0].expression = "request.userInfo.username != 'system:admin'".into();
+        let explanation = run(&pod(json!({})), Some(&opted_in()), &webhook);
+        assert_eq!(explanation.steps[2].status, Unknown);
+        assert_eq!(explanation.outcome, Outcome::Undetermined);
+        assert!(explanation.steps[2].detail.contains("cannot be evaluated"));
+        // A failing earlier step still decides.
+        let explanation = run(&pod(json!({})), Some(&NamespaceFacts::default()), &webhook);
+        assert_eq!(explanation.outcome, Outcome::NotCalled);
+    }
+
+    #[test]
+    fn the_pod_selector_annotation_selects_or_skips() {
+        let mut namespace = opted_in();
+        namespace
+            .annotations
+            .insert("metrics.chiller.io/pod-selector".into(), "app!=db".into());
+        let db = run(
+            &pod(json!({"labels": {"app": "db"}})),
+            Some(&namespace),
+            &chart(),
+        );
+        assert_eq!(failed(&db), [4, 6]);
+        assert_eq!(db.outcome, Outcome::Skipped);
+        let api = run(
+            &pod(json!({"labels": {"app": "api"}})),
+            Some(&namespace),
+            &chart(),
+        );
+        assert_eq!(api.outcome, Outcome::WouldInject);
+        namespace.annotations.insert(
+            "metrics.chiller.io/pod-selector".into(),
+            "app in web".into(),
+        );
+        let invalid = run(
+            &pod(json!({"labels": {"app": "api"}})),
+            Some(&namespace),
+            &chart(),
+        );
+        assert_eq!(failed(&invalid), [4, 6]);
+        assert!(invalid.steps[3].detail.contains("invalid label selector"));
+    }
+
+    #[test]
+    fn the_mutation_decides_last() {
+        let mut subject = pod(json!({}));
+        subject.pod["spec"]["hostNetwork"] = json!(true);
+        let explanation = run(&subject, Some(&opted_in()), &chart());
+        assert_eq!(failed(&explanation), [6]);
+        assert!(explanation.steps[5].detail.contains("host network"));
+    }
+
+    #[test]
+    fn a_job_template_needs_the_native_mode() {
+        let mut subject = pod(json!({}));
+        subject.kind = "job".into();
+        subject.name = "migrate".into();
+        subject.job = true;
+        let container = run_with(
+            &subject,
+            Some(&opted_in()),
+            &chart(),
+            &injector(ResolvedMode::Container),
+        );
+        assert_eq!(failed(&container), [6]);
+        assert!(container.steps[5].detail.contains("run-to-completion"));
+        assert_eq!(
+            container.verdict.split(':').next(),
+            Some("its pods would not be injected")
+        );
+        let native = run(&subject, Some(&opted_in()), &chart());
+        assert_eq!(native.verdict, "its pods would be injected");
+        // A template's prefix comes from its workload's name.
+        assert!(native.steps[5].detail.contains("--statsd-prefix=migrate"));
+    }
+
+    #[test]
+    fn no_webhook_configuration_or_no_namespace() {
+        let missing = WebhookFacts {
+            source: "MutatingWebhookConfiguration chiller-metrics".into(),
+            webhook: None,
+        };
+        let explanation = run(&pod(json!({})), Some(&opted_in()), &missing);
+        assert_eq!(failed(&explanation), [1, 2, 3]);
+        assert!(
+            explanation.steps[0]
+                .detail
+                .contains("MutatingWebhookConfiguration chiller-metrics not found")
+        );
+        let explanation = run(&pod(json!({})), None, &chart());
+        assert_eq!(failed(&explanation), [1]);
+        assert!(
+            explanation.steps[0]
+                .detail
+                .contains("namespace shop does not exist")
+        );
+    }
+
+    #[test]
+    fn rules_without_pod_create_are_never_called() {
+        let mut webhook = chart();
+        webhook.webhook.as_mut().unwrap().rules.as_mut().unwrap()[0].operations =
+            Some(vec!["UPDATE".into()]);
+        let explanation = run(&pod(json!({})), Some(&opted_in()), &webhook);
+        assert_eq!(failed(&explanation), [1]);
+        assert!(
+            explanation.steps[0]
+                .detail
+                .contains("do not cover pod CREATE")
+        );
+    }
+
+    #[test]
+    fn an_existing_injected_pod_reports_its_config_and_is_explained_as_created() {
+        let mut subject = pod(json!({"labels": {"app": "api"}}));
+        subject.existing_pod = true;
+        let injector = injector(ResolvedMode::Native);
+        let Decision::Inject { patch, .. } = injector.mutate(
+            &PodView::deserialize(&subject.pod).unwrap(),
+            PodContext::default(),
+        ) else {
+            panic!("the pod is injected");
+        };
+        json_patch::patch(&mut subject.pod, &patch).unwrap();
+        // As the ops change records it: a config hash in the status.
+        let status_key = "/metadata/annotations/metrics.chiller.io~1status";
+        let mut status: Value =
+            serde_json::from_str(subject.pod.pointer(status_key).unwrap().as_str().unwrap())
+                .unwrap();
+        status["configHash"] = json!("abc123");
+        *subject.pod.pointer_mut(status_key).unwrap() = json!(status.to_string());
+
+        let explanation = run_with(&subject, Some(&opted_in()), &chart(), &injector);
+        assert_eq!(explanation.outcome, Outcome::Injected);
+        let existing = explanation.existing.as_ref().unwrap();
+        assert!(existing.injected);
+        assert_eq!(existing.config_hash.as_deref(), Some("abc123"));
+        assert_eq!(existing.prefix.as_deref(), Some("api"));
+        assert_eq!(existing.containers, ["app"]);
+        assert!(
+            explanation.verdict.contains("config abc123"),
+            "{}",
+            explanation.verdict
+        );
+        // Evaluated without our marks: the match condition passes.
+        assert_eq!(statuses(&explanation), [Pass; 6]);
+    }
+
+    #[test]
+    fn an_existing_pod_that_missed_injection() {
+        let mut subject = pod(json!({"labels": {"app": "api"}}));
+        subject.existing_pod = true;
+        let explanation = run(&subject, Some(&opted_in()), &chart());
+        assert_eq!(explanation.outcome, Outcome::Missed);
+        assert!(!explanation.existing.as_ref().unwrap().injected);
+        assert!(explanation.verdict.contains("would be if created now"));
+        let explanation = run(&subject, Some(&NamespaceFacts::default()), &chart());
+        assert_eq!(explanation.outcome, Outcome::NotCalled);
+    }
+}
