@@ -134,6 +134,13 @@ fn pods_of(plane: &ControlPlane, namespace: &str, app: &str) -> Vec<Value> {
     }
 }
 
+/// Prints the text form (the README shows it; see it with --nocapture).
+fn show(plane: &ControlPlane, kind: &str, target: &str) {
+    let text = explain(plane, &[kind, target]);
+    assert_eq!(text.code, 0, "{}", text.stderr);
+    println!("$ chiller-metrics explain {kind} {target}\n{}", text.stdout);
+}
+
 fn label_namespace(plane: &ControlPlane, namespace: &str, label: &str) {
     run(plane
         .kubectl()
@@ -214,6 +221,8 @@ fn explain_names_the_step_that_decides_and_agrees_with_the_webhook() {
     assert_outcome(&db, "skipped", &[4, 6]);
     assert!(step_detail(&db, 4).contains("app!=db"), "{db:#}");
     assert_eq!(db["existing"]["injected"], false);
+    show(plane, "pod", "shop/api");
+    show(plane, "pod", "shop/db");
 
     // Step 3: the objectSelector keeps the API server from calling the webhook.
     run_with_input(
@@ -317,6 +326,7 @@ fn explain_names_the_step_that_decides_and_agrees_with_the_webhook() {
     );
     let site = explain_json(plane, "deployment", "plain/site");
     assert_outcome(&site, "not-called", &[1]);
+    show(plane, "deployment", "plain/site");
     assert!(
         step_detail(&site, 1).contains(&format!(
             "kubectl label namespace plain {inject_label}=enabled"
