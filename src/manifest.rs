@@ -197,14 +197,198 @@ fn rewrite_yaml(
         if any {
             let (head, tail) = comments_around(chunk);
             out.yaml.push_str(head);
-            out.yaml
-                .push_str(&serde_norway::to_string(&changed).map_err(ManifestError::Write)?);
+            out.yaml.push_str(&write_like(&changed, chunk)?);
             out.yaml.push_str(tail);
         } else {
             out.yaml.push_str(chunk);
         }
     }
     Ok(out)
+}
+
+/// Serializes `value`, indenting block sequences under their key when
+/// `original` does (as `helm template` output does), so that a diff shows
+/// the change rather than a new indentation.
+fn write_like(value: &Yaml, original: &str) -> Result<String, ManifestError> {
+    let plain = serde_norway::to_string(value).map_err(ManifestError::Write)?;
+    let reads_back = |text: &str| serde_norway::from_str::<Yaml>(text).is_ok_and(|v| v == *value);
+    let mut best = plain;
+    if indents_sequences(original) {
+        let indented = indent_sequences(&best);
+        if reads_back(&indented) {
+            best = indented;
+        }
+    }
+    let respelled = keep_scalar_spelling(&best, original);
+    Ok(if reads_back(&respelled) {
+        respelled
+    } else {
+        best
+    })
+}
+
+/// `(lead, key, value)` of a `  - key: value` (or `  key:`) line.
+fn key_value(line: &str) -> Option<(&str, &str, &str)> {
+    let body = line.trim_start_matches([' ', '-']);
+    let lead = &line[..line.len() - body.len()];
+    let body = body.trim_end();
+    let (key, value) = match body.split_once(": ") {
+        Some((key, value)) => (key, value),
+        None => (body.strip_suffix(':')?, ""),
+    };
+    let plain_key = !key.is_empty() && !key.starts_with(['#', '{', '[', '&', '*', '!', '?']);
+    plain_key.then_some((lead, key, value))
+}
+
+/// Writes a scalar, or a flow list, the way the original wrote the same key
+/// and value (`image: "x"` stays quoted, `args: ["a", "b"]` stays a flow
+/// list), where the serializer chose another spelling.
+fn keep_scalar_spelling(text: &str, original: &str) -> String {
+    let parse = |value: &str| serde_norway::from_str::<Yaml>(value).ok();
+    let originals: Vec<(&str, &str, Option<Yaml>, &str)> = original
+        .lines()
+        .filter_map(|line| {
+            let (lead, key, value) = key_value(line)?;
+            Some((line, lead, parse(key), value))
+        })
+        .collect();
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    while at < lines.len() {
+        let line = lines[at];
+        let mut used = 1;
+        let mut respelled = None;
+        if let Some((lead, key, value)) = key_value(line.trim_end_matches('\n')) {
+            let key = parse(key);
+            // A key with a block list below it: the list is its value.
+            let (value, snippet_lines) = if value.is_empty() && !lead.contains('-') {
+                let block = lines[at + 1..]
+                    .iter()
+                    .take_while(|l| {
+                        let indent = indent_of(l);
+                        indent > lead.len()
+                            || (indent == lead.len() && l[indent..].starts_with("- "))
+                    })
+                    .count();
+                let snippet: String = lines[at + 1..=at + block]
+                    .iter()
+                    .map(|l| l.get(lead.len()..).unwrap_or(l))
+                    .collect();
+                (format!("\n{snippet}"), block + 1)
+            } else {
+                (value.to_string(), 1)
+            };
+            let ours = parse(&format!("k: {value}"));
+            if ours.is_some() && (snippet_lines == 1 || value.trim_start().starts_with('-')) {
+                respelled = originals
+                    .iter()
+                    .find(|(o, l, k, v)| {
+                        *l == lead
+                            && *k == key
+                            && o.trim_end() != line.trim_end()
+                            && !v.is_empty()
+                            && parse(&format!("k: {v}")) == ours
+                    })
+                    .map(|(original_line, ..)| *original_line);
+                if respelled.is_some() {
+                    used = snippet_lines;
+                }
+            }
+        }
+        match respelled {
+            Some(original_line) => {
+                out.push_str(original_line);
+                out.push('\n');
+            }
+            None => {
+                for l in &lines[at..at + used] {
+                    out.push_str(l);
+                }
+            }
+        }
+        at += used;
+    }
+    if !text.ends_with('\n') && out.ends_with('\n') {
+        out.pop();
+    }
+    out
+}
+
+fn indent_of(line: &str) -> usize {
+    line.len() - line.trim_start_matches(' ').len()
+}
+
+fn is_block_scalar_start(line: &str) -> bool {
+    let line = line.trim_end();
+    let Some((_, indicator)) = line.rsplit_once(' ') else {
+        return false;
+    };
+    let mut chars = indicator.chars();
+    matches!(chars.next(), Some('|' | '>'))
+        && chars.all(|c| c.is_ascii_digit() || c == '-' || c == '+')
+}
+
+/// Does a `key:` line have its sequence items indented deeper than the key?
+fn indents_sequences(text: &str) -> bool {
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !is_blank_or_comment(l) && !is_separator(l))
+        .collect();
+    lines.windows(2).any(|pair| {
+        let (key, item) = (pair[0], pair[1]);
+        key.trim_end().ends_with(':')
+            && item.trim_start().starts_with("- ")
+            && indent_of(item) > indent_of(key)
+    })
+}
+
+/// Moves every block sequence that starts at its key's column two columns
+/// right, with everything inside it.
+fn indent_sequences(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + text.len() / 4);
+    // Columns of the dashes of the sequences we are inside of (as written).
+    let mut sequences: Vec<usize> = Vec::new();
+    let mut previous_key: Option<usize> = None;
+    let mut block_scalar: Option<usize> = None;
+    for line in text.split_inclusive('\n') {
+        let indent = indent_of(line);
+        let content = line.trim_start_matches(' ');
+        let blank = content.trim().is_empty();
+        if let Some(parent) = block_scalar {
+            if blank || indent > parent {
+                out.push_str(&" ".repeat(2 * sequences.len()));
+                out.push_str(line);
+                continue;
+            }
+            block_scalar = None;
+        }
+        let item = content.starts_with("- ") || content.trim_end() == "-";
+        while let Some(&dash) = sequences.last() {
+            if indent < dash || (indent == dash && !item) {
+                sequences.pop();
+            } else {
+                break;
+            }
+        }
+        if item && previous_key == Some(indent) && sequences.last() != Some(&indent) {
+            sequences.push(indent);
+        }
+        out.push_str(&" ".repeat(2 * sequences.len()));
+        out.push_str(line);
+        // The key of `- - key:` sits after the dashes.
+        let mut key_column = indent;
+        let mut rest = content;
+        while let Some(after_dash) = rest.strip_prefix("- ") {
+            key_column += 2;
+            rest = after_dash;
+        }
+        previous_key = rest.trim_end().ends_with(':').then_some(key_column);
+        if is_block_scalar_start(content) {
+            block_scalar = Some(indent);
+        }
+    }
+    out
 }
 
 /// Splits a YAML stream into its documents' text, separators kept with the
@@ -398,6 +582,41 @@ mod tests {
         assert_eq!(
             comments_around(chunk),
             ("---\n# Source: x\n", "# trailing\n")
+        );
+    }
+
+    #[test]
+    fn sequences_are_indented_like_helm_output() {
+        let plain = "spec:\n  containers:\n  - name: a\n    args:\n    - x\n    - |-\n      - not an item\n      y\n    env: []\n  - name: b\nkind: Pod\n";
+        let indented = indent_sequences(plain);
+        assert_eq!(
+            indented,
+            "spec:\n  containers:\n    - name: a\n      args:\n        - x\n        - |-\n          - not an item\n          y\n      env: []\n    - name: b\nkind: Pod\n"
+        );
+        let a: Yaml = serde_norway::from_str(plain).unwrap();
+        let b: Yaml = serde_norway::from_str(&indented).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(
+            indent_sequences("list:\n- args:\n  - x\n  name: a\n"),
+            "list:\n  - args:\n      - x\n    name: a\n"
+        );
+        assert!(indents_sequences("a:\n  - x\n"));
+        assert!(!indents_sequences("a:\n- x\n"));
+    }
+
+    #[test]
+    fn scalars_keep_their_original_spelling() {
+        let original = "a:\n  image: \"x:1\"\n  - name: 'b'\n  n: 1\n  args: [\"p\", \"q\"]\n  \"helm.sh/hook\": x\n";
+        let written = "a:\n  image: x:1\n  - name: b\n  n: '1'\n  args:\n  - p\n  - q\n  helm.sh/hook: x\n  new: y\n";
+        assert_eq!(
+            keep_scalar_spelling(written, original),
+            "a:\n  image: \"x:1\"\n  - name: 'b'\n  n: '1'\n  args: [\"p\", \"q\"]\n  \"helm.sh/hook\": x\n  new: y\n",
+            "a string '1' is not the number 1"
+        );
+        // A list that changed keeps the block form.
+        assert_eq!(
+            keep_scalar_spelling("args:\n- p\n- r\n", "args: [p, q]\n"),
+            "args:\n- p\n- r\n"
         );
     }
 

@@ -627,6 +627,20 @@ fn inject_writes_unchanged_documents_byte_for_byte_and_keeps_key_order() {
                 .map(|l| format!("{l}\n"))
                 .collect();
             assert!(!head.is_empty() && written.starts_with(&head), "{written}");
+            // A diff shows only additions, and the one value we extend.
+            let mut written_lines = written.lines();
+            let mut after_gunicorn = false;
+            for line in original.lines() {
+                let ours = after_gunicorn && line.trim_start().starts_with("value:");
+                after_gunicorn = line.trim_start() == "- name: GUNICORN_CMD_ARGS";
+                if ours {
+                    continue;
+                }
+                assert!(
+                    written_lines.any(|w| w == line),
+                    "line {line:?} was rewritten or moved:\n{written}"
+                );
+            }
         }
     }
     assert!(
