@@ -282,25 +282,58 @@ fn explain_works_offline_from_a_file() {
     assert!(stderr(&missing).contains("KIND"), "{}", stderr(&missing));
 }
 
-#[test]
-fn explain_reads_the_webhook_configuration_from_helm_template_output() {
-    let dir = tempfile::tempdir().unwrap();
-    let home = dir.path().join("helm");
+/// `helm template` of the chart into `dir`.
+fn helm_template(dir: &Path, args: &[&str]) -> Output {
+    let home = dir.join("helm");
     let rendered = Command::new(support::tool("helm"))
         .env("HELM_CACHE_HOME", home.join("cache"))
         .env("HELM_CONFIG_HOME", home.join("config"))
         .env("HELM_DATA_HOME", home.join("data"))
         .args(["template", "chiller-metrics"])
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/chart/chiller-metrics"))
-        .args([
+        .args(args)
+        .output()
+        .expect("run helm");
+    assert!(rendered.status.success(), "{}", stderr(&rendered));
+    rendered
+}
+
+/// The one webhook of the MutatingWebhookConfiguration in a YAML stream,
+/// without its clientConfig.
+fn webhook_of(yaml: &str) -> Value {
+    use serde::Deserialize;
+    let configuration = serde_norway::Deserializer::from_str(yaml)
+        .map(|d| Value::deserialize(d).unwrap())
+        .find(|d| d["kind"] == "MutatingWebhookConfiguration")
+        .expect("a MutatingWebhookConfiguration");
+    let mut webhook = configuration["webhooks"][0].clone();
+    webhook.as_object_mut().unwrap().remove("clientConfig");
+    webhook
+}
+
+#[test]
+fn explains_default_webhook_is_the_one_the_chart_renders() {
+    let dir = tempfile::tempdir().unwrap();
+    let rendered = helm_template(dir.path(), &["--namespace", "chiller-metrics"]);
+    let shipped = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/base/webhook.yaml"),
+    )
+    .unwrap();
+    assert_eq!(webhook_of(&stdout(&rendered)), webhook_of(&shipped));
+}
+
+#[test]
+fn explain_reads_the_webhook_configuration_from_helm_template_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let rendered = helm_template(
+        dir.path(),
+        &[
             "--namespace",
             "metrics",
             "--set",
             "webhook.excludeNamespaces={shop}",
-        ])
-        .output()
-        .expect("run helm");
-    assert!(rendered.status.success(), "{}", stderr(&rendered));
+        ],
+    );
     let webhook_file = dir.path().join("rendered.yaml");
     std::fs::write(&webhook_file, &rendered.stdout).unwrap();
 
