@@ -358,3 +358,65 @@ fn explain_reads_the_webhook_configuration_from_helm_template_output() {
         "{explanation:#}"
     );
 }
+
+#[test]
+fn explain_reads_an_existing_pod_from_kubectl_get_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: api-7d9f\n  namespace: shop\n  labels: {app: api}\nspec:\n  containers:\n    - name: api\n      image: shop-api:1\n";
+    let file = dir.path().join("pod.yaml");
+    std::fs::write(&file, pod).unwrap();
+    let injected = run(&["inject", "-f", file.to_str().unwrap()]);
+    assert!(injected.status.success(), "{}", stderr(&injected));
+    // As `kubectl get pod -o yaml` prints it: created, with a status hash.
+    let mut live: Value = serde_norway::from_slice(&injected.stdout).unwrap();
+    live["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z".into();
+    let status_text = live["metadata"]["annotations"]["metrics.chiller.io/status"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut status: Value = serde_json::from_str(&status_text).unwrap();
+    status["configHash"] = "5f2c9a".into();
+    live["metadata"]["annotations"]["metrics.chiller.io/status"] = status.to_string().into();
+    std::fs::write(&file, serde_norway::to_string(&live).unwrap()).unwrap();
+
+    let opted_in = "--namespace-labels=metrics.chiller.io/inject=enabled";
+    let output = run(&[
+        "explain",
+        "-f",
+        file.to_str().unwrap(),
+        opted_in,
+        "-o",
+        "json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let explanation: Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(explanation["outcome"], "injected", "{explanation:#}");
+    assert_eq!(explanation["existing"]["configHash"], "5f2c9a");
+    assert_eq!(explanation["existing"]["prefix"], "api");
+    assert_eq!(
+        failed_steps(&explanation),
+        Vec::<u64>::new(),
+        "{explanation:#}"
+    );
+
+    // The same pod created without the sidecar missed its injection.
+    std::fs::write(
+        &file,
+        pod.replace(
+            "  namespace: shop\n",
+            "  namespace: shop\n  creationTimestamp: \"2026-01-01T00:00:00Z\"\n",
+        ),
+    )
+    .unwrap();
+    let output = run(&[
+        "explain",
+        "-f",
+        file.to_str().unwrap(),
+        opted_in,
+        "-o",
+        "json",
+    ]);
+    let explanation: Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(explanation["outcome"], "missed", "{explanation:#}");
+    assert_eq!(explanation["existing"]["injected"], false);
+}

@@ -130,6 +130,17 @@ pub struct Explanation {
     pub sources: Vec<String>,
 }
 
+/// The webhook `inject.DOMAIN` of a configuration, or its first.
+pub fn our_webhook(
+    webhooks: Option<Vec<MutatingWebhook>>,
+    domain: &str,
+) -> Option<MutatingWebhook> {
+    let mut webhooks = webhooks.unwrap_or_default();
+    let ours = format!("inject.{domain}");
+    let at = webhooks.iter().position(|w| w.name == ours).unwrap_or(0);
+    (at < webhooks.len()).then(|| webhooks.swap_remove(at))
+}
+
 /// Explains `inputs.subject`. For an existing injected pod, the steps are
 /// evaluated on the pod as it was before injection.
 pub fn explain(inputs: &Inputs<'_>) -> Explanation {
@@ -938,6 +949,30 @@ mod tests {
                 .detail
                 .contains("namespace shop does not exist")
         );
+    }
+
+    #[test]
+    fn our_webhook_is_picked_by_name() {
+        let named = |name: &str| MutatingWebhook {
+            name: name.into(),
+            ..Default::default()
+        };
+        let webhooks = vec![
+            named("other.example.com"),
+            named("inject.metrics.chiller.io"),
+        ];
+        assert_eq!(
+            our_webhook(Some(webhooks), "metrics.chiller.io")
+                .unwrap()
+                .name,
+            "inject.metrics.chiller.io"
+        );
+        let webhooks = vec![named("a.example.com"), named("b.example.com")];
+        assert_eq!(
+            our_webhook(Some(webhooks), "x").unwrap().name,
+            "a.example.com"
+        );
+        assert!(our_webhook(None, "x").is_none());
     }
 
     #[test]

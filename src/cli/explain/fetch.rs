@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use super::{
     ExplainArgs, ExplainError, ObjectKind,
-    decide::{self, Explanation, Inputs, NamespaceFacts, WebhookFacts},
+    decide::{self, Explanation, Inputs, NamespaceFacts, WebhookFacts, our_webhook},
     input::subject_of,
 };
 use crate::{
@@ -116,13 +116,11 @@ pub async fn explain_live(
         Api::<MutatingWebhookConfiguration>::all(client.clone()).get_opt(&args.name),
     )
     .await?;
+    let (config, config_source) = release_config(&client, args).await?;
     let webhook = WebhookFacts {
         source: format!("MutatingWebhookConfiguration {}", args.name),
-        webhook: configuration
-            .and_then(|c| c.webhooks)
-            .and_then(|w| w.into_iter().next()),
+        webhook: configuration.and_then(|c| our_webhook(c.webhooks, &config.domain)),
     };
-    let (config, config_source) = release_config(&client, args).await?;
     let version = api("get", "the API server version", client.apiserver_version()).await?;
     let mode = ResolvedMode::resolve(
         config.sidecar.mode,

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::{
     ExplainArgs,
-    decide::{self, Explanation, Inputs, NamespaceFacts, Subject, WebhookFacts},
+    decide::{self, Explanation, Inputs, NamespaceFacts, Subject, WebhookFacts, our_webhook},
 };
 use crate::{
     cli::offline::{OfflineError, read_input},
@@ -170,14 +170,12 @@ pub fn explain_offline(args: &ExplainArgs) -> Result<Explanation, InputError> {
                     "{shown} (MutatingWebhookConfiguration {})",
                     configuration.metadata.name.clone().unwrap_or_default()
                 ),
-                webhook: configuration.webhooks.and_then(|w| w.into_iter().next()),
+                webhook: our_webhook(configuration.webhooks, &config.domain),
             }
         }
         None => WebhookFacts {
             source: "the chart's defaults".into(),
-            webhook: shipped_webhook(&config.domain)
-                .webhooks
-                .and_then(|w| w.into_iter().next()),
+            webhook: our_webhook(shipped_webhook(&config.domain).webhooks, &config.domain),
         },
     };
     let mut annotations = BTreeMap::new();
