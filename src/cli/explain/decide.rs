@@ -14,7 +14,9 @@ use super::{
     selector::{self, Requirement},
 };
 use crate::{
-    inject::{Decision, Injector, NamespacePolicy, PodContext, PodView, parse_selector},
+    inject::{
+        Decision, Injector, NamespacePolicy, PodContext, PodView, ResolvedMode, parse_selector,
+    },
     keys::DISABLED,
     manifest::with_metadata,
     uninject::uninject_patch,
@@ -162,9 +164,8 @@ pub fn explain(inputs: &Inputs<'_>) -> Explanation {
     let no_namespace = NamespaceFacts::default();
     let namespace = inputs.namespace.unwrap_or(&no_namespace);
     let mut namespace_labels = namespace.labels.clone();
-    namespace_labels
-        .entry(NAME_LABEL.to_string())
-        .or_insert_with(|| subject.namespace.clone());
+    // The API server keeps this label equal to the name.
+    namespace_labels.insert(NAME_LABEL.to_string(), subject.namespace.clone());
     let webhook = inputs.webhook.webhook.as_ref();
 
     let mut steps = Vec::new();
@@ -547,13 +548,13 @@ fn mutation_step(inputs: &Inputs<'_>, pod: &Value, policy: &NamespacePolicy) -> 
         Decision::Inject {
             status, warnings, ..
         } => {
+            let mode = match status.mode {
+                ResolvedMode::Native => "native",
+                ResolvedMode::Container => "container",
+            };
             let mut detail = format!(
-                "inject {} ({}) and configure container(s) {} with --statsd-prefix={}",
+                "inject {} ({mode}) and configure container(s) {} with --statsd-prefix={}",
                 status.sidecar,
-                serde_json::to_value(status.mode)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default(),
                 status.containers.join(","),
                 status.prefix
             );
@@ -657,6 +658,8 @@ fn verdict(
 mod tests {
     use serde_json::json;
 
+    use StepStatus::{Fail, Pass, Unknown};
+
     use super::*;
     use crate::{cli::explain::input::shipped_webhook, config::Config};
 
@@ -728,9 +731,6 @@ mod tests {
             .collect()
     }
 
-    use crate::inject::ResolvedMode;
-    use StepStatus::{Fail, Pass, Unknown};
-
     #[test]
     fn an_opted_in_pod_would_be_injected() {
         let explanation = run(
@@ -788,13 +788,13 @@ mod tests {
                 .detail
                 .contains("kube-system is excluded")
         );
-        // The API server sets the name label; a namespace's own value wins.
+        // The name label is the namespace's name, whatever the labels given say.
         let mut renamed = opted_in();
         renamed
             .labels
             .insert(NAME_LABEL.into(), "kube-system".into());
         let explanation = run(&pod(json!({})), Some(&renamed), &chart());
-        assert_eq!(failed(&explanation), [2]);
+        assert_eq!(failed(&explanation), Vec::<u8>::new());
     }
 
     #[test]
