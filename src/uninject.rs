@@ -64,7 +64,10 @@ pub fn uninject_patch(config: &Config, pod: &Value) -> Option<Patch> {
         .pointer(&pointer(&["metadata", "labels", &keys.injected]).to_string())
         .and_then(Value::as_str)
         == Some("true");
-    if status_text.is_none() && !labeled {
+    // The webhook records a skip on the pod as `DOMAIN/skipped`.
+    let skipped_key = skipped_annotation(&config.domain);
+    let skipped = pod.pointer(&annotation_pointer(&skipped_key)).is_some();
+    if status_text.is_none() && !labeled && !skipped {
         return None;
     }
     let status = status_text.and_then(recorded_status);
@@ -90,9 +93,17 @@ pub fn uninject_patch(config: &Config, pod: &Value) -> Option<Patch> {
         key == keys.injected && value == "true"
     }));
     ops.extend(remove_keys(pod, "annotations", |key, value| {
-        key == keys.status || (key == keys::DEFAULT_CONTAINER && Some(value) == first_app)
+        key == keys.status
+            || key == skipped_key
+            || (key == keys::DEFAULT_CONTAINER && Some(value) == first_app)
     }));
     (!ops.is_empty()).then_some(Patch(ops))
+}
+
+/// The annotation the webhook sets on a pod it skipped for a reason that
+/// deserves a warning.
+pub fn skipped_annotation(domain: &str) -> String {
+    format!("{domain}/skipped")
 }
 
 fn annotation_pointer(key: &str) -> String {
@@ -221,6 +232,25 @@ mod tests {
             {"name": "statsd-exporter", "image": "someone-elses"},
         ]}});
         assert_eq!(uninject_patch(&Config::default(), &pod), None);
+    }
+
+    #[test]
+    fn a_recorded_skip_is_removed_and_nothing_else() {
+        let pod = json!({
+            "metadata": {"annotations": {"metrics.chiller.io/skipped": "host_network", "team": "shop"}},
+            "spec": {"hostNetwork": true, "containers": [{"name": "app"}]},
+        });
+        let mut patched = pod.clone();
+        json_patch::patch(
+            &mut patched,
+            &uninject_patch(&Config::default(), &pod).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            patched["metadata"],
+            json!({"annotations": {"team": "shop"}})
+        );
+        assert_eq!(patched["spec"], pod["spec"]);
     }
 
     #[test]

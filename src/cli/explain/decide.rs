@@ -19,7 +19,7 @@ use crate::{
     },
     keys::DISABLED,
     manifest::with_metadata,
-    uninject::uninject_patch,
+    uninject::{skipped_annotation, uninject_patch},
 };
 
 /// The label the API server sets on every namespace to its name.
@@ -115,6 +115,9 @@ pub struct ExistingInjection {
     pub prefix: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub containers: Vec<String>,
+    /// The reason the webhook recorded on a pod it skipped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,7 +155,7 @@ pub fn explain(inputs: &Inputs<'_>) -> Explanation {
     let mut pod = with_metadata(&subject.pod);
     let existing = subject
         .existing_pod
-        .then(|| existing_injection(&pod, &keys.status, &keys.injected));
+        .then(|| existing_injection(&pod, &keys.status, &keys.injected, &config.domain));
     if existing.as_ref().is_some_and(|e| e.injected)
         && let Some(patch) = uninject_patch(config, &pod)
     {
@@ -567,7 +570,12 @@ fn mutation_step(inputs: &Inputs<'_>, pod: &Value, policy: &NamespacePolicy) -> 
     }
 }
 
-fn existing_injection(pod: &Value, status_key: &str, injected_key: &str) -> ExistingInjection {
+fn existing_injection(
+    pod: &Value,
+    status_key: &str,
+    injected_key: &str,
+    domain: &str,
+) -> ExistingInjection {
     let annotations = string_map(pod.pointer("/metadata/annotations"));
     let labels = string_map(pod.pointer("/metadata/labels"));
     let status: Option<Value> = annotations
@@ -595,6 +603,7 @@ fn existing_injection(pod: &Value, status_key: &str, injected_key: &str) -> Exis
             .filter_map(Value::as_str)
             .map(str::to_string)
             .collect(),
+        skipped: annotations.get(&skipped_annotation(domain)).cloned(),
     }
 }
 
@@ -1026,12 +1035,31 @@ mod tests {
     }
 
     #[test]
+    fn an_existing_pod_shows_the_skip_the_webhook_recorded() {
+        let mut subject =
+            pod(json!({"annotations": {"metrics.chiller.io/skipped": "host_network"}}));
+        subject.pod["spec"]["hostNetwork"] = json!(true);
+        subject.existing_pod = true;
+        let explanation = run(&subject, Some(&opted_in()), &chart());
+        let existing = explanation.existing.as_ref().unwrap();
+        assert_eq!(existing.skipped.as_deref(), Some("host_network"));
+        assert!(!existing.injected);
+        assert_eq!(failed(&explanation), [6]);
+        let text = crate::cli::explain::render(&explanation, crate::cli::check::OutputFormat::Text);
+        assert!(
+            text.contains("the webhook recorded on the pod: skipped, host_network"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn an_existing_pod_that_missed_injection() {
         let mut subject = pod(json!({"labels": {"app": "api"}}));
         subject.existing_pod = true;
         let explanation = run(&subject, Some(&opted_in()), &chart());
         assert_eq!(explanation.outcome, Outcome::Missed);
         assert!(!explanation.existing.as_ref().unwrap().injected);
+        assert_eq!(explanation.existing.as_ref().unwrap().skipped, None);
         assert!(explanation.verdict.contains("would be if created now"));
         let explanation = run(&subject, Some(&NamespaceFacts::default()), &chart());
         assert_eq!(explanation.outcome, Outcome::NotCalled);

@@ -167,6 +167,9 @@ fn to_text(explanation: &Explanation) -> String {
         } else {
             out.push_str("  injected: no\n");
         }
+        if let Some(reason) = &existing.skipped {
+            let _ = writeln!(out, "  the webhook recorded on the pod: skipped, {reason}");
+        }
     }
     for source in &explanation.sources {
         let _ = writeln!(out, "  {source}");
