@@ -50,8 +50,9 @@ fn remove(tokens: &[&str]) -> PatchOperation {
 }
 
 /// The patch that removes what injection added, or `None` when the pod
-/// does not carry our marks (the label or the status annotation): a
-/// container that only has the sidecar's name is someone else's.
+/// carries nothing of ours. Only a pod with our label or status annotation
+/// was injected: a container that merely has the sidecar's name is someone
+/// else's. A skipped pod only loses the skip the webhook recorded.
 pub fn uninject_patch(config: &Config, pod: &Value) -> Option<Patch> {
     let keys = config.keys();
     let sidecar = config.sidecar.name.as_str();
@@ -67,8 +68,9 @@ pub fn uninject_patch(config: &Config, pod: &Value) -> Option<Patch> {
     // The webhook records a skip on the pod as `DOMAIN/skipped`.
     let skipped_key = skipped_annotation(&config.domain);
     let skipped = pod.pointer(&annotation_pointer(&skipped_key)).is_some();
-    if status_text.is_none() && !labeled && !skipped {
-        return None;
+    if status_text.is_none() && !labeled {
+        return skipped
+            .then(|| Patch(remove_keys(pod, "annotations", |key, _| key == skipped_key)));
     }
     let status = status_text.and_then(recorded_status);
     let containers = list(pod, "containers");
@@ -250,6 +252,22 @@ mod tests {
             patched["metadata"],
             json!({"annotations": {"team": "shop"}})
         );
+        assert_eq!(patched["spec"], pod["spec"]);
+    }
+
+    #[test]
+    fn a_skipped_pods_own_statsd_exporter_stays() {
+        let pod = json!({
+            "metadata": {"annotations": {"metrics.chiller.io/skipped": "name_conflict"}},
+            "spec": {"containers": [{"name": "app"}, {"name": "statsd-exporter", "image": "theirs"}]},
+        });
+        let mut patched = pod.clone();
+        json_patch::patch(
+            &mut patched,
+            &uninject_patch(&Config::default(), &pod).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(patched["metadata"], json!({}));
         assert_eq!(patched["spec"], pod["spec"]);
     }
 
