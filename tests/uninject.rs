@@ -1,6 +1,7 @@
 //! `uninject` is the inverse of the mutation: `uninject(inject(x)) == x` for
 //! the golden fixtures (the webhook's patched pods), and as a property over
-//! variations of their pods (sidecar mode, existing env, labels, annotations,
+//! variations of their pods and of the pod templates of
+//! tests/fixtures/manifests (sidecar mode, existing env, labels, annotations,
 //! init containers, volumes).
 
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use chiller_metrics::{
     cluster::policy_from_namespace,
     config::Config,
     inject::{Decision, Injector, NamespacePolicy, PodContext, PodView, ResolvedMode},
+    manifest::{pod_targets, with_metadata},
     uninject::uninject_patch,
 };
 use k8s_openapi::api::core::v1::Namespace;
@@ -27,9 +29,12 @@ struct FixturePod {
     pod: Value,
     config: Config,
     policy: Option<NamespacePolicy>,
+    /// For a pod template: its workload's name, and whether it runs to completion.
+    owner: Option<String>,
+    job: bool,
 }
 
-fn fixture_pods() -> Vec<FixturePod> {
+fn golden_pods() -> Vec<FixturePod> {
     let requests = golden().join("requests");
     let mut names: Vec<String> = std::fs::read_dir(&requests)
         .unwrap()
@@ -69,9 +74,41 @@ fn fixture_pods() -> Vec<FixturePod> {
                 pod,
                 config,
                 policy,
+                owner: None,
+                job: false,
             })
         })
         .collect()
+}
+
+/// The pods and pod templates of the rendered-chart fixture.
+fn manifest_templates() -> Vec<FixturePod> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/manifests/chiller-rendered.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut out = Vec::new();
+    for document in serde_norway::Deserializer::from_str(&text) {
+        let object = Value::deserialize(document).unwrap();
+        let mut targets = Vec::new();
+        pod_targets(&object, "", &mut targets);
+        for target in targets {
+            out.push(FixturePod {
+                name: target.label,
+                pod: with_metadata(object.pointer(&target.pointer).unwrap()),
+                config: Config::default(),
+                policy: None,
+                owner: target.owner,
+                job: target.job,
+            });
+        }
+    }
+    out
+}
+
+fn all_fixtures() -> Vec<FixturePod> {
+    let mut all = golden_pods();
+    all.extend(manifest_templates());
+    all
 }
 
 /// The pod after the mutation, or `None` when it is skipped.
@@ -80,7 +117,8 @@ fn inject(fixture: &FixturePod, pod: &Value, mode: ResolvedMode) -> Option<Value
     let view = PodView::deserialize(pod).unwrap();
     let ctx = PodContext {
         namespace: fixture.policy.as_ref(),
-        ..Default::default()
+        owner_hint: fixture.owner.as_deref(),
+        job_template: fixture.job,
     };
     match injector.mutate(&view, ctx) {
         Decision::Inject { patch, .. } => {
@@ -100,10 +138,31 @@ fn uninject(config: &Config, pod: &Value) -> Value {
 }
 
 #[test]
+fn uninject_restores_every_template_of_the_manifest_fixture() {
+    let templates = manifest_templates();
+    let mut round_trips = 0;
+    for fixture in &templates {
+        for mode in [ResolvedMode::Native, ResolvedMode::Container] {
+            if let Some(injected) = inject(fixture, &fixture.pod, mode) {
+                assert_eq!(
+                    uninject(&fixture.config, &injected),
+                    fixture.pod,
+                    "{}",
+                    fixture.name
+                );
+                round_trips += 1;
+            }
+        }
+    }
+    // 7 workloads in native mode, 5 in container mode (no Jobs).
+    assert_eq!(round_trips, 12, "{} templates", templates.len());
+}
+
+#[test]
 fn uninject_restores_every_golden_patched_pod() {
     let expected = golden().join("expected");
     let mut round_trips = 0;
-    for fixture in fixture_pods() {
+    for fixture in golden_pods() {
         let golden: Value = serde_json::from_str(
             &std::fs::read_to_string(expected.join(format!("{}.json", fixture.name))).unwrap(),
         )
@@ -283,7 +342,7 @@ proptest! {
 
     #[test]
     fn uninject_inverts_inject(index in any::<prop::sample::Index>(), v in variation()) {
-        let fixtures = fixture_pods();
+        let fixtures = all_fixtures();
         let fixture = &fixtures[index.index(fixtures.len())];
         let pod = vary(&fixture.pod, &v);
         if let Some(injected) = inject(fixture, &pod, v.mode) {
@@ -304,7 +363,7 @@ proptest! {
 #[test]
 fn a_pod_with_every_list_already_present_round_trips() {
     // Guards the property against passing by skipping everything.
-    let fixture = fixture_pods()
+    let fixture = golden_pods()
         .into_iter()
         .find(|f| f.name == "chiller-api")
         .unwrap();
