@@ -1010,7 +1010,7 @@ mod tests {
             panic!("the pod is injected");
         };
         json_patch::patch(&mut subject.pod, &patch).unwrap();
-        // As the ops change records it: a config hash in the status.
+        // A status annotation that records a config hash.
         let status_key = "/metadata/annotations/metrics.chiller.io~1status";
         let mut status: Value =
             serde_json::from_str(subject.pod.pointer(status_key).unwrap().as_str().unwrap())
