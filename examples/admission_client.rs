@@ -1,5 +1,7 @@
 //! Sends an AdmissionReview to a running webhook over HTTPS and shows the answer:
-//! the decoded JSONPatch and the pod with the patch applied (as YAML).
+//! first a short summary (what was injected into which container, with the
+//! statsd prefix), then the decoded JSONPatch and the pod with the patch
+//! applied (as YAML).
 //!
 //! cargo run --example admission_client -- URL CA_FILE REQUEST_FILE
 
@@ -63,39 +65,85 @@ async fn main() -> anyhow::Result<()> {
     };
     let status = response.status();
     let bytes = response.into_body().collect().await?.to_bytes();
-    println!(
+    let transport = format!(
         "# HTTP {status} over TLS, ALPN {}",
         alpn.as_deref().unwrap_or("none")
     );
     if !status.is_success() {
+        println!("{transport}");
         bail!(
             "webhook answered {status}: {}",
             String::from_utf8_lossy(&bytes)
         );
     }
     let answer: Value = serde_json::from_slice(&bytes)?;
-    let mut summary = answer["response"].clone();
-    let patch = summary.as_object_mut().and_then(|r| r.remove("patch"));
-    println!(
-        "# AdmissionReview response (patch shown below)\n{}",
-        serde_norway::to_string(&summary)?
-    );
+    let mut response = answer["response"].clone();
+    let patch = response.as_object_mut().and_then(|r| r.remove("patch"));
     let Some(patch) = patch else {
-        println!("# no patch: the pod is admitted unchanged");
+        println!("# not injected: the pod is admitted unchanged");
+        for warning in response["warnings"].as_array().into_iter().flatten() {
+            println!("#   {}", warning.as_str().unwrap_or_default());
+        }
+        println!("{transport}");
         return Ok(());
     };
     let patch: json_patch::Patch =
         serde_json::from_slice(&STANDARD.decode(patch.as_str().context("patch")?)?)?;
+    let mut pod = review["request"]["object"].clone();
+    json_patch::patch(&mut pod, &patch)?;
+    for line in summary(&pod) {
+        println!("{line}");
+    }
+    println!("{transport}");
+    println!(
+        "# AdmissionReview response (patch shown below)\n{}",
+        serde_norway::to_string(&response)?
+    );
     println!(
         "# decoded JSONPatch ({} operations)\n{}",
         patch.0.len(),
         serde_norway::to_string(&patch)?
     );
-    let mut pod = review["request"]["object"].clone();
-    json_patch::patch(&mut pod, &patch)?;
     println!(
         "# the pod after the patch\n{}",
         serde_norway::to_string(&pod)?
     );
     Ok(())
+}
+
+/// What was injected, read from the patched pod's status annotation and env.
+fn summary(pod: &Value) -> Vec<String> {
+    let status: Value = pod["metadata"]["annotations"]["metrics.chiller.io/status"]
+        .as_str()
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or_default();
+    let sidecar = status["sidecar"].as_str().unwrap_or("?");
+    let how = match status["mode"].as_str() {
+        Some("native") => "a native sidecar (init container, restartPolicy: Always)",
+        Some("container") => "a regular container",
+        _ => "?",
+    };
+    let mut lines = vec![format!(
+        "# summary: injected {sidecar} as {how}, statsd prefix {:?}",
+        status["prefix"].as_str().unwrap_or("?")
+    )];
+    for name in status["containers"].as_array().into_iter().flatten() {
+        let container = pod["spec"]["containers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| &c["name"] == name);
+        let args = container
+            .and_then(|c| c["env"].as_array())
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"] == "GUNICORN_CMD_ARGS")
+            .and_then(|e| e["value"].as_str())
+            .unwrap_or("?");
+        lines.push(format!(
+            "#   container {}: GUNICORN_CMD_ARGS={args:?}",
+            name.as_str().unwrap_or("?")
+        ));
+    }
+    lines
 }

@@ -7,7 +7,9 @@
 //! - [`cluster`]: everything that talks to the API server for the webhook.
 //! - [`reconcile`]: the per-namespace monitoring reconcile loop.
 //! - [`live_config`]: the config `serve` runs with, reloaded when its file changes.
-//! - [`cli`]: the offline commands (`inject`, `render`, `certs`) and `serve` wiring.
+//! - [`uninject`]: the inverse of the mutation.
+//! - [`cli`]: the commands: `serve` wiring, offline `inject`/`uninject`/`render`/`certs`,
+//!   and `check`/`explain` through the user's kubeconfig.
 
 pub mod admin;
 pub mod certs;
@@ -19,4 +21,5 @@ pub mod keys;
 pub mod live_config;
 pub mod manifest;
 pub mod reconcile;
+pub mod uninject;
 pub mod webhook;

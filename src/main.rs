@@ -3,7 +3,7 @@ use std::{io::Write, process::ExitCode};
 use clap::Parser;
 use tracing_subscriber::{EnvFilter, fmt};
 
-use chiller_metrics::cli::{Cli, Command, LogFormat, check, offline, serve};
+use chiller_metrics::cli::{Cli, Command, LogFormat, check, explain, offline, serve};
 
 /// mimalloc: a quarter to a third of a request's cycles went to glibc's malloc and free.
 #[global_allocator]
@@ -44,16 +44,24 @@ fn main() -> ExitCode {
 
 fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    init_logging(match &cli.command {
+        Command::Serve(args) => args.log_format,
+        _ => LogFormat::Text,
+    });
     match cli.command {
         Command::Serve(args) => {
+            args.require_cert_files()?;
             let runtime = tokio::runtime::Runtime::new()
                 .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
             runtime.block_on(serve::run(args, serve::shutdown_signal()))?;
         }
         Command::Inject(args) => {
             let yaml = offline::inject(&args, &mut |note| eprintln!("{note}"))?;
-            print(&yaml)?;
+            std::io::stdout().lock().write_all(yaml.as_bytes())?;
+        }
+        Command::Uninject(args) => {
+            let yaml = offline::uninject(&args, &mut |note| eprintln!("{note}"))?;
+            std::io::stdout().lock().write_all(yaml.as_bytes())?;
         }
         Command::Render(args) => print(&chiller_metrics::reconcile::render(&args)?)?,
         Command::Certs(args) => {
@@ -74,6 +82,12 @@ fn run() -> anyhow::Result<ExitCode> {
             if !report.ok {
                 return Ok(ExitCode::FAILURE);
             }
+        }
+        Command::Explain(args) => {
+            let runtime = tokio::runtime::Runtime::new()
+                .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
+            let explanation = runtime.block_on(explain::run(&args))?;
+            print(&explain::render(&explanation, args.output))?;
         }
     }
     Ok(ExitCode::SUCCESS)

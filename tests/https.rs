@@ -522,8 +522,12 @@ fn binary_reports_a_missing_certificate_file() {
     let (code, stderr) = run_to_exit(&mut command);
     assert_ne!(code, Some(0), "{stderr}");
     assert!(code.is_some(), "killed by a signal: {stderr}");
-    assert!(
-        stderr.contains(&format!("cannot read {}", missing.display())),
-        "{stderr}"
-    );
+    // Which file, which settings name it, and how to make a pair.
+    for needle in [
+        format!("certificate {} does not exist", missing.display()),
+        "--tls-cert or CHILLER_METRICS_TLS_CERT".to_string(),
+        "`chiller-metrics certs".to_string(),
+    ] {
+        assert!(stderr.contains(&needle), "lacks {needle:?}: {stderr}");
+    }
 }

@@ -316,7 +316,7 @@ fn inject_is_idempotent() {
 
 #[test]
 fn inject_in_container_mode_skips_jobs_and_adds_a_regular_container() {
-    let (_, output, notes) = injected_rendered_chart(&["--mode", "container"]);
+    let (_, output, notes) = injected_rendered_chart(&["--sidecar-mode", "container"]);
     let by_name = |name: &str| output.iter().find(|o| kind_name(o) == name).unwrap();
     let api = by_name("Deployment/chiller-api");
     support::validate_k8s(api).unwrap();
@@ -482,8 +482,16 @@ fn invalid_flags_are_rejected() {
     assert_eq!(output.status.code(), Some(2), "clap's usage error code");
     assert_fails(&run(&["inject"], None), &["--filename"]);
     assert_fails(
-        &run(&["inject", "-f", "-", "--mode", "sidecar"], Some(b"")),
-        &["sidecar", "--mode"],
+        &run(
+            &["inject", "-f", "-", "--sidecar-mode", "sidecar"],
+            Some(b""),
+        ),
+        &["sidecar", "--sidecar-mode"],
+    );
+    // One flag for the sidecar mode.
+    assert_fails(
+        &run(&["inject", "-f", "-", "--mode", "container"], Some(b"")),
+        &["--mode"],
     );
     assert_fails(&run(&["certs", "--out", "x"], None), &["--dns"]);
 }
@@ -539,4 +547,149 @@ fn unreadable_or_invalid_input_is_reported() {
     );
     let bad_pod = b"apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec:\n  containers: oops\n";
     assert_fails(&run(&["inject", "-f", "-"], Some(bad_pod)), &["Pod/x"]);
+}
+
+/// The input's documents as text, each with the `---` line that starts it.
+fn document_texts(yaml: &str) -> Vec<String> {
+    let mut documents = vec![String::new()];
+    for line in yaml.split_inclusive('\n') {
+        let started = documents
+            .last()
+            .unwrap()
+            .lines()
+            .any(|l| l.trim_end() == "---" || !(l.trim().is_empty() || l.starts_with('#')));
+        if line.trim_end() == "---" && started {
+            documents.push(String::new());
+        }
+        documents.last_mut().unwrap().push_str(line);
+    }
+    documents
+}
+
+/// Every map's keys in `after` start with `before`'s keys, in their order.
+fn assert_key_order_kept(before: &serde_norway::Value, after: &serde_norway::Value, at: &str) {
+    use serde_norway::Value as Yaml;
+    match (before, after) {
+        (Yaml::Mapping(b), Yaml::Mapping(a)) => {
+            let kept: Vec<&Yaml> = a.keys().filter(|k| b.contains_key(*k)).collect();
+            let original: Vec<&Yaml> = b.keys().collect();
+            assert_eq!(kept, original, "key order changed at {at}");
+            for (key, value) in b {
+                if let Some(new) = a.get(key) {
+                    assert_key_order_kept(value, new, &format!("{at}/{key:?}"));
+                }
+            }
+        }
+        (Yaml::Sequence(b), Yaml::Sequence(a)) => {
+            for (i, (value, new)) in b.iter().zip(a).enumerate() {
+                assert_key_order_kept(value, new, &format!("{at}/{i}"));
+            }
+        }
+        _ => {}
+    }
+}
+
+fn yaml_documents(yaml: &str) -> Vec<serde_norway::Value> {
+    serde_norway::Deserializer::from_str(yaml)
+        .map(|d| serde_norway::Value::deserialize(d).unwrap())
+        .collect()
+}
+
+#[test]
+fn inject_writes_unchanged_documents_byte_for_byte_and_keeps_key_order() {
+    let input = std::fs::read_to_string(manifest("chiller-rendered.yaml")).unwrap();
+    let output = run(&["inject", "-f", "-"], Some(input.as_bytes()));
+    succeeded(&output, "inject");
+    let output = stdout(&output);
+    let (before, after) = (document_texts(&input), document_texts(&output));
+    assert_eq!(
+        before.len(),
+        after.len(),
+        "every document is written:\n{output}"
+    );
+    let mut unchanged = 0;
+    for (original, written) in before.iter().zip(&after) {
+        let workload = original.contains("\nspec:") && original.contains("containers:");
+        let opted_out =
+            original.contains("inject: disabled") || original.contains("inject: \"false\"");
+        if !workload || opted_out {
+            assert_eq!(
+                written, original,
+                "an unchanged document is written as it was"
+            );
+            unchanged += 1;
+        } else {
+            assert_ne!(written, original);
+            // Its `---` and `# Source:` lines stay.
+            let head: String = original
+                .lines()
+                .take_while(|l| l.starts_with('#') || l.trim_end() == "---")
+                .map(|l| format!("{l}\n"))
+                .collect();
+            assert!(!head.is_empty() && written.starts_with(&head), "{written}");
+            // A diff shows only additions, and the one value we extend.
+            let mut written_lines = written.lines();
+            let mut after_gunicorn = false;
+            for line in original.lines() {
+                let ours = after_gunicorn && line.trim_start().starts_with("value:");
+                after_gunicorn = line.trim_start() == "- name: GUNICORN_CMD_ARGS";
+                if ours {
+                    continue;
+                }
+                assert!(
+                    written_lines.any(|w| w == line),
+                    "line {line:?} was rewritten or moved:\n{written}"
+                );
+            }
+        }
+    }
+    assert!(
+        unchanged >= 5,
+        "the fixture has comments, a ConfigMap, a List, opt-outs"
+    );
+    let sources = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with("# Source:"))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(sources(&output), sources(&input));
+    for (b, a) in yaml_documents(&input).iter().zip(&yaml_documents(&output)) {
+        assert_key_order_kept(b, a, "");
+    }
+}
+
+#[test]
+fn uninject_removes_exactly_what_inject_added() {
+    let input = std::fs::read_to_string(manifest("chiller-rendered.yaml")).unwrap();
+    for mode in ["native", "container"] {
+        let injected = run(
+            &["inject", "-f", "-", "--sidecar-mode", mode],
+            Some(input.as_bytes()),
+        );
+        succeeded(&injected, "inject");
+        assert!(stdout(&injected).contains(SIDECAR));
+        let uninjected = run(&["uninject", "-f", "-"], Some(&injected.stdout));
+        succeeded(&uninjected, "uninject");
+        let text = stdout(&uninjected);
+        assert_eq!(
+            documents(&text),
+            documents(&input),
+            "{mode}: uninject(inject(x)) == x"
+        );
+        assert!(!text.contains(SIDECAR) && !text.contains(INJECTED_LABEL));
+        let notes = stderr(&uninjected);
+        assert_eq!(
+            notes
+                .lines()
+                .filter(|l| l.starts_with("uninjected "))
+                .count(),
+            if mode == "native" { 7 } else { 5 },
+            "{notes}"
+        );
+    }
+    // Nothing to remove: the input comes back byte for byte.
+    let untouched = run(&["uninject", "-f", "-"], Some(input.as_bytes()));
+    succeeded(&untouched, "uninject of an uninjected file");
+    assert_eq!(stdout(&untouched), input);
 }

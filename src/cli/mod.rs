@@ -2,6 +2,7 @@
 //! the commands. `main.rs` only parses and dispatches.
 
 pub mod check;
+pub mod explain;
 pub mod offline;
 pub mod serve;
 
@@ -23,14 +24,6 @@ use crate::{
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
-    /// Log format.
-    #[arg(
-        long,
-        global = true,
-        env = "CHILLER_METRICS_LOG_FORMAT",
-        default_value = "text"
-    )]
-    pub log_format: LogFormat,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -45,16 +38,84 @@ pub enum Command {
     Serve(ServeArgs),
     /// Inject into rendered manifests (multi-document YAML), like `istioctl kube-inject`.
     Inject(InjectArgs),
+    /// Remove what `inject` or the webhook added from manifests (multi-document YAML).
+    Uninject(UninjectArgs),
     /// Print the objects the reconcile loop applies for a namespace.
     Render(RenderArgs),
     /// Generate a CA and a serving certificate for the webhook.
     Certs(CertsArgs),
     /// Print the statsd_exporter mapping the sidecar loads.
-    Mapping(ConfigArgs),
+    Mapping(ConfigFileArgs),
     /// Print the effective configuration (defaults, file and overrides merged).
     Config(ConfigArgs),
     /// Check the install on the cluster of the current kubeconfig, like `linkerd check`.
     Check(check::CheckArgs),
+    /// Explain, step by step, whether the webhook injects a pod or a workload's pods.
+    Explain(explain::ExplainArgs),
+}
+
+/// Only the config file, for commands no override applies to.
+#[derive(Debug, Clone, Args, Default)]
+pub struct ConfigFileArgs {
+    /// YAML config file; every setting has a default.
+    #[arg(long, env = "CHILLER_METRICS_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+impl ConfigFileArgs {
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        Config::load(self.config.as_deref(), &Overrides::default())
+    }
+}
+
+/// The config file and the sidecar overrides, for commands that inject.
+#[derive(Debug, Clone, Args, Default)]
+pub struct SidecarConfigArgs {
+    /// YAML config file; every setting has a default.
+    #[arg(long, env = "CHILLER_METRICS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Sidecar mode: auto, native or container (offline, auto means native).
+    #[arg(long, env = "CHILLER_METRICS_SIDECAR_MODE")]
+    pub sidecar_mode: Option<SidecarMode>,
+    /// statsd_exporter image.
+    #[arg(long, env = "CHILLER_METRICS_SIDECAR_IMAGE")]
+    pub sidecar_image: Option<String>,
+}
+
+impl SidecarConfigArgs {
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        Config::load(
+            self.config.as_deref(),
+            &Overrides {
+                sidecar_mode: self.sidecar_mode,
+                sidecar_image: self.sidecar_image.clone(),
+                grafana_namespace: None,
+            },
+        )
+    }
+}
+
+/// The config file and the Grafana override, for `render`.
+#[derive(Debug, Clone, Args, Default)]
+pub struct RenderConfigArgs {
+    /// YAML config file; every setting has a default.
+    #[arg(long, env = "CHILLER_METRICS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Namespace for Grafana dashboard and datasource ConfigMaps (default: the app namespace).
+    #[arg(long, env = "CHILLER_METRICS_GRAFANA_NAMESPACE")]
+    pub grafana_namespace: Option<String>,
+}
+
+impl RenderConfigArgs {
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        Config::load(
+            self.config.as_deref(),
+            &Overrides {
+                grafana_namespace: self.grafana_namespace.clone(),
+                ..Default::default()
+            },
+        )
+    }
 }
 
 /// Where the configuration comes from.
@@ -171,24 +232,77 @@ pub struct ServeArgs {
         default_value = "chiller-metrics-reconciler"
     )]
     pub lease_name: String,
+    /// Log format.
+    #[arg(long, env = "CHILLER_METRICS_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// `serve` cannot start without its certificate: which file is missing and how to fix it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{what} {path} does not exist: set its path with {flag} or {env}; `chiller-metrics certs --out DIR --dns NAME` makes a pair"
+)]
+pub struct MissingCertError {
+    pub what: &'static str,
+    pub path: String,
+    pub flag: &'static str,
+    pub env: &'static str,
+}
+
+impl ServeArgs {
+    /// Fails with a hint when the certificate or key file does not exist.
+    pub fn require_cert_files(&self) -> Result<(), MissingCertError> {
+        let files = [
+            (
+                &self.tls_cert,
+                "certificate",
+                "--tls-cert",
+                "CHILLER_METRICS_TLS_CERT",
+            ),
+            (
+                &self.tls_key,
+                "private key",
+                "--tls-key",
+                "CHILLER_METRICS_TLS_KEY",
+            ),
+        ];
+        for (path, what, flag, env) in files {
+            if !path.exists() {
+                return Err(MissingCertError {
+                    what,
+                    path: path.display().to_string(),
+                    flag,
+                    env,
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct InjectArgs {
     #[command(flatten)]
-    pub config: ConfigArgs,
+    pub config: SidecarConfigArgs,
     /// Manifest file, or - for standard input.
     #[arg(short = 'f', long = "filename")]
     pub file: PathBuf,
-    /// Sidecar mode for offline injection (auto means native: no cluster is asked).
-    #[arg(long)]
-    pub mode: Option<SidecarMode>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UninjectArgs {
+    /// YAML config file (its domain and sidecar names say what to remove).
+    #[arg(long, env = "CHILLER_METRICS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Manifest file, or - for standard input.
+    #[arg(short = 'f', long = "filename")]
+    pub file: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct RenderArgs {
     #[command(flatten)]
-    pub config: ConfigArgs,
+    pub config: RenderConfigArgs,
     /// Namespace to render the monitoring objects for.
     #[arg(long)]
     pub namespace: String,

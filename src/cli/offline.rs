@@ -1,11 +1,11 @@
-//! The commands that need no cluster: `inject`, `certs`, `mapping`, `config`.
+//! The commands that need no cluster: `inject`, `uninject`, `certs`, `mapping`, `config`.
 
 use std::io::Read;
 
 use crate::{
     certs::{self, CertsError},
-    cli::{CertsArgs, ConfigArgs, InjectArgs},
-    config::ConfigError,
+    cli::{CertsArgs, ConfigArgs, ConfigFileArgs, InjectArgs, UninjectArgs},
+    config::{Config, ConfigError, Overrides},
     inject::{Injector, ResolvedMode},
     manifest::{self, ManifestError},
 };
@@ -29,22 +29,10 @@ pub enum OfflineError {
 /// Injects into the manifests and returns the YAML; notes go to `notes`.
 pub fn inject(args: &InjectArgs, notes: &mut dyn FnMut(String)) -> Result<String, OfflineError> {
     let config = args.config.load()?;
-    let mode = ResolvedMode::resolve(args.mode.unwrap_or(config.sidecar.mode), None);
+    // No cluster is asked: auto means native.
+    let mode = ResolvedMode::resolve(config.sidecar.mode, None);
     let injector = Injector::new(config, mode);
-    let path = args.file.display().to_string();
-    let input_error = |source| OfflineError::Input {
-        path: path.clone(),
-        source,
-    };
-    let input = if path == "-" {
-        let mut text = String::new();
-        std::io::stdin()
-            .read_to_string(&mut text)
-            .map_err(input_error)?;
-        text
-    } else {
-        std::fs::read_to_string(&args.file).map_err(input_error)?
-    };
+    let input = read_input(&args.file)?;
     let injected = manifest::inject_yaml(&injector, &input)?;
     for result in &injected.results {
         match &result.skipped {
@@ -55,6 +43,40 @@ pub fn inject(args: &InjectArgs, notes: &mut dyn FnMut(String)) -> Result<String
     Ok(injected.yaml)
 }
 
+/// Removes what injection added and returns the YAML; notes go to `notes`.
+pub fn uninject(
+    args: &UninjectArgs,
+    notes: &mut dyn FnMut(String),
+) -> Result<String, OfflineError> {
+    let config = Config::load(args.config.as_deref(), &Overrides::default())?;
+    let input = read_input(&args.file)?;
+    let uninjected = manifest::uninject_yaml(&config, &input)?;
+    for result in &uninjected.results {
+        if result.skipped.is_none() {
+            notes(format!("uninjected {}", result.object));
+        }
+    }
+    Ok(uninjected.yaml)
+}
+
+/// A file, or standard input for `-`.
+pub fn read_input(file: &std::path::Path) -> Result<String, OfflineError> {
+    let path = file.display().to_string();
+    let input_error = |source| OfflineError::Input {
+        path: path.clone(),
+        source,
+    };
+    if path == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(input_error)?;
+        Ok(text)
+    } else {
+        std::fs::read_to_string(file).map_err(input_error)
+    }
+}
+
 /// Writes the certificates and returns the caBundle.
 pub fn certs(args: &CertsArgs) -> Result<String, OfflineError> {
     let generated = certs::generate(&args.dns)?;
@@ -62,7 +84,7 @@ pub fn certs(args: &CertsArgs) -> Result<String, OfflineError> {
     Ok(generated.ca_bundle())
 }
 
-pub fn mapping(args: &ConfigArgs) -> Result<String, OfflineError> {
+pub fn mapping(args: &ConfigFileArgs) -> Result<String, OfflineError> {
     Ok(args.load()?.mapping)
 }
 

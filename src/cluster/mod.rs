@@ -13,7 +13,11 @@ pub async fn connect() -> Option<(kube::Client, (u32, u32))> {
     let client = match kube::Client::try_default().await {
         Ok(client) => client,
         Err(error) => {
-            tracing::info!(%error, "no cluster configuration found");
+            // Expected outside a cluster: one clear line; the causes at debug.
+            tracing::info!(
+                "no Kubernetes cluster configured (no in-cluster service account, no kubeconfig): the webhook serves alone"
+            );
+            tracing::debug!(%error, "why no cluster configuration was found");
             return None;
         }
     };

@@ -1,0 +1,1067 @@
+//! The explanation itself: a pure function from what was read (the pod or
+//! template, its namespace, the webhook configuration, the injector) to the
+//! steps and a verdict. The mutation's step calls [`Injector::mutate`], the
+//! function the webhook calls.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhook;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{
+    cel::{self, CelOutcome, ObjectMeta},
+    selector::{self, Requirement},
+};
+use crate::{
+    inject::{
+        Decision, Injector, NamespacePolicy, PodContext, PodView, ResolvedMode, parse_selector,
+    },
+    keys::DISABLED,
+    manifest::with_metadata,
+    uninject::{skipped_annotation, uninject_patch},
+};
+
+/// The label the API server sets on every namespace to its name.
+pub const NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// The pod or pod template to explain.
+#[derive(Debug, Clone)]
+pub struct Subject {
+    /// Lower-case kind as typed: `pod`, `deployment`, ...
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    /// The pod, or the workload's pod template.
+    pub pod: Value,
+    /// The template belongs to a Job or CronJob.
+    pub job: bool,
+    /// A pod that exists (read from the cluster), not a template or a file.
+    pub existing_pod: bool,
+}
+
+/// The namespace as read, or as given offline.
+#[derive(Debug, Clone, Default)]
+pub struct NamespaceFacts {
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// The webhook configuration: found (and where), or missing.
+#[derive(Debug, Clone)]
+pub struct WebhookFacts {
+    /// Where it came from, e.g. `MutatingWebhookConfiguration chiller-metrics`.
+    pub source: String,
+    pub webhook: Option<MutatingWebhook>,
+}
+
+pub struct Inputs<'a> {
+    pub subject: &'a Subject,
+    /// `None`: the namespace does not exist.
+    pub namespace: Option<&'a NamespaceFacts>,
+    pub webhook: &'a WebhookFacts,
+    pub injector: &'a Injector,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepStatus {
+    /// Lets the pod through to the next step.
+    Pass,
+    /// Stops injection here.
+    Fail,
+    /// Cannot be decided offline or from what the configuration says.
+    Unknown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    pub number: u8,
+    pub id: String,
+    pub title: String,
+    pub status: StepStatus,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// An existing pod that carries the sidecar.
+    Injected,
+    /// The webhook would inject.
+    WouldInject,
+    /// The API server would not call the webhook.
+    NotCalled,
+    /// The webhook would be called and leave the pod alone.
+    Skipped,
+    /// A step cannot be decided.
+    Undetermined,
+    /// An existing pod without the sidecar that would be injected if created now.
+    Missed,
+}
+
+/// What an existing pod's status annotation records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExistingInjection {
+    pub injected: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config_hash: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub containers: Vec<String>,
+    /// The reason the webhook recorded on a pod it skipped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Explanation {
+    /// `pod shop/api`.
+    pub object: String,
+    pub outcome: Outcome,
+    /// The one-line verdict.
+    pub verdict: String,
+    pub steps: Vec<Step>,
+    /// For an existing pod: what was injected into it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub existing: Option<ExistingInjection>,
+    /// Where the webhook configuration and the config came from.
+    pub sources: Vec<String>,
+}
+
+/// The webhook `inject.DOMAIN` of a configuration, or its first.
+pub fn our_webhook(
+    webhooks: Option<Vec<MutatingWebhook>>,
+    domain: &str,
+) -> Option<MutatingWebhook> {
+    let mut webhooks = webhooks.unwrap_or_default();
+    let ours = format!("inject.{domain}");
+    let at = webhooks.iter().position(|w| w.name == ours).unwrap_or(0);
+    (at < webhooks.len()).then(|| webhooks.swap_remove(at))
+}
+
+/// Explains `inputs.subject`. For an existing injected pod, the steps are
+/// evaluated on the pod as it was before injection.
+pub fn explain(inputs: &Inputs<'_>) -> Explanation {
+    let subject = inputs.subject;
+    let keys = inputs.injector.keys();
+    let config = inputs.injector.config();
+    let mut pod = with_metadata(&subject.pod);
+    let existing = subject
+        .existing_pod
+        .then(|| existing_injection(&pod, &keys.status, &keys.injected, &config.domain));
+    if existing.as_ref().is_some_and(|e| e.injected)
+        && let Some(patch) = uninject_patch(config, &pod)
+    {
+        // The patch is built from this pod, so it applies.
+        let _ = json_patch::patch(&mut pod, &patch);
+    }
+    let labels = string_map(pod.pointer("/metadata/labels"));
+    let annotations = string_map(pod.pointer("/metadata/annotations"));
+    let no_namespace = NamespaceFacts::default();
+    let namespace = inputs.namespace.unwrap_or(&no_namespace);
+    let mut namespace_labels = namespace.labels.clone();
+    // The API server keeps this label equal to the name.
+    namespace_labels.insert(NAME_LABEL.to_string(), subject.namespace.clone());
+    let webhook = inputs.webhook.webhook.as_ref();
+
+    let mut steps = Vec::new();
+    steps.push(namespace_selector_step(inputs, webhook, &namespace_labels));
+    steps.push(excluded_namespaces_step(
+        &subject.namespace,
+        webhook,
+        &namespace_labels,
+    ));
+    steps.push(object_step(webhook, subject, &pod, &labels, &annotations));
+    let pod_selector = namespace
+        .annotations
+        .get(&keys.pod_selector)
+        .filter(|s| !s.trim().is_empty())
+        .cloned();
+    steps.push(pod_selector_step(
+        &keys.pod_selector,
+        pod_selector.as_deref(),
+        &labels,
+    ));
+    steps.push(opt_out_step(&keys.inject, &labels, &annotations));
+    let policy = NamespacePolicy { pod_selector };
+    steps.push(mutation_step(inputs, &pod, &policy));
+
+    let object = format!("{} {}/{}", subject.kind, subject.namespace, subject.name);
+    let (outcome, verdict) = verdict(&steps, existing.as_ref(), subject);
+    let mut sources = vec![format!("webhook configuration: {}", inputs.webhook.source)];
+    if existing.as_ref().is_some_and(|e| e.injected) {
+        sources.push("steps evaluated on the pod without what injection added".into());
+    }
+    Explanation {
+        object,
+        outcome,
+        verdict,
+        steps,
+        existing,
+        sources,
+    }
+}
+
+fn step(number: u8, id: &str, title: &str, status: StepStatus, detail: String) -> Step {
+    Step {
+        number,
+        id: id.to_string(),
+        title: title.to_string(),
+        status,
+        detail,
+    }
+}
+
+fn string_map(value: Option<&Value>) -> BTreeMap<String, String> {
+    value
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+        .collect()
+}
+
+fn unmet(requirements: &[Requirement]) -> Vec<&str> {
+    requirements
+        .iter()
+        .filter(|r| !r.met)
+        .map(|r| r.text.as_str())
+        .collect()
+}
+
+/// Does one of the webhook's rules send pod CREATEs to it?
+fn covers_pod_create(webhook: &MutatingWebhook) -> bool {
+    let has = |list: &Option<Vec<String>>, wanted: &str| {
+        list.iter().flatten().any(|v| v == wanted || v == "*")
+    };
+    webhook.rules.iter().flatten().any(|rule| {
+        has(&rule.operations, "CREATE")
+            && has(&rule.api_groups, "")
+            && has(&rule.api_versions, "v1")
+            && has(&rule.resources, "pods")
+    })
+}
+
+fn namespace_selector_step(
+    inputs: &Inputs<'_>,
+    webhook: Option<&MutatingWebhook>,
+    namespace_labels: &BTreeMap<String, String>,
+) -> Step {
+    let (id, title) = (
+        "namespace-selector",
+        "namespace label and namespaceSelector",
+    );
+    let Some(webhook) = webhook else {
+        return step(
+            1,
+            id,
+            title,
+            StepStatus::Fail,
+            format!(
+                "{} not found: the API server calls no webhook",
+                inputs.webhook.source
+            ),
+        );
+    };
+    if !covers_pod_create(webhook) {
+        return step(
+            1,
+            id,
+            title,
+            StepStatus::Fail,
+            format!(
+                "webhook {}: its rules do not cover pod CREATE",
+                webhook.name
+            ),
+        );
+    }
+    if inputs.namespace.is_none() {
+        return step(
+            1,
+            id,
+            title,
+            StepStatus::Fail,
+            format!("namespace {} does not exist", inputs.subject.namespace),
+        );
+    }
+    let requirements = selector::requirements(
+        webhook.namespace_selector.as_ref(),
+        namespace_labels,
+        |key| key != NAME_LABEL,
+    );
+    let wanted = selector::describe(&requirements);
+    match unmet(&requirements)[..] {
+        [] if requirements.is_empty() => step(
+            1,
+            id,
+            title,
+            StepStatus::Pass,
+            "the namespaceSelector selects every namespace".into(),
+        ),
+        [] => step(
+            1,
+            id,
+            title,
+            StepStatus::Pass,
+            format!("namespace {} matches {wanted}", inputs.subject.namespace),
+        ),
+        ref missing => {
+            let missing = missing.join(",");
+            let namespace = &inputs.subject.namespace;
+            let mut detail = format!("namespace {namespace} does not match {missing}");
+            if missing != wanted {
+                detail.push_str(&format!(" (the namespaceSelector wants {wanted})"));
+            }
+            let opt_in = format!("{}=enabled", inputs.injector.keys().inject);
+            if missing.contains(&opt_in) {
+                detail.push_str(&format!(
+                    "; opt it in with `kubectl label namespace {namespace} {opt_in}`"
+                ));
+            }
+            step(1, id, title, StepStatus::Fail, detail)
+        }
+    }
+}
+
+fn excluded_namespaces_step(
+    namespace: &str,
+    webhook: Option<&MutatingWebhook>,
+    namespace_labels: &BTreeMap<String, String>,
+) -> Step {
+    let (id, title) = ("excluded-namespaces", "excluded namespaces");
+    let Some(webhook) = webhook else {
+        return step(
+            2,
+            id,
+            title,
+            StepStatus::Fail,
+            "no webhook configuration".into(),
+        );
+    };
+    let requirements = selector::requirements(
+        webhook.namespace_selector.as_ref(),
+        namespace_labels,
+        |key| key == NAME_LABEL,
+    );
+    match unmet(&requirements)[..] {
+        [] if requirements.is_empty() => step(
+            2,
+            id,
+            title,
+            StepStatus::Pass,
+            "the namespaceSelector excludes no namespace by name".into(),
+        ),
+        [] => step(
+            2,
+            id,
+            title,
+            StepStatus::Pass,
+            format!(
+                "{namespace} is not excluded ({})",
+                selector::describe(&requirements)
+            ),
+        ),
+        ref missing => step(
+            2,
+            id,
+            title,
+            StepStatus::Fail,
+            format!(
+                "{namespace} is excluded by the namespaceSelector ({})",
+                missing.join(",")
+            ),
+        ),
+    }
+}
+
+fn object_step(
+    webhook: Option<&MutatingWebhook>,
+    subject: &Subject,
+    pod: &Value,
+    labels: &BTreeMap<String, String>,
+    annotations: &BTreeMap<String, String>,
+) -> Step {
+    let (id, title) = ("object-selector", "objectSelector and matchConditions");
+    let Some(webhook) = webhook else {
+        return step(
+            3,
+            id,
+            title,
+            StepStatus::Fail,
+            "no webhook configuration".into(),
+        );
+    };
+    let mut notes = Vec::new();
+    let mut status = StepStatus::Pass;
+    let requirements = selector::requirements(webhook.object_selector.as_ref(), labels, |_| true);
+    match unmet(&requirements)[..] {
+        [] if requirements.is_empty() => notes.push("no objectSelector".to_string()),
+        [] => notes.push(format!(
+            "pod labels match the objectSelector {}",
+            selector::describe(&requirements)
+        )),
+        ref missing => {
+            status = StepStatus::Fail;
+            notes.push(format!(
+                "pod labels do not match the objectSelector ({})",
+                missing.join(",")
+            ));
+        }
+    }
+    let has = |path: &str| pod.pointer(path).is_some_and(Value::is_object);
+    let meta = ObjectMeta {
+        name: pod.pointer("/metadata/name").and_then(Value::as_str),
+        // The API server fills in the namespace before admission.
+        namespace: Some(subject.namespace.as_str()),
+        labels: has("/metadata/labels").then_some(labels),
+        annotations: has("/metadata/annotations").then_some(annotations),
+    };
+    for condition in webhook.match_conditions.iter().flatten() {
+        match cel::evaluate(&condition.expression, &meta) {
+            CelOutcome::True => notes.push(format!("matchCondition {} is true", condition.name)),
+            CelOutcome::False => {
+                status = StepStatus::Fail;
+                notes.push(format!(
+                    "matchCondition {} is false: {}",
+                    condition.name, condition.expression
+                ));
+            }
+            CelOutcome::Unknown(reason) => {
+                if status == StepStatus::Pass {
+                    status = StepStatus::Unknown;
+                }
+                notes.push(format!(
+                    "matchCondition {} cannot be evaluated here ({reason}): {}",
+                    condition.name, condition.expression
+                ));
+            }
+        }
+    }
+    step(3, id, title, status, notes.join("; "))
+}
+
+fn pod_selector_step(
+    key: &str,
+    pod_selector: Option<&str>,
+    labels: &BTreeMap<String, String>,
+) -> Step {
+    let (id, title) = ("pod-selector", "namespace pod-selector");
+    let Some(text) = pod_selector else {
+        return step(
+            4,
+            id,
+            title,
+            StepStatus::Pass,
+            format!("no {key} annotation on the namespace: every pod"),
+        );
+    };
+    match parse_selector(text) {
+        Err(error) => step(
+            4,
+            id,
+            title,
+            StepStatus::Fail,
+            format!("{error}: the webhook skips every pod of the namespace"),
+        ),
+        Ok(selector) => {
+            use kube::core::SelectorExt;
+            if selector.matches(labels) {
+                step(
+                    4,
+                    id,
+                    title,
+                    StepStatus::Pass,
+                    format!("pod labels match {key}={text:?}"),
+                )
+            } else {
+                step(
+                    4,
+                    id,
+                    title,
+                    StepStatus::Fail,
+                    format!("pod labels do not match {key}={text:?}"),
+                )
+            }
+        }
+    }
+}
+
+fn opt_out_step(
+    key: &str,
+    labels: &BTreeMap<String, String>,
+    annotations: &BTreeMap<String, String>,
+) -> Step {
+    let (id, title) = ("opt-out", "pod opt-outs");
+    if labels.get(key).map(String::as_str) == Some(DISABLED) {
+        return step(
+            5,
+            id,
+            title,
+            StepStatus::Fail,
+            format!("the pod has the label {key}={DISABLED}"),
+        );
+    }
+    if annotations.get(key).map(String::as_str) == Some("false") {
+        return step(
+            5,
+            id,
+            title,
+            StepStatus::Fail,
+            format!("the pod has the annotation {key}: \"false\""),
+        );
+    }
+    step(
+        5,
+        id,
+        title,
+        StepStatus::Pass,
+        format!("no {key}={DISABLED} label, no {key}: \"false\" annotation"),
+    )
+}
+
+fn mutation_step(inputs: &Inputs<'_>, pod: &Value, policy: &NamespacePolicy) -> Step {
+    let (id, title) = ("mutation", "the mutation's decision");
+    let subject = inputs.subject;
+    let view = match PodView::deserialize(pod) {
+        Ok(view) => view,
+        Err(error) => {
+            return step(
+                6,
+                id,
+                title,
+                StepStatus::Fail,
+                format!("the pod is not valid: {error}"),
+            );
+        }
+    };
+    let owner = (!subject.existing_pod && subject.kind != "pod").then_some(subject.name.as_str());
+    let ctx = PodContext {
+        namespace: Some(policy),
+        owner_hint: owner,
+        job_template: subject.job,
+    };
+    match inputs.injector.mutate(&view, ctx) {
+        Decision::Inject {
+            status, warnings, ..
+        } => {
+            let mode = match status.mode {
+                ResolvedMode::Native => "native",
+                ResolvedMode::Container => "container",
+            };
+            let mut detail = format!(
+                "inject {} ({mode}) and configure container(s) {} with --statsd-prefix={}",
+                status.sidecar,
+                status.containers.join(","),
+                status.prefix
+            );
+            for warning in warnings {
+                detail.push_str(&format!("; {warning}"));
+            }
+            step(6, id, title, StepStatus::Pass, detail)
+        }
+        Decision::Skip(reason) => step(6, id, title, StepStatus::Fail, format!("skip: {reason}")),
+    }
+}
+
+fn existing_injection(
+    pod: &Value,
+    status_key: &str,
+    injected_key: &str,
+    domain: &str,
+) -> ExistingInjection {
+    let annotations = string_map(pod.pointer("/metadata/annotations"));
+    let labels = string_map(pod.pointer("/metadata/labels"));
+    let status: Option<Value> = annotations
+        .get(status_key)
+        .and_then(|s| serde_json::from_str(s).ok());
+    let field = |name: &str| {
+        status
+            .as_ref()
+            .and_then(|s| s.get(name))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    ExistingInjection {
+        injected: status.is_some() || labels.get(injected_key).is_some_and(|v| v == "true"),
+        version: field("version"),
+        config_hash: field("configHash"),
+        mode: field("mode"),
+        prefix: field("prefix"),
+        containers: status
+            .as_ref()
+            .and_then(|s| s.get("containers"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect(),
+        skipped: annotations.get(&skipped_annotation(domain)).cloned(),
+    }
+}
+
+fn verdict(
+    steps: &[Step],
+    existing: Option<&ExistingInjection>,
+    subject: &Subject,
+) -> (Outcome, String) {
+    let pod = subject.existing_pod || subject.kind == "pod";
+    let (would, would_not) = if pod {
+        ("would be injected", "not injected")
+    } else {
+        (
+            "its pods would be injected",
+            "its pods would not be injected",
+        )
+    };
+    let first = |status| steps.iter().find(|s| s.status == status);
+    let decided = match (first(StepStatus::Fail), first(StepStatus::Unknown)) {
+        (Some(fail), unknown) if unknown.is_none_or(|u| fail.number < u.number) => {
+            let (outcome, why) = if fail.number <= 3 {
+                (Outcome::NotCalled, "the webhook is not called")
+            } else {
+                (Outcome::Skipped, "the webhook leaves it alone")
+            };
+            (
+                outcome,
+                format!("{would_not}: {why} (step {}, {})", fail.number, fail.title),
+            )
+        }
+        (_, Some(unknown)) => (
+            Outcome::Undetermined,
+            format!(
+                "undetermined (step {}, {}, cannot be evaluated)",
+                unknown.number, unknown.title
+            ),
+        ),
+        _ => (Outcome::WouldInject, would.to_string()),
+    };
+    match existing {
+        Some(injection) if injection.injected => {
+            let version = injection.version.as_deref().unwrap_or("unknown version");
+            let hash = injection
+                .config_hash
+                .as_deref()
+                .map_or("no config hash recorded".to_string(), |h| format!("config {h}"));
+            (
+                Outcome::Injected,
+                format!("injected (chiller-metrics {version}, {hash})"),
+            )
+        }
+        Some(_) if decided.0 == Outcome::WouldInject => (
+            Outcome::Missed,
+            "not injected, but would be if created now (created before the namespace opted in, or while the webhook was unreachable): delete it or restart its workload".to_string(),
+        ),
+        _ => decided,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use StepStatus::{Fail, Pass, Unknown};
+
+    use super::*;
+    use crate::{cli::explain::input::shipped_webhook, config::Config};
+
+    const INJECT: &str = "metrics.chiller.io/inject";
+
+    fn injector(mode: ResolvedMode) -> Injector {
+        Injector::new(Config::default(), mode)
+    }
+
+    fn chart() -> WebhookFacts {
+        WebhookFacts {
+            source: "test".into(),
+            webhook: shipped_webhook("metrics.chiller.io")
+                .webhooks
+                .and_then(|w| w.into_iter().next()),
+        }
+    }
+
+    fn opted_in() -> NamespaceFacts {
+        NamespaceFacts {
+            labels: [(INJECT.to_string(), "enabled".to_string())].into(),
+            annotations: BTreeMap::new(),
+        }
+    }
+
+    fn pod(metadata: Value) -> Subject {
+        Subject {
+            kind: "pod".into(),
+            namespace: "shop".into(),
+            name: "api".into(),
+            pod: json!({"metadata": metadata, "spec": {"containers": [{"name": "app", "image": "app:1"}]}}),
+            job: false,
+            existing_pod: false,
+        }
+    }
+
+    fn run(
+        subject: &Subject,
+        namespace: Option<&NamespaceFacts>,
+        webhook: &WebhookFacts,
+    ) -> Explanation {
+        run_with(subject, namespace, webhook, &injector(ResolvedMode::Native))
+    }
+
+    fn run_with(
+        subject: &Subject,
+        namespace: Option<&NamespaceFacts>,
+        webhook: &WebhookFacts,
+        injector: &Injector,
+    ) -> Explanation {
+        explain(&Inputs {
+            subject,
+            namespace,
+            webhook,
+            injector,
+        })
+    }
+
+    fn statuses(explanation: &Explanation) -> Vec<StepStatus> {
+        explanation.steps.iter().map(|s| s.status).collect()
+    }
+
+    fn failed(explanation: &Explanation) -> Vec<u8> {
+        explanation
+            .steps
+            .iter()
+            .filter(|s| s.status == StepStatus::Fail)
+            .map(|s| s.number)
+            .collect()
+    }
+
+    #[test]
+    fn an_opted_in_pod_would_be_injected() {
+        let explanation = run(
+            &pod(json!({"labels": {"app": "api"}})),
+            Some(&opted_in()),
+            &chart(),
+        );
+        assert_eq!(statuses(&explanation), [Pass; 6]);
+        assert_eq!(explanation.outcome, Outcome::WouldInject);
+        assert_eq!(explanation.verdict, "would be injected");
+        assert!(
+            explanation.steps[5].detail.contains("--statsd-prefix=api"),
+            "{:?}",
+            explanation.steps[5]
+        );
+        assert_eq!(
+            explanation
+                .steps
+                .iter()
+                .map(|s| s.number)
+                .collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5, 6]
+        );
+    }
+
+    #[test]
+    fn a_namespace_without_the_label_is_not_called_with_a_hint() {
+        let explanation = run(&pod(json!({})), Some(&NamespaceFacts::default()), &chart());
+        assert_eq!(failed(&explanation), [1]);
+        assert_eq!(explanation.outcome, Outcome::NotCalled);
+        let detail = &explanation.steps[0].detail;
+        assert!(
+            detail.contains("does not match metrics.chiller.io/inject=enabled"),
+            "{detail}"
+        );
+        assert!(
+            detail.contains("kubectl label namespace shop metrics.chiller.io/inject=enabled"),
+            "{detail}"
+        );
+        assert!(
+            explanation.verdict.contains("step 1"),
+            "{}",
+            explanation.verdict
+        );
+    }
+
+    #[test]
+    fn an_excluded_namespace_fails_step_2_even_when_labeled() {
+        let mut subject = pod(json!({}));
+        subject.namespace = "kube-system".into();
+        let explanation = run(&subject, Some(&opted_in()), &chart());
+        assert_eq!(failed(&explanation), [2]);
+        assert!(
+            explanation.steps[1]
+                .detail
+                .contains("kube-system is excluded")
+        );
+        // The name label is the namespace's name, whatever the labels given say.
+        let mut renamed = opted_in();
+        renamed
+            .labels
+            .insert(NAME_LABEL.into(), "kube-system".into());
+        let explanation = run(&pod(json!({})), Some(&renamed), &chart());
+        assert_eq!(failed(&explanation), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn the_opt_out_label_stops_the_call_at_the_object_selector() {
+        let explanation = run(
+            &pod(json!({"labels": {INJECT: "disabled"}})),
+            Some(&opted_in()),
+            &chart(),
+        );
+        assert_eq!(failed(&explanation), [3, 5, 6]);
+        assert_eq!(explanation.outcome, Outcome::NotCalled);
+        assert!(
+            explanation.steps[2]
+                .detail
+                .contains("metrics.chiller.io/inject notin (disabled)")
+        );
+    }
+
+    #[test]
+    fn the_opt_out_annotation_is_the_webhooks_decision() {
+        let explanation = run(
+            &pod(json!({"annotations": {INJECT: "false"}})),
+            Some(&opted_in()),
+            &chart(),
+        );
+        assert_eq!(failed(&explanation), [5, 6]);
+        assert_eq!(explanation.outcome, Outcome::Skipped);
+        assert!(
+            explanation.steps[5]
+                .detail
+                .contains("opted out with the annotation")
+        );
+    }
+
+    #[test]
+    fn an_injected_label_fails_the_match_condition() {
+        let explanation = run(
+            &pod(json!({"labels": {"metrics.chiller.io/injected": "true"}})),
+            Some(&opted_in()),
+            &chart(),
+        );
+        assert_eq!(explanation.steps[2].status, Fail);
+        assert!(
+            explanation.steps[2]
+                .detail
+                .contains("matchCondition not-already-injected is false")
+        );
+    }
+
+    #[test]
+    fn an_unknown_match_condition_is_undetermined() {
+        let mut webhook = chart();
+        let conditions = webhook
+            .webhook
+            .as_mut()
+            .unwrap()
+            .match_conditions
+            .as_mut()
+            .unwrap();
+        conditions[0].expression = "request.userInfo.username != 'system:admin'".into();
+        let explanation = run(&pod(json!({})), Some(&opted_in()), &webhook);
+        assert_eq!(explanation.steps[2].status, Unknown);
+        assert_eq!(explanation.outcome, Outcome::Undetermined);
+        assert!(explanation.steps[2].detail.contains("cannot be evaluated"));
+        // A failing earlier step still decides.
+        let explanation = run(&pod(json!({})), Some(&NamespaceFacts::default()), &webhook);
+        assert_eq!(explanation.outcome, Outcome::NotCalled);
+    }
+
+    #[test]
+    fn the_pod_selector_annotation_selects_or_skips() {
+        let mut namespace = opted_in();
+        namespace
+            .annotations
+            .insert("metrics.chiller.io/pod-selector".into(), "app!=db".into());
+        let db = run(
+            &pod(json!({"labels": {"app": "db"}})),
+            Some(&namespace),
+            &chart(),
+        );
+        assert_eq!(failed(&db), [4, 6]);
+        assert_eq!(db.outcome, Outcome::Skipped);
+        let api = run(
+            &pod(json!({"labels": {"app": "api"}})),
+            Some(&namespace),
+            &chart(),
+        );
+        assert_eq!(api.outcome, Outcome::WouldInject);
+        namespace.annotations.insert(
+            "metrics.chiller.io/pod-selector".into(),
+            "app in web".into(),
+        );
+        let invalid = run(
+            &pod(json!({"labels": {"app": "api"}})),
+            Some(&namespace),
+            &chart(),
+        );
+        assert_eq!(failed(&invalid), [4, 6]);
+        assert!(invalid.steps[3].detail.contains("invalid label selector"));
+    }
+
+    #[test]
+    fn the_mutation_decides_last() {
+        let mut subject = pod(json!({}));
+        subject.pod["spec"]["hostNetwork"] = json!(true);
+        let explanation = run(&subject, Some(&opted_in()), &chart());
+        assert_eq!(failed(&explanation), [6]);
+        assert!(explanation.steps[5].detail.contains("host network"));
+    }
+
+    #[test]
+    fn a_job_template_needs_the_native_mode() {
+        let mut subject = pod(json!({}));
+        subject.kind = "job".into();
+        subject.name = "migrate".into();
+        subject.job = true;
+        let container = run_with(
+            &subject,
+            Some(&opted_in()),
+            &chart(),
+            &injector(ResolvedMode::Container),
+        );
+        assert_eq!(failed(&container), [6]);
+        assert!(container.steps[5].detail.contains("run-to-completion"));
+        assert_eq!(
+            container.verdict.split(':').next(),
+            Some("its pods would not be injected")
+        );
+        let native = run(&subject, Some(&opted_in()), &chart());
+        assert_eq!(native.verdict, "its pods would be injected");
+        // A template's prefix comes from its workload's name.
+        assert!(native.steps[5].detail.contains("--statsd-prefix=migrate"));
+    }
+
+    #[test]
+    fn no_webhook_configuration_or_no_namespace() {
+        let missing = WebhookFacts {
+            source: "MutatingWebhookConfiguration chiller-metrics".into(),
+            webhook: None,
+        };
+        let explanation = run(&pod(json!({})), Some(&opted_in()), &missing);
+        assert_eq!(failed(&explanation), [1, 2, 3]);
+        assert!(
+            explanation.steps[0]
+                .detail
+                .contains("MutatingWebhookConfiguration chiller-metrics not found")
+        );
+        let explanation = run(&pod(json!({})), None, &chart());
+        assert_eq!(failed(&explanation), [1]);
+        assert!(
+            explanation.steps[0]
+                .detail
+                .contains("namespace shop does not exist")
+        );
+    }
+
+    #[test]
+    fn our_webhook_is_picked_by_name() {
+        let named = |name: &str| MutatingWebhook {
+            name: name.into(),
+            ..Default::default()
+        };
+        let webhooks = vec![
+            named("other.example.com"),
+            named("inject.metrics.chiller.io"),
+        ];
+        assert_eq!(
+            our_webhook(Some(webhooks), "metrics.chiller.io")
+                .unwrap()
+                .name,
+            "inject.metrics.chiller.io"
+        );
+        let webhooks = vec![named("a.example.com"), named("b.example.com")];
+        assert_eq!(
+            our_webhook(Some(webhooks), "x").unwrap().name,
+            "a.example.com"
+        );
+        assert!(our_webhook(None, "x").is_none());
+    }
+
+    #[test]
+    fn rules_without_pod_create_are_never_called() {
+        let mut webhook = chart();
+        webhook.webhook.as_mut().unwrap().rules.as_mut().unwrap()[0].operations =
+            Some(vec!["UPDATE".into()]);
+        let explanation = run(&pod(json!({})), Some(&opted_in()), &webhook);
+        assert_eq!(failed(&explanation), [1]);
+        assert!(
+            explanation.steps[0]
+                .detail
+                .contains("do not cover pod CREATE")
+        );
+    }
+
+    #[test]
+    fn an_existing_injected_pod_reports_its_config_and_is_explained_as_created() {
+        let mut subject = pod(json!({"labels": {"app": "api"}}));
+        subject.existing_pod = true;
+        let injector = injector(ResolvedMode::Native);
+        let Decision::Inject { patch, .. } = injector.mutate(
+            &PodView::deserialize(&subject.pod).unwrap(),
+            PodContext::default(),
+        ) else {
+            panic!("the pod is injected");
+        };
+        json_patch::patch(&mut subject.pod, &patch).unwrap();
+        // A status annotation that records a config hash.
+        let status_key = "/metadata/annotations/metrics.chiller.io~1status";
+        let mut status: Value =
+            serde_json::from_str(subject.pod.pointer(status_key).unwrap().as_str().unwrap())
+                .unwrap();
+        status["configHash"] = json!("abc123");
+        *subject.pod.pointer_mut(status_key).unwrap() = json!(status.to_string());
+
+        let explanation = run_with(&subject, Some(&opted_in()), &chart(), &injector);
+        assert_eq!(explanation.outcome, Outcome::Injected);
+        let existing = explanation.existing.as_ref().unwrap();
+        assert!(existing.injected);
+        assert_eq!(existing.config_hash.as_deref(), Some("abc123"));
+        assert_eq!(existing.prefix.as_deref(), Some("api"));
+        assert_eq!(existing.containers, ["app"]);
+        assert!(
+            explanation.verdict.contains("config abc123"),
+            "{}",
+            explanation.verdict
+        );
+        // Evaluated without our marks: the match condition passes.
+        assert_eq!(statuses(&explanation), [Pass; 6]);
+    }
+
+    #[test]
+    fn an_existing_pod_shows_the_skip_the_webhook_recorded() {
+        let mut subject =
+            pod(json!({"annotations": {"metrics.chiller.io/skipped": "host_network"}}));
+        subject.pod["spec"]["hostNetwork"] = json!(true);
+        subject.existing_pod = true;
+        let explanation = run(&subject, Some(&opted_in()), &chart());
+        let existing = explanation.existing.as_ref().unwrap();
+        assert_eq!(existing.skipped.as_deref(), Some("host_network"));
+        assert!(!existing.injected);
+        assert_eq!(failed(&explanation), [6]);
+        let text = crate::cli::explain::render(&explanation, crate::cli::check::OutputFormat::Text);
+        assert!(
+            text.contains("the webhook recorded on the pod: skipped, host_network"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn an_existing_pod_that_missed_injection() {
+        let mut subject = pod(json!({"labels": {"app": "api"}}));
+        subject.existing_pod = true;
+        let explanation = run(&subject, Some(&opted_in()), &chart());
+        assert_eq!(explanation.outcome, Outcome::Missed);
+        assert!(!explanation.existing.as_ref().unwrap().injected);
+        assert_eq!(explanation.existing.as_ref().unwrap().skipped, None);
+        assert!(explanation.verdict.contains("would be if created now"));
+        let explanation = run(&subject, Some(&NamespaceFacts::default()), &chart());
+        assert_eq!(explanation.outcome, Outcome::NotCalled);
+    }
+}
