@@ -393,6 +393,7 @@ fn check_reports_each_broken_item_with_its_hint() {
     crds_missing(&s);
     broken_reconcile(&s);
     uninjected_pod(&s);
+    outdated_pod(&s);
     service_addressed_webhook(&s);
     lease_expires_when_serve_stops(&mut s);
 }
@@ -682,6 +683,32 @@ fn uninjected_pod(s: &Scenario) {
         "--timeout=60s",
     ]));
     s.wait_healthy();
+}
+
+/// Another sidecar image in the config file serve runs with: serve reloads
+/// it, the namespace status records the new config hash, and the injected
+/// pod `api` is outdated until its config is current again.
+fn outdated_pod(s: &Scenario) {
+    let config_file = &s.install.config_file;
+    let original = std::fs::read_to_string(config_file).unwrap();
+    let changed = format!("{original}\nsidecar:\n  image: prom/statsd-exporter:v0.28.0-rebuilt\n");
+    write_atomically(config_file, &changed);
+    let outcome = s.wait_for_item("pods-up-to-date", "fail");
+    s.assert_fails(
+        &outcome,
+        "pods-up-to-date",
+        "shop: api (pod api) injected with config",
+        "delete and recreate pod shop/api",
+    );
+    write_atomically(config_file, &original);
+    s.wait_healthy();
+}
+
+/// Replaces `file` through a rename (serve must never read half a file).
+fn write_atomically(file: &Path, text: &str) {
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, file).unwrap();
 }
 
 /// The chart's own clientConfig (a Service): check resolves a ready endpoint

@@ -934,13 +934,19 @@ pub fn pods_up_to_date(injector: &Injector, fetched: &Fetched<Vec<NamespacePods>
         })
         .collect();
     let (ns, _, kind, name, _, _) = &outdated[0];
+    // A bare pod has no rollout: it is recreated by hand.
+    let example = if kind == "pod" {
+        format!("delete and recreate pod {ns}/{name}")
+    } else {
+        format!("`kubectl -n {ns} rollout restart {kind}/{name}`")
+    };
     Item::fail(
         id,
         PODS,
         description,
         detail.join("\n"),
         format!(
-            "recreate them so the webhook injects the current config, e.g. `kubectl -n {ns} rollout restart {kind}/{name}`\n(or annotate the namespace {}=true to let chiller-metrics restart Deployments and StatefulSets one at a time; a changed mapping alone is reloaded in running exporters after reconcile.mappingReloadDelaySeconds)",
+            "recreate them so the webhook injects the current config, e.g. {example}\n(or annotate the namespace {}=true to let chiller-metrics restart Deployments and StatefulSets one at a time; a changed mapping alone is reloaded in running exporters after reconcile.mappingReloadDelaySeconds)",
             keys.rollout_outdated
         ),
     )
