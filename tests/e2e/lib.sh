@@ -116,6 +116,26 @@ result = json.load(sys.stdin)["data"]["result"]
 print(int(float(result[0]["value"][1])) if result else 0)'
 }
 
+# namespace_status_is NAMESPACE FIELD VALUE: the reconcile loop's status
+# annotation on the namespace has FIELD == VALUE.
+namespace_status_is() {
+  kubectl get namespace "$1" -o json | python3 -c '
+import json, sys
+annotations = json.load(sys.stdin)["metadata"].get("annotations", {})
+status = json.loads(annotations.get("metrics.chiller.io/reconcile-status", "{}"))
+print(f"reconcile-status: {status}")
+sys.exit(0 if str(status.get(sys.argv[1])) == sys.argv[2] else 1)' "$2" "$3"
+}
+
+# Every pod of the Deployment APP runs the sidecar with CPU request CPU.
+sidecar_cpu_request_is() {
+  local ns=$1 app=$2 cpu=$3 requests
+  requests=$(kubectl -n "$ns" get pods -l "app=$app" \
+    -o jsonpath='{range .items[*]}{.spec.initContainers[?(@.name=="statsd-exporter")].resources.requests.cpu}{"\n"}{end}')
+  echo "sidecar CPU requests: $requests"
+  [ -n "$requests" ] && ! grep -qv "^$cpu\$" <<<"$requests"
+}
+
 ca_bundle_injected() {
   [ -n "$(kubectl get mutatingwebhookconfiguration "$1" -o jsonpath='{.webhooks[0].clientConfig.caBundle}')" ]
 }

@@ -8,7 +8,8 @@
 # injection, gunicorn's statsd reaching each pod's own exporter, one
 # Prometheus per namespace holding only its own series (Postgres included),
 # every dashboard query answered through the datasource's URL, repair of a
-# deleted ServiceMonitor, opt-out, and fail-open while the webhook is down.
+# deleted ServiceMonitor, opt-out, fail-open while the webhook is down, and
+# a config change carried to running pods by rollout-outdated.
 #
 # Environment: APP_IMAGE and APP_PULL_POLICY (the test app image),
 # CHILLER_NAMESPACE (default chiller-metrics), NAMESPACES (default
@@ -151,5 +152,17 @@ wait_until 180 "the reconcile loop reports the uninjected pod (event PodsNotInje
 kubectl annotate namespace "$ns" metrics.chiller.io/restart-uninjected=true
 wait_until 300 "restart-uninjected rolls $ns/api, whose pods get the sidecar" has_native_sidecar "$ns" api
 kubectl -n "$ns" rollout status deployment/api --timeout=300s
+
+log "8. a config change makes pods outdated; rollout-outdated restarts them one at a time"
+helm upgrade chiller-metrics manifests/chart/chiller-metrics --namespace "$CHILLER_NAMESPACE" \
+  --reuse-values --set config.sidecar.resources.requests.cpu=20m \
+  --set config.sidecar.resources.requests.memory=24Mi \
+  --set config.sidecar.resources.limits.memory=64Mi --wait --timeout 5m
+wait_until 300 "the status of $ns counts its app pods as outdated" namespace_status_is "$ns" outdatedPods 2
+kubectl annotate namespace "$ns" metrics.chiller.io/rollout-outdated=true
+wait_until 600 "rollout-outdated restarted the outdated workloads of $ns" namespace_status_is "$ns" outdatedPods 0
+for app in "${APPS[@]}"; do
+  wait_until 120 "$ns/$app pods run the new sidecar config" sidecar_cpu_request_is "$ns" "$app" 20m
+done
 
 log "PASSED"
