@@ -485,7 +485,16 @@ fn start_pod(
     };
     in_pod(&["ip", "link", "set", "lo", "up"])?;
     in_pod(&["ip", "addr", "add", &format!("{ip}/16"), "dev", "eth0"])?;
+    // kwok hands a deleted pod's IP to the next pod at once: announce the
+    // new owner (a gratuitous ARP when eth0 comes up), or neighbours keep
+    // sending to the old pod's veth until their ARP entries expire.
+    in_pod(&[
+        "sh",
+        "-c",
+        "echo 1 > /proc/sys/net/ipv4/conf/eth0/arp_notify",
+    ])?;
     in_pod(&["ip", "link", "set", "eth0", "up"])?;
+    try_sh(&["ip", "neigh", "flush", "to", ip])?;
     let gateway = BRIDGE_ADDRESS.split('/').next().unwrap();
     in_pod(&["ip", "route", "add", "default", "via", gateway])?;
     // What kube-proxy does for the `kubernetes` Service: its ClusterIP leads
