@@ -24,6 +24,8 @@ test: tools cluster-tools
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets --locked -- -D warnings
 	@mkdir -p target
+	@# tests/demo.rs runs scripts/demo.sh, whose client `cargo test` builds only as a test harness.
+	$(CARGO) build --locked --bin chiller-metrics --example admission_client
 	set -o pipefail; $(CARGO) test --all-targets --locked 2>&1 | tee target/test-output.log
 	@awk '/^test result:/ { passed += $$4; failed += $$6 } END { printf "tests: %d passed, %d failed\n", passed, failed }' target/test-output.log
 
