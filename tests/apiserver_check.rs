@@ -577,23 +577,25 @@ fn operator_not_running(s: &Scenario) {
     s.wait_healthy();
 }
 
+/// The two CRDs the reconcile loop writes go away. (kube-apiserver v1.37.2
+/// could leave an untouched CRD, podmonitors, terminating for minutes: its
+/// finalizer failed with "storage is (re)initializing" and did not retry in
+/// time.)
 fn crds_missing(s: &Scenario) {
     run(s.plane.kubectl().args([
         "delete",
         "crd",
         "prometheuses.monitoring.coreos.com",
         "servicemonitors.monitoring.coreos.com",
-        "podmonitors.monitoring.coreos.com",
         "--wait=true",
-        // Deleting a CRD first removes its custom resources; on a busy
-        // 2-core machine that took over 90 s once.
+        // Deleting a CRD first removes its custom resources.
         "--timeout=240s",
     ]));
     let outcome = s.check_json();
     s.assert_fails(
         &outcome,
         "prometheus-operator-crds",
-        "missing: prometheuses.monitoring.coreos.com, servicemonitors.monitoring.coreos.com, podmonitors.monitoring.coreos.com",
+        "missing: prometheuses.monitoring.coreos.com, servicemonitors.monitoring.coreos.com",
         "install the Prometheus Operator CRDs",
     );
     install::apply_monitoring_crds(s.plane);
