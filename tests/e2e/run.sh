@@ -80,7 +80,7 @@ helm install chiller-metrics manifests/chart/chiller-metrics \
 kubectl -n chiller-metrics wait --for=condition=Ready certificate/chiller-metrics-serving --timeout=180s
 wait_until 180 "cert-manager injected the caBundle" ca_bundle_injected chiller-metrics
 
-# Steps 2 to 7, shared with `make e2e-local`.
+# Steps 2 to 8, shared with `make e2e-local`.
 APP_IMAGE="$APP_IMAGE" APP_PULL_POLICY=Never CHILLER_NAMESPACE=chiller-metrics \
   NAMESPACES="${NAMESPACES[*]}" tests/e2e/scenario.sh
 log "PASSED"
