@@ -11,7 +11,6 @@ use k8s_openapi::jiff::Timestamp;
 use kube::{
     Api, ResourceExt,
     api::{DynamicObject, Patch, PatchParams},
-    runtime::events::{Event, EventType},
 };
 use serde_json::{Value, json};
 
@@ -19,7 +18,7 @@ use super::{
     context::{Context, FIELD_MANAGER, ReconcileError, Workload},
     live::api_resource,
     namespace::is_not_found,
-    uninjected::{RESTARTED_AT, reference},
+    uninjected::{RESTARTED_AT, publish_restart},
 };
 
 /// Kinds a rollout restart applies to.
@@ -230,23 +229,11 @@ async fn restart(
     }
     ctx.metrics.outdated_restarts.inc();
     tracing::info!(%namespace, kind = %workload.kind, name = %workload.name, config_hash, "restarted so its pods get the current sidecar config");
-    let event = Event {
-        type_: EventType::Normal,
-        reason: "RestartedForConfig".into(),
-        note: Some(format!(
-            "restarted by chiller-metrics ({}=true) so its pods get the statsd exporter sidecar of config {config_hash}; not restarted again for this config",
-            keys.rollout_outdated
-        )),
-        action: "Restart".into(),
-        secondary: None,
-    };
-    if let Err(error) = ctx
-        .recorder
-        .publish(&event, &reference(namespace, workload))
-        .await
-    {
-        tracing::warn!(%error, "cannot publish the restart event");
-    }
+    let note = format!(
+        "restarted by chiller-metrics ({}=true) so its pods get the statsd exporter sidecar of config {config_hash}; not restarted again for this config",
+        keys.rollout_outdated
+    );
+    publish_restart(ctx, namespace, workload, "RestartedForConfig", note).await;
     Ok(())
 }
 

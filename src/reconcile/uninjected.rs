@@ -384,13 +384,26 @@ async fn restart_workload(
     }
     ctx.metrics.workload_restarts.inc();
     tracing::info!(%namespace, kind = %workload.kind, name = %workload.name, "restarted so its pods get the sidecar");
+    let note = format!(
+        "restarted by chiller-metrics so its pods get the statsd exporter sidecar; not again before {} minutes",
+        ctx.restart_cooldown.as_secs() / 60
+    );
+    publish_restart(ctx, namespace, workload, "RestartedForInjection", note).await;
+    Ok(())
+}
+
+/// A Normal event on `workload` saying chiller-metrics restarted it.
+pub(super) async fn publish_restart(
+    ctx: &Context,
+    namespace: &str,
+    workload: &Workload,
+    reason: &str,
+    note: String,
+) {
     let event = Event {
         type_: EventType::Normal,
-        reason: "RestartedForInjection".into(),
-        note: Some(format!(
-            "restarted by chiller-metrics so its pods get the statsd exporter sidecar; not again before {} minutes",
-            ctx.restart_cooldown.as_secs() / 60
-        )),
+        reason: reason.into(),
+        note: Some(note),
         action: "Restart".into(),
         secondary: None,
     };
@@ -401,7 +414,6 @@ async fn restart_workload(
     {
         tracing::warn!(%error, "cannot publish the restart event");
     }
-    Ok(())
 }
 
 #[cfg(test)]
