@@ -95,10 +95,48 @@ fn big_pod(bytes: usize) -> Value {
     pod
 }
 
+/// The review of `pod`, with the request's fields in the order the API
+/// server writes them (as in the golden request): `operation` before
+/// `object`. (A `serde_json::Value` would sort them.)
 fn review_body(pod: &Value) -> Vec<u8> {
-    let mut review = chiller_review();
-    review["request"]["object"] = pod.clone();
-    serde_json::to_vec(&review).expect("serializes")
+    const ORDER: [&str; 12] = [
+        "uid",
+        "kind",
+        "resource",
+        "requestKind",
+        "requestResource",
+        "namespace",
+        "operation",
+        "userInfo",
+        "object",
+        "oldObject",
+        "dryRun",
+        "options",
+    ];
+    let review = chiller_review();
+    let request = review["request"].as_object().expect("a request");
+    assert!(
+        request.keys().all(|key| ORDER.contains(&key.as_str())),
+        "ORDER names every field of the request"
+    );
+    let fields: Vec<String> = ORDER
+        .iter()
+        .filter_map(|&key| {
+            let value = if key == "object" {
+                Some(pod)
+            } else {
+                request.get(key)
+            }?;
+            Some(format!("{}:{value}", Value::from(key)))
+        })
+        .collect();
+    format!(
+        r#"{{"apiVersion":{},"kind":{},"request":{{{}}}}}"#,
+        review["apiVersion"],
+        review["kind"],
+        fields.join(",")
+    )
+    .into_bytes()
 }
 
 /// Runs `f` `iterations` times and returns (allocations, bytes) per call.

@@ -143,7 +143,7 @@ pub fn inject_yaml(injector: &Injector, input: &str) -> Result<Injected, Manifes
             job_template: target.job,
         };
         Ok(match injector.mutate(&view, ctx) {
-            Decision::Inject { patch, .. } => Ok(patch),
+            Decision::Inject { patch, .. } => Ok(patch.to_json_patch()),
             Decision::Skip(reason) => Err(reason.to_string()),
         })
     })

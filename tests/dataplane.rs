@@ -118,7 +118,7 @@ fn patched_env(statsd_port: u16) -> BTreeMap<String, String> {
         panic!("the chiller API pod was not injected");
     };
     assert_eq!(status.prefix, "chiller-api");
-    json_patch::patch(&mut pod, &patch).expect("the patch applies");
+    json_patch::patch(&mut pod, &patch.to_json_patch()).expect("the patch applies");
     let env = pod["spec"]["containers"][0]["env"].as_array().unwrap();
     env.iter()
         .filter_map(|var| Some((var["name"].as_str()?.into(), var["value"].as_str()?.into())))

@@ -100,7 +100,7 @@ fn injected(pod: &Pod, config: &Config) -> Value {
         panic!("the chiller API pod is injected");
     };
     let mut value = serde_json::to_value(pod).expect("pod serializes");
-    json_patch::patch(&mut value, &patch).expect("the patch applies");
+    json_patch::patch(&mut value, &patch.to_json_patch()).expect("the patch applies");
     value
 }
 

@@ -8,8 +8,8 @@ mod support;
 use chiller_metrics::{
     config::Config,
     inject::{
-        Decision, GUNICORN_CMD_ARGS, Injector, NamespacePolicy, PodContext, PodView, ResolvedMode,
-        SkipReason, check_pod, verify_patch,
+        Decision, GUNICORN_CMD_ARGS, Injector, NamespacePolicy, Operation, PodContext, PodPatch,
+        PodView, ResolvedMode, SkipReason, check_pod, verify_patch,
     },
 };
 use k8s_openapi::api::core::v1::Pod;
@@ -368,7 +368,7 @@ fn check(generated: &GenPod, mode: ResolvedMode) -> Result<(), TestCaseError> {
     match injector.mutate(&pod, PodContext::default()) {
         Decision::Inject { patch, status, .. } => {
             let mut patched = pod_json.clone();
-            json_patch::patch(&mut patched, &patch)
+            json_patch::patch(&mut patched, &patch.to_json_patch())
                 .map_err(|e| TestCaseError::fail(format!("patch does not apply: {e}")))?;
             if let Err(errors) = support::validate_k8s(&patched) {
                 return Err(TestCaseError::fail(format!(
@@ -423,7 +423,7 @@ fn check(generated: &GenPod, mode: ResolvedMode) -> Result<(), TestCaseError> {
             prop_assert_eq!(mark.is_some(), reason.warrants_warning());
             if let Some(mark) = mark {
                 let mut marked = pod_json.clone();
-                json_patch::patch(&mut marked, &mark)
+                json_patch::patch(&mut marked, &mark.to_json_patch())
                     .map_err(|e| TestCaseError::fail(format!("skip mark does not apply: {e}")))?;
                 prop_assert_eq!(
                     &marked["metadata"]["annotations"][format!("{DOMAIN}/skipped")],
@@ -500,14 +500,11 @@ fn corruption() -> impl Strategy<Value = Corruption> {
     ])
 }
 
-fn corrupt(patch: &mut json_patch::Patch, pod: &Value, corruption: Corruption) {
-    use json_patch::{AddOperation, PatchOperation, ReplaceOperation, jsonptr::PointerBuf};
-    let add = |path: &str, value: Value| {
-        PatchOperation::Add(AddOperation {
-            path: PointerBuf::parse(path).unwrap(),
-            value,
-        })
-    };
+/// Adds a corruption to the injector's patch (whose sidecar and volume stay
+/// prebuilt, as the webhook verifies them).
+fn corrupt(patch: &mut PodPatch, pod: &Value, corruption: Corruption) {
+    use json_patch::jsonptr::PointerBuf;
+    let add = |path: &str, value: Value| Operation::add(PointerBuf::parse(path).unwrap(), value);
     let first = pod["spec"]["containers"][0]["name"]
         .as_str()
         .unwrap_or("app");
@@ -526,7 +523,8 @@ fn corrupt(patch: &mut json_patch::Patch, pod: &Value, corruption: Corruption) {
         )),
         Corruption::DuplicateVolume => {
             let mut patched = pod.clone();
-            json_patch::patch(&mut patched, patch).expect("the good patch applies");
+            json_patch::patch(&mut patched, &patch.to_json_patch())
+                .expect("the good patch applies");
             let name = patched["spec"]["volumes"][0]["name"].clone();
             patch.0.push(add(
                 "/spec/volumes/-",
@@ -542,10 +540,10 @@ fn corrupt(patch: &mut json_patch::Patch, pod: &Value, corruption: Corruption) {
             json!({"name": "extra", "image": "x:1",
                    "volumeMounts": [{"name": "not-defined", "mountPath": "/x"}]}),
         )),
-        Corruption::ReplaceMissing => patch.0.push(PatchOperation::Replace(ReplaceOperation {
-            path: PointerBuf::parse("/spec/containers/0/env/999/value").unwrap(),
-            value: json!("x"),
-        })),
+        Corruption::ReplaceMissing => patch.0.push(Operation::replace(
+            PointerBuf::parse("/spec/containers/0/env/999/value").unwrap(),
+            json!("x"),
+        )),
     }
 }
 
@@ -561,7 +559,7 @@ fn check_verification(generated: &GenPod, corruption: Corruption) -> Result<(), 
     };
     corrupt(&mut patch, &pod_json, corruption);
     let mut patched = pod_json.clone();
-    let whole = json_patch::patch(&mut patched, &patch)
+    let whole = json_patch::patch(&mut patched, &patch.to_json_patch())
         .map_err(|e| e.to_string())
         .and_then(|()| serde_json::from_value::<Pod>(patched).map_err(|e| e.to_string()))
         .and_then(|patched| check_pod(&patched).map_err(|e| e.to_string()));

@@ -123,7 +123,7 @@ fn inject(fixture: &FixturePod, pod: &Value, mode: ResolvedMode) -> Option<Value
     match injector.mutate(&view, ctx) {
         Decision::Inject { patch, .. } => {
             let mut patched = pod.clone();
-            json_patch::patch(&mut patched, &patch).unwrap();
+            json_patch::patch(&mut patched, &patch.to_json_patch()).unwrap();
             Some(patched)
         }
         Decision::Skip(_) => None,

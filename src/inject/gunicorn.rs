@@ -1,7 +1,7 @@
 //! gunicorn's statsd settings, passed through `GUNICORN_CMD_ARGS`. This works
 //! whatever the entrypoint is, shell form included, where args would not.
 
-use json_patch::{AddOperation, PatchOperation, ReplaceOperation};
+use super::Operation;
 use serde_json::{Value, json};
 
 use super::{ContainerView, pointer, view::Str};
@@ -51,7 +51,7 @@ pub fn env_patch(
     container: &ContainerView,
     index: usize,
     flags: &str,
-) -> Result<(PatchOperation, Option<String>), ContainerSkip> {
+) -> Result<(Operation, Option<String>), ContainerSkip> {
     let mentions_flag = |parts: &Option<Vec<Str>>| {
         parts
             .as_ref()
@@ -94,19 +94,19 @@ pub fn env_patch(
             let path = pointer(&["spec", "containers", &index_s, "env", &at_s, "value"]);
             let value = Value::String(value);
             if var.value.is_some() {
-                PatchOperation::Replace(ReplaceOperation { path, value })
+                Operation::replace(path, value)
             } else {
-                PatchOperation::Add(AddOperation { path, value })
+                Operation::add(path, value)
             }
         }
-        (Some(_), None) => PatchOperation::Add(AddOperation {
-            path: pointer(&["spec", "containers", &index_s, "env", "-"]),
-            value: json!({"name": GUNICORN_CMD_ARGS, "value": flags}),
-        }),
-        (None, _) => PatchOperation::Add(AddOperation {
-            path: pointer(&["spec", "containers", &index_s, "env"]),
-            value: json!([{"name": GUNICORN_CMD_ARGS, "value": flags}]),
-        }),
+        (Some(_), None) => Operation::add(
+            pointer(&["spec", "containers", &index_s, "env", "-"]),
+            json!({"name": GUNICORN_CMD_ARGS, "value": flags}),
+        ),
+        (None, _) => Operation::add(
+            pointer(&["spec", "containers", &index_s, "env"]),
+            json!([{"name": GUNICORN_CMD_ARGS, "value": flags}]),
+        ),
     };
     Ok((op, note))
 }

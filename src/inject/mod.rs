@@ -3,6 +3,7 @@
 //! offline `inject` command both call [`Injector::mutate`].
 
 mod gunicorn;
+mod patch;
 mod prefix;
 mod safety;
 mod selector;
@@ -10,14 +11,15 @@ mod sidecar;
 mod verify;
 mod view;
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
-use json_patch::{AddOperation, Patch, PatchOperation, jsonptr::PointerBuf};
+use json_patch::jsonptr::PointerBuf;
 use kube::core::SelectorExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use gunicorn::{ContainerSkip, GUNICORN_CMD_ARGS};
+pub use patch::{Op, Operation, PatchValue, PodPatch, Prebuilt, UnsupportedOperation};
 pub use prefix::statsd_prefix;
 pub use selector::{SelectorError, parse_selector};
 pub use sidecar::{MAPPING_DIR, mapping_volume, sidecar_container};
@@ -207,7 +209,7 @@ impl ConfigHashes {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
     Inject {
-        patch: Patch,
+        patch: PodPatch,
         status: InjectionStatus,
         /// Containers left alone, for the response's warnings.
         warnings: Vec<String>,
@@ -221,9 +223,37 @@ pub struct Injector {
     config: Config,
     keys: Keys,
     mode: ResolvedMode,
-    sidecar: Value,
-    volume: Value,
+    sidecar: Appendable,
+    volume: Appendable,
     hashes: ConfigHashes,
+}
+
+/// An item the patch appends to a list, prebuilt alone (for a list the pod
+/// has) and as a one-item list (for one it lacks).
+#[derive(Debug, Clone)]
+struct Appendable {
+    item: Arc<Prebuilt>,
+    list: Arc<Prebuilt>,
+}
+
+impl Appendable {
+    fn new(item: Value) -> Self {
+        Self {
+            list: Prebuilt::new(Value::Array(vec![item.clone()])),
+            item: Prebuilt::new(item),
+        }
+    }
+
+    /// Adds the item to the list at `path`, creating the list if it does not exist.
+    fn append(&self, path: &[&str], list_exists: bool) -> Operation {
+        if list_exists {
+            let mut tokens = path.to_vec();
+            tokens.push("-");
+            Operation::add(pointer(&tokens), self.item.clone())
+        } else {
+            Operation::add(pointer(path), self.list.clone())
+        }
+    }
 }
 
 impl Injector {
@@ -240,8 +270,8 @@ impl Injector {
             keys: config.keys(),
             config,
             mode,
-            sidecar,
-            volume,
+            sidecar: Appendable::new(sidecar),
+            volume: Appendable::new(volume),
             hashes,
         }
     }
@@ -254,14 +284,14 @@ impl Injector {
     /// The patch recording a skip on the pod (`<domain>/skipped: <reason>`),
     /// for reasons that deserve a warning; `None` for routine skips, and
     /// when the pod already says so (a second pass changes nothing).
-    pub fn skip_mark(&self, pod: &PodView<'_>, reason: &SkipReason) -> Option<Patch> {
+    pub fn skip_mark(&self, pod: &PodView<'_>, reason: &SkipReason) -> Option<PodPatch> {
         let label = reason.metric_label();
         if !reason.warrants_warning() || pod.annotation(&self.keys.skipped) == Some(label) {
             return None;
         }
         let exists = pod.metadata.annotations.is_some();
         let mut entries = vec![(self.keys.skipped.as_str(), label.to_string())];
-        Some(Patch(set_entries("annotations", exists, &mut entries)))
+        Some(PodPatch(set_entries("annotations", exists, &mut entries)))
     }
 
     pub fn config(&self) -> &Config {
@@ -295,7 +325,7 @@ impl Injector {
         &self,
         pod: &PodView<'_>,
         ctx: PodContext<'_>,
-    ) -> Result<(Patch, InjectionStatus, Vec<String>), SkipReason> {
+    ) -> Result<(PodPatch, InjectionStatus, Vec<String>), SkipReason> {
         let keys = &self.keys;
         let sidecar_name = self.config.sidecar.name.as_str();
         let labels = pod.metadata.labels.as_ref();
@@ -381,12 +411,9 @@ impl Injector {
             ),
             ResolvedMode::Container => ("containers", true),
         };
-        ops.insert(0, append(&["spec", list], existing, self.sidecar.clone()));
+        ops.insert(0, self.sidecar.append(&["spec", list], existing));
         let has_volumes = spec.and_then(|s| s.volumes.as_ref()).is_some();
-        ops.insert(
-            1,
-            append(&["spec", "volumes"], has_volumes, self.volume.clone()),
-        );
+        ops.insert(1, self.volume.append(&["spec", "volumes"], has_volumes));
 
         let status = InjectionStatus {
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -413,7 +440,7 @@ impl Injector {
             annotations.is_some(),
             &mut new_annotations,
         ));
-        Ok((Patch(ops), status, skipped))
+        Ok((PodPatch(ops), status, skipped))
     }
 }
 
@@ -433,37 +460,13 @@ fn pointer(tokens: &[&str]) -> PointerBuf {
     PointerBuf::from_tokens(tokens.iter().copied())
 }
 
-/// Adds `value` to the list at `path`, creating the list if it does not exist.
-fn append(path: &[&str], list_exists: bool, value: Value) -> PatchOperation {
-    if list_exists {
-        let mut tokens = path.to_vec();
-        tokens.push("-");
-        PatchOperation::Add(AddOperation {
-            path: pointer(&tokens),
-            value,
-        })
-    } else {
-        PatchOperation::Add(AddOperation {
-            path: pointer(path),
-            value: Value::Array(vec![value]),
-        })
-    }
-}
-
 /// Sets keys in `metadata.<field>`, creating the map if it does not exist.
-fn set_entries(
-    field: &str,
-    map_exists: bool,
-    entries: &mut Vec<(&str, String)>,
-) -> Vec<PatchOperation> {
+fn set_entries(field: &str, map_exists: bool, entries: &mut Vec<(&str, String)>) -> Vec<Operation> {
     if map_exists {
         entries
             .drain(..)
             .map(|(key, value)| {
-                PatchOperation::Add(AddOperation {
-                    path: pointer(&["metadata", field, key]),
-                    value: Value::String(value),
-                })
+                Operation::add(pointer(&["metadata", field, key]), Value::String(value))
             })
             .collect()
     } else {
@@ -471,10 +474,10 @@ fn set_entries(
             .drain(..)
             .map(|(k, v)| (k.to_string(), Value::String(v)))
             .collect();
-        vec![PatchOperation::Add(AddOperation {
-            path: pointer(&["metadata", field]),
-            value: Value::Object(map),
-        })]
+        vec![Operation::add(
+            pointer(&["metadata", field]),
+            Value::Object(map),
+        )]
     }
 }
 

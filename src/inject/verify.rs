@@ -12,11 +12,14 @@
 
 use std::collections::BTreeSet;
 
-use json_patch::{Patch, PatchOperation, jsonptr::Pointer};
+use json_patch::jsonptr::Pointer;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::view::{AsPodView, PodView, Str};
+use super::{
+    Op, PodPatch,
+    view::{AsPodView, PodView, Str},
+};
 use crate::config::is_port_name;
 
 impl PodView<'_> {
@@ -132,34 +135,21 @@ pub fn check_pod<P: AsPodView + ?Sized>(pod: &P) -> Result<(), PodProblem> {
 }
 
 /// Applies `patch` to `pod`'s view and checks the result.
-pub fn verify_patch<P: AsPodView + ?Sized>(pod: &P, patch: &Patch) -> Result<(), PatchProblem> {
+pub fn verify_patch<P: AsPodView + ?Sized>(pod: &P, patch: &PodPatch) -> Result<(), PatchProblem> {
     pod.with_view(|view| {
         let mut patched = view.clone();
         for (index, operation) in patch.0.iter().enumerate() {
-            let (path, result) = match operation {
-                PatchOperation::Add(op) => {
-                    (&op.path, apply(&mut patched, &op.path, &op.value, Op::Add))
-                }
-                PatchOperation::Replace(op) => (
-                    &op.path,
-                    apply(&mut patched, &op.path, &op.value, Op::Replace),
-                ),
-                PatchOperation::Remove(op) => (&op.path, Err(Failure::Unsupported)),
-                PatchOperation::Move(op) => (&op.path, Err(Failure::Unsupported)),
-                PatchOperation::Copy(op) => (&op.path, Err(Failure::Unsupported)),
-                PatchOperation::Test(op) => (&op.path, Err(Failure::Unsupported)),
-            };
-            result.map_err(|failure| failure.at(index, path))?;
+            apply(
+                &mut patched,
+                &operation.path,
+                operation.value.value(),
+                operation.op,
+            )
+            .map_err(|failure| failure.at(index, &operation.path))?;
         }
         patched.check()?;
         Ok(())
     })
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Op {
-    Add,
-    Replace,
 }
 
 enum Failure {
@@ -167,7 +157,6 @@ enum Failure {
     Missing,
     /// The path leaves the view: not something the injector writes.
     OutsideView,
-    Unsupported,
     Malformed(serde_json::Error),
 }
 
@@ -183,7 +172,6 @@ impl Failure {
         let reason = match self {
             Self::Missing => "the target or its parent does not exist",
             Self::OutsideView => "the path is outside what the injector writes",
-            Self::Unsupported => "the injector writes only add and replace",
             Self::Malformed(source) => {
                 return PatchProblem::Malformed {
                     index,

@@ -1,19 +1,17 @@
 //! The AdmissionReview protocol around the pure mutation.
 
 use std::{
-    borrow::Cow,
     cell::RefCell,
     panic::{AssertUnwindSafe, catch_unwind},
 };
 
-use json_patch::Patch;
 use kube::core::admission::Operation;
-use serde::Deserialize;
-use serde_json::value::RawValue;
+
+use super::envelope::{self, EnvelopeError, Object};
 
 use crate::inject::{
-    Decision, Injector, NamespacePolicy, PatchProblem, PodContext, PodView, SkipReason, check_pod,
-    verify_patch,
+    Decision, Injector, NamespacePolicy, PatchProblem, PodContext, PodPatch, PodView, SkipReason,
+    check_pod, verify_patch,
 };
 
 pub const API_VERSION: &str = "admission.k8s.io/v1";
@@ -88,53 +86,13 @@ impl Outcome {
     }
 }
 
-/// The parts of an AdmissionReview request this webhook reads. The pod stays
-/// raw JSON until the request turns out to be a pod CREATE; everything else
-/// (`oldObject`, `options`, `userInfo`, ...) is skipped without allocating.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct IncomingReview<'a> {
-    #[serde(borrow, default)]
-    api_version: Cow<'a, str>,
-    #[serde(borrow, default)]
-    kind: Cow<'a, str>,
-    #[serde(borrow)]
-    request: Option<IncomingRequest<'a>>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct IncomingRequest<'a> {
-    #[serde(borrow, default)]
-    uid: Cow<'a, str>,
-    #[serde(borrow)]
-    kind: IncomingKind<'a>,
-    #[serde(borrow, default)]
-    sub_resource: Option<Cow<'a, str>>,
-    operation: Operation,
-    #[serde(borrow, default)]
-    namespace: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    object: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-struct IncomingKind<'a> {
-    #[serde(borrow, default)]
-    group: Cow<'a, str>,
-    #[serde(borrow, default)]
-    version: Cow<'a, str>,
-    #[serde(borrow, default)]
-    kind: Cow<'a, str>,
-}
-
 /// The answer to one review: allowed, with or without a patch. Written to the
 /// wire by [`to_bytes`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Answer {
     pub uid: String,
     /// The verified patch, when the pod is injected.
-    pub patch: Option<Patch>,
+    pub patch: Option<PodPatch>,
     pub warnings: Vec<String>,
 }
 
@@ -155,7 +113,10 @@ pub fn review(
     namespaces: &dyn NamespacePolicies,
     body: &[u8],
 ) -> Result<(Answer, Outcome), ReviewError> {
-    let review: IncomingReview = serde_json::from_slice(body).map_err(ReviewError::Malformed)?;
+    let review = envelope::parse(body).map_err(|error| match error {
+        EnvelopeError::Malformed(error) => ReviewError::Malformed(error),
+        EnvelopeError::InvalidPod(error) => ReviewError::InvalidPod(error),
+    })?;
     if review.api_version != API_VERSION || review.kind != KIND {
         return Err(ReviewError::UnsupportedVersion {
             api_version: review.api_version.into_owned(),
@@ -166,17 +127,19 @@ pub fn review(
     if request.uid.is_empty() {
         return Err(ReviewError::MissingUid);
     }
+    let is_pod = request.is_pod();
     let response = Answer::allowed(request.uid.into_owned());
-    let is_pod =
-        request.kind.group.is_empty() && request.kind.version == "v1" && request.kind.kind == "Pod";
-    if !is_pod || request.sub_resource.is_some_and(|s| !s.is_empty()) {
+    if !is_pod {
         return Ok((response, Outcome::Ignored("not_a_pod")));
     }
     if request.operation != Operation::Create {
         return Ok((response, Outcome::Ignored("not_create")));
     }
-    let object = request.object.ok_or(ReviewError::MissingObject)?;
-    let pod: PodView = serde_json::from_str(object.get()).map_err(ReviewError::InvalidPod)?;
+    let pod = match request.object {
+        Object::Pod(pod) => *pod,
+        Object::Raw(raw) => envelope::view_raw(raw).map_err(ReviewError::InvalidPod)?,
+        Object::Absent | Object::Skipped => return Err(ReviewError::MissingObject),
+    };
 
     let namespace = request
         .namespace
@@ -206,7 +169,7 @@ fn answer(
     mut response: Answer,
     pod: &PodView<'_>,
     mutate: impl FnOnce() -> Decision,
-    mark_skip: impl FnOnce(&SkipReason) -> Option<Patch>,
+    mark_skip: impl FnOnce(&SkipReason) -> Option<PodPatch>,
 ) -> (Answer, Outcome) {
     let decision = match catch_unwind(AssertUnwindSafe(mutate)) {
         Ok(decision) => decision,
@@ -333,6 +296,7 @@ pub fn to_json(answer: &Answer) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use json_patch::{AddOperation, Patch, PatchOperation, ReplaceOperation, jsonptr::PointerBuf};
+    use serde::Deserialize;
     use serde_json::json;
 
     use super::*;
@@ -355,7 +319,7 @@ mod tests {
 
     fn inject(ops: Vec<PatchOperation>) -> Decision {
         Decision::Inject {
-            patch: Patch(ops),
+            patch: PodPatch::try_from(&Patch(ops)).unwrap(),
             status: InjectionStatus {
                 version: "test".into(),
                 sidecar: "statsd-exporter".into(),
@@ -501,7 +465,7 @@ mod tests {
         assert_eq!(outcome, Outcome::Skipped("host_network"));
         assert_eq!(first.warnings.len(), 1, "{:?}", first.warnings);
         let patch = first.patch.expect("the skip is recorded");
-        json_patch::patch(&mut value, &patch).unwrap();
+        json_patch::patch(&mut value, &patch.to_json_patch()).unwrap();
         assert_eq!(
             value["metadata"]["annotations"]["metrics.chiller.io/skipped"],
             "host_network"
@@ -533,10 +497,25 @@ mod tests {
         })]);
         let with = |patch: Option<&Patch>, warnings: &[&str]| Answer {
             uid: "u\"1".into(),
-            patch: patch.cloned(),
+            patch: patch.map(|p| PodPatch::try_from(p).unwrap()),
             warnings: warnings.iter().map(|w| w.to_string()).collect(),
         };
+        let prebuilt = PodPatch(vec![
+            crate::inject::Operation::add(
+                PointerBuf::parse("/spec/volumes").unwrap(),
+                crate::inject::Prebuilt::new(json!([{"name": "m\"ap", "configMap": {}}])),
+            ),
+            crate::inject::Operation::add(
+                PointerBuf::parse("/metadata/labels/a").unwrap(),
+                json!("b"),
+            ),
+        ]);
         for answer in [
+            Answer {
+                uid: "u\"1".into(),
+                patch: Some(prebuilt),
+                warnings: vec![],
+            },
             with(Some(&long), &[]),
             with(Some(&patch), &["a \"quoted\" warning", "second"]),
             with(None, &["only a warning"]),
@@ -549,7 +528,8 @@ mod tests {
                 "response": {"uid": "u\"1", "allowed": true, "status": {}},
             });
             if let Some(patch) = &answer.patch {
-                let encoded = STANDARD.encode(serde_json::to_vec(patch).unwrap());
+                let json_patch = serde_json::to_vec(&patch.to_json_patch()).unwrap();
+                let encoded = STANDARD.encode(json_patch);
                 expected["response"]["patch"] = json!(encoded);
                 expected["response"]["patchType"] = json!("JSONPatch");
             }

@@ -1009,7 +1009,7 @@ mod tests {
         ) else {
             panic!("the pod is injected");
         };
-        json_patch::patch(&mut subject.pod, &patch).unwrap();
+        json_patch::patch(&mut subject.pod, &patch.to_json_patch()).unwrap();
         // A status annotation that records a config hash.
         let status_key = "/metadata/annotations/metrics.chiller.io~1status";
         let mut status: Value =
