@@ -91,10 +91,12 @@ e2e:
 	./tests/e2e/run.sh
 
 ## Benchmarks (not part of `make test`): criterion mutation benches, then the
-## HTTPS load benchmark against the baseline server (needs h2load). BENCHMARKS.md explains.
+## HTTPS load benchmark against the baseline server (needs h2load), with 16
+## clients and again with 4. BENCHMARKS.md explains.
 bench:
 	$(CARGO) bench --locked --bench mutate
 	./scripts/bench.sh
+	CLIENTS=4 STREAMS=1 LARGE_PODS=0 ./scripts/bench.sh
 
 ## Fuzzes the request path for FUZZ_SECONDS (default 300) with cargo-fuzz on the
 ## stable toolchain (RUSTC_BOOTSTRAP); installs cargo-fuzz if it is missing.

@@ -292,9 +292,27 @@ criterion_group! {
     targets = benches
 }
 
+/// `MUTATE_WRITE_BODIES=<dir>` writes the three reviews to `<dir>/<pod>.json`
+/// for `scripts/bench.sh`, so the load test posts the same pods.
+fn write_bodies(dir: &str) {
+    std::fs::create_dir_all(dir).expect("creating the bodies' folder");
+    for (name, pod) in [
+        ("chiller-api", chiller_pod()),
+        ("60-containers", pod_with_containers(60)),
+        ("600KB", big_pod(600 * 1024)),
+    ] {
+        let path = std::path::Path::new(dir).join(format!("{name}.json"));
+        std::fs::write(&path, review_body(&pod)).expect("writing a body");
+    }
+}
+
 fn main() {
     if let Ok(spec) = std::env::var("MUTATE_CALLGRIND") {
         callgrind(&spec);
+        return;
+    }
+    if let Ok(dir) = std::env::var("MUTATE_WRITE_BODIES") {
+        write_bodies(&dir);
         return;
     }
     mutation();

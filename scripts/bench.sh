@@ -6,7 +6,9 @@
 # Environment: RUNS (default 3; medians are reported), DURATION seconds per
 # measurement (default 5), CLIENTS (default 16), STREAMS per HTTP/2 client
 # (default 4), SERVER_CPU and LOAD_CPU (default 0 and 1: the server and h2load
-# are pinned to separate cores with taskset when the machine has two or more).
+# are pinned to separate cores with taskset when the machine has two or more),
+# LARGE_PODS (default 1: also the throughput for the 60-container and ~600 KB
+# pods of benches/mutate.rs; 0 skips them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +16,7 @@ RUNS=${RUNS:-3}
 DURATION=${DURATION:-5}
 CLIENTS=${CLIENTS:-16}
 STREAMS=${STREAMS:-4}
+LARGE_PODS=${LARGE_PODS:-1}
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 OUT=.bench
@@ -48,6 +51,12 @@ mkdir -p "$OUT"
 "$OURS_BIN" certs --out "$OUT/certs" --dns localhost --dns 127.0.0.1 >/dev/null 2>&1
 python3 -c 'import json,sys; json.dump(json.load(open(sys.argv[1])), open(sys.argv[2], "w"), separators=(",", ":"))' \
     "$BODY_SOURCE" "$OUT/body.json"
+LARGE=()
+if [ "$LARGE_PODS" = 1 ]; then
+    # The large pods of the mutation benchmark, written by it.
+    MUTATE_WRITE_BODIES="$PWD/$OUT/bodies" cargo bench --locked --quiet --bench mutate >/dev/null
+    LARGE=(60-containers 600KB)
+fi
 
 WEBHOOK_PORT=18443
 ADMIN_PORT=19090
@@ -99,11 +108,12 @@ start_server() {
 
 status_kb() { awk -v key="$2:" '$1 == key {print $2}' "/proc/$1/status"; }
 
-# load NAME PROTO [RPS_PER_CLIENT]: runs h2load, leaves its summary and per-request log in $OUT.
+# load NAME PROTO [RPS_PER_CLIENT [BODY]]: runs h2load, leaves its summary and
+# per-request log in $OUT.
 load() {
-    local name=$1 proto=$2 rps=${3:-}
+    local name=$1 proto=$2 rps=${3:-} body=${4:-$OUT/body.json}
     local args=(-D "$DURATION" --warm-up-time 1 -c "$CLIENTS" -t 1
-        -d "$OUT/body.json" -H 'content-type: application/json'
+        -d "$body" -H 'content-type: application/json'
         --log-file "$OUT/$name.tsv")
     if [ "$proto" = h1 ]; then args+=(--h1 -m 1); else args+=(-m "$STREAMS"); fi
     [ -n "$rps" ] && args+=(--rps "$rps")
@@ -138,6 +148,8 @@ for run in $(seq 1 "$RUNS"); do
         sleep 0.5
         record "$run" "$server" startup_ms "$(python3 -c "print($STARTUP_US / 1000)")"
         record "$run" "$server" idle_rss_mb "$(python3 -c "print($(status_kb "$SERVER_PID" VmRSS) / 1024)")"
+        record "$run" "$server" idle_anon_mb "$(python3 -c "print($(status_kb "$SERVER_PID" RssAnon) / 1024)")"
+        record "$run" "$server" idle_file_mb "$(python3 -c "print($(status_kb "$SERVER_PID" RssFile) / 1024)")"
         for proto in h1 h2; do
             load "$server-$proto-saturation-$run" "$proto"
             rate=$(rate_of "$server-$proto-saturation-$run")
@@ -145,6 +157,16 @@ for run in $(seq 1 "$RUNS"); do
             saturation[$server-$proto]=$rate
         done
         record "$run" "$server" peak_rss_mb "$(python3 -c "print($(status_kb "$SERVER_PID" VmHWM) / 1024)")"
+        # RSS after the load, split: heap and stacks (anonymous) against the
+        # binary's and libraries' pages (file-backed, shared and clean).
+        record "$run" "$server" loaded_anon_mb "$(python3 -c "print($(status_kb "$SERVER_PID" RssAnon) / 1024)")"
+        record "$run" "$server" loaded_file_mb "$(python3 -c "print($(status_kb "$SERVER_PID" RssFile) / 1024)")"
+        for pod in "${LARGE[@]}"; do
+            for proto in h1 h2; do
+                load "$server-$proto-$pod-$run" "$proto" "" "$OUT/bodies/$pod.json"
+                record "$run" "$server" "${proto}_throughput_rps_$pod" "$(rate_of "$server-$proto-$pod-$run")"
+            done
+        done
         stop_server
     done
     # Latency at a fixed rate: half of the webhook's saturation, the same for both servers.
@@ -165,21 +187,26 @@ for run in $(seq 1 "$RUNS"); do
     echo "run $run of $RUNS done"
 done
 
-python3 - "$RESULTS" "$RUNS" <<'EOF'
+python3 - "$RESULTS" "$RUNS" "$CLIENTS clients, $STREAMS streams per HTTP/2 client" <<'EOF'
 import statistics, sys
 rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1])]
 values = {}
 for run, server, metric, value in rows:
     values.setdefault(metric, {}).setdefault(server, []).append(float(value))
-order = ["h1_throughput_rps", "h2_throughput_rps", "h1_half_rate_rps", "h1_p50_ms", "h1_p99_ms",
+order = ["h1_throughput_rps", "h2_throughput_rps",
+         "h1_throughput_rps_60-containers", "h2_throughput_rps_60-containers",
+         "h1_throughput_rps_600KB", "h2_throughput_rps_600KB",
+         "h1_half_rate_rps", "h1_p50_ms", "h1_p99_ms",
          "h2_half_rate_rps", "h2_p50_ms", "h2_p99_ms", "idle_rss_mb", "peak_rss_mb",
-         "peak_rss_mb_rate", "startup_ms"]
-print(f"\nmedians of {sys.argv[2]} runs")
-print(f"{'metric':<20}{'ours':>12}{'baseline':>12}{'ratio':>9}")
+         "peak_rss_mb_rate", "idle_anon_mb", "idle_file_mb", "loaded_anon_mb", "loaded_file_mb",
+         "startup_ms"]
+order = [metric for metric in order if metric in values]
+print(f"\nmedians of {sys.argv[2]} runs, {sys.argv[3]}")
+print(f"{'metric':<32}{'ours':>12}{'baseline':>12}{'ratio':>9}")
 for metric in order:
     ours = statistics.median(values[metric]["ours"])
     base = statistics.median(values[metric]["baseline"])
     ratio = ours / base if base else float("nan")
-    print(f"{metric:<20}{ours:>12.3f}{base:>12.3f}{ratio:>9.2f}")
+    print(f"{metric:<32}{ours:>12.3f}{base:>12.3f}{ratio:>9.2f}")
 EOF
 echo "raw figures: $RESULTS; h2load output: $OUT/*.txt"
