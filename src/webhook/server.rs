@@ -312,10 +312,11 @@ impl Activity {
         }
     }
 
+    /// A request started. Wakes nobody: the timers look again when they
+    /// run out, so a request costs the connection's task no extra poll.
     fn start(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         *self.head_since.lock().expect("lock") = None;
-        self.changed.notify_waiters();
         InFlight(self.clone())
     }
 
@@ -334,34 +335,35 @@ impl Activity {
     /// Resolves once a head began `timeout` ago and no request started since.
     async fn head_overdue(&self, timeout: Duration) {
         loop {
+            // Registered before the check, so a head that begins after it wakes us.
             let changed = self.changed.notified();
             let head_since = *self.head_since.lock().expect("lock");
             match head_since {
-                Some(since) => tokio::select! {
-                    () = tokio::time::sleep_until((since + timeout).into()) => {
-                        if *self.head_since.lock().expect("lock") == Some(since) {
-                            return;
-                        }
+                Some(since) => {
+                    tokio::time::sleep_until((since + timeout).into()).await;
+                    if *self.head_since.lock().expect("lock") == Some(since) {
+                        return;
                     }
-                    () = changed => {}
-                },
+                }
                 None => changed.await,
             }
         }
     }
 
-    /// Resolves once no request has been in flight for `timeout`.
+    /// Resolves once no request has been in flight for `timeout`. Checked
+    /// when a timer runs out, not on every request: a connection that was
+    /// busy at a check is closed at most `timeout` later than it could be.
     async fn idle_for(&self, timeout: Duration) {
         loop {
-            let changed = self.changed.notified();
-            if self.in_flight.load(Ordering::SeqCst) == 0 {
-                let since = *self.idle_since.lock().expect("lock");
-                tokio::select! {
-                    () = tokio::time::sleep_until((since + timeout).into()) => return,
-                    () = changed => {}
-                }
+            let deadline = if self.in_flight.load(Ordering::SeqCst) == 0 {
+                *self.idle_since.lock().expect("lock") + timeout
             } else {
-                changed.await;
+                Instant::now() + timeout
+            };
+            tokio::time::sleep_until(deadline.into()).await;
+            let idle_since = *self.idle_since.lock().expect("lock");
+            if self.in_flight.load(Ordering::SeqCst) == 0 && idle_since.elapsed() >= timeout {
+                return;
             }
         }
     }
@@ -371,7 +373,6 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         *self.0.idle_since.lock().expect("lock") = Instant::now();
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-        self.0.changed.notify_waiters();
     }
 }
 
