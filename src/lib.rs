@@ -16,6 +16,7 @@ pub mod certs;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod file_watch;
 pub mod inject;
 pub mod keys;
 pub mod live_config;

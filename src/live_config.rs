@@ -142,17 +142,12 @@ impl LiveInjector {
         if self.source.is_none() {
             return;
         }
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticker.tick().await;
-        loop {
-            ticker.tick().await;
-            let this = self.clone();
-            let result = tokio::task::spawn_blocking(move || this.reload_if_changed())
-                .await
-                .unwrap_or(Ok(false));
-            let label = |result| ResultLabels { result };
-            match result {
+        let this = self.clone();
+        let label = |result| ResultLabels { result };
+        crate::file_watch::poll(
+            interval,
+            move || this.reload_if_changed(),
+            |result| match result {
                 Ok(true) => {
                     metrics
                         .config_reloads
@@ -169,8 +164,9 @@ impl LiveInjector {
                         .inc();
                     tracing::error!(%error, "changed config rejected; keeping the running config");
                 }
-            }
-        }
+            },
+        )
+        .await;
     }
 }
 

@@ -121,17 +121,12 @@ impl ReloadingCert {
 
     /// Polls the files every `interval` until the task is dropped.
     pub async fn watch(self: Arc<Self>, interval: Duration, metrics: Arc<Metrics>) {
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticker.tick().await;
+        let this = self.clone();
         let mut failing = false;
-        loop {
-            ticker.tick().await;
-            let this = self.clone();
-            let result = tokio::task::spawn_blocking(move || this.reload_if_changed())
-                .await
-                .unwrap_or(Ok(false));
-            match result {
+        crate::file_watch::poll(
+            interval,
+            move || this.reload_if_changed(),
+            |result| match result {
                 Ok(true) => {
                     failing = false;
                     metrics
@@ -151,8 +146,9 @@ impl ReloadingCert {
                     }
                     failing = true;
                 }
-            }
-        }
+            },
+        )
+        .await;
     }
 }
 
