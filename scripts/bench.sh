@@ -8,7 +8,7 @@
 # (default 4), SERVER_CPU and LOAD_CPU (default 0 and 1: the server and h2load
 # are pinned to separate cores with taskset when the machine has two or more),
 # LARGE_PODS (default 1: also the throughput for the 60-container and ~600 KB
-# pods of benches/mutate.rs; 0 skips them).
+# pods of benches/mutate.rs; 0 skips them). The servers take turns going first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -143,7 +143,10 @@ record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$RESULTS"; }
 
 for run in $(seq 1 "$RUNS"); do
     declare -A saturation=()
-    for server in ours baseline; do
+    # Odd runs measure the webhook first, even runs the baseline first, so that
+    # drift on the machine (frequency, steal, page cache) lands on both sides.
+    if [ $((run % 2)) = 1 ]; then order=(ours baseline); else order=(baseline ours); fi
+    for server in "${order[@]}"; do
         start_server "$server"
         sleep 0.5
         record "$run" "$server" startup_ms "$(python3 -c "print($STARTUP_US / 1000)")"
@@ -170,7 +173,7 @@ for run in $(seq 1 "$RUNS"); do
         stop_server
     done
     # Latency at a fixed rate: half of the webhook's saturation, the same for both servers.
-    for server in ours baseline; do
+    for server in "${order[@]}"; do
         start_server "$server"
         for proto in h1 h2; do
             per_client=$(python3 -c "print(max(1, int(${saturation[ours-$proto]} / 2 / $CLIENTS)))")
