@@ -8,7 +8,11 @@ attributes the resident text pages to crates by the symbols (`nm`) they hold.
 """
 import bisect, collections, os, re, struct, subprocess, sys
 
+if len(sys.argv) != 2 or not sys.argv[1].isdigit():
+    sys.exit("usage: scripts/resident-text.py PID")
 pid = int(sys.argv[1])
+if not os.path.exists(f"/proc/{pid}/maps"):
+    sys.exit(f"resident-text: no process {pid}")
 binary = os.path.realpath(f"/proc/{pid}/exe")
 mappings = []
 for line in open(f"/proc/{pid}/maps"):
@@ -56,6 +60,8 @@ for line in nm.splitlines():
         offset = file_offset(int(fields[0], 16))
         if offset is not None and int(fields[1], 16) > 0:
             symbols.append((offset, int(fields[1], 16), crate(fields[3])))
+if not symbols:
+    sys.exit(f"resident-text: {binary} has no symbols (stripped?)")
 symbols.sort()
 starts = [s[0] for s in symbols]
 largest = max((s[1] for s in symbols), default=0)
