@@ -31,6 +31,23 @@ const OPERATOR_NAMESPACE: &str = "monitoring";
 /// Bounds the whole scenario (each of its waits is bounded too).
 const SCENARIO_TIMEOUT_SECONDS: u32 = 2400;
 
+/// Builds and downloads, from the Go module proxy, everything the scenario
+/// runs; only possible before [`isolated`] enters its network namespace.
+fn build_and_download_tools() {
+    controlplane::binaries();
+    for module in [
+        "kwok",
+        "statsd-exporter",
+        "prometheus",
+        "prometheus-operator",
+        "postgres-exporter",
+    ] {
+        build(module);
+    }
+    module_dir("kwok", "sigs.k8s.io/kwok");
+    module_dir("prometheus-operator", OPERATOR_MODULE);
+}
+
 fn table() -> ImageTable {
     let app = controlplane::crate_dir().join("tests/e2e/app");
     let venv = controlplane::crate_dir().join(".tools/venv/bin");
@@ -274,7 +291,10 @@ fn prometheus_targets(plane: &ControlPlane) -> String {
 
 #[test]
 fn the_kind_journey_on_kwok_nodes_with_pods_that_really_run() {
-    if !isolated("the_kind_journey_on_kwok_nodes_with_pods_that_really_run") {
+    if !isolated(
+        "the_kind_journey_on_kwok_nodes_with_pods_that_really_run",
+        build_and_download_tools,
+    ) {
         return;
     }
     let plane = ControlPlane::shared();

@@ -920,9 +920,6 @@ fn start_container(
     super::process::spawn_tied_to_this_process(command).map_err(|e| format!("starting {name}: {e}"))
 }
 
-/// Runs the current test again inside new network and mount namespaces
-/// (loopback up), so every address it creates is its own; returns whether
-/// this process is already that isolated run.
 /// Whether this process runs inside the network namespace [`isolated`] made.
 pub fn in_isolated_network() -> bool {
     std::env::var_os(ISOLATED).is_some()
@@ -930,11 +927,17 @@ pub fn in_isolated_network() -> bool {
 
 const ISOLATED: &str = "CHILLER_TEST_ISOLATED";
 
-pub fn isolated(test_name: &str) -> bool {
+/// Runs the current test again inside new network and mount namespaces
+/// (loopback up), so every address it creates is its own; returns whether
+/// this process is already that isolated run. `prepare` runs first, outside:
+/// the namespace has no route to the Go module proxy, so everything the test
+/// builds or downloads must be done there.
+pub fn isolated(test_name: &str, prepare: impl FnOnce()) -> bool {
     if in_isolated_network() {
         sh(&["ip", "link", "set", "lo", "up"]);
         return true;
     }
+    prepare();
     let exe = std::env::current_exe().unwrap();
     let mut child = Command::new("unshare")
         .args(["--net", "--mount", "--propagation", "private", "--"])
