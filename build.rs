@@ -1,0 +1,27 @@
+//! Hands the linker the functions `serve` runs (layout/hot-symbols.txt, made
+//! by scripts/hot-symbols.sh), so they sit together in the binary and the
+//! kernel maps fewer pages of code. Only for release builds on the target
+//! whose default linker is rust-lld.
+
+const ORDER: &str = "layout/hot-symbols.txt";
+
+fn main() {
+    println!("cargo::rerun-if-changed={ORDER}");
+    let target = std::env::var("TARGET").unwrap_or_default();
+    let release = std::env::var("PROFILE").is_ok_and(|profile| profile == "release");
+    if target != "x86_64-unknown-linux-gnu" || !release {
+        return;
+    }
+    let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let order = std::path::Path::new(&dir).join(ORDER);
+    if !order.is_file() {
+        return;
+    }
+    let bin = "chiller-metrics";
+    println!(
+        "cargo::rustc-link-arg-bin={bin}=-Wl,--symbol-ordering-file={}",
+        order.display()
+    );
+    // Symbols renamed since the list was made are skipped, not errors.
+    println!("cargo::rustc-link-arg-bin={bin}=-Wl,--no-warn-symbol-ordering");
+}
