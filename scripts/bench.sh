@@ -45,6 +45,17 @@ echo "building release binaries..."
 cargo build --release --locked --quiet --bin chiller-metrics --example baseline_server
 OURS_BIN=target/release/chiller-metrics
 BASE_BIN=target/release/examples/baseline_server
+# How much of the hot-code list (build.rs, scripts/hot-symbols.sh) the binary
+# still has: a low share means the list is stale and resident code grows.
+python3 - "$OURS_BIN" layout/hot-symbols.txt <<'EOF'
+import subprocess, sys
+binary, order = sys.argv[1:]
+listed = [l.strip() for l in open(order) if l.strip() and not l.startswith("#")]
+present = set(subprocess.run(["nm", binary], capture_output=True, text=True, check=True)
+              .stdout.split())
+found = sum(name in present for name in listed)
+print(f"hot-code list: {found} of {len(listed)} functions found in {binary}")
+EOF
 
 rm -rf "$OUT"
 mkdir -p "$OUT"
