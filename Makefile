@@ -8,7 +8,7 @@ SERVICE ?= chiller-metrics
 IMAGE ?= chiller-metrics:dev
 KIND_CLUSTER ?= chiller-metrics
 
-.PHONY: all build demo test tools cluster-tools cluster-up cluster-down e2e-local lint fmt e2e image kind-load certs manifests bench fuzz golden clean
+.PHONY: all build demo test tools cluster-tools cluster-up cluster-down e2e-local lint fmt e2e image kind-load certs manifests bench hot-symbols fuzz golden clean
 
 all: build
 
@@ -97,6 +97,11 @@ bench:
 	$(CARGO) bench --locked --bench mutate
 	./scripts/bench.sh
 	CLIENTS=4 STREAMS=1 LARGE_PODS=0 ./scripts/bench.sh
+
+## Regenerates layout/hot-symbols.txt, the functions serving runs, which the
+## release link places together (build.rs); needs valgrind and h2load.
+hot-symbols:
+	./scripts/hot-symbols.sh
 
 ## Fuzzes the request path for FUZZ_SECONDS (default 300) with cargo-fuzz on the
 ## stable toolchain (RUSTC_BOOTSTRAP); installs cargo-fuzz if it is missing.

@@ -1,12 +1,17 @@
 //! Hands the linker the functions `serve` runs (layout/hot-symbols.txt, made
 //! by scripts/hot-symbols.sh), so they sit together in the binary and the
 //! kernel maps fewer pages of code; and packs the relative relocations. Only
-//! for release builds on the target whose default linker is rust-lld.
+//! for release builds on the target whose default linker is rust-lld;
+//! `CHILLER_METRICS_PLAIN_LINK=1` leaves both out (for a linker without them).
 
 const ORDER: &str = "layout/hot-symbols.txt";
 
 fn main() {
     println!("cargo::rerun-if-changed={ORDER}");
+    println!("cargo::rerun-if-env-changed=CHILLER_METRICS_PLAIN_LINK");
+    if std::env::var_os("CHILLER_METRICS_PLAIN_LINK").is_some_and(|v| v == "1") {
+        return;
+    }
     let target = std::env::var("TARGET").unwrap_or_default();
     let release = std::env::var("PROFILE").is_ok_and(|profile| profile == "release");
     if target != "x86_64-unknown-linux-gnu" || !release {

@@ -6,8 +6,8 @@
 #
 # The profile is valgrind's callgrind (instruction counts, not time): the
 # server starts, answers every request of tests/golden/requests over HTTP/1.1
-# and HTTP/2 (the chiller API pod many times), serves its admin endpoints and
-# drains. Run it after changes to the serving path; a stale list only costs
+# and HTTP/2, then the pods of scripts/bench.sh with 16 clients, at saturation
+# and at a fixed rate, serves its admin endpoints and drains. Run it after changes to the serving path; a stale list only costs
 # resident memory (the linker skips symbols that no longer exist).
 #
 # Needs valgrind, h2load (nghttp2-client) and curl.
@@ -50,19 +50,28 @@ for _ in $(seq 1 240); do
 done
 [ -n "$ready" ] || { echo "hot-symbols: the server did not start:" >&2; cat "$WORK/serve.log" >&2; exit 1; }
 
-# review BODY COUNT: COUNT requests over HTTP/1.1, then over HTTP/2.
+# review BODY COUNT [CLIENTS [H2LOAD ARGS...]]: COUNT requests over HTTP/1.1,
+# then over HTTP/2 with 4 streams per client (scripts/bench.sh's loads).
 review() {
-    local common=(-n "$2" -c 4 -t 1 -d "$1" -H 'content-type: application/json')
+    local body=$1 count=$2 clients=${3:-4}
+    shift $(($# < 3 ? $# : 3))
+    local common=(-n "$count" -c "$clients" -t 1 -d "$body" -H 'content-type: application/json' "$@")
     local url="https://127.0.0.1:$WEBHOOK_PORT/mutate"
     h2load "${common[@]}" --h1 "$url" >"$WORK/h2load.txt" 2>&1
     h2load "${common[@]}" -m 4 "$url" >>"$WORK/h2load.txt" 2>&1
     grep -q "^requests: .* 0 errored" "$WORK/h2load.txt" ||
-        { echo "hot-symbols: requests with $1 failed:" >&2; cat "$WORK/h2load.txt" >&2; exit 1; }
+        { echo "hot-symbols: requests with $body failed:" >&2; cat "$WORK/h2load.txt" >&2; exit 1; }
 }
 for body in tests/golden/requests/*.json; do
     review "$body" 20
 done
-review tests/golden/requests/chiller-api.json 2000
+# The benchmark's pods, at saturation and at a fixed rate.
+MUTATE_WRITE_BODIES="$WORK/bodies" cargo bench --locked --quiet --bench mutate >/dev/null
+for pod in chiller-api 60-containers 600KB; do
+    review "$WORK/bodies/$pod.json" 400 16
+done
+review "$WORK/bodies/chiller-api.json" 2000 16
+review "$WORK/bodies/chiller-api.json" 320 16 --rps 2
 for path in readyz livez metrics; do
     curl -fsS -o /dev/null "http://127.0.0.1:$ADMIN_PORT/$path"
 done

@@ -24,13 +24,15 @@ const STAGES: &[&str] = &[
     "kustomize/stage/pod/fast/pod-delete.yaml",
 ];
 
-/// Who reports whether a pod is ready.
+/// Who reports whether a pod is ready, and who ends a deleted pod.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PodReadiness {
-    /// kwok marks every Running pod Ready at once.
+    /// kwok marks every Running pod Ready at once and removes a deleted pod
+    /// at once.
     Kwok,
-    /// kwok leaves Running pods not ready; the pod runner reports readiness
-    /// from the containers' probes, as a kubelet does.
+    /// kwok leaves Running pods not ready and deleted pods in place; the pod
+    /// runner reports readiness from the containers' probes and removes a
+    /// deleted pod once its processes are stopped, as a kubelet does.
     PodRunner,
 }
 
@@ -158,6 +160,7 @@ fn kwok_stages(readiness: PodReadiness) -> String {
     let dir = module_dir("kwok", "sigs.k8s.io/kwok");
     STAGES
         .iter()
+        .filter(|file| readiness == PodReadiness::Kwok || !file.ends_with("pod-delete.yaml"))
         .map(|file| {
             let stage = std::fs::read_to_string(dir.join(file))
                 .unwrap_or_else(|e| panic!("kwok stage {file}: {e}"));

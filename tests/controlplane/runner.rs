@@ -280,7 +280,7 @@ fn kubectl_json(plane: &ControlPlane, args: &[&str]) -> Result<Value, String> {
 }
 
 /// One round: start pods that are Running with an IP and not started yet;
-/// stop pods that are gone.
+/// stop pods being deleted and then remove them; stop pods that are gone.
 fn sync_once(
     plane: &ControlPlane,
     table: &ImageTable,
@@ -307,9 +307,18 @@ fn sync_once(
             .as_str()
             .unwrap_or_default()
             .to_string();
-        let running = pod["status"]["phase"] == "Running"
-            && pod["status"]["podIP"].is_string()
-            && pod["metadata"]["deletionTimestamp"].is_null();
+        if !pod["metadata"]["deletionTimestamp"].is_null() && pod["spec"]["nodeName"].is_string() {
+            // As the kubelet does: the object goes only once the processes
+            // are stopped, so a pod that is gone no longer answers anyone.
+            if let Some(running) = pods.lock().unwrap().remove(&uid) {
+                stop_pod(running);
+            }
+            if let Err(error) = remove_deleted(plane, pod, &uid, dir) {
+                errors.push(error);
+            }
+            continue;
+        }
+        let running = pod["status"]["phase"] == "Running" && pod["status"]["podIP"].is_string();
         if !running {
             continue;
         }
@@ -372,6 +381,37 @@ fn sync_once(
         }
     }
     errors
+}
+
+/// Deletes a pod whose deletion has begun for good (grace period 0), on the
+/// condition that it is still the same pod (uid).
+fn remove_deleted(plane: &ControlPlane, pod: &Value, uid: &str, dir: &Path) -> Result<(), String> {
+    let namespace = pod["metadata"]["namespace"].as_str().unwrap_or_default();
+    let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+    let options = dir.join(format!("delete-{uid}.json"));
+    let body = serde_json::json!({
+        "kind": "DeleteOptions",
+        "apiVersion": "v1",
+        "gracePeriodSeconds": 0,
+        "preconditions": {"uid": uid},
+    });
+    std::fs::write(&options, body.to_string()).map_err(|e| e.to_string())?;
+    let output = plane
+        .kubectl()
+        .args(["delete", "--raw"])
+        .arg(format!("/api/v1/namespaces/{namespace}/pods/{name}"))
+        .arg("-f")
+        .arg(&options)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_file(&options);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    // Gone already, or a new pod by the same name: nothing left to do.
+    if output.status.success() || stderr.contains("NotFound") || stderr.contains("Conflict") {
+        Ok(())
+    } else {
+        Err(format!("deleting pod {namespace}/{name}: {stderr}"))
+    }
 }
 
 fn restart_exited(
