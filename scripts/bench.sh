@@ -41,22 +41,14 @@ else
     echo "not pinning: taskset missing or fewer than 2 CPUs"
 fi
 
-LARGE=()
-if [ "$LARGE_PODS" = 1 ]; then
-    # The large pods of the mutation benchmark, written by it. Before the release
-    # build: `cargo bench` relinks the binary with other symbol hashes, which
-    # the hot-code list would then miss.
-    rm -rf .bench-bodies
-    MUTATE_WRITE_BODIES="$PWD/.bench-bodies" cargo bench --locked --quiet --bench mutate >/dev/null
-    LARGE=(60-containers 600KB)
-fi
-
 echo "building release binaries..."
 cargo build --release --locked --quiet --bin chiller-metrics --example baseline_server
 OURS_BIN=target/release/chiller-metrics
 BASE_BIN=target/release/examples/baseline_server
 # How much of the hot-code list (build.rs, scripts/hot-symbols.sh) the binary
-# still has: a low share means the list is stale and resident code grows.
+# still has: a low share means the list is stale and resident code grows
+# (a release build after `cargo bench` has other symbol hashes than one
+# before it; scripts/hot-symbols.sh must be run in the same sequence).
 python3 - "$OURS_BIN" layout/hot-symbols.txt <<'EOF'
 import subprocess, sys
 binary, order = sys.argv[1:]
@@ -69,10 +61,16 @@ EOF
 
 rm -rf "$OUT"
 mkdir -p "$OUT"
-[ "$LARGE_PODS" = 1 ] && mv .bench-bodies "$OUT/bodies"
 "$OURS_BIN" certs --out "$OUT/certs" --dns localhost --dns 127.0.0.1 >/dev/null 2>&1
 python3 -c 'import json,sys; json.dump(json.load(open(sys.argv[1])), open(sys.argv[2], "w"), separators=(",", ":"))' \
     "$BODY_SOURCE" "$OUT/body.json"
+LARGE=()
+if [ "$LARGE_PODS" = 1 ]; then
+    # The large pods of the mutation benchmark, written by it.
+    MUTATE_WRITE_BODIES="$PWD/$OUT/bodies" cargo bench --locked --quiet --bench mutate >/dev/null
+    LARGE=(60-containers 600KB)
+fi
+
 WEBHOOK_PORT=18443
 ADMIN_PORT=19090
 SERVER_PID=""
