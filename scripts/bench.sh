@@ -41,14 +41,18 @@ else
     echo "not pinning: taskset missing or fewer than 2 CPUs"
 fi
 
+rm -rf "$OUT"
+mkdir -p "$OUT/bin"
 echo "building release binaries..."
 cargo build --release --locked --quiet --bin chiller-metrics --example baseline_server
-OURS_BIN=target/release/chiller-metrics
-BASE_BIN=target/release/examples/baseline_server
+# Copies, because `cargo bench` (which writes the large pods' bodies below)
+# replaces target/release/chiller-metrics with its own build of the binary,
+# whose dev-dependency features give other symbol hashes.
+cp target/release/chiller-metrics target/release/examples/baseline_server "$OUT/bin/"
+OURS_BIN=$OUT/bin/chiller-metrics
+BASE_BIN=$OUT/bin/baseline_server
 # How much of the hot-code list (build.rs, scripts/hot-symbols.sh) the binary
-# still has: a low share means the list is stale and resident code grows
-# (a release build after `cargo bench` has other symbol hashes than one
-# before it; scripts/hot-symbols.sh must be run in the same sequence).
+# has: a low share means the list is stale and resident code grows.
 python3 - "$OURS_BIN" layout/hot-symbols.txt <<'EOF'
 import subprocess, sys
 binary, order = sys.argv[1:]
@@ -59,8 +63,6 @@ found = sum(name in present for name in listed)
 print(f"hot-code list: {found} of {len(listed)} functions found in {binary}")
 EOF
 
-rm -rf "$OUT"
-mkdir -p "$OUT"
 "$OURS_BIN" certs --out "$OUT/certs" --dns localhost --dns 127.0.0.1 >/dev/null 2>&1
 python3 -c 'import json,sys; json.dump(json.load(open(sys.argv[1])), open(sys.argv[2], "w"), separators=(",", ":"))' \
     "$BODY_SOURCE" "$OUT/body.json"

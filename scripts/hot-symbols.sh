@@ -18,8 +18,6 @@ for tool in valgrind h2load curl; do
     command -v "$tool" >/dev/null || { echo "hot-symbols: $tool is missing" >&2; exit 1; }
 done
 
-cargo build --release --locked --quiet --bin chiller-metrics
-BIN=target/release/chiller-metrics
 WORK=$(mktemp -d)
 SERVER_PID=""
 cleanup() {
@@ -27,6 +25,12 @@ cleanup() {
     rm -rf "$WORK"
 }
 trap cleanup EXIT
+
+cargo build --release --locked --quiet --bin chiller-metrics
+# A copy: `cargo bench` below replaces target/release/chiller-metrics with
+# its own build (dev-dependency features, other symbol hashes).
+cp target/release/chiller-metrics "$WORK/"
+BIN=$WORK/chiller-metrics
 
 "$BIN" certs --out "$WORK/certs" --dns localhost --dns 127.0.0.1 >/dev/null 2>&1
 WEBHOOK_PORT=${WEBHOOK_PORT:-18443}
