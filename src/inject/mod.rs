@@ -13,13 +13,15 @@ mod view;
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use json_patch::jsonptr::PointerBuf;
+use json_patch::jsonptr::{PointerBuf, Token};
 use kube::core::SelectorExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use gunicorn::{ContainerSkip, GUNICORN_CMD_ARGS};
-pub use patch::{Op, Operation, PatchValue, PodPatch, Prebuilt, UnsupportedOperation};
+pub use patch::{
+    Op, Operation, PatchValue, PodPatch, Prebuilt, UnsupportedOperation, write_json_string,
+};
 pub use prefix::statsd_prefix;
 pub use selector::{SelectorError, parse_selector};
 pub use sidecar::{MAPPING_DIR, mapping_volume, sidecar_container};
@@ -456,8 +458,18 @@ fn runs_to_completion(pod: &PodView<'_>, ctx: PodContext<'_>) -> bool {
     ctx.job_template || owned_by_job || matches!(restart_policy, Some("Never" | "OnFailure"))
 }
 
+/// The JSON Pointer to `tokens`, escaped (RFC 6901), in one allocation.
 fn pointer(tokens: &[&str]) -> PointerBuf {
-    PointerBuf::from_tokens(tokens.iter().copied())
+    let mut text = String::with_capacity(tokens.iter().map(|t| t.len() + 4).sum());
+    for token in tokens {
+        text.push('/');
+        if token.bytes().any(|b| b == b'~' || b == b'/') {
+            text.push_str(Token::new(*token).encoded());
+        } else {
+            text.push_str(token);
+        }
+    }
+    PointerBuf::parse(text).expect("escaped tokens form a JSON Pointer")
 }
 
 /// Sets keys in `metadata.<field>`, creating the map if it does not exist.
@@ -484,6 +496,23 @@ fn set_entries(field: &str, map_exists: bool, entries: &mut Vec<(&str, String)>)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pointers_escape_as_from_tokens_does() {
+        for tokens in [
+            &["metadata", "annotations", "metrics.chiller.io/status"][..],
+            &["metadata", "labels", "a~b/c~1"],
+            &["spec", "containers", "0", "env", "-"],
+            &[],
+            &[""],
+        ] {
+            assert_eq!(
+                pointer(tokens),
+                PointerBuf::from_tokens(tokens.iter().copied()),
+                "{tokens:?}"
+            );
+        }
+    }
 
     #[test]
     fn auto_mode_uses_native_sidecars_from_1_29_and_without_a_cluster() {

@@ -116,6 +116,51 @@ impl PodPatch {
     }
 }
 
+impl PodPatch {
+    /// Appends the patch's JSON to `out`, byte for byte what its `Serialize`
+    /// gives through serde_json, without the serializer: the fixed parts as
+    /// bytes, prebuilt values as their text.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        out.push(b'[');
+        for (index, operation) in self.0.iter().enumerate() {
+            if index > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(match operation.op {
+                Op::Add => br#"{"op":"add","path":"#,
+                Op::Replace => br#"{"op":"replace","path":"#,
+            });
+            write_json_string(out, operation.path.as_str());
+            out.extend_from_slice(br#","value":"#);
+            match &operation.value {
+                PatchValue::Json(value) => {
+                    serde_json::to_writer(&mut *out, value).expect("a JSON value serializes")
+                }
+                PatchValue::Prebuilt(prebuilt) => out.extend_from_slice(prebuilt.text().as_bytes()),
+            }
+            out.push(b'}');
+        }
+        out.push(b']');
+    }
+}
+
+/// Appends `s` as a JSON string, as serde_json writes it; as is when it has
+/// nothing to escape (a quote, a backslash or a control character).
+pub fn write_json_string(out: &mut Vec<u8>, s: &str) {
+    // Without early exit, so that the check runs over whole vectors.
+    let needs_escape = s.bytes().fold(false, |any, b| {
+        any | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if !needs_escape {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        serde_json::to_writer(out, s).expect("a string serializes");
+    }
+}
+
 /// A `json_patch` operation the injector never writes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("operation {index} is {op:?}; the injector writes only add and replace")]
@@ -208,7 +253,28 @@ mod tests {
         let theirs = serde_json::to_value(patch.to_json_patch()).unwrap();
         assert_eq!(ours, theirs);
         assert_eq!(serde_json::to_value(&patch).unwrap(), theirs);
+        let mut written = Vec::new();
+        patch.write_json(&mut written);
+        assert_eq!(written, serde_json::to_vec(&patch).unwrap());
         assert_eq!(PodPatch::try_from(&patch.to_json_patch()).unwrap(), patch);
+    }
+
+    #[test]
+    fn strings_are_written_as_serde_json_writes_them() {
+        for s in [
+            "plain",
+            "",
+            "a\"b",
+            "back\\slash",
+            "tab\there",
+            "\u{1}",
+            "é ✓",
+            "\u{7f}",
+        ] {
+            let mut written = Vec::new();
+            write_json_string(&mut written, s);
+            assert_eq!(written, serde_json::to_vec(s).unwrap(), "{s:?}");
+        }
     }
 
     #[test]

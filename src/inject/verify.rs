@@ -10,7 +10,7 @@
 //! or uses an operation the injector never writes, fails verification (and
 //! the webhook fails open).
 
-use std::collections::BTreeSet;
+use std::{borrow::Cow, collections::BTreeSet};
 
 use json_patch::jsonptr::Pointer;
 use serde::Deserialize;
@@ -188,6 +188,19 @@ impl Failure {
     }
 }
 
+/// The deepest path the view has: `/spec/containers/<i>/env/<j>/value`
+/// is 6 tokens; anything deeper is outside it.
+const MAX_DEPTH: usize = 8;
+
+/// A JSON Pointer token decoded (RFC 6901: `~1` is `/`, then `~0` is `~`).
+fn decode_token(token: &str) -> Cow<'_, str> {
+    if token.as_bytes().contains(&b'~') {
+        Cow::Owned(token.replace("~1", "/").replace("~0", "~"))
+    } else {
+        Cow::Borrowed(token)
+    }
+}
+
 /// Applies one add or replace at `path` to the view, with the semantics
 /// `json_patch` gives it on the pod's JSON.
 fn apply<'p>(
@@ -196,10 +209,15 @@ fn apply<'p>(
     value: &'p Value,
     op: Op,
 ) -> Result<(), Failure> {
-    let tokens: Vec<_> = path.tokens().collect();
-    let decoded: Vec<std::borrow::Cow<'_, str>> = tokens.iter().map(|t| t.decoded()).collect();
-    let keys: Vec<&str> = decoded.iter().map(|t| t.as_ref()).collect();
-    match keys.as_slice() {
+    let mut decoded: [Cow<'_, str>; MAX_DEPTH] = Default::default();
+    let mut depth = 0;
+    for token in path.as_str().split('/').skip(1) {
+        let slot = decoded.get_mut(depth).ok_or(Failure::OutsideView)?;
+        *slot = decode_token(token);
+        depth += 1;
+    }
+    let keys: [&str; MAX_DEPTH] = std::array::from_fn(|i| decoded[i].as_ref());
+    match &keys[..depth] {
         ["metadata", field @ ("labels" | "annotations"), rest @ ..] => {
             if !pod.metadata.present {
                 return Err(Failure::Missing);
@@ -343,4 +361,17 @@ fn parse_index(token: &str) -> Option<usize> {
         return None;
     }
     token.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_decode_as_jsonptr_decodes_them() {
+        let path = Pointer::parse("/metadata/annotations/a~1b~0c~01/plain/").unwrap();
+        let ours: Vec<_> = path.as_str().split('/').skip(1).map(decode_token).collect();
+        let theirs: Vec<_> = path.tokens().map(|t| t.decoded().into_owned()).collect();
+        assert_eq!(ours, theirs);
+    }
 }

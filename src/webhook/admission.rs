@@ -11,7 +11,7 @@ use super::envelope::{self, EnvelopeError, Object};
 
 use crate::inject::{
     Decision, Injector, NamespacePolicy, PatchProblem, PodContext, PodPatch, PodView, SkipReason,
-    check_pod, verify_patch,
+    check_pod, verify_patch, write_json_string,
 };
 
 pub const API_VERSION: &str = "admission.k8s.io/v1";
@@ -239,7 +239,7 @@ pub fn to_bytes(answer: &Answer) -> Vec<u8> {
         let mut scratch = scratch.borrow_mut();
         scratch.clear();
         if let Some(patch) = &answer.patch {
-            serde_json::to_writer(&mut *scratch, patch).expect("a patch always serializes");
+            patch.write_json(&mut scratch);
         }
         let out = write_response(answer, &scratch);
         if scratch.capacity() > PATCH_JSON_KEEP {
@@ -250,7 +250,7 @@ pub fn to_bytes(answer: &Answer) -> Vec<u8> {
 }
 
 fn write_response(answer: &Answer, patch_json: &[u8]) -> Vec<u8> {
-    use base64::{Engine, engine::general_purpose::STANDARD};
+    use base64_simd::{Out, STANDARD};
 
     let warnings: usize = answer.warnings.iter().map(|w| w.len() + 8).sum();
     let capacity = 160 + answer.uid.len() + patch_json.len().div_ceil(3) * 4 + warnings;
@@ -258,15 +258,15 @@ fn write_response(answer: &Answer, patch_json: &[u8]) -> Vec<u8> {
     out.extend_from_slice(
         br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"#,
     );
-    write_string(&mut out, &answer.uid);
+    write_json_string(&mut out, &answer.uid);
     out.extend_from_slice(br#","allowed":true,"status":{}"#);
     if answer.patch.is_some() {
         out.extend_from_slice(br#","patch":""#);
         let start = out.len();
-        out.resize(start + patch_json.len().div_ceil(3) * 4, 0);
+        out.resize(start + STANDARD.encoded_length(patch_json.len()), 0);
         let written = STANDARD
-            .encode_slice(patch_json, &mut out[start..])
-            .expect("the buffer fits the encoding");
+            .encode(patch_json, Out::from_slice(&mut out[start..]))
+            .len();
         out.truncate(start + written);
         out.extend_from_slice(br#"","patchType":"JSONPatch""#);
     }
@@ -276,16 +276,12 @@ fn write_response(answer: &Answer, patch_json: &[u8]) -> Vec<u8> {
             if i > 0 {
                 out.push(b',');
             }
-            write_string(&mut out, warning);
+            write_json_string(&mut out, warning);
         }
         out.push(b']');
     }
     out.extend_from_slice(b"}}");
     out
-}
-
-fn write_string(out: &mut Vec<u8>, s: &str) {
-    serde_json::to_writer(out, s).expect("a string always serializes");
 }
 
 /// The review as a JSON value, exactly as [`to_bytes`] writes it.

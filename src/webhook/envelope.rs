@@ -78,9 +78,23 @@ pub enum EnvelopeError {
 }
 
 /// Reads `body` in one pass.
+///
+/// A body that is UTF-8 throughout (every body the API server sends) is
+/// checked once, here, and read as text, so the parser does not check each
+/// string again. Any other body is read as bytes, which gives the same
+/// answers and errors as before: bytes that are not UTF-8 are an error
+/// only inside a string the webhook reads.
 pub fn parse(body: &[u8]) -> Result<Envelope<'_>, EnvelopeError> {
+    match std::str::from_utf8(body) {
+        Ok(text) => parse_from(serde_json::Deserializer::from_str(text)),
+        Err(_) => parse_from(serde_json::Deserializer::from_slice(body)),
+    }
+}
+
+fn parse_from<'de, R: serde_json::de::Read<'de>>(
+    mut deserializer: serde_json::Deserializer<R>,
+) -> Result<Envelope<'de>, EnvelopeError> {
     let pod_failed = Cell::new(false);
-    let mut deserializer = serde_json::Deserializer::from_slice(body);
     let envelope = EnvelopeSeed {
         pod_failed: &pod_failed,
     }
