@@ -192,6 +192,18 @@ impl Failure {
 /// is 6 tokens; anything deeper is outside it.
 const MAX_DEPTH: usize = 8;
 
+/// The tokens of a JSON Pointer, still encoded.
+fn tokens(path: &str) -> impl Iterator<Item = &str> {
+    let mut rest = path;
+    std::iter::from_fn(move || {
+        let after = rest.strip_prefix('/')?;
+        let end = after.bytes().position(|b| b == b'/').unwrap_or(after.len());
+        let (token, next) = after.split_at(end);
+        rest = next;
+        Some(token)
+    })
+}
+
 /// A JSON Pointer token decoded (RFC 6901: `~1` is `/`, then `~0` is `~`).
 fn decode_token(token: &str) -> Cow<'_, str> {
     if token.as_bytes().contains(&b'~') {
@@ -211,7 +223,7 @@ fn apply<'p>(
 ) -> Result<(), Failure> {
     let mut decoded: [Cow<'_, str>; MAX_DEPTH] = Default::default();
     let mut depth = 0;
-    for token in path.as_str().split('/').skip(1) {
+    for token in tokens(path.as_str()) {
         let slot = decoded.get_mut(depth).ok_or(Failure::OutsideView)?;
         *slot = decode_token(token);
         depth += 1;
@@ -369,9 +381,17 @@ mod tests {
 
     #[test]
     fn tokens_decode_as_jsonptr_decodes_them() {
-        let path = Pointer::parse("/metadata/annotations/a~1b~0c~01/plain/").unwrap();
-        let ours: Vec<_> = path.as_str().split('/').skip(1).map(decode_token).collect();
-        let theirs: Vec<_> = path.tokens().map(|t| t.decoded().into_owned()).collect();
-        assert_eq!(ours, theirs);
+        for text in [
+            "/metadata/annotations/a~1b~0c~01/plain/",
+            "",
+            "/",
+            "//x",
+            "/-",
+        ] {
+            let path = Pointer::parse(text).unwrap();
+            let ours: Vec<_> = tokens(path.as_str()).map(decode_token).collect();
+            let theirs: Vec<_> = path.tokens().map(|t| t.decoded().into_owned()).collect();
+            assert_eq!(ours, theirs, "{text:?}");
+        }
     }
 }

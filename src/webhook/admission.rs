@@ -250,7 +250,7 @@ pub fn to_bytes(answer: &Answer) -> Vec<u8> {
 }
 
 fn write_response(answer: &Answer, patch_json: &[u8]) -> Vec<u8> {
-    use base64_simd::{Out, STANDARD};
+    use base64_simd::STANDARD;
 
     let warnings: usize = answer.warnings.iter().map(|w| w.len() + 8).sum();
     let capacity = 160 + answer.uid.len() + patch_json.len().div_ceil(3) * 4 + warnings;
@@ -262,12 +262,7 @@ fn write_response(answer: &Answer, patch_json: &[u8]) -> Vec<u8> {
     out.extend_from_slice(br#","allowed":true,"status":{}"#);
     if answer.patch.is_some() {
         out.extend_from_slice(br#","patch":""#);
-        let start = out.len();
-        out.resize(start + STANDARD.encoded_length(patch_json.len()), 0);
-        let written = STANDARD
-            .encode(patch_json, Out::from_slice(&mut out[start..]))
-            .len();
-        out.truncate(start + written);
+        STANDARD.encode_append(patch_json, &mut out);
         out.extend_from_slice(br#"","patchType":"JSONPatch""#);
     }
     if !answer.warnings.is_empty() {
