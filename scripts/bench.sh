@@ -44,10 +44,12 @@ fi
 rm -rf "$OUT"
 mkdir -p "$OUT/bin"
 echo "building release binaries..."
-cargo build --release --locked --quiet --bin chiller-metrics --example baseline_server
-# Copies, because `cargo bench` (which writes the large pods' bodies below)
-# replaces target/release/chiller-metrics with its own build of the binary,
-# whose dev-dependency features give other symbol hashes.
+# Apart: a build that includes an example (or `cargo bench`) turns on the
+# dev-dependencies' features, which gives the webhook's binary other symbol
+# hashes than the hot-code list has. Copies, because `cargo bench` (which
+# writes the large pods' bodies below) replaces target/release/chiller-metrics.
+cargo build --release --locked --quiet --example baseline_server
+cargo build --release --locked --quiet --bin chiller-metrics
 cp target/release/chiller-metrics target/release/examples/baseline_server "$OUT/bin/"
 OURS_BIN=$OUT/bin/chiller-metrics
 BASE_BIN=$OUT/bin/baseline_server

@@ -27,8 +27,9 @@ cleanup() {
 trap cleanup EXIT
 
 cargo build --release --locked --quiet --bin chiller-metrics
-# A copy: `cargo bench` below replaces target/release/chiller-metrics with
-# its own build (dev-dependency features, other symbol hashes).
+# Built alone, as scripts/bench.sh builds it: with an example or a bench in
+# the same build, dev-dependency features give other symbol hashes. A copy:
+# `cargo bench` below replaces target/release/chiller-metrics with its build.
 cp target/release/chiller-metrics "$WORK/"
 BIN=$WORK/chiller-metrics
 
