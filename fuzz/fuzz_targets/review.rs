@@ -3,7 +3,8 @@
 //! response written to bytes. Must never panic, every answer must be a
 //! well-formed AdmissionReview, and a patch it answers must apply to the
 //! request's pod as JSON (what the API server does with it). The answer must
-//! not depend on where the API server writes `object` in the request.
+//! not depend on where the API server writes `object` in the request, nor
+//! on whether the body is read as text (UTF-8 throughout) or as bytes.
 #![no_main]
 
 use std::sync::LazyLock;
@@ -34,6 +35,25 @@ fuzz_target!(|body: &[u8]| {
             .as_str()
             .is_some_and(|uid| !uid.is_empty())
     );
+    // With an ignored string that is not UTF-8 in front, the body is read as
+    // bytes instead of as text, and must get the same answer.
+    if let Some(rest) = body.strip_prefix(b"{")
+        && !rest.trim_ascii_start().starts_with(b"}")
+    {
+        let mut as_bytes = b"{\"ignored\":\"\xff\",".to_vec();
+        as_bytes.extend_from_slice(rest);
+        match admission::review(&INJECTOR, &NoCluster, &as_bytes) {
+            Ok((again, outcome)) => {
+                assert_eq!(outcome, first_outcome, "the same outcome as text and as bytes");
+                assert_eq!(
+                    admission::to_bytes(&again),
+                    bytes,
+                    "the same answer as text and as bytes"
+                );
+            }
+            Err(error) => panic!("answered as text, refused as bytes: {error}"),
+        }
+    }
     // The same review re-written by serde_json, whose sorted maps put
     // `object` before `operation`, reaches the pod's view the other way (kept
     // raw, viewed after the envelope) and must get the same answer.
