@@ -44,7 +44,10 @@ fuzz_target!(|body: &[u8]| {
         as_bytes.extend_from_slice(rest);
         match admission::review(&INJECTOR, &NoCluster, &as_bytes) {
             Ok((again, outcome)) => {
-                assert_eq!(outcome, first_outcome, "the same outcome as text and as bytes");
+                assert_eq!(
+                    outcome, first_outcome,
+                    "the same outcome as text and as bytes"
+                );
                 assert_eq!(
                     admission::to_bytes(&again),
                     bytes,
