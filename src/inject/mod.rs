@@ -13,7 +13,7 @@ mod view;
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use json_patch::jsonptr::{PointerBuf, Token};
+use json_patch::jsonptr::PointerBuf;
 use kube::core::SelectorExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -160,6 +160,42 @@ pub struct InjectionStatus {
     pub sidecar_hash: String,
 }
 
+impl InjectionStatus {
+    /// The annotation's JSON: what `serde_json::to_string` gives, written
+    /// without the serializer (it runs for every injected pod).
+    pub fn to_json(&self) -> String {
+        let mut out = Vec::with_capacity(160);
+        out.extend_from_slice(br#"{"version":"#);
+        write_json_string(&mut out, &self.version);
+        out.extend_from_slice(br#","sidecar":"#);
+        write_json_string(&mut out, &self.sidecar);
+        out.extend_from_slice(match self.mode {
+            ResolvedMode::Native => br#","mode":"native","prefix":"#,
+            ResolvedMode::Container => br#","mode":"container","prefix":"#,
+        });
+        write_json_string(&mut out, &self.prefix);
+        out.extend_from_slice(br#","containers":["#);
+        for (index, container) in self.containers.iter().enumerate() {
+            if index > 0 {
+                out.push(b',');
+            }
+            write_json_string(&mut out, container);
+        }
+        out.push(b']');
+        for (key, hash) in [
+            (&br#","configHash":"#[..], &self.config_hash),
+            (br#","sidecarHash":"#, &self.sidecar_hash),
+        ] {
+            if !hash.is_empty() {
+                out.extend_from_slice(key);
+                write_json_string(&mut out, hash);
+            }
+        }
+        out.push(b'}');
+        String::from_utf8(out).expect("JSON written from strings is UTF-8")
+    }
+}
+
 /// Short hashes of what shapes the sidecar. `sidecar` covers the container
 /// and volume as injected (image, args, ports, resources, probes, mode);
 /// `mapping` the mapping's content; `config` both. A mapping change alone can
@@ -227,33 +263,80 @@ pub struct Injector {
     mode: ResolvedMode,
     sidecar: Appendable,
     volume: Appendable,
+    marks: Marks,
     hashes: ConfigHashes,
 }
 
-/// An item the patch appends to a list, prebuilt alone (for a list the pod
-/// has) and as a one-item list (for one it lacks).
+/// The labels and annotations the injector sets, with their pointers built
+/// once per config.
+#[derive(Debug, Clone)]
+struct Marks {
+    labels: PointerBuf,
+    annotations: PointerBuf,
+    injected: Entry,
+    status: Entry,
+    default_container: Entry,
+    skipped: Entry,
+}
+
+/// A key of `metadata.labels` or `metadata.annotations` and its pointer.
+#[derive(Debug, Clone)]
+struct Entry {
+    key: String,
+    path: PointerBuf,
+}
+
+impl Entry {
+    fn new(field: &str, key: &str) -> Self {
+        Self {
+            key: key.to_string(),
+            path: pointer(&["metadata", field, key]),
+        }
+    }
+}
+
+impl Marks {
+    fn new(keys: &Keys) -> Self {
+        Self {
+            labels: pointer(&["metadata", "labels"]),
+            annotations: pointer(&["metadata", "annotations"]),
+            injected: Entry::new("labels", &keys.injected),
+            status: Entry::new("annotations", &keys.status),
+            default_container: Entry::new("annotations", keys::DEFAULT_CONTAINER),
+            skipped: Entry::new("annotations", &keys.skipped),
+        }
+    }
+}
+
+/// An item the patch appends to the list at one path, prebuilt alone (for
+/// a list the pod has) and as a one-item list (for one it lacks), with both
+/// pointers.
 #[derive(Debug, Clone)]
 struct Appendable {
     item: Arc<Prebuilt>,
     list: Arc<Prebuilt>,
+    item_path: PointerBuf,
+    list_path: PointerBuf,
 }
 
 impl Appendable {
-    fn new(item: Value) -> Self {
+    fn new(item: Value, list_path: &[&str]) -> Self {
+        let mut item_path = list_path.to_vec();
+        item_path.push("-");
         Self {
             list: Prebuilt::new(Value::Array(vec![item.clone()])),
             item: Prebuilt::new(item),
+            item_path: pointer(&item_path),
+            list_path: pointer(list_path),
         }
     }
 
-    /// Adds the item to the list at `path`, creating the list if it does not exist.
-    fn append(&self, path: &[&str], list_exists: bool) -> Operation {
+    /// Adds the item to the list, creating the list if it does not exist.
+    fn append(&self, list_exists: bool) -> Operation {
         if list_exists {
-            let mut tokens = path.to_vec();
-            tokens.push("-");
-            Operation::add(pointer(&tokens), self.item.clone())
+            Operation::add(self.item_path.clone(), self.item.clone())
         } else {
-            Operation::add(pointer(path), self.list.clone())
+            Operation::add(self.list_path.clone(), self.list.clone())
         }
     }
 }
@@ -268,12 +351,18 @@ impl Injector {
         let volume = serde_json::to_value(mapping_volume(&config.sidecar))
             .expect("a Volume always serializes");
         let hashes = ConfigHashes::new(&sidecar, &volume, &config.mapping);
+        let sidecar_list = match mode {
+            ResolvedMode::Native => "initContainers",
+            ResolvedMode::Container => "containers",
+        };
+        let keys = config.keys();
         Self {
-            keys: config.keys(),
+            marks: Marks::new(&keys),
+            keys,
             config,
             mode,
-            sidecar: Appendable::new(sidecar),
-            volume: Appendable::new(volume),
+            sidecar: Appendable::new(sidecar, &["spec", sidecar_list]),
+            volume: Appendable::new(volume, &["spec", "volumes"]),
             hashes,
         }
     }
@@ -292,8 +381,12 @@ impl Injector {
             return None;
         }
         let exists = pod.metadata.annotations.is_some();
-        let mut entries = vec![(self.keys.skipped.as_str(), label.to_string())];
-        Some(PodPatch(set_entries("annotations", exists, &mut entries)))
+        let entries = [(&self.marks.skipped, label.to_string())];
+        Some(PodPatch(set_entries(
+            &self.marks.annotations,
+            exists,
+            entries,
+        )))
     }
 
     pub fn config(&self) -> &Config {
@@ -406,16 +499,13 @@ impl Injector {
         }
 
         // 4. The sidecar, its volume, and the marks.
-        let (list, existing) = match self.mode {
-            ResolvedMode::Native => (
-                "initContainers",
-                spec.and_then(|s| s.init_containers.as_ref()).is_some(),
-            ),
-            ResolvedMode::Container => ("containers", true),
+        let existing = match self.mode {
+            ResolvedMode::Native => spec.and_then(|s| s.init_containers.as_ref()).is_some(),
+            ResolvedMode::Container => true,
         };
-        ops.insert(0, self.sidecar.append(&["spec", list], existing));
+        ops.insert(0, self.sidecar.append(existing));
         let has_volumes = spec.and_then(|s| s.volumes.as_ref()).is_some();
-        ops.insert(1, self.volume.append(&["spec", "volumes"], has_volumes));
+        ops.insert(1, self.volume.append(has_volumes));
 
         let status = InjectionStatus {
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -426,21 +516,19 @@ impl Injector {
             config_hash: self.hashes.config.clone(),
             sidecar_hash: self.hashes.sidecar.clone(),
         };
-        let mut new_labels = vec![(keys.injected.as_str(), "true".to_string())];
-        let mut new_annotations = vec![(
-            keys.status.as_str(),
-            serde_json::to_string(&status).expect("status serializes"),
-        )];
+        let marks = &self.marks;
+        let new_labels = [(&marks.injected, "true".to_string())];
+        let mut new_annotations = vec![(&marks.status, status.to_json())];
         // Pin the container `kubectl logs` picked before injection (the first
         // one), so the sidecar never becomes the default.
         if pod.annotation(keys::DEFAULT_CONTAINER).is_none() {
-            new_annotations.push((keys::DEFAULT_CONTAINER, containers[0].name.to_string()));
+            new_annotations.push((&marks.default_container, containers[0].name.to_string()));
         }
-        ops.extend(set_entries("labels", labels.is_some(), &mut new_labels));
+        ops.extend(set_entries(&marks.labels, labels.is_some(), new_labels));
         ops.extend(set_entries(
-            "annotations",
+            &marks.annotations,
             annotations.is_some(),
-            &mut new_annotations,
+            new_annotations,
         ));
         Ok((PodPatch(ops), status, skipped))
     }
@@ -463,33 +551,38 @@ fn pointer(tokens: &[&str]) -> PointerBuf {
     let mut text = String::with_capacity(tokens.iter().map(|t| t.len() + 4).sum());
     for token in tokens {
         text.push('/');
-        if token.bytes().any(|b| b == b'~' || b == b'/') {
-            text.push_str(Token::new(*token).encoded());
-        } else {
-            text.push_str(token);
+        let mut rest = *token;
+        while let Some(at) = rest.find(['~', '/']) {
+            text.push_str(&rest[..at]);
+            text.push_str(if rest.as_bytes()[at] == b'~' {
+                "~0"
+            } else {
+                "~1"
+            });
+            rest = &rest[at + 1..];
         }
+        text.push_str(rest);
     }
     PointerBuf::parse(text).expect("escaped tokens form a JSON Pointer")
 }
 
-/// Sets keys in `metadata.<field>`, creating the map if it does not exist.
-fn set_entries(field: &str, map_exists: bool, entries: &mut Vec<(&str, String)>) -> Vec<Operation> {
+/// Sets entries of the map at `map` (`metadata.labels` or `.annotations`),
+/// creating the map if it does not exist.
+fn set_entries<'e>(
+    map: &PointerBuf,
+    map_exists: bool,
+    entries: impl IntoIterator<Item = (&'e Entry, String)>,
+) -> Vec<Operation> {
+    let entries = entries.into_iter();
     if map_exists {
         entries
-            .drain(..)
-            .map(|(key, value)| {
-                Operation::add(pointer(&["metadata", field, key]), Value::String(value))
-            })
+            .map(|(entry, value)| Operation::add(entry.path.clone(), Value::String(value)))
             .collect()
     } else {
-        let map = entries
-            .drain(..)
-            .map(|(k, v)| (k.to_string(), Value::String(v)))
+        let map_value = entries
+            .map(|(entry, value)| (entry.key.clone(), Value::String(value)))
             .collect();
-        vec![Operation::add(
-            pointer(&["metadata", field]),
-            Value::Object(map),
-        )]
+        vec![Operation::add(map.clone(), Value::Object(map_value))]
     }
 }
 
@@ -511,6 +604,35 @@ mod tests {
                 PointerBuf::from_tokens(tokens.iter().copied()),
                 "{tokens:?}"
             );
+        }
+    }
+
+    #[test]
+    fn status_json_is_what_serde_json_writes() {
+        let status = InjectionStatus {
+            version: "0.1.0".into(),
+            sidecar: "statsd-exporter".into(),
+            mode: ResolvedMode::Native,
+            prefix: "chiller-api".into(),
+            containers: vec!["api".into(), "worker".into()],
+            config_hash: "0123456789".into(),
+            sidecar_hash: "abcdef0123".into(),
+        };
+        let escaped = InjectionStatus {
+            sidecar: "a\"b\\c\u{1}".into(),
+            mode: ResolvedMode::Container,
+            containers: vec![],
+            config_hash: String::new(),
+            ..status.clone()
+        };
+        let no_hashes = InjectionStatus {
+            containers: vec!["é".into()],
+            config_hash: String::new(),
+            sidecar_hash: String::new(),
+            ..status.clone()
+        };
+        for status in [status, escaped, no_hashes] {
+            assert_eq!(status.to_json(), serde_json::to_string(&status).unwrap());
         }
     }
 

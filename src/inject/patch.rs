@@ -133,6 +133,7 @@ impl PodPatch {
             write_json_string(out, operation.path.as_str());
             out.extend_from_slice(br#","value":"#);
             match &operation.value {
+                PatchValue::Json(Value::String(text)) => write_json_string(out, text),
                 PatchValue::Json(value) => {
                     serde_json::to_writer(&mut *out, value).expect("a JSON value serializes")
                 }
@@ -144,21 +145,66 @@ impl PodPatch {
     }
 }
 
-/// Appends `s` as a JSON string, as serde_json writes it; as is when it has
-/// nothing to escape (a quote, a backslash or a control character).
+/// Appends `s` as a JSON string, byte for byte as serde_json writes it; as
+/// is when it has nothing to escape (a quote, a backslash or a control
+/// character).
 pub fn write_json_string(out: &mut Vec<u8>, s: &str) {
     // Without early exit, so that the check runs over whole vectors.
     let needs_escape = s.bytes().fold(false, |any, b| {
         any | (b < 0x20) | (b == b'"') | (b == b'\\')
     });
-    if !needs_escape {
+    if needs_escape {
+        write_escaped(out, s.as_bytes());
+    } else {
         out.reserve(s.len() + 2);
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
         out.push(b'"');
-    } else {
-        serde_json::to_writer(out, s).expect("a string serializes");
     }
+}
+
+/// How each byte is escaped in a JSON string: 0 for not at all, `u` for
+/// `\u00xx`, else the letter after the backslash (serde_json's choices).
+const ESCAPES: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut byte = 0;
+    while byte < 0x20 {
+        table[byte] = b'u';
+        byte += 1;
+    }
+    table[0x08] = b'b';
+    table[b'\t' as usize] = b't';
+    table[b'\n' as usize] = b'n';
+    table[0x0c] = b'f';
+    table[b'\r' as usize] = b'r';
+    table[b'"' as usize] = b'"';
+    table[b'\\' as usize] = b'\\';
+    table
+};
+
+/// Appends `bytes` as a JSON string, escaped as serde_json escapes them;
+/// runs between escapes are copied whole.
+fn write_escaped(out: &mut Vec<u8>, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(bytes.len() + 16);
+    out.push(b'"');
+    let mut copied = 0;
+    for (at, &byte) in bytes.iter().enumerate() {
+        let escape = ESCAPES[usize::from(byte)];
+        if escape == 0 {
+            continue;
+        }
+        out.extend_from_slice(&bytes[copied..at]);
+        copied = at + 1;
+        if escape == b'u' {
+            let hex = [HEX[usize::from(byte >> 4)], HEX[usize::from(byte & 0xf)]];
+            out.extend_from_slice(&[b'\\', b'u', b'0', b'0', hex[0], hex[1]]);
+        } else {
+            out.extend_from_slice(&[b'\\', escape]);
+        }
+    }
+    out.extend_from_slice(&bytes[copied..]);
+    out.push(b'"');
 }
 
 /// A `json_patch` operation the injector never writes.
@@ -274,6 +320,14 @@ mod tests {
             let mut written = Vec::new();
             write_json_string(&mut written, s);
             assert_eq!(written, serde_json::to_vec(s).unwrap(), "{s:?}");
+        }
+        // Every ASCII character alone, between others, and all together.
+        let all: String = (0u8..0x80).map(char::from).collect();
+        let each = (0u8..0x80).map(|b| format!("a{}z", char::from(b)));
+        for s in each.chain([all, r#"{"prefix":"x","containers":["a\b"]}"#.into()]) {
+            let mut written = Vec::new();
+            write_json_string(&mut written, &s);
+            assert_eq!(written, serde_json::to_vec(&s).unwrap(), "{s:?}");
         }
     }
 

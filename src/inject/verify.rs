@@ -206,11 +206,27 @@ fn tokens(path: &str) -> impl Iterator<Item = &str> {
 
 /// A JSON Pointer token decoded (RFC 6901: `~1` is `/`, then `~0` is `~`).
 fn decode_token(token: &str) -> Cow<'_, str> {
-    if token.as_bytes().contains(&b'~') {
-        Cow::Owned(token.replace("~1", "/").replace("~0", "~"))
-    } else {
-        Cow::Borrowed(token)
+    let Some(first) = token.find('~') else {
+        return Cow::Borrowed(token);
+    };
+    let mut decoded = String::with_capacity(token.len());
+    decoded.push_str(&token[..first]);
+    let mut rest = &token[first..];
+    // `rest` starts at a `~`: an escape, or (in a path jsonptr did not
+    // check) a lone tilde, kept as it is, as `str::replace` would keep it.
+    while let Some(at) = rest.find('~') {
+        decoded.push_str(&rest[..at]);
+        let escape = &rest[at..];
+        let (text, taken) = match escape.as_bytes().get(1) {
+            Some(b'1') => ("/", 2),
+            Some(b'0') => ("~", 2),
+            _ => ("~", 1),
+        };
+        decoded.push_str(text);
+        rest = &escape[taken..];
     }
+    decoded.push_str(rest);
+    Cow::Owned(decoded)
 }
 
 /// Applies one add or replace at `path` to the view, with the semantics
@@ -383,6 +399,7 @@ mod tests {
     fn tokens_decode_as_jsonptr_decodes_them() {
         for text in [
             "/metadata/annotations/a~1b~0c~01/plain/",
+            "/~0~1/~1~0/~00/~11/x~1/~0y",
             "",
             "/",
             "//x",
@@ -392,6 +409,14 @@ mod tests {
             let ours: Vec<_> = tokens(path.as_str()).map(decode_token).collect();
             let theirs: Vec<_> = path.tokens().map(|t| t.decoded().into_owned()).collect();
             assert_eq!(ours, theirs, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn tokens_decode_as_sequential_replacement_does() {
+        for token in ["~", "~~1", "~2", "a~", "~01", "~10", "~~0~", "é~1ü"] {
+            let replaced = token.replace("~1", "/").replace("~0", "~");
+            assert_eq!(decode_token(token), replaced, "{token:?}");
         }
     }
 }

@@ -4,9 +4,9 @@ use std::{sync::Arc, time::Instant};
 
 use axum::{
     Router,
-    body::Bytes,
-    extract::{DefaultBodyLimit, State, rejection::BytesRejection},
-    http::{HeaderMap, StatusCode, header},
+    body::{Body, Bytes},
+    extract::{DefaultBodyLimit, FromRequest, Request, State, rejection::BytesRejection},
+    http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::post,
 };
@@ -33,13 +33,21 @@ pub fn router(state: Arc<WebhookState>) -> Router {
         .with_state(state)
 }
 
-async fn mutate(
-    State(state): State<Arc<WebhookState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+/// Takes the request whole: the `HeaderMap` extractor would copy the headers.
+async fn mutate(State(state): State<Arc<WebhookState>>, request: Request) -> Response {
     let started = Instant::now();
-    let response = answer(&state, &headers, body);
+    let response = match json_content_type(&request) {
+        Ok(()) => {
+            let body = Bytes::from_request(request, &()).await;
+            answer(&state, body)
+        }
+        Err(message) => reject(
+            &state,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "content_type",
+            message,
+        ),
+    };
     state
         .metrics
         .admission_duration
@@ -47,28 +55,36 @@ async fn mutate(
     response
 }
 
-fn answer(
+fn reject(
     state: &WebhookState,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    status: StatusCode,
+    reason: &'static str,
+    message: String,
 ) -> Response {
-    let reject = |status: StatusCode, reason: &'static str, message: String| {
-        state.metrics.rejected(reason);
-        tracing::info!(status = status.as_u16(), reason, %message, "rejected webhook request");
-        (status, message + "\n").into_response()
-    };
-    let content_type = headers
+    state.metrics.rejected(reason);
+    tracing::info!(status = status.as_u16(), reason, %message, "rejected webhook request");
+    (status, message + "\n").into_response()
+}
+
+/// Reviews come as `application/json` (parameters allowed).
+fn json_content_type(request: &Request) -> Result<(), String> {
+    let content_type = request
+        .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let media_type = content_type.split(';').next().unwrap_or("").trim();
-    if !media_type.eq_ignore_ascii_case("application/json") {
-        return reject(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "content_type",
-            format!("content type must be application/json, got {content_type:?}"),
-        );
+    if media_type.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(format!(
+            "content type must be application/json, got {content_type:?}"
+        ))
     }
+}
+
+fn answer(state: &WebhookState, body: Result<Bytes, BytesRejection>) -> Response {
+    let reject = |status, reason, message| reject(state, status, reason, message);
     let body = match body {
         Ok(body) => body,
         Err(rejection) => {
@@ -92,11 +108,12 @@ fn answer(
         Ok((review, outcome)) => {
             let (outcome, reason) = outcome.labels();
             state.metrics.admission(outcome, reason);
-            (
-                [(header::CONTENT_TYPE, "application/json")],
-                admission::to_bytes(&review),
-            )
-                .into_response()
+            let mut response = Response::new(Body::from(admission::to_bytes(&review)));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            response
         }
         Err(error) => {
             let status = match error {

@@ -13,13 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use axum::{
-    Router,
-    extract::Request,
-    http::StatusCode,
-    middleware::{self, Next},
-    response::IntoResponse,
-};
+use axum::{Router, extract::Request, http::StatusCode, response::IntoResponse};
 use hyper::body::Incoming;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -72,16 +66,9 @@ impl Default for Limits {
     }
 }
 
-/// Adds the per-request timeout (408 when it runs out) to a router.
-pub fn with_request_timeout(router: Router, timeout: Duration) -> Router {
-    router.layer(middleware::from_fn(
-        move |request: Request, next: Next| async move {
-            match tokio::time::timeout(timeout, next.run(request)).await {
-                Ok(response) => response,
-                Err(_) => (StatusCode::REQUEST_TIMEOUT, "request took too long\n").into_response(),
-            }
-        },
-    ))
+/// The answer to a request that ran out of `Limits::request_timeout`.
+fn request_timed_out() -> axum::response::Response {
+    (StatusCode::REQUEST_TIMEOUT, "request took too long\n").into_response()
 }
 
 fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
@@ -125,7 +112,6 @@ pub async fn serve_https(
 ) -> std::io::Result<()> {
     let acceptor = TlsAcceptor::from(tls);
     let builder = Arc::new(http_builder(&limits));
-    let router = with_request_timeout(router, limits.request_timeout);
     let (stop, stopping) = watch::channel(Stop::Running);
     // Every connection task holds a sender; `recv` returns None once all ended.
     let (open, mut all_closed) = mpsc::channel::<()>(1);
@@ -211,11 +197,16 @@ impl ConnectionTask {
         let service = {
             let activity = activity.clone();
             let router = self.router.clone();
+            let timeout = self.limits.request_timeout;
+            // The timeout here rather than as a router layer: a layer boxes
+            // each request's future once more.
             hyper::service::service_fn(move |request: Request<Incoming>| {
                 let in_flight = activity.start();
                 let router = router.clone();
                 async move {
-                    let response = router.oneshot(request).await;
+                    let response = tokio::time::timeout(timeout, router.oneshot(request))
+                        .await
+                        .unwrap_or_else(|_| Ok(request_timed_out()));
                     drop(in_flight);
                     response
                 }
