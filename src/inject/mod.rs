@@ -21,6 +21,7 @@ use serde_json::Value;
 pub use gunicorn::{ContainerSkip, GUNICORN_CMD_ARGS};
 pub use patch::{
     Op, Operation, PatchValue, PodPatch, Prebuilt, UnsupportedOperation, write_json_string,
+    write_json_string_array,
 };
 pub use prefix::statsd_prefix;
 pub use selector::{SelectorError, parse_selector};
@@ -174,14 +175,8 @@ impl InjectionStatus {
             ResolvedMode::Container => br#","mode":"container","prefix":"#,
         });
         write_json_string(&mut out, &self.prefix);
-        out.extend_from_slice(br#","containers":["#);
-        for (index, container) in self.containers.iter().enumerate() {
-            if index > 0 {
-                out.push(b',');
-            }
-            write_json_string(&mut out, container);
-        }
-        out.push(b']');
+        out.extend_from_slice(br#","containers":"#);
+        write_json_string_array(&mut out, &self.containers);
         for (key, hash) in [
             (&br#","configHash":"#[..], &self.config_hash),
             (br#","sidecarHash":"#, &self.sidecar_hash),

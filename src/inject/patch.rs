@@ -163,6 +163,18 @@ pub fn write_json_string(out: &mut Vec<u8>, s: &str) {
     }
 }
 
+/// Appends `items` as a JSON array of strings, as serde_json writes it.
+pub fn write_json_string_array<S: AsRef<str>>(out: &mut Vec<u8>, items: &[S]) {
+    out.push(b'[');
+    for (index, item) in items.iter().enumerate() {
+        if index > 0 {
+            out.push(b',');
+        }
+        write_json_string(out, item.as_ref());
+    }
+    out.push(b']');
+}
+
 /// How each byte is escaped in a JSON string: 0 for not at all, `u` for
 /// `\u00xx`, else the letter after the backslash (serde_json's choices).
 const ESCAPES: [u8; 256] = {

@@ -11,7 +11,7 @@ use super::envelope::{self, EnvelopeError, Object};
 
 use crate::inject::{
     Decision, Injector, NamespacePolicy, PatchProblem, PodContext, PodPatch, PodView, SkipReason,
-    check_pod, verify_patch, write_json_string,
+    check_pod, verify_patch, write_json_string, write_json_string_array,
 };
 
 pub const API_VERSION: &str = "admission.k8s.io/v1";
@@ -266,14 +266,8 @@ fn write_response(answer: &Answer, patch_json: &[u8]) -> Vec<u8> {
         out.extend_from_slice(br#"","patchType":"JSONPatch""#);
     }
     if !answer.warnings.is_empty() {
-        out.extend_from_slice(br#","warnings":["#);
-        for (i, warning) in answer.warnings.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            write_json_string(&mut out, warning);
-        }
-        out.push(b']');
+        out.extend_from_slice(br#","warnings":"#);
+        write_json_string_array(&mut out, &answer.warnings);
     }
     out.extend_from_slice(b"}}");
     out
