@@ -101,6 +101,29 @@ print(f"gunicorn_requests_total by prefix: {counts}")
 sys.exit(0 if counts.get(app, 0) > 0 and not others & counts.keys() else 1)' "$app" "$apps"
 }
 
+# injected_admissions NAMESPACE: prints each webhook replica's count of
+# injected admissions (its own /metrics, through the pod proxy: the Service
+# would pick one replica) and succeeds when their sum is above zero.
+injected_admissions() {
+  local ns=$1 pod port total=0 count
+  for pod in $(kubectl -n "$ns" get pods -l app.kubernetes.io/name=chiller-metrics \
+    --field-selector=status.phase=Running -o jsonpath='{.items[*].metadata.name}'); do
+    port=$(kubectl -n "$ns" get pod "$pod" \
+      -o jsonpath='{.spec.containers[0].ports[?(@.name=="admin")].containerPort}')
+    count=$(kubectl get --raw "/api/v1/namespaces/$ns/pods/$pod:$port/proxy/metrics" | python3 -c '
+import re, sys
+total = 0.0
+for line in sys.stdin:
+    m = re.match(r"chiller_metrics_admissions_total\{(.*)\} (\S+)$", line.strip())
+    if m and re.search(r"outcome=\"injected\"", m.group(1)):
+        total += float(m.group(2))
+print(int(total))')
+    echo "$pod: $count injected admissions"
+    total=$((total + count))
+  done
+  ((total > 0))
+}
+
 # dashboard_answers NAMESPACE "APPS...": every query of the namespace's
 # dashboard returns data through the URL of its datasource.
 dashboard_answers() {

@@ -70,10 +70,7 @@ for ns in "${NAMESPACES[@]}"; do
   wait_until 300 "$ns scrapes the postgres exporter" has_target_job "$ns" postgres
   wait_until 300 "all targets of $ns are up" targets_up "$ns"
 done
-admissions=$(kubectl get --raw "/api/v1/namespaces/$CHILLER_NAMESPACE/services/chiller-metrics:admin/proxy/metrics" |
-  grep '^chiller_metrics_admissions_total{.*outcome="injected"' || true)
-echo "$admissions"
-[ -n "$admissions" ] || fail "the webhook counted no injected admissions"
+injected_admissions "$CHILLER_NAMESPACE" || fail "the webhook replicas counted no injected admissions"
 
 log "4. traffic: the frontend calls the API through its Service"
 for ns in "${NAMESPACES[@]}"; do
