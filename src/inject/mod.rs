@@ -20,8 +20,8 @@ use serde_json::Value;
 
 pub use gunicorn::{ContainerSkip, GUNICORN_CMD_ARGS};
 pub use patch::{
-    Op, Operation, PatchValue, PodPatch, Prebuilt, UnsupportedOperation, write_json_string,
-    write_json_string_array,
+    ItemView, Op, Operation, PatchValue, PodPatch, Prebuilt, PrebuiltView, UnsupportedOperation,
+    write_json_string, write_json_string_array,
 };
 pub use prefix::statsd_prefix;
 pub use selector::{SelectorError, parse_selector};
@@ -315,12 +315,14 @@ struct Appendable {
 }
 
 impl Appendable {
-    fn new(item: Value, list_path: &[&str]) -> Self {
+    /// `view` reads the item's view for the patch check, once.
+    fn new(item: Value, view: fn(&Value) -> Option<ItemView>, list_path: &[&str]) -> Self {
         let mut item_path = list_path.to_vec();
         item_path.push("-");
+        let prebuilt_view = |in_list| view(&item).map(|item| PrebuiltView { item, in_list });
         Self {
-            list: Prebuilt::new(Value::Array(vec![item.clone()])),
-            item: Prebuilt::new(item),
+            list: Prebuilt::with_view(Value::Array(vec![item.clone()]), prebuilt_view(true)),
+            item: Prebuilt::with_view(item.clone(), prebuilt_view(false)),
             item_path: pointer(&item_path),
             list_path: pointer(list_path),
         }
@@ -356,8 +358,8 @@ impl Injector {
             keys,
             config,
             mode,
-            sidecar: Appendable::new(sidecar, &["spec", sidecar_list]),
-            volume: Appendable::new(volume, &["spec", "volumes"]),
+            sidecar: Appendable::new(sidecar, ItemView::container, &["spec", sidecar_list]),
+            volume: Appendable::new(volume, ItemView::volume, &["spec", "volumes"]),
             hashes,
         }
     }
@@ -647,6 +649,44 @@ mod tests {
             ResolvedMode::Native
         );
         assert_eq!(ResolvedMode::resolve(auto, None), ResolvedMode::Native);
+    }
+
+    /// The views the patch check takes from the prebuilt sidecar and volume
+    /// are the views their JSON gives.
+    #[test]
+    fn prebuilt_views_are_what_their_json_reads_as() {
+        for mode in [ResolvedMode::Native, ResolvedMode::Container] {
+            let injector = Injector::new(Config::default(), mode);
+            for (appendable, is_container) in [(&injector.sidecar, true), (&injector.volume, false)]
+            {
+                for (prebuilt, in_list) in [(&appendable.item, false), (&appendable.list, true)] {
+                    let view = prebuilt.view().expect("the sidecar and volume have views");
+                    assert_eq!(view.in_list, in_list);
+                    let value = PatchValue::Prebuilt(prebuilt.clone());
+                    let item = if in_list {
+                        &value.value()[0]
+                    } else {
+                        value.value()
+                    };
+                    match &view.item {
+                        ItemView::Container(container) => {
+                            assert!(is_container);
+                            assert_eq!(
+                                container.reborrow(),
+                                ContainerView::deserialize(item).unwrap()
+                            );
+                        }
+                        ItemView::Volume(volume) => {
+                            assert!(!is_container);
+                            assert_eq!(volume.reborrow(), VolumeView::deserialize(item).unwrap());
+                        }
+                    }
+                    if in_list {
+                        assert_eq!(value.value().as_array().map(Vec::len), Some(1));
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -6,8 +6,10 @@
 use std::sync::Arc;
 
 use json_patch::{AddOperation, PatchOperation, ReplaceOperation, jsonptr::PointerBuf};
-use serde::{Serialize, Serializer, ser::SerializeStruct};
+use serde::{Deserialize, Serialize, Serializer, ser::SerializeStruct};
 use serde_json::{Value, value::RawValue};
+
+use super::view::{ContainerView, VolumeView};
 
 /// A JSON Patch (RFC 6902) of `add` and `replace` operations.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -39,22 +41,62 @@ impl PartialEq for PatchValue {
     }
 }
 
-/// A value built once per config, with its JSON text.
+/// A value built once per config, with its JSON text and, for the sidecar
+/// and its volume, the view the patch check reads of it.
 #[derive(Debug)]
 pub struct Prebuilt {
     value: Value,
     text: Box<RawValue>,
+    view: Option<PrebuiltView>,
+}
+
+/// The view of a prebuilt container or volume, read from its JSON once: the
+/// value is that item alone, or a list of just that item.
+#[derive(Debug)]
+pub struct PrebuiltView {
+    pub item: ItemView,
+    pub in_list: bool,
+}
+
+#[derive(Debug)]
+pub enum ItemView {
+    Container(ContainerView<'static>),
+    Volume(VolumeView<'static>),
+}
+
+impl ItemView {
+    /// The view of a container's JSON; `None` if it does not read as one.
+    pub fn container(value: &Value) -> Option<Self> {
+        ContainerView::deserialize(value.clone())
+            .ok()
+            .map(Self::Container)
+    }
+
+    /// The view of a volume's JSON; `None` if it does not read as one.
+    pub fn volume(value: &Value) -> Option<Self> {
+        VolumeView::deserialize(value.clone())
+            .ok()
+            .map(Self::Volume)
+    }
 }
 
 impl Prebuilt {
     pub fn new(value: Value) -> Arc<Self> {
+        Self::with_view(value, None)
+    }
+
+    pub fn with_view(value: Value, view: Option<PrebuiltView>) -> Arc<Self> {
         let text = serde_json::value::to_raw_value(&value).expect("a JSON value serializes");
-        Arc::new(Self { value, text })
+        Arc::new(Self { value, text, view })
     }
 
     /// The JSON text, as written into patches.
     pub fn text(&self) -> &str {
         self.text.get()
+    }
+
+    pub fn view(&self) -> Option<&PrebuiltView> {
+        self.view.as_ref()
     }
 }
 
@@ -133,10 +175,7 @@ impl PodPatch {
             write_json_string(out, operation.path.as_str());
             out.extend_from_slice(br#","value":"#);
             match &operation.value {
-                PatchValue::Json(Value::String(text)) => write_json_string(out, text),
-                PatchValue::Json(value) => {
-                    serde_json::to_writer(&mut *out, value).expect("a JSON value serializes")
-                }
+                PatchValue::Json(value) => write_json_value(out, value),
                 PatchValue::Prebuilt(prebuilt) => out.extend_from_slice(prebuilt.text().as_bytes()),
             }
             out.push(b'}');
@@ -160,6 +199,42 @@ pub fn write_json_string(out: &mut Vec<u8>, s: &str) {
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
         out.push(b'"');
+    }
+}
+
+/// Appends `value` as serde_json writes it (compact, keys in the map's
+/// order), with this module's string writer.
+fn write_json_value(out: &mut Vec<u8>, value: &Value) {
+    match value {
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Bool(true) => out.extend_from_slice(b"true"),
+        Value::Bool(false) => out.extend_from_slice(b"false"),
+        Value::Number(number) => {
+            serde_json::to_writer(&mut *out, number).expect("a JSON number serializes")
+        }
+        Value::String(text) => write_json_string(out, text),
+        Value::Array(items) => {
+            out.push(b'[');
+            for (index, item) in items.iter().enumerate() {
+                if index > 0 {
+                    out.push(b',');
+                }
+                write_json_value(out, item);
+            }
+            out.push(b']');
+        }
+        Value::Object(map) => {
+            out.push(b'{');
+            for (index, (key, item)) in map.iter().enumerate() {
+                if index > 0 {
+                    out.push(b',');
+                }
+                write_json_string(out, key);
+                out.push(b':');
+                write_json_value(out, item);
+            }
+            out.push(b'}');
+        }
     }
 }
 
@@ -315,6 +390,26 @@ mod tests {
         patch.write_json(&mut written);
         assert_eq!(written, serde_json::to_vec(&patch).unwrap());
         assert_eq!(PodPatch::try_from(&patch.to_json_patch()).unwrap(), patch);
+    }
+
+    #[test]
+    fn values_of_every_kind_are_written_as_serde_json_writes_them() {
+        let value = json!({
+            "name": "GUNICORN_CMD_ARGS", "value": "--statsd-host=\"localhost:9125\"",
+            "n": null, "t": true, "f": false, "ints": [0, -7, 18446744073709551615u64],
+            "floats": [0.5, -1e300, 3.0], "nested": {"empty": {}, "list": [[], [{}]]},
+            "keys \"escaped\"\n": "é"
+        });
+        let patch = PodPatch(vec![Operation::add(
+            pointer("/spec/containers/0/env/-"),
+            value,
+        )]);
+        let mut written = Vec::new();
+        patch.write_json(&mut written);
+        assert_eq!(
+            String::from_utf8(written).unwrap(),
+            serde_json::to_string(&patch).unwrap()
+        );
     }
 
     #[test]

@@ -12,82 +12,82 @@ const MAX_PREFIX: usize = 63;
 pub fn statsd_prefix(pod: &PodView, keys: &Keys, owner_hint: Option<&str>) -> String {
     let meta = &pod.metadata;
     let label = |k: &str| pod.label(k).filter(|v| !v.is_empty());
-    let annotation = pod
-        .annotation(&keys.statsd_prefix)
-        .map(sanitize)
-        .filter(|v| !v.is_empty());
-    if let Some(prefix) = annotation {
-        return prefix;
-    }
-    let recommended = match (
+    let hash = label(POD_TEMPLATE_HASH);
+    // Candidates are built only until one gives a prefix.
+    let usable = |candidate: &str| Some(sanitize(candidate)).filter(|p| !p.is_empty());
+    let recommended = || match (
         label("app.kubernetes.io/name"),
         label("app.kubernetes.io/component"),
     ) {
-        (Some(name), Some(component)) => Some(format!("{name}-{component}")),
-        (Some(name), None) => Some(name.to_string()),
-        (None, Some(component)) => Some(component.to_string()),
+        (Some(name), Some(component)) => usable(&format!("{name}-{component}")),
+        (Some(name), None) => usable(name),
+        (None, Some(component)) => usable(component),
         (None, None) => None,
     };
-    let hash = label(POD_TEMPLATE_HASH);
-    let owner = meta
-        .owner_references
-        .as_ref()
-        .and_then(|refs| {
-            refs.iter()
-                .find(|r| r.controller == Some(true))
-                .or(refs.first())
-        })
-        .map(|r| strip_hash(&r.name, hash))
-        .or(owner_hint.map(str::to_string));
-    let own_name = meta
-        .name
-        .as_deref()
-        .filter(|n| !n.is_empty())
-        .map(str::to_string)
-        .or_else(|| {
-            meta.generate_name
-                .as_deref()
-                .map(|g| strip_hash(g.trim_end_matches('-'), hash))
-        });
-    [
-        recommended,
-        label("app").map(str::to_string),
-        owner,
-        own_name,
-    ]
-    .into_iter()
-    .flatten()
-    .map(|candidate| sanitize(&candidate))
-    .find(|candidate| !candidate.is_empty())
-    .unwrap_or_else(|| "app".to_string())
+    let owner = || {
+        meta.owner_references
+            .as_ref()
+            .and_then(|refs| {
+                refs.iter()
+                    .find(|r| r.controller == Some(true))
+                    .or(refs.first())
+            })
+            .map(|r| strip_hash(&r.name, hash))
+            .or(owner_hint)
+            .and_then(usable)
+    };
+    let own_name = || {
+        meta.name
+            .as_deref()
+            .filter(|n| !n.is_empty())
+            .or_else(|| {
+                meta.generate_name
+                    .as_deref()
+                    .map(|g| strip_hash(g.trim_end_matches('-'), hash))
+            })
+            .and_then(usable)
+    };
+    pod.annotation(&keys.statsd_prefix)
+        .and_then(usable)
+        .or_else(recommended)
+        .or_else(|| label("app").and_then(usable))
+        .or_else(owner)
+        .or_else(own_name)
+        .unwrap_or_else(|| "app".to_string())
 }
 
 /// `chiller-api-7d9f8c6b5` with hash `7d9f8c6b5` → `chiller-api`.
-fn strip_hash(name: &str, hash: Option<&str>) -> String {
+fn strip_hash<'a>(name: &'a str, hash: Option<&str>) -> &'a str {
     let name = name.trim_end_matches('-');
     hash.and_then(|h| name.strip_suffix(h))
         .and_then(|n| n.strip_suffix('-'))
         .filter(|n| !n.is_empty())
         .unwrap_or(name)
-        .to_string()
 }
 
 /// Keeps what a statsd path component and a Prometheus label value can carry:
 /// a dot would split the prefix into two glob components.
 fn sanitize(raw: &str) -> String {
-    let cleaned: String = raw
-        .trim()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(MAX_PREFIX)
-        .collect();
-    cleaned.trim_matches(|c| c == '_' || c == '-').to_string()
+    let mut cleaned = String::with_capacity(raw.len().min(MAX_PREFIX));
+    cleaned.extend(
+        raw.trim()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(MAX_PREFIX),
+    );
+    // ASCII only from here: trim the separators in place.
+    let separator = |b: &u8| *b == b'_' || *b == b'-';
+    let end = cleaned.len() - cleaned.bytes().rev().take_while(separator).count();
+    cleaned.truncate(end);
+    let start = cleaned.bytes().take_while(separator).count();
+    cleaned.drain(..start);
+    cleaned
 }
 
 #[cfg(test)]

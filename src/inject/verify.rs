@@ -17,8 +17,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
-    Op, PodPatch,
-    view::{AsPodView, PodView, Str},
+    Op, PatchValue, PodPatch,
+    patch::{ItemView, PrebuiltView},
+    view::{AsPodView, ContainerView, EnvVarView, MountView, PodView, PortView, Str, VolumeView},
 };
 use crate::config::is_port_name;
 
@@ -142,7 +143,7 @@ pub fn verify_patch<P: AsPodView + ?Sized>(pod: &P, patch: &PodPatch) -> Result<
             apply(
                 &mut patched,
                 &operation.path,
-                operation.value.value(),
+                &operation.value,
                 operation.op,
             )
             .map_err(|failure| failure.at(index, &operation.path))?;
@@ -206,7 +207,10 @@ fn tokens(path: &str) -> impl Iterator<Item = &str> {
 
 /// A JSON Pointer token decoded (RFC 6901: `~1` is `/`, then `~0` is `~`).
 fn decode_token(token: &str) -> Cow<'_, str> {
-    let Some(first) = token.find('~') else {
+    // Byte scans: `str::find(char)` costs a searcher per call, and
+    // tokens are short.
+    let tilde = |s: &str| s.bytes().position(|b| b == b'~');
+    let Some(first) = tilde(token) else {
         return Cow::Borrowed(token);
     };
     let mut decoded = String::with_capacity(token.len());
@@ -214,7 +218,7 @@ fn decode_token(token: &str) -> Cow<'_, str> {
     let mut rest = &token[first..];
     // `rest` starts at a `~`: an escape, or (in a path jsonptr did not
     // check) a lone tilde, kept as it is, as `str::replace` would keep it.
-    while let Some(at) = rest.find('~') {
+    while let Some(at) = tilde(rest) {
         decoded.push_str(&rest[..at]);
         let escape = &rest[at..];
         let (text, taken) = match escape.as_bytes().get(1) {
@@ -234,7 +238,7 @@ fn decode_token(token: &str) -> Cow<'_, str> {
 fn apply<'p>(
     pod: &mut PodView<'p>,
     path: &Pointer,
-    value: &'p Value,
+    value: &'p PatchValue,
     op: Op,
 ) -> Result<(), Failure> {
     let mut decoded: [Cow<'_, str>; MAX_DEPTH] = Default::default();
@@ -255,13 +259,16 @@ fn apply<'p>(
                 _ => &mut pod.metadata.annotations,
             };
             match rest {
-                [] => set_field(map, value, op),
+                [] => set_field(map, value.value(), op),
                 [key] => {
                     let map = map.as_mut().ok_or(Failure::Missing)?;
-                    if op == Op::Replace && !map.contains_key(*key) {
+                    if op == Op::Replace && !map.contains_key(key) {
                         return Err(Failure::Missing);
                     }
-                    map.insert(Str((*key).to_owned().into()), Str::deserialize(value)?);
+                    map.insert(
+                        Str((*key).to_owned().into()),
+                        Str::deserialize(value.value())?,
+                    );
                     Ok(())
                 }
                 _ => Err(Failure::OutsideView),
@@ -291,9 +298,9 @@ fn apply<'p>(
 }
 
 fn apply_container_list<'p>(
-    list: &mut Option<Vec<super::view::ContainerView<'p>>>,
+    list: &mut Option<Vec<ContainerView<'p>>>,
     rest: &[&str],
-    value: &'p Value,
+    value: &'p PatchValue,
     op: Op,
 ) -> Result<(), Failure> {
     apply_list(
@@ -312,7 +319,7 @@ fn apply_container_list<'p>(
                         if op == Op::Replace && var.value.is_none() {
                             return Err(Failure::Missing);
                         }
-                        var.value = Some(Str::deserialize(value)?);
+                        var.value = Some(Str::deserialize(value.value())?);
                         Ok(())
                     }
                     _ => Err(Failure::OutsideView),
@@ -349,15 +356,19 @@ fn set_field<'p, T: Deserialize<'p>>(
 }
 
 /// An operation on a list field, its items, or (through `inner`) inside one item.
-fn apply_list<'p, T: Deserialize<'p>>(
+fn apply_list<'p, T: FromPatch<'p>>(
     list: &mut Option<Vec<T>>,
     rest: &[&str],
-    value: &'p Value,
+    value: &'p PatchValue,
     op: Op,
-    inner: impl FnOnce(&mut T, &[&str], &'p Value, Op) -> Result<(), Failure>,
+    inner: impl FnOnce(&mut T, &[&str], &'p PatchValue, Op) -> Result<(), Failure>,
 ) -> Result<(), Failure> {
     let [token, rest @ ..] = rest else {
-        return set_field(list, value, op);
+        if op == Op::Replace && list.is_none() {
+            return Err(Failure::Missing);
+        }
+        *list = Some(FromPatch::list(value)?);
+        return Ok(());
     };
     let items = list.as_mut().ok_or(Failure::Missing)?;
     if rest.is_empty() && op == Op::Add {
@@ -368,19 +379,79 @@ fn apply_list<'p, T: Deserialize<'p>>(
                 .filter(|&i| i <= items.len())
                 .ok_or(Failure::Missing)?,
         };
-        items.insert(at, T::deserialize(value)?);
+        items.insert(at, T::item(value)?);
         return Ok(());
     }
     let item = parse_index(token)
         .and_then(|i| items.get_mut(i))
         .ok_or(Failure::Missing)?;
     if rest.is_empty() {
-        *item = T::deserialize(value)?;
+        *item = T::item(value)?;
         Ok(())
     } else {
         inner(item, rest, value, op)
     }
 }
+
+/// An item of a list the view holds, read from a patch's value: from the
+/// value's prebuilt view when it has one (the sidecar, its volume), else
+/// deserialized from its JSON.
+trait FromPatch<'p>: Deserialize<'p> {
+    fn prebuilt(_view: &'p ItemView) -> Option<Self> {
+        None
+    }
+
+    fn item(value: &'p PatchValue) -> Result<Self, serde_json::Error> {
+        match prebuilt_view(value) {
+            Some(PrebuiltView {
+                item,
+                in_list: false,
+            }) => Self::prebuilt(item),
+            _ => None,
+        }
+        .map_or_else(|| Self::deserialize(value.value()), Ok)
+    }
+
+    fn list(value: &'p PatchValue) -> Result<Vec<Self>, serde_json::Error> {
+        match prebuilt_view(value) {
+            Some(PrebuiltView {
+                item,
+                in_list: true,
+            }) => Self::prebuilt(item).map(|v| vec![v]),
+            _ => None,
+        }
+        .map_or_else(|| Vec::deserialize(value.value()), Ok)
+    }
+}
+
+fn prebuilt_view(value: &PatchValue) -> Option<&PrebuiltView> {
+    match value {
+        PatchValue::Prebuilt(prebuilt) => prebuilt.view(),
+        PatchValue::Json(_) => None,
+    }
+}
+
+impl<'p> FromPatch<'p> for ContainerView<'p> {
+    fn prebuilt(view: &'p ItemView) -> Option<Self> {
+        match view {
+            ItemView::Container(container) => Some(container.reborrow()),
+            ItemView::Volume(_) => None,
+        }
+    }
+}
+
+impl<'p> FromPatch<'p> for VolumeView<'p> {
+    fn prebuilt(view: &'p ItemView) -> Option<Self> {
+        match view {
+            ItemView::Volume(volume) => Some(volume.reborrow()),
+            ItemView::Container(_) => None,
+        }
+    }
+}
+
+impl<'p> FromPatch<'p> for EnvVarView<'p> {}
+impl<'p> FromPatch<'p> for PortView<'p> {}
+impl<'p> FromPatch<'p> for MountView<'p> {}
 
 /// An array index as JSON Pointer writes it: digits, no leading zero.
 fn parse_index(token: &str) -> Option<usize> {

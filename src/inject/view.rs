@@ -33,6 +33,11 @@ impl<'a> Str<'a> {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The same string, borrowed from this one.
+    pub fn reborrow(&self) -> Str<'_> {
+        Str::borrowed(&self.0)
+    }
 }
 
 impl Deref for Str<'_> {
@@ -124,8 +129,110 @@ where
     Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
-/// Labels or annotations.
-pub type StrMap<'a> = BTreeMap<Str<'a>, Str<'a>>;
+/// Labels or annotations: entries sorted by key, each key once (the last
+/// value of a key given twice, as a map that inserts them would keep). The
+/// API server writes them sorted, so reading them costs one scan.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StrMap<'a>(Vec<(Str<'a>, Str<'a>)>);
+
+impl<'a> StrMap<'a> {
+    fn position(&self, key: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(k, _)| k.as_str().cmp(key))
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Str<'a>> {
+        self.position(key).ok().map(|at| &self.0[at].1)
+    }
+
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.position(key).is_ok()
+    }
+
+    /// Sets `key` to `value`, returning the value it replaces.
+    pub fn insert(&mut self, key: Str<'a>, value: Str<'a>) -> Option<Str<'a>> {
+        match self.position(&key) {
+            Ok(at) => Some(std::mem::replace(&mut self.0[at].1, value)),
+            Err(at) => {
+                self.0.insert(at, (key, value));
+                None
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The entries, by key.
+    pub fn iter(&self) -> impl Iterator<Item = (&Str<'a>, &Str<'a>)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    /// Sorts by key and keeps the last value of a repeated key.
+    fn from_entries(mut entries: Vec<(Str<'a>, Str<'a>)>) -> Self {
+        if !entries.is_sorted_by(|a, b| a.0 < b.0) {
+            // Stable: of a repeated key, the later value stays later.
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            entries.dedup_by(|later, earlier| {
+                let repeated = later.0 == earlier.0;
+                if repeated {
+                    std::mem::swap(&mut later.1, &mut earlier.1);
+                }
+                repeated
+            });
+        }
+        Self(entries)
+    }
+}
+
+impl<'a> FromIterator<(Str<'a>, Str<'a>)> for StrMap<'a> {
+    fn from_iter<I: IntoIterator<Item = (Str<'a>, Str<'a>)>>(entries: I) -> Self {
+        Self::from_entries(entries.into_iter().collect())
+    }
+}
+
+impl<'m, 'a> IntoIterator for &'m StrMap<'a> {
+    type Item = (&'m Str<'a>, &'m Str<'a>);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'m, (Str<'a>, Str<'a>)>,
+        fn(&'m (Str<'a>, Str<'a>)) -> (&'m Str<'a>, &'m Str<'a>),
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for StrMap<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct MapVisitor<'a>(std::marker::PhantomData<StrMap<'a>>);
+
+        impl<'de: 'a, 'a> Visitor<'de> for MapVisitor<'a> {
+            type Value = StrMap<'a>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a map of strings")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(64));
+                while let Some(entry) = map.next_entry()? {
+                    entries.push(entry);
+                }
+                Ok(StrMap::from_entries(entries))
+            }
+        }
+
+        deserializer.deserialize_map(MapVisitor(std::marker::PhantomData))
+    }
+}
 
 /// The parts of a pod the injector reads.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -413,6 +520,62 @@ impl<'a> ContainerView<'a> {
     }
 }
 
+impl ContainerView<'_> {
+    /// The same view, borrowing its strings from this one.
+    pub fn reborrow(&self) -> ContainerView<'_> {
+        fn opt<'b>(o: &'b Option<Str>) -> Option<Str<'b>> {
+            o.as_ref().map(Str::reborrow)
+        }
+        fn list<'b>(l: &'b Option<Vec<Str>>) -> Option<Vec<Str<'b>>> {
+            l.as_ref().map(|l| l.iter().map(Str::reborrow).collect())
+        }
+        ContainerView {
+            name: self.name.reborrow(),
+            restart_policy: opt(&self.restart_policy),
+            command: list(&self.command),
+            args: list(&self.args),
+            env: self.env.as_ref().map(|env| {
+                env.iter()
+                    .map(|var| EnvVarView {
+                        name: var.name.reborrow(),
+                        value: opt(&var.value),
+                        value_from: var.value_from,
+                    })
+                    .collect()
+            }),
+            env_from: self.env_from.clone(),
+            ports: self.ports.as_ref().map(|ports| {
+                ports
+                    .iter()
+                    .map(|p| PortView {
+                        name: opt(&p.name),
+                        container_port: p.container_port,
+                        protocol: opt(&p.protocol),
+                    })
+                    .collect()
+            }),
+            volume_mounts: self.volume_mounts.as_ref().map(|mounts| {
+                mounts
+                    .iter()
+                    .map(|m| MountView {
+                        name: m.name.reborrow(),
+                        mount_path: m.mount_path.reborrow(),
+                    })
+                    .collect()
+            }),
+        }
+    }
+}
+
+impl VolumeView<'_> {
+    /// The same view, borrowing its name from this one.
+    pub fn reborrow(&self) -> VolumeView<'_> {
+        VolumeView {
+            name: self.name.reborrow(),
+        }
+    }
+}
+
 /// Something the injector can read a pod from: its view, or a typed pod.
 pub trait AsPodView {
     fn with_view<R>(&self, f: impl FnOnce(&PodView<'_>) -> R) -> R;
@@ -446,11 +609,48 @@ mod tests {
             Cow::Borrowed(_)
         ));
         assert!(matches!(view.label("app").map(|_| ()), Some(())));
-        let value = &view.metadata.labels.as_ref().unwrap()[&Str::borrowed("app")];
+        let value = view.metadata.labels.as_ref().unwrap().get("app").unwrap();
         assert!(matches!(value.0, Cow::Owned(_)));
         assert_eq!(value, "a\"b");
         let env = view.app_containers()[0].env.as_ref().unwrap();
         assert!(matches!(env[0].value.as_ref().unwrap().0, Cow::Borrowed(_)));
+    }
+
+    /// Maps read as serde_json reads them into a `BTreeMap`: sorted, and of
+    /// a repeated key the last value.
+    #[test]
+    fn maps_read_as_btree_maps_do() {
+        for text in [
+            r#"{}"#,
+            r#"{"a":"1","b":"2","c":"3"}"#,
+            r#"{"c":"3","a":"1","b":"2"}"#,
+            r#"{"a":"1","a":"2"}"#,
+            r#"{"b":"x","a":"1","b":"y","a":"2","c":null,"b":"z"}"#,
+            r#"{"k\"":"e\u00e9","k":"plain"}"#,
+        ] {
+            let ours: StrMap = serde_json::from_str(text).unwrap();
+            let theirs: BTreeMap<String, Option<String>> = serde_json::from_str(text).unwrap();
+            let ours: Vec<_> = ours
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let theirs: Vec<_> = theirs
+                .into_iter()
+                .map(|(k, v)| (k, v.unwrap_or_default()))
+                .collect();
+            assert_eq!(ours, theirs, "{text}");
+        }
+        let mut map: StrMap = serde_json::from_str(r#"{"b":"2","d":"4"}"#).unwrap();
+        assert_eq!(map.insert(Str::borrowed("c"), Str::borrowed("3")), None);
+        assert_eq!(
+            map.insert(Str::borrowed("b"), Str::borrowed("two")),
+            Some(Str::borrowed("2"))
+        );
+        let keys: Vec<_> = map.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["b", "c", "d"]);
+        assert_eq!(map.get("b").map(Str::as_str), Some("two"));
+        assert!(map.contains_key("d") && !map.contains_key("a"));
+        assert_eq!(map.len(), 3);
     }
 
     #[test]

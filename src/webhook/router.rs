@@ -73,7 +73,11 @@ fn json_content_type(request: &Request) -> Result<(), String> {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let media_type = content_type.split(';').next().unwrap_or("").trim();
+    let end = content_type
+        .bytes()
+        .position(|b| b == b';')
+        .unwrap_or(content_type.len());
+    let media_type = content_type[..end].trim_ascii();
     if media_type.eq_ignore_ascii_case("application/json") {
         Ok(())
     } else {
