@@ -92,11 +92,11 @@ e2e:
 
 ## Benchmarks (not part of `make test`): criterion mutation benches, then the
 ## HTTPS load benchmark against the baseline server (needs h2load), with 16
-## clients and again with 4. BENCHMARKS.md explains.
+## clients and again with 4, each with its raw figures in .bench/. BENCHMARKS.md explains.
 bench:
 	$(CARGO) bench --locked --bench mutate
-	./scripts/bench.sh
-	CLIENTS=4 STREAMS=1 LARGE_PODS=0 ./scripts/bench.sh
+	BENCH_OUT=.bench/16-clients ./scripts/bench.sh
+	BENCH_OUT=.bench/4-clients CLIENTS=4 STREAMS=1 LARGE_PODS=0 ./scripts/bench.sh
 
 ## Regenerates layout/hot-symbols.txt, the functions serving runs, which the
 ## release link places together (build.rs); needs valgrind and h2load.

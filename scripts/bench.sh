@@ -8,7 +8,9 @@
 # (default 4), SERVER_CPU and LOAD_CPU (default 0 and 1: the server and h2load
 # are pinned to separate cores with taskset when the machine has two or more),
 # LARGE_PODS (default 1: also the throughput for the 60-container and ~600 KB
-# pods of benches/mutate.rs; 0 skips them). The servers take turns going first.
+# pods of benches/mutate.rs; 0 skips them), BENCH_OUT (default .bench: the raw
+# figures and h2load's output, replaced on every run). The servers take turns
+# going first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,7 +21,7 @@ STREAMS=${STREAMS:-4}
 LARGE_PODS=${LARGE_PODS:-1}
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
-OUT=.bench
+OUT=${BENCH_OUT:-.bench}
 BODY_SOURCE=tests/golden/requests/chiller-api.json
 
 need() {
