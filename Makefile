@@ -8,7 +8,7 @@ SERVICE ?= chiller-metrics
 IMAGE ?= chiller-metrics:dev
 KIND_CLUSTER ?= chiller-metrics
 
-.PHONY: all build demo test tools cluster-tools cluster-up cluster-down e2e-local lint fmt e2e image kind-load certs manifests bench hot-symbols fuzz golden clean
+.PHONY: all build demo test tools cluster-tools cluster-up cluster-down e2e-local lint fmt e2e image kind-load certs manifests bench server-profile hot-symbols fuzz golden clean
 
 all: build
 
@@ -97,6 +97,11 @@ bench:
 	$(CARGO) bench --locked --bench mutate
 	BENCH_OUT=.bench/16-clients ./scripts/bench.sh
 	BENCH_OUT=.bench/4-clients CLIENTS=4 STREAMS=1 LARGE_PODS=0 ./scripts/bench.sh
+
+## Instructions, cache and branch misses per request over the whole server,
+## the webhook against the baseline (callgrind; PROTO=h1|h2). BENCHMARKS.md explains.
+server-profile:
+	./scripts/server-profile.sh
 
 ## Regenerates layout/hot-symbols.txt, the functions serving runs, which the
 ## release link places together (build.rs); needs valgrind and h2load.
