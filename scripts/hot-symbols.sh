@@ -13,6 +13,7 @@
 # Needs valgrind, h2load (nghttp2-client) and curl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/wait-ready.sh
 
 for tool in valgrind h2load curl; do
     command -v "$tool" >/dev/null || { echo "hot-symbols: $tool is missing" >&2; exit 1; }
@@ -44,16 +45,7 @@ RUST_LOG=warn valgrind --tool=callgrind --demangle=no --compress-strings=no \
     --tls-cert "$WORK/certs/tls.crt" --tls-key "$WORK/certs/tls.key" \
     --drain-seconds 0 >"$WORK/serve.log" 2>&1 &
 SERVER_PID=$!
-ready=""
-for _ in $(seq 1 240); do
-    if curl -fsS -o /dev/null "http://127.0.0.1:$ADMIN_PORT/readyz" 2>/dev/null; then
-        ready=1
-        break
-    fi
-    kill -0 "$SERVER_PID" 2>/dev/null || break
-    sleep 0.25
-done
-[ -n "$ready" ] || { echo "hot-symbols: the server did not start:" >&2; cat "$WORK/serve.log" >&2; exit 1; }
+wait_ready hot-symbols "$SERVER_PID" "$ADMIN_PORT" "$WORK/serve.log"
 
 # review BODY COUNT [CLIENTS [H2LOAD ARGS...]]: COUNT requests over HTTP/1.1,
 # then over HTTP/2 with 4 streams per client (scripts/bench.sh's loads).

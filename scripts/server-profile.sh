@@ -12,6 +12,7 @@
 # Needs valgrind, h2load (nghttp2-client) and curl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/wait-ready.sh
 
 PROTO=${PROTO:-h1}
 CLIENTS=${CLIENTS:-16}
@@ -60,16 +61,7 @@ profile() {
         --listen "127.0.0.1:$WEBHOOK_PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" \
         --tls-cert "$WORK/certs/tls.crt" --tls-key "$WORK/certs/tls.key" >"$WORK/$name.log" 2>&1 &
     SERVER_PID=$!
-    local ready=""
-    for _ in $(seq 1 240); do
-        if curl -fsS -o /dev/null "http://127.0.0.1:$ADMIN_PORT/readyz" 2>/dev/null; then
-            ready=1
-            break
-        fi
-        kill -0 "$SERVER_PID" 2>/dev/null || break
-        sleep 0.25
-    done
-    [ -n "$ready" ] || { echo "server-profile: $name did not start:" >&2; cat "$WORK/$name.log" >&2; exit 1; }
+    wait_ready "server-profile ($name)" "$SERVER_PID" "$ADMIN_PORT" "$WORK/$name.log"
     local load=(-c "$CLIENTS" -t 1 "${protocol[@]}" -d "$WORK/body.json"
         -H 'content-type: application/json' "https://127.0.0.1:$WEBHOOK_PORT/mutate")
     h2load -n "$WARMUP" "${load[@]}" >"$WORK/$name-warmup.txt" 2>&1

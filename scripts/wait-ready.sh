@@ -1,0 +1,15 @@
+# Sourced by the scripts that start `serve` or the baseline under valgrind.
+# wait_ready NAME PID ADMIN_PORT LOG: polls /readyz for up to a minute
+# (valgrind starts slowly); exits the script, showing LOG, if the server
+# ends or never gets ready.
+wait_ready() {
+    local name=$1 pid=$2 port=$3 log=$4
+    for _ in $(seq 1 240); do
+        curl -fsS -o /dev/null "http://127.0.0.1:$port/readyz" 2>/dev/null && return 0
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.25
+    done
+    echo "$name: the server did not start:" >&2
+    cat "$log" >&2
+    exit 1
+}
