@@ -5,7 +5,8 @@
 # valgrind's callgrind with its cache and branch simulation; after WARMUP
 # requests of the chiller pod the counters are zeroed, REQUESTS more are sent,
 # and the counts are divided by REQUESTS. Counts, not time: a busy machine
-# gives the same figures.
+# gives the same figures within a fraction of a percent (how many requests
+# one read of a connection brings varies a little).
 #
 # Environment: PROTO (h1 or h2, default h1; h2 uses 4 streams per client),
 # CLIENTS (default 16), WARMUP (default 2000), REQUESTS (default 4000).
