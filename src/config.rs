@@ -138,9 +138,6 @@ pub struct ReconcileConfig {
     /// How long a workload restarted for an outdated config may take to be
     /// available again before the rollout stops with an error.
     pub rollout_timeout_seconds: u64,
-    /// How long after a mapping change the kubelet may take to refresh the
-    /// mounted ConfigMap; running exporters are reloaded after that.
-    pub mapping_reload_delay_seconds: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -220,7 +217,6 @@ impl Default for ReconcileConfig {
             resync_seconds: 300,
             rollout_timeout_seconds: 600,
             // The kubelet's sync period (1 min) plus its ConfigMap cache.
-            mapping_reload_delay_seconds: 90,
         }
     }
 }
@@ -426,8 +422,22 @@ impl Config {
     }
 }
 
-/// Checks that the mapping is YAML with a non-empty `mappings` list, each with `match` and `name`.
+/// The largest mapping accepted: it travels in every injected pod's
+/// annotations, which the API server caps at 256 KiB in all.
+pub const MAX_MAPPING_BYTES: usize = 64 * 1024;
+
+/// Checks that the mapping fits in a pod annotation and is YAML with a
+/// non-empty `mappings` list, each with `match` and `name`.
 pub fn validate_mapping(text: &str) -> Result<(), ConfigError> {
+    if text.len() > MAX_MAPPING_BYTES {
+        return Err(invalid(
+            "mapping",
+            format!(
+                "is {} bytes; at most {MAX_MAPPING_BYTES} fit in the pod annotation that carries it",
+                text.len()
+            ),
+        ));
+    }
     let value: serde_norway::Value =
         serde_norway::from_str(text).map_err(|e| invalid("mapping", format!("not YAML: {e}")))?;
     let mappings = value
@@ -575,6 +585,21 @@ mod tests {
                 .to_string()
                 .contains("mapping")
         );
+    }
+
+    #[test]
+    fn a_mapping_too_large_for_a_pod_annotation_is_refused() {
+        let mut mapping = DEFAULT_MAPPING.to_string();
+        while mapping.len() <= MAX_MAPPING_BYTES {
+            mapping.push_str("# padding to grow the mapping past its limit\n");
+        }
+        let config = Config {
+            mapping,
+            ..Default::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("pod annotation"), "{err}");
+        assert!(Config::default().validate().is_ok());
     }
 
     #[test]

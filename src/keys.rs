@@ -10,6 +10,9 @@ pub struct Keys {
     pub injected: String,
     /// Pod annotation recording what was injected.
     pub status: String,
+    /// Pod annotation carrying the statsd mapping the sidecar reads (through
+    /// a downward-API volume), so it is there from the pod's first second.
+    pub mapping: String,
     /// Pod annotation naming the target containers.
     pub containers: String,
     /// Pod annotation overriding the statsd prefix.
@@ -55,6 +58,7 @@ impl Keys {
             inject: key("inject"),
             injected: key("injected"),
             status: key("status"),
+            mapping: key("statsd-mapping"),
             containers: key("containers"),
             statsd_prefix: key("statsd-prefix"),
             pod_selector: key("pod-selector"),

@@ -1,7 +1,9 @@
 //! The config `serve` runs with, reloaded when its file changes. A mounted
-//! ConfigMap changes by an atomic swap of its `..data` symlink, so the file
-//! is polled by content hash (as the serving certificate is). A new config
-//! that does not load or validate never replaces the running one.
+//! ConfigMap changes by an atomic swap of its `..data` symlink, so its
+//! folder is watched and the file compared by content hash (as the serving
+//! certificate is). A new config that does not load or validate never
+//! replaces the running one. Each replacement is announced on
+//! [`LiveInjector::changes`], so the reconcile loop acts on it at once.
 
 use std::{
     path::{Path, PathBuf},
@@ -48,6 +50,8 @@ pub struct LiveInjector {
     current: RwLock<Current>,
     /// The content last rejected: reported once, not on every poll.
     rejected: std::sync::Mutex<Option<[u8; 32]>>,
+    /// Bumped each time the injector is replaced.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl From<Injector> for Arc<LiveInjector> {
@@ -66,6 +70,7 @@ impl LiveInjector {
                 fingerprint: None,
             }),
             rejected: Default::default(),
+            generation: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -94,11 +99,17 @@ impl LiveInjector {
                 fingerprint: Some(fingerprint),
             }),
             rejected: Default::default(),
+            generation: tokio::sync::watch::Sender::new(0),
         }))
     }
 
     pub fn current(&self) -> Arc<Injector> {
         self.current.read().expect("lock").injector.clone()
+    }
+
+    /// Changes each time a new config replaces the running one.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// Loads the file again if its content changed; returns whether the
@@ -134,17 +145,26 @@ impl LiveInjector {
             injector: Arc::new(injector),
             fingerprint: Some(fingerprint),
         };
+        drop(current);
+        self.generation.send_modify(|generation| *generation += 1);
         Ok(true)
     }
 
-    /// Polls the file every `interval` until the task is dropped.
+    /// Reloads the file when its folder changes, and at least every
+    /// `interval`, until the task is dropped.
     pub async fn watch(self: Arc<Self>, interval: Duration, metrics: Arc<Metrics>) {
         if self.source.is_none() {
             return;
         }
         let this = self.clone();
         let label = |result| ResultLabels { result };
-        crate::file_watch::poll(
+        let path = self
+            .source
+            .as_ref()
+            .map(|s| s.path.clone())
+            .unwrap_or_default();
+        crate::file_watch::watch(
+            &[&path],
             interval,
             move || this.reload_if_changed(),
             |result| match result {
@@ -238,6 +258,23 @@ mod tests {
             Err(ReloadError::DomainChanged { .. })
         ));
         assert_eq!(live.current().config().sidecar.image, "exporter:2");
+    }
+
+    #[test]
+    fn only_a_config_that_replaces_the_running_one_is_announced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        write(&path, "sidecar:\n  image: exporter:1\n");
+        let live = LiveInjector::load(Some(&path), Overrides::default(), None).unwrap();
+        let changes = live.changes();
+        live.reload_if_changed().unwrap();
+        assert!(!changes.has_changed().unwrap(), "an unchanged file");
+        write(&path, "sidecar:\n  statsdPort: 0\n");
+        assert!(live.reload_if_changed().is_err());
+        assert!(!changes.has_changed().unwrap(), "a rejected file");
+        write(&path, "sidecar:\n  image: exporter:2\n");
+        assert!(live.reload_if_changed().unwrap());
+        assert!(changes.has_changed().unwrap(), "a new config");
     }
 
     #[test]

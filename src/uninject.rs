@@ -96,6 +96,7 @@ pub fn uninject_patch(config: &Config, pod: &Value) -> Option<Patch> {
     }));
     ops.extend(remove_keys(pod, "annotations", |key, value| {
         key == keys.status
+            || key == keys.mapping
             || key == skipped_key
             || (key == keys::DEFAULT_CONTAINER && Some(value) == first_app)
     }));

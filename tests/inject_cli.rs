@@ -123,9 +123,17 @@ fn assert_injected(object: &Value, list: &str, app_containers: &[&str], prefix: 
         "{label}: metrics port"
     );
     assert_eq!(
-        named(&spec["volumes"], MAPPING_VOLUME).map(|v| &v["configMap"]["name"]),
-        Some(&json!("chiller-metrics-statsd-mapping")),
+        named(&spec["volumes"], MAPPING_VOLUME)
+            .map(|v| &v["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"]),
+        Some(&json!(
+            "metadata.annotations['metrics.chiller.io/statsd-mapping']"
+        )),
         "{label}: mapping volume"
+    );
+    assert_eq!(
+        template["metadata"]["annotations"]["metrics.chiller.io/statsd-mapping"],
+        json!(chiller_metrics::config::DEFAULT_MAPPING),
+        "{label}: the mapping travels with the pod"
     );
     assert_eq!(
         template["metadata"]["labels"][INJECTED_LABEL], "true",

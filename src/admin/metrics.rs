@@ -49,7 +49,6 @@ pub struct Metrics {
     pub outdated_pods: Family<NamespaceLabels, Gauge>,
     pub workload_restarts: Counter,
     pub outdated_restarts: Counter,
-    pub mapping_reloads: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -137,12 +136,6 @@ impl Metrics {
             "Deployments and StatefulSets restarted so their pods get the current sidecar config",
             outdated_restarts.clone(),
         );
-        let mapping_reloads = Family::<ResultLabels, Counter>::default();
-        registry.register(
-            "mapping_reloads",
-            "Exporters asked to reload a changed mapping (POST /-/reload), by result",
-            mapping_reloads.clone(),
-        );
         Self {
             registry,
             admissions,
@@ -157,7 +150,6 @@ impl Metrics {
             outdated_pods,
             workload_restarts,
             outdated_restarts,
-            mapping_reloads,
         }
     }
 

@@ -193,8 +193,8 @@ impl InjectionStatus {
 
 /// Short hashes of what shapes the sidecar. `sidecar` covers the container
 /// and volume as injected (image, args, ports, resources, probes, mode);
-/// `mapping` the mapping's content; `config` both. A mapping change alone can
-/// reach a running exporter by a reload; a sidecar change needs a new pod.
+/// `mapping` the mapping's content; `config` both. Either change makes
+/// running pods outdated: the mapping travels in the pod's own annotation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigHashes {
     pub sidecar: String,
@@ -270,6 +270,7 @@ struct Marks {
     annotations: PointerBuf,
     injected: Entry,
     status: Entry,
+    mapping: Entry,
     default_container: Entry,
     skipped: Entry,
 }
@@ -297,6 +298,7 @@ impl Marks {
             annotations: pointer(&["metadata", "annotations"]),
             injected: Entry::new("labels", &keys.injected),
             status: Entry::new("annotations", &keys.status),
+            mapping: Entry::new("annotations", &keys.mapping),
             default_container: Entry::new("annotations", keys::DEFAULT_CONTAINER),
             skipped: Entry::new("annotations", &keys.skipped),
         }
@@ -345,14 +347,14 @@ impl Injector {
             mode == ResolvedMode::Native,
         ))
         .expect("a Container always serializes");
-        let volume = serde_json::to_value(mapping_volume(&config.sidecar))
+        let keys = config.keys();
+        let volume = serde_json::to_value(mapping_volume(&config.sidecar, &keys.mapping))
             .expect("a Volume always serializes");
         let hashes = ConfigHashes::new(&sidecar, &volume, &config.mapping);
         let sidecar_list = match mode {
             ResolvedMode::Native => "initContainers",
             ResolvedMode::Container => "containers",
         };
-        let keys = config.keys();
         Self {
             marks: Marks::new(&keys),
             keys,
@@ -515,7 +517,10 @@ impl Injector {
         };
         let marks = &self.marks;
         let new_labels = [(&marks.injected, "true".to_string())];
-        let mut new_annotations = vec![(&marks.status, status.to_json())];
+        let mut new_annotations = vec![
+            (&marks.status, status.to_json()),
+            (&marks.mapping, self.config.mapping.clone()),
+        ];
         // Pin the container `kubectl logs` picked before injection (the first
         // one), so the sidecar never becomes the default.
         if pod.annotation(keys::DEFAULT_CONTAINER).is_none() {

@@ -1,14 +1,15 @@
 //! The statsd_exporter sidecar and its mapping volume, built once from the config.
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction, Probe,
-    SeccompProfile, SecurityContext, Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, DownwardAPIVolumeFile, DownwardAPIVolumeSource,
+    HTTPGetAction, ObjectFieldSelector, Probe, SeccompProfile, SecurityContext, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::config::{MAPPING_FILE, SidecarConfig};
 
-/// Where the mapping ConfigMap is mounted inside the sidecar.
+/// Where the mapping volume is mounted inside the sidecar.
 pub const MAPPING_DIR: &str = "/etc/statsd-exporter";
 
 /// The sidecar container. `native` makes it an init container with `restartPolicy: Always`.
@@ -39,9 +40,9 @@ pub fn sidecar_container(cfg: &SidecarConfig, native: bool) -> Container {
             format!("--statsd.listen-udp=:{}", cfg.statsd_port),
             format!("--statsd.listen-tcp=:{}", cfg.statsd_port),
             format!("--web.listen-address=:{}", cfg.metrics_port),
-            // `POST /-/reload` re-reads the mapping: the reconcile loop
-            // carries a changed mapping to running exporters this way.
-            "--web.enable-lifecycle".to_string(),
+            // No `--web.enable-lifecycle`: nothing else can stop or
+            // reconfigure the exporter. A changed mapping reaches running
+            // pods through the outdated-pod rollout.
         ]),
         ports: Some(vec![
             port(cfg.metrics_port, "TCP", Some(&cfg.metrics_port_name)),
@@ -81,14 +82,22 @@ pub fn sidecar_container(cfg: &SidecarConfig, native: bool) -> Container {
     }
 }
 
-/// The volume holding the mapping. Optional, so a pod created before the
-/// reconciler wrote the ConfigMap still starts; only its metrics wait.
-pub fn mapping_volume(cfg: &SidecarConfig) -> Volume {
+/// The volume holding the mapping: the pod's own `mapping_annotation`,
+/// which the webhook sets in the same patch. The kubelet writes the file
+/// before any container starts, so there is no window in which the sidecar
+/// runs without its mapping, whatever the reconcile loop has done yet.
+pub fn mapping_volume(cfg: &SidecarConfig, mapping_annotation: &str) -> Volume {
     Volume {
         name: cfg.volume_name.clone(),
-        config_map: Some(ConfigMapVolumeSource {
-            name: cfg.mapping_config_map.clone(),
-            optional: Some(true),
+        downward_api: Some(DownwardAPIVolumeSource {
+            items: Some(vec![DownwardAPIVolumeFile {
+                path: MAPPING_FILE.to_string(),
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: format!("metadata.annotations['{mapping_annotation}']"),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
             ..Default::default()
         }),
         ..Default::default()
@@ -112,5 +121,32 @@ mod tests {
         assert!(container.liveness_probe.is_some());
         assert_eq!(container.restart_policy.as_deref(), Some("Always"));
         assert_eq!(sidecar_container(&cfg, false).restart_policy, None);
+    }
+
+    #[test]
+    fn the_exporter_offers_no_lifecycle_api() {
+        let args = sidecar_container(&SidecarConfig::default(), true)
+            .args
+            .unwrap();
+        assert!(
+            !args.iter().any(|a| a.contains("enable-lifecycle")),
+            "{args:?}"
+        );
+    }
+
+    #[test]
+    fn the_mapping_file_comes_from_the_pods_own_annotation() {
+        let volume = mapping_volume(
+            &SidecarConfig::default(),
+            "metrics.chiller.io/statsd-mapping",
+        );
+        assert!(volume.config_map.is_none());
+        let items = volume.downward_api.unwrap().items.unwrap();
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].path, MAPPING_FILE);
+        assert_eq!(
+            items[0].field_ref.as_ref().unwrap().field_path,
+            "metadata.annotations['metrics.chiller.io/statsd-mapping']"
+        );
     }
 }

@@ -126,8 +126,6 @@ struct Memory {
     reported: HashMap<String, BTreeMap<Workload, BTreeSet<String>>>,
     /// Skips reported per namespace, as (workload, reason).
     skips_reported: HashMap<String, BTreeSet<(Workload, String)>>,
-    /// Per namespace, the mapping hash applied and since when we know it.
-    mapping_since: HashMap<String, (String, std::time::Instant)>,
 }
 
 pub struct Context {
@@ -180,6 +178,11 @@ impl Context {
         self.injector.current()
     }
 
+    /// Changes each time a new config replaces the running one.
+    pub fn config_changes(&self) -> watch::Receiver<u64> {
+        self.injector.changes()
+    }
+
     pub fn is_leading(&self) -> bool {
         *self.leading.borrow()
     }
@@ -221,25 +224,6 @@ impl Context {
 }
 
 impl Context {
-    /// Since when the namespace's mapping has had hash `mapping` (as far as
-    /// this replica knows: from `now` for a hash not seen before).
-    pub(super) fn mapping_current_since(
-        &self,
-        namespace: &str,
-        mapping: &str,
-        now: std::time::Instant,
-    ) -> std::time::Instant {
-        let mut memory = self.memory();
-        let entry = memory
-            .mapping_since
-            .entry(namespace.to_string())
-            .or_insert_with(|| (mapping.to_string(), now));
-        if entry.0 != mapping {
-            *entry = (mapping.to_string(), now);
-        }
-        entry.1
-    }
-
     /// Takes the (workload, reason) skips seen now in a namespace; returns
     /// those never reported, at most `limit`, and remembers them as
     /// reported. Pairs no longer seen are forgotten, so a skip that comes

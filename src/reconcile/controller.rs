@@ -96,6 +96,32 @@ fn uninjected_pod_triggers(
         })
 }
 
+/// Every opted-in namespace, each time a new config replaces the running
+/// one: its objects, sidecar and mapping may all differ now.
+fn config_change_triggers(
+    ctx: &Arc<Context>,
+    namespaces: Store<Namespace>,
+) -> impl Stream<Item = Trigger> + Send + 'static {
+    let keys = ctx.keys.clone();
+    stream::unfold(ctx.config_changes(), |mut changes| async move {
+        changes.changed().await.ok()?;
+        Some(((), changes))
+    })
+    .flat_map(move |()| {
+        let opted_in: Vec<Trigger> = namespaces
+            .state()
+            .iter()
+            .filter(|namespace| is_opted_in(namespace, &keys))
+            .map(|namespace| Ok(ObjectRef::from_obj(namespace.as_ref())))
+            .collect();
+        tracing::info!(
+            namespaces = opted_in.len(),
+            "config changed: reconciling every opted-in namespace"
+        );
+        stream::iter(opted_in)
+    })
+}
+
 /// Runs the controller until the watches end (they do not, normally); the
 /// caller drops it to stop.
 pub async fn run(ctx: Arc<Context>) {
@@ -121,6 +147,7 @@ pub async fn run(ctx: Arc<Context>) {
     let mut triggers: Vec<stream::BoxStream<'static, Trigger>> = vec![
         namespaces.boxed(),
         uninjected_pod_triggers(&ctx, store.clone()).boxed(),
+        config_change_triggers(&ctx, store.clone()).boxed(),
     ];
     triggers.extend(
         MANAGED_KINDS

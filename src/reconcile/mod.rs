@@ -17,7 +17,6 @@ pub mod namespace;
 pub mod outdated;
 pub mod pod_sightings;
 pub mod pod_state;
-pub mod reload;
 pub mod uninjected;
 
 use tokio::sync::{oneshot, watch};

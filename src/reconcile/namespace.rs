@@ -22,7 +22,7 @@ use super::{
     live::{MANAGED_KINDS, ManagedKind, PROMETHEUS_OPERATOR_GROUP, api_resource, managed_kind},
     outdated,
     pod_state::PodCounts,
-    reload, uninjected,
+    uninjected,
 };
 use crate::{admin::metrics_labels::ReconcileFailureLabels, keys};
 
@@ -113,7 +113,6 @@ async fn reconcile_opted_in(
     let mut look_again: Option<Duration> = None;
     let counts = match uninjected::check(namespace, ctx).await {
         Ok(survey) => {
-            look_again = reload::reload_stale_mappings(&name, &survey.stale_mapping, ctx).await;
             let rollout = namespace
                 .annotations()
                 .get(&ctx.keys.rollout_outdated)

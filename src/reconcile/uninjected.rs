@@ -52,9 +52,6 @@ pub struct Survey {
     pub counts: PodCounts,
     /// Outdated pods by owning workload.
     pub outdated: BTreeMap<Workload, BTreeSet<String>>,
-    /// Running outdated pods whose sidecar is current: only their mapping
-    /// is old, which a reload of their exporter fixes.
-    pub stale_mapping: Vec<Pod>,
 }
 
 /// Surveys the namespace's pods: reports uninjected pods (and restarts their
@@ -100,11 +97,6 @@ pub async fn check(namespace: &Namespace, ctx: &Context) -> Result<Survey, Recon
                     .entry(workload)
                     .or_default()
                     .insert(pod.name_any());
-                if recorded_sidecar_hash(pod, &keys.status).as_deref()
-                    == Some(injector.hashes().sidecar.as_str())
-                {
-                    survey.stale_mapping.push(pod.clone());
-                }
             }
             PodState::Injected | PodState::Ignored => {}
         }
@@ -140,13 +132,6 @@ pub async fn check(namespace: &Namespace, ctx: &Context) -> Result<Survey, Recon
         report_skip(&ns, &workload, &reason, pods, &injector, &policy, ctx).await;
     }
     Ok(survey)
-}
-
-/// The sidecar hash recorded in a pod's status annotation.
-fn recorded_sidecar_hash(pod: &Pod, status_key: &str) -> Option<String> {
-    let status: serde_json::Value =
-        serde_json::from_str(pod.annotations().get(status_key)?).ok()?;
-    status.get("sidecarHash")?.as_str().map(str::to_string)
 }
 
 /// Clears what was reported for a namespace that opted out.

@@ -119,11 +119,14 @@ impl ReloadingCert {
         Ok(true)
     }
 
-    /// Polls the files every `interval` until the task is dropped.
+    /// Reloads the files when their folder changes, and at least every
+    /// `interval`, until the task is dropped.
     pub async fn watch(self: Arc<Self>, interval: Duration, metrics: Arc<Metrics>) {
         let this = self.clone();
         let mut failing = false;
-        crate::file_watch::poll(
+        let files = [self.cert_path.as_path(), self.key_path.as_path()];
+        crate::file_watch::watch(
+            &files,
             interval,
             move || this.reload_if_changed(),
             |result| match result {

@@ -946,7 +946,7 @@ pub fn pods_up_to_date(injector: &Injector, fetched: &Fetched<Vec<NamespacePods>
         description,
         detail.join("\n"),
         format!(
-            "recreate them so the webhook injects the current config, e.g. {example}\n(or annotate the namespace {}=true to let chiller-metrics restart Deployments and StatefulSets one at a time; a changed mapping alone is reloaded in running exporters after reconcile.mappingReloadDelaySeconds)",
+            "recreate them so the webhook injects the current config, e.g. {example}\n(or annotate the namespace {}=true to let chiller-metrics restart Deployments and StatefulSets one at a time)",
             keys.rollout_outdated
         ),
     )
