@@ -24,7 +24,6 @@ use support::https::ServeProcess;
 /// seconds" for drift, which the resync of 5 s bounds.
 const CONVERGE: Duration = Duration::from_secs(90);
 const RESYNC_SECONDS: u64 = 5;
-const MAPPING_RELOAD_DELAY: u64 = 2;
 const ROLLOUT_TIMEOUT: u64 = 15;
 const SERVICE_ACCOUNT: &str = "system:serviceaccount:chiller-metrics:chiller-metrics";
 
@@ -135,15 +134,10 @@ fn opt_in(plane: &ControlPlane, namespace: &str) {
 fn the_reconcile_loop_under_the_charts_rbac() {
     let plane = ControlPlane::shared();
     let _plane_logs = plane.logs_on_failure();
-    // The exporter a pod "runs" is a real statsd_exporter on loopback: its
-    // port is the sidecar's metrics port of this install.
-    let exporter_port = controlplane::free_port();
     let install = Install::chart(
         plane,
         &[
             &format!("config.reconcile.resyncSeconds={RESYNC_SECONDS}"),
-            &format!("config.sidecar.metricsPort={exporter_port}"),
-            &format!("config.reconcile.mappingReloadDelaySeconds={MAPPING_RELOAD_DELAY}"),
             &format!("config.reconcile.rolloutTimeoutSeconds={ROLLOUT_TIMEOUT}"),
         ],
     );
@@ -171,7 +165,11 @@ fn the_reconcile_loop_under_the_charts_rbac() {
     webhook_down_pods_are_reported_and_restarted(&s, "outage");
     a_failing_namespace_gets_one_event_series(&s, "broken");
     skipped_pods_are_reported_on_their_owner(&s, "skips");
-    config_changes_reach_running_pods(&s, "operate", exporter_port);
+    config_changes_reach_running_pods(&s, "operate");
+    a_new_config_reconciles_every_namespace_without_waiting_for_the_resync(
+        &s,
+        &["config-a", "config-b", "config-c"],
+    );
     no_call_was_forbidden(&s);
     every_permission_was_used(&s);
 }
@@ -579,62 +577,18 @@ fn change_config(s: &Scenario, change: impl FnOnce(&mut Value)) {
     std::fs::rename(&staged, &s.install.config_file).unwrap();
 }
 
-/// A real statsd_exporter, stopped on drop.
-struct Exporter {
-    child: std::process::Child,
-    statsd: std::net::SocketAddr,
-    web: std::net::SocketAddr,
-}
-
-impl Exporter {
-    fn start(web_port: u16, mapping: &std::path::Path) -> Self {
-        let binary = controlplane::nodes::build("statsd-exporter").join("statsd_exporter");
-        let statsd: std::net::SocketAddr = format!("127.0.0.1:{}", controlplane::free_port())
-            .parse()
-            .unwrap();
-        let web: std::net::SocketAddr = format!("127.0.0.1:{web_port}").parse().unwrap();
-        let mut command = std::process::Command::new(binary);
-        command
-            .arg(format!("--statsd.mapping-config={}", mapping.display()))
-            .arg(format!("--statsd.listen-tcp={statsd}"))
-            .arg(format!("--statsd.listen-udp={statsd}"))
-            .arg(format!("--web.listen-address={web}"))
-            .arg("--web.enable-lifecycle")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        let child = controlplane::process::spawn_tied_to_this_process(command).unwrap();
-        let exporter = Self { child, statsd, web };
-        wait_until("the exporter answers", || exporter.metrics().is_some());
-        exporter
-    }
-
-    fn metrics(&self) -> Option<String> {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(self.web).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            stream,
-            "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.web
-        )
+/// The mapping the namespace's ConfigMap holds, if it exists yet.
+fn mapping_in_namespace(plane: &ControlPlane, namespace: &str) -> Option<String> {
+    let output = plane
+        .kubectl()
+        .args(["get", "configmap", "chiller-metrics-statsd-mapping"])
+        .args(["-n", namespace, "-o", "json"])
+        .output()
         .ok()?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).ok()?;
-        Some(text)
-    }
-
-    fn send(&self, line: &str) {
-        use std::io::Write;
-        let mut stream = std::net::TcpStream::connect(self.statsd).unwrap();
-        stream.write_all(format!("{line}\n").as_bytes()).unwrap();
-    }
-}
-
-impl Drop for Exporter {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    let config_map: Value = serde_json::from_slice(&output.stdout).ok()?;
+    config_map["data"]["statsd-mapping.yaml"]
+        .as_str()
+        .map(str::to_string)
 }
 
 fn status_of(pod: &Value) -> Value {
@@ -644,24 +598,24 @@ fn status_of(pod: &Value) -> Value {
         .unwrap_or(Value::Null)
 }
 
-/// The mapping with a rule, first, that names `chiller.reload.*` lines
-/// `chiller_reloaded`.
-fn mapping_with_reload_rule() -> String {
+/// The mapping with a rule, first, that names `chiller.extra.*` lines
+/// `chiller_extra`.
+fn mapping_with_extra_rule() -> String {
     let mut mapping: Value =
         serde_norway::from_str(chiller_metrics::config::DEFAULT_MAPPING).unwrap();
     mapping["mappings"].as_array_mut().unwrap().insert(
         0,
-        json!({"match": "chiller.reload.*", "name": "chiller_reloaded"}),
+        json!({"match": "chiller.extra.*", "name": "chiller_extra"}),
     );
     serde_norway::to_string(&mapping).unwrap()
 }
 
-/// A mapping change reaches a running exporter by `POST /-/reload`, without
-/// a restart; a sidecar change makes pods outdated, and with
+/// A mapping change makes running pods outdated (their mapping is their
+/// own annotation); so does a sidecar change, and with
 /// `rollout-outdated` their Deployment is restarted once for that config,
 /// and the rollout stops with an error when it does not become available
 /// (no kubelet runs pods here).
-fn config_changes_reach_running_pods(s: &Scenario, namespace: &str, exporter_port: u16) {
+fn config_changes_reach_running_pods(s: &Scenario, namespace: &str) {
     let original_config = std::fs::read_to_string(&s.install.config_file).unwrap();
     opt_in(s.plane, namespace);
     run_with_input(
@@ -678,7 +632,11 @@ fn config_changes_reach_running_pods(s: &Scenario, namespace: &str, exporter_por
         .into_iter()
         .find(injected)
         .unwrap();
-    let pod_name = pod["metadata"]["name"].as_str().unwrap().to_string();
+    assert_eq!(
+        pod["metadata"]["annotations"][format!("{DOMAIN}/statsd-mapping")],
+        json!(chiller_metrics::config::DEFAULT_MAPPING),
+        "the pod carries its mapping"
+    );
     let first = status_of(&pod);
     let first_hash = first["configHash"].as_str().unwrap().to_string();
     assert!(first["sidecarHash"].is_string(), "{first}");
@@ -690,61 +648,22 @@ fn config_changes_reach_running_pods(s: &Scenario, namespace: &str, exporter_por
         })
     });
 
-    // The pod "runs": its exporter is a real one on loopback, started with
-    // the mapping its volume held at creation.
-    let scratch = tempfile::tempdir().unwrap();
-    let mapping_file = scratch.path().join("statsd-mapping.yaml");
-    std::fs::write(&mapping_file, chiller_metrics::config::DEFAULT_MAPPING).unwrap();
-    let exporter = Exporter::start(exporter_port, &mapping_file);
-    run(s.plane.kubectl().args([
-        "patch",
-        "pod",
-        &pod_name,
-        "-n",
-        namespace,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        &json!({"status": {"phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}]}}).to_string(),
-    ]));
-
-    // The mapping changes. The kubelet refreshes the volume (here: the file
-    // is rewritten at once); the exporter does not notice by itself.
-    let new_mapping = mapping_with_reload_rule();
-    std::fs::write(&mapping_file, &new_mapping).unwrap();
+    // The mapping changes. It travels in each pod's own annotation, so the
+    // running pod is outdated now; the namespace's ConfigMap follows.
+    let new_mapping = mapping_with_extra_rule();
     change_config(s, |config| config["mapping"] = json!(new_mapping));
-    let current_pod = |plane: &ControlPlane| {
-        pods_of(plane, namespace)
-            .into_iter()
-            .find(|p| p["metadata"]["name"] == pod_name.as_str())
-            .unwrap()
-    };
-    wait_until("the pod records the reloaded config", || {
-        let recorded = status_of(&current_pod(s.plane));
-        recorded["configHash"] != first_hash.as_str()
-            && reconcile_status(s.plane, namespace)
-                .is_some_and(|status| status["configHash"] == recorded["configHash"])
-    });
-    let reloaded = status_of(&current_pod(s.plane));
+    wait_until(
+        "the status counts the pod outdated by the new mapping",
+        || {
+            reconcile_status(s.plane, namespace).is_some_and(|status| {
+                status["configHash"] != first_hash.as_str() && status["outdatedPods"] == 1
+            })
+        },
+    );
     assert_eq!(
-        reloaded["sidecarHash"], first["sidecarHash"],
-        "same sidecar"
+        mapping_in_namespace(s.plane, namespace).as_deref(),
+        Some(new_mapping.as_str())
     );
-    let metrics = exporter.metrics().unwrap();
-    assert!(
-        metrics.contains("statsd_exporter_config_reloads_total{outcome=\"success\"} 1"),
-        "{metrics}"
-    );
-    exporter.send("chiller.reload.hits:1|c");
-    wait_until("the exporter maps with the new mapping", || {
-        exporter
-            .metrics()
-            .is_some_and(|m| m.lines().any(|l| l.starts_with("chiller_reloaded")))
-    });
-    wait_until("nothing is outdated after the reload", || {
-        reconcile_status(s.plane, namespace).is_some_and(|status| status["outdatedPods"] == 0)
-    });
-    drop(exporter);
 
     // The sidecar image changes: the pod is outdated, and nothing is
     // restarted without the namespace annotation.
@@ -816,6 +735,40 @@ fn config_changes_reach_running_pods(s: &Scenario, namespace: &str, exporter_por
         namespace,
         &format!("{DOMAIN}/rollout-outdated-"),
     ]));
+    let staged = s.install.config_file.with_extension("staged");
+    std::fs::write(&staged, original_config).unwrap();
+    std::fs::rename(&staged, &s.install.config_file).unwrap();
+}
+
+/// A new config reaches every opted-in namespace as soon as the file
+/// changes. The resync is first set to an hour, so only the config change
+/// itself can trigger the reconciles that carry the new mapping.
+fn a_new_config_reconciles_every_namespace_without_waiting_for_the_resync(
+    s: &Scenario,
+    namespaces: &[&str],
+) {
+    let original_config = std::fs::read_to_string(&s.install.config_file).unwrap();
+    for namespace in namespaces {
+        opt_in(s.plane, namespace);
+    }
+    for namespace in namespaces {
+        wait_until(&format!("{namespace} has its mapping"), || {
+            mapping_in_namespace(s.plane, namespace).as_deref()
+                == Some(chiller_metrics::config::DEFAULT_MAPPING)
+        });
+    }
+    change_config(s, |config| {
+        config["reconcile"]["resyncSeconds"] = json!(3600)
+    });
+    // Resyncs already queued with the old period run out.
+    std::thread::sleep(Duration::from_secs(RESYNC_SECONDS * 2));
+    let new_mapping = mapping_with_extra_rule();
+    change_config(s, |config| config["mapping"] = json!(new_mapping));
+    for namespace in namespaces {
+        wait_until(&format!("{namespace} has the new mapping"), || {
+            mapping_in_namespace(s.plane, namespace).as_deref() == Some(new_mapping.as_str())
+        });
+    }
     let staged = s.install.config_file.with_extension("staged");
     std::fs::write(&staged, original_config).unwrap();
     std::fs::rename(&staged, &s.install.config_file).unwrap();

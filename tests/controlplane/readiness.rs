@@ -155,11 +155,18 @@ pub fn sandbox_pid(bwrap: u32) -> Option<u32> {
 
 /// Sends the pod's readiness (ready per container) to the API server when
 /// it differs from what was `reported` last.
+/// What the kubelet reports of one container: ready, and restarted how often.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContainerReport {
+    pub ready: bool,
+    pub restarts: u32,
+}
+
 pub fn report(
     plane: &ControlPlane,
     pod: &Value,
-    containers: &HashMap<String, bool>,
-    reported: Option<&HashMap<String, bool>>,
+    containers: &HashMap<String, ContainerReport>,
+    reported: Option<&HashMap<String, ContainerReport>>,
 ) -> Result<(), String> {
     if reported == Some(containers) {
         return Ok(());
@@ -167,7 +174,7 @@ pub fn report(
     let namespace = pod["metadata"]["namespace"].as_str().unwrap_or_default();
     let name = pod["metadata"]["name"].as_str().unwrap_or_default();
     // Native sidecars count; init containers that ran to completion do not.
-    let all_ready = containers.values().all(|ready| *ready);
+    let all_ready = containers.values().all(|report| report.ready);
     let now = k8s_openapi::jiff::Timestamp::now()
         .strftime("%Y-%m-%dT%H:%M:%SZ")
         .to_string();
@@ -179,8 +186,9 @@ pub fn report(
             .flatten()
             .map(|s| {
                 let mut s = s.clone();
-                if let Some(ready) = s["name"].as_str().and_then(|n| containers.get(n)) {
-                    s["ready"] = json!(ready);
+                if let Some(report) = s["name"].as_str().and_then(|n| containers.get(n)) {
+                    s["ready"] = json!(report.ready);
+                    s["restartCount"] = json!(report.restarts);
                 }
                 s
             })

@@ -26,7 +26,7 @@ use serde_json::Value;
 use super::{
     ControlPlane,
     process::Process,
-    readiness::{self, ExecTarget, ProbeState},
+    readiness::{self, ContainerReport, ExecTarget, ProbeState},
     services,
 };
 
@@ -76,7 +76,9 @@ struct RunningPod {
     /// Readiness probe results per container, and what the API server was
     /// last told.
     probes: HashMap<String, ProbeState>,
-    reported: Option<HashMap<String, bool>>,
+    reported: Option<HashMap<String, ContainerReport>>,
+    /// Restarts per container, as the kubelet counts them.
+    restarts: HashMap<String, u32>,
 }
 
 /// Watches pods and runs those on our nodes; stops everything on drop.
@@ -440,7 +442,10 @@ fn restart_exited(
             &running.volumes,
             &running.dir,
         ) {
-            Ok(restarted) => *child = restarted,
+            Ok(restarted) => {
+                *child = restarted;
+                *running.restarts.entry(name.clone()).or_default() += 1;
+            }
             Err(error) => errors.push(error),
         }
     }
@@ -478,7 +483,14 @@ fn report_readiness(plane: &ControlPlane, running: &mut RunningPod) -> Result<()
             }
             (Some(_), None) => state.ready = true,
         }
-        ready.insert(name, state.ready);
+        let restarts = running.restarts.get(&name).copied().unwrap_or_default();
+        ready.insert(
+            name,
+            ContainerReport {
+                ready: state.ready,
+                restarts,
+            },
+        );
     }
     readiness::report(plane, &running.pod, &ready, running.reported.as_ref())?;
     running.reported = Some(ready);
@@ -568,6 +580,7 @@ fn start_pod(
         dir: dir.to_path_buf(),
         probes: HashMap::new(),
         reported: None,
+        restarts: HashMap::new(),
     };
     match run_containers(plane, table, pod, &containers, dir, &mut started) {
         Ok(()) => Ok(started),
@@ -666,6 +679,11 @@ fn materialize_volumes(
             paths.insert(name.to_string(), path);
             continue;
         }
+        if let Some(items) = volume["downwardAPI"]["items"].as_array() {
+            write_downward_api(pod, items, &path)?;
+            paths.insert(name.to_string(), path);
+            continue;
+        }
         let (kind, object, data_key) = if let Some(cm) = volume["configMap"]["name"].as_str() {
             ("configmap", cm, "data")
         } else if let Some(secret) = volume["secret"]["secretName"].as_str() {
@@ -748,15 +766,21 @@ fn project(plane: &ControlPlane, pod: &Value, sources: &[Value], dir: &Path) -> 
                     .map_err(|e| e.to_string())?;
             }
         } else if let Some(items) = source["downwardAPI"]["items"].as_array() {
-            for item in items {
-                let path = item["path"].as_str().unwrap_or_default();
-                let value = field(
-                    pod,
-                    item["fieldRef"]["fieldPath"].as_str().unwrap_or_default(),
-                );
-                std::fs::write(dir.join(path), value).map_err(|e| e.to_string())?;
-            }
+            write_downward_api(pod, items, dir)?;
         }
+    }
+    Ok(())
+}
+
+/// Downward-API items: each field of the pod, as the kubelet writes it.
+fn write_downward_api(pod: &Value, items: &[Value], dir: &Path) -> Result<(), String> {
+    for item in items {
+        let path = item["path"].as_str().unwrap_or_default();
+        let value = field(
+            pod,
+            item["fieldRef"]["fieldPath"].as_str().unwrap_or_default(),
+        );
+        write_if_changed(&dir.join(path), value.as_bytes())?;
     }
     Ok(())
 }
@@ -848,8 +872,19 @@ fn env_of(
     Ok(env)
 }
 
-/// A downward-API field such as `metadata.name` or `status.podIP`.
+/// A downward-API field such as `metadata.name`, `status.podIP` or
+/// `metadata.annotations['example.com/key']`.
 fn field(pod: &Value, path: &str) -> String {
+    if let Some((map, key)) = path
+        .strip_suffix("']")
+        .and_then(|rest| rest.split_once("['"))
+    {
+        let mut value = pod;
+        for part in map.split('.') {
+            value = &value[part];
+        }
+        return value[key].as_str().unwrap_or_default().to_string();
+    }
     let mut value = pod;
     for part in path.split('.') {
         value = &value[part];

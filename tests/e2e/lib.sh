@@ -150,6 +150,75 @@ print(f"reconcile-status: {status}")
 sys.exit(0 if str(status.get(sys.argv[1])) == sys.argv[2] else 1)' "$2" "$3"
 }
 
+# first_pod_trial NAMESPACE IMAGE PULL_POLICY REQUESTS: creates NAMESPACE,
+# labeled, and a gunicorn pod in it in one apply (the pod is admitted before
+# the reconcile loop can have written anything for the namespace); once the
+# pod is Ready, sends REQUESTS requests to it and checks, from the pod's
+# status as the node reports it, that the sidecar never restarted, and from
+# its exporter that every request was counted. Deletes the namespace.
+first_pod_trial() {
+  local ns=$1 image=$2 policy=$3 requests=$4 pod=app deadline restarts counted
+  kubectl apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: $ns
+  labels:
+    metrics.chiller.io/inject: enabled
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: $pod
+  namespace: $ns
+  labels:
+    app: first-pod
+spec:
+  containers:
+    - name: app
+      image: $image
+      imagePullPolicy: $policy
+      env:
+        - name: ROLE
+          value: api
+      ports:
+        - name: http
+          containerPort: 8000
+EOF
+  kubectl -n "$ns" wait --for=condition=Ready "pod/$pod" --timeout=120s >/dev/null ||
+    { kubectl -n "$ns" get pod "$pod" -o yaml >&2; return 1; }
+  has_native_sidecar "$ns" first-pod || { echo "$ns/$pod has no sidecar" >&2; return 1; }
+  for _ in $(seq 1 "$requests"); do
+    kubectl get --raw "/api/v1/namespaces/$ns/pods/$pod:8000/proxy/api/items" >/dev/null
+  done
+  deadline=$((SECONDS + 30))
+  until counted=$(requests_counted "$ns" "$pod") && ((counted == requests)); do
+    if ((SECONDS >= deadline)); then
+      echo "$ns: the exporter counted ${counted:-nothing} of $requests requests" >&2
+      return 1
+    fi
+    sleep 1
+  done
+  restarts=$(kubectl -n "$ns" get pod "$pod" \
+    -o jsonpath='{.status.initContainerStatuses[?(@.name=="statsd-exporter")].restartCount}')
+  if [ "$restarts" != 0 ]; then
+    echo "$ns: the sidecar restarted ${restarts:-?} times" >&2
+    kubectl -n "$ns" logs "$pod" -c statsd-exporter --previous >&2 || true
+    return 1
+  fi
+  echo "$ns: sidecar restarts 0, $counted of $requests requests counted"
+  kubectl delete namespace "$ns" --wait=false >/dev/null
+}
+
+# requests_counted NAMESPACE POD: gunicorn_requests_total in the pod's exporter.
+requests_counted() {
+  kubectl get --raw "/api/v1/namespaces/$1/pods/$2:9102/proxy/metrics" | python3 -c '
+import re, sys
+total = sum(float(m.group(1)) for line in sys.stdin
+            if (m := re.match(r"gunicorn_requests_total\{.*\} (\S+)$", line.strip())))
+print(int(total))'
+}
+
 # Every pod of the Deployment APP runs the sidecar with CPU request CPU.
 sidecar_cpu_request_is() {
   local ns=$1 app=$2 cpu=$3 requests

@@ -48,11 +48,17 @@ for ns in "${NAMESPACES[@]}"; do
     'metrics.chiller.io/pod-selector=app!=db'
   kubectl label namespace "$ns" "$INJECT=enabled"
 done
+# Right after the label, as a user would: the pods must not depend on
+# anything the reconcile loop has yet to write.
 for ns in "${NAMESPACES[@]}"; do
-  wait_until 180 "statsd mapping ConfigMap in $ns" \
-    kubectl -n "$ns" get configmap chiller-metrics-statsd-mapping
   helm install app tests/e2e/chart --namespace "$ns" \
     --set image="$APP_IMAGE" --set imagePullPolicy="$APP_PULL_POLICY" --wait --timeout 5m
+done
+
+log "3. the first pod: a namespace labeled and a pod created at once, 20 times over"
+for trial in $(seq 1 20); do
+  first_pod_trial "first-pod-$trial" "$APP_IMAGE" "$APP_PULL_POLICY" 5 ||
+    fail "trial $trial: the first pod lost metrics"
 done
 
 log "4. sidecars, per-namespace Prometheus, targets"
