@@ -8,7 +8,7 @@ SERVICE ?= chiller-metrics
 IMAGE ?= chiller-metrics:dev
 KIND_CLUSTER ?= chiller-metrics
 
-.PHONY: all build demo test tools cluster-tools cluster-up cluster-down e2e-local lint fmt e2e image kind-load certs manifests bench server-profile hot-symbols fuzz golden clean
+.PHONY: all build demo test system-packages tools cluster-tools cluster-up cluster-down e2e-local lint fmt e2e image kind-load certs manifests bench server-profile hot-symbols fuzz golden clean
 
 all: build
 
@@ -20,7 +20,7 @@ demo:
 	./scripts/demo.sh
 
 ## Everything CI runs: lint, unit, golden, schema, HTTPS, gunicorn, promtool, chart tests.
-test: tools cluster-tools
+test: system-packages tools cluster-tools
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets --locked -- -D warnings
 	@mkdir -p target
@@ -28,6 +28,11 @@ test: tools cluster-tools
 	$(CARGO) build --locked --bin chiller-metrics --example admission_client
 	set -o pipefail; $(CARGO) test --all-targets --locked 2>&1 | tee target/test-output.log
 	@awk '/^test result:/ { passed += $$4; failed += $$6 } END { printf "tests: %d passed, %d failed\n", passed, failed }' target/test-output.log
+
+## Installs the Debian packages the tests need (as root or with password-less
+## sudo); otherwise says which to install and why.
+system-packages:
+	./scripts/system-packages.sh
 
 ## Installs the test tools that need no root into .tools/ (gunicorn, flask, helm, kubectl).
 tools:
@@ -82,7 +87,7 @@ manifests: tools
 ## `make e2e` (tests/e2e/scenario.sh) on two kwok nodes, with the pod runner in
 ## place of the container runtime; everything else is real (needs root,
 ## iproute2, iptables, bubblewrap and Debian's postgresql).
-e2e-local: tools cluster-tools
+e2e-local: system-packages tools cluster-tools
 	$(CARGO) test --locked --test e2e_pods -- --nocapture
 
 ## End-to-end on kind (needs Docker and kind; skipped with a message otherwise).

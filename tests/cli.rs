@@ -420,3 +420,24 @@ fn explain_reads_an_existing_pod_from_kubectl_get_output() {
     assert_eq!(explanation["outcome"], "missed", "{explanation:#}");
     assert_eq!(explanation["existing"]["injected"], false);
 }
+
+#[test]
+fn explain_takes_a_generated_manifest_with_a_null_creation_timestamp_as_a_new_pod() {
+    let dir = tempfile::tempdir().unwrap();
+    // As `kubectl run api --image=shop-api:1 --dry-run=client -o yaml` writes it.
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata:\n  creationTimestamp: null\n  labels:\n    run: api\n  name: api\nspec:\n  containers:\n  - image: shop-api:1\n    name: api\n    resources: {}\n  dnsPolicy: ClusterFirst\n  restartPolicy: Always\nstatus: {}\n";
+    let file = dir.path().join("pod.yaml");
+    std::fs::write(&file, pod).unwrap();
+    let output = run(&[
+        "explain",
+        "-f",
+        file.to_str().unwrap(),
+        "--namespace=shop",
+        "--namespace-labels=metrics.chiller.io/inject=enabled",
+        "-o",
+        "json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let explanation: Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(explanation["outcome"], "would-inject", "{explanation:#}");
+}

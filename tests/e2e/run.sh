@@ -6,7 +6,7 @@
 #
 # Needs Docker (a running engine), kind, helm, kubectl, python3 and network
 # access to the chart repositories and image registries. Without Docker or
-# kind it prints "SKIPPED: docker/kind not available" and exits 0.
+# kind it says so and fails: `make e2e-local` runs the same scenario without them.
 # KEEP_CLUSTER=1 keeps the cluster (and prints how to delete it).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -27,8 +27,8 @@ NAMESPACES=(shop-a shop-b)
 INJECT=metrics.chiller.io/inject
 
 if ! command -v docker >/dev/null || ! docker info >/dev/null 2>&1 || ! command -v kind >/dev/null; then
-  echo "SKIPPED: docker/kind not available (the end-to-end test needs a running Docker engine and kind: https://kind.sigs.k8s.io)"
-  exit 0
+  echo "make e2e needs a running Docker engine and kind (https://kind.sigs.k8s.io); without them, run make e2e-local (the same scenario, as root)" >&2
+  exit 1
 fi
 require helm "run make tools, or install helm v4"
 require kubectl "run make tools, or install kubectl"

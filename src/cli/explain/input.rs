@@ -150,7 +150,11 @@ pub fn explain_offline(args: &ExplainArgs) -> Result<Explanation, InputError> {
             source,
         })?;
         // A pod as `kubectl get -o yaml` prints it exists: it was created.
-        let existing = value.pointer("/metadata/creationTimestamp").is_some();
+        // Generated manifests (`kubectl create --dry-run=client -o yaml`)
+        // and AdmissionReview objects write `creationTimestamp: null`.
+        let existing = value
+            .pointer("/metadata/creationTimestamp")
+            .is_some_and(|created| !created.is_null());
         if let Some(found) = subject_of(&value, default_namespace, existing) {
             subject = Some(found);
             break;

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs the Debian packages `make test` needs, when they are missing:
+# with apt-get as root or through password-less sudo. Otherwise it stops with
+# the one command to run, and says which tests need which package.
+set -euo pipefail
+
+# package: what needs it
+declare -A needs=(
+  [prometheus]="promtool: tests/promql.rs (recording rules and the dashboard's queries)"
+  [nghttp2-client]="h2load: tests/rotation.rs and tests/shutdown.rs (load during rotation and shutdown)"
+  [wrk]="wrk: tests/shutdown.rs (HTTP/1.1 load)"
+  [curl]="curl: make demo and tests/demo.rs"
+  [iproute2]="ip: tests/e2e_pods.rs (network namespaces, veths, the bridge)"
+  [iptables]="iptables: tests/e2e_pods.rs (kube-proxy)"
+  [bubblewrap]="bwrap: tests/e2e_pods.rs (the pod runner's mounts)"
+  [util-linux]="nsenter, unshare: tests/e2e_pods.rs"
+  [postgresql]="postgres: tests/e2e_pods.rs (the test app's database)"
+)
+
+missing=()
+for package in "${!needs[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
+done
+((${#missing[@]} == 0)) && exit 0
+
+if ! command -v apt-get >/dev/null; then
+  echo "make test needs these packages (or their equivalents), which are missing:" >&2
+  for package in "${missing[@]}"; do echo "  $package  ${needs[$package]}" >&2; done
+  exit 1
+fi
+if [ "$(id -u)" -eq 0 ]; then
+  sudo=()
+elif sudo -n true 2>/dev/null; then
+  sudo=(sudo -n)
+else
+  echo "make test needs these Debian packages, which are missing:" >&2
+  for package in "${missing[@]}"; do echo "  $package  ${needs[$package]}" >&2; done
+  echo "run: sudo apt-get update && sudo apt-get install -y --no-install-recommends ${missing[*]}" >&2
+  exit 1
+fi
+echo "installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+"${sudo[@]}" apt-get update -qq
+"${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
