@@ -154,23 +154,29 @@ fn start_gunicorn(env: &BTreeMap<String, String>, scratch: &Path) -> Gunicorn {
 }
 
 fn http_get(addr: SocketAddr, path: &str) -> u16 {
+    http_request(addr, "GET", path).0
+}
+
+/// One request with `Connection: close`: the status and the whole answer.
+fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let status_line = response.lines().next().unwrap_or_default();
-    status_line
+    let status = status_line
         .split_whitespace()
         .nth(1)
         .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP response to GET {path}: {response:?}"))
+        .unwrap_or_else(|| panic!("not an HTTP response to {method} {path}: {response:?}"));
+    (status, response)
 }
 
 /// One statsd line: `name:value|type[|@rate]`.
@@ -460,4 +466,129 @@ fn gunicorn_statsd_lines_match_the_sidecar_mapping() {
         assert_eq!(map_metric(&mapping.mappings, &full).unwrap().0.name, name);
     }
     drop(gunicorn);
+}
+
+/// A free loopback port (released again: statsd_exporter takes a number).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .unwrap()
+        .port()
+}
+
+/// A process stopped on drop, also when the test fails.
+struct Stopped(Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The real statsd_exporter, started with exactly the injected sidecar's
+/// arguments (addresses moved to loopback) and the mapping file the kubelet
+/// writes from the pod's own annotation (its downward-API volume), counts
+/// every request of a real gunicorn from the first one on; and, with no
+/// lifecycle API, nobody else can stop or reconfigure it.
+#[test]
+fn the_injected_exporter_counts_every_request_and_offers_no_lifecycle_api() {
+    let statsd_port = free_port();
+    let injector = Injector::new(Config::default(), ResolvedMode::Native);
+    let mut pod = chiller_api_pod();
+    let typed: Pod = serde_json::from_value(pod.clone()).unwrap();
+    let Decision::Inject { patch, .. } = injector.mutate(&typed, PodContext::default()) else {
+        panic!("the chiller API pod was not injected");
+    };
+    json_patch::patch(&mut pod, &patch.to_json_patch()).expect("the patch applies");
+    let sidecar = pod["spec"]["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "statsd-exporter")
+        .expect("the native sidecar");
+    let volume = pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == sidecar["volumeMounts"][0]["name"])
+        .expect("the mapping volume");
+    // What the kubelet writes: the annotation the downward-API item names.
+    let item = &volume["downwardAPI"]["items"][0];
+    let field = item["fieldRef"]["fieldPath"].as_str().unwrap();
+    let key = field
+        .strip_prefix("metadata.annotations['")
+        .and_then(|rest| rest.strip_suffix("']"))
+        .unwrap_or_else(|| panic!("not an annotation: {field}"));
+    let mapping = pod["metadata"]["annotations"][key].as_str().unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let mapping_file = scratch.path().join(item["path"].as_str().unwrap());
+    std::fs::write(&mapping_file, mapping).unwrap();
+
+    let web: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut args = Vec::new();
+    for arg in sidecar["args"].as_array().unwrap() {
+        let arg = arg.as_str().unwrap();
+        let (flag, _) = arg.split_once('=').unwrap();
+        args.push(match flag {
+            "--statsd.mapping-config" => format!("{flag}={}", mapping_file.display()),
+            "--statsd.listen-udp" | "--statsd.listen-tcp" => {
+                format!("{flag}=127.0.0.1:{statsd_port}")
+            }
+            "--web.listen-address" => format!("{flag}={web}"),
+            _ => arg.to_string(),
+        });
+    }
+    let exporter = Command::new(support::go_tool("statsd-exporter", "statsd_exporter"))
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("running statsd_exporter");
+    let mut exporter = Stopped(exporter);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(web).is_err() {
+        assert!(Instant::now() < deadline, "statsd_exporter did not listen");
+        assert!(
+            exporter.0.try_wait().unwrap().is_none(),
+            "statsd_exporter exited at start with {args:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let env = patched_env(statsd_port);
+    let mut gunicorn = start_gunicorn(&env, scratch.path());
+    let addr = gunicorn.wait_listening();
+    for (path, status) in REQUESTS {
+        assert_eq!(http_get(addr, path), status, "GET {path}");
+    }
+    let counted = || -> Option<f64> {
+        let (_, metrics) = http_request(web, "GET", "/metrics");
+        metrics.lines().find_map(|line| {
+            line.strip_prefix("gunicorn_requests_total{prefix=\"chiller-api\"} ")
+                .and_then(|value| value.trim().parse().ok())
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while counted() != Some(REQUESTS.len() as f64) {
+        assert!(
+            Instant::now() < deadline,
+            "the exporter counted {:?} of {} requests",
+            counted(),
+            REQUESTS.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Without the lifecycle API these paths fall through to the landing
+    // page (200, HTML): what counts is that the exporter keeps running.
+    for path in ["/-/quit", "/-/reload"] {
+        http_request(web, "POST", path);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        exporter.0.try_wait().unwrap().is_none(),
+        "the exporter stopped"
+    );
+    assert_eq!(counted(), Some(REQUESTS.len() as f64));
 }

@@ -1022,11 +1022,15 @@ pub fn isolated(test_name: &str, prepare: impl FnOnce()) -> bool {
         .stdout(Stdio::piped())
         .spawn()
         .expect("running unshare (util-linux)");
-    // The inner run's own summary lines would count this test twice.
+    // The inner run's own summary lines would count this test twice; they
+    // are read instead, so a renamed test cannot pass having run nothing.
     use std::io::BufRead;
     let output = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut summary = None;
     for line in output.lines().map_while(Result::ok) {
-        if !line.starts_with("test result:") && !line.starts_with("running ") {
+        if line.starts_with("test result:") {
+            summary = Some(line);
+        } else if !line.starts_with("running ") {
             println!("{line}");
         }
     }
@@ -1034,6 +1038,11 @@ pub fn isolated(test_name: &str, prepare: impl FnOnce()) -> bool {
     assert!(
         status.success(),
         "the isolated run of {test_name} failed (see above)"
+    );
+    let summary = summary.unwrap_or_default();
+    assert!(
+        summary.contains(" 1 passed;"),
+        "the isolated run of {test_name} should run exactly that test; it said: {summary:?}"
     );
     false
 }
