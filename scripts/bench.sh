@@ -98,7 +98,7 @@ start_server() {
     started=$(now_ns)
     case "$1" in
     ours)
-        RUST_LOG=warn "${pin_server[@]}" "$OURS_BIN" serve --no-reconcile \
+        RUST_LOG=warn "${pin_server[@]}" "$OURS_BIN" serve --standalone --no-reconcile \
             --listen "127.0.0.1:$WEBHOOK_PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" \
             --tls-cert "$OUT/certs/tls.crt" --tls-key "$OUT/certs/tls.key" \
             --drain-seconds 0 >"$OUT/ours.log" 2>&1 &

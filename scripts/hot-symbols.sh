@@ -40,7 +40,7 @@ ADMIN_PORT=${ADMIN_PORT:-19090}
 
 RUST_LOG=warn valgrind --tool=callgrind --demangle=no --compress-strings=no \
     --compress-pos=no --callgrind-out-file="$WORK/callgrind.out" \
-    "$BIN" serve --no-reconcile \
+    "$BIN" serve --standalone --no-reconcile \
     --listen "127.0.0.1:$WEBHOOK_PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" \
     --tls-cert "$WORK/certs/tls.crt" --tls-key "$WORK/certs/tls.key" \
     --drain-seconds 0 >"$WORK/serve.log" 2>&1 &

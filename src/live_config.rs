@@ -34,7 +34,6 @@ pub enum ReloadError {
 struct Source {
     path: PathBuf,
     overrides: Overrides,
-    server_version: Option<(u32, u32)>,
 }
 
 #[derive(Debug)]
@@ -52,6 +51,8 @@ pub struct LiveInjector {
     rejected: std::sync::Mutex<Option<[u8; 32]>>,
     /// Bumped each time the injector is replaced.
     generation: tokio::sync::watch::Sender<u64>,
+    /// Resolves `auto` mode; known once the API server has answered.
+    server_version: RwLock<Option<(u32, u32)>>,
 }
 
 impl From<Injector> for Arc<LiveInjector> {
@@ -71,6 +72,7 @@ impl LiveInjector {
             }),
             rejected: Default::default(),
             generation: tokio::sync::watch::Sender::new(0),
+            server_version: RwLock::new(None),
         })
     }
 
@@ -89,9 +91,8 @@ impl LiveInjector {
         let source = Source {
             path: path.to_path_buf(),
             overrides,
-            server_version,
         };
-        let (injector, fingerprint) = source.load()?;
+        let (injector, fingerprint) = source.load(server_version)?;
         Ok(Arc::new(Self {
             source: Some(source),
             current: RwLock::new(Current {
@@ -100,11 +101,27 @@ impl LiveInjector {
             }),
             rejected: Default::default(),
             generation: tokio::sync::watch::Sender::new(0),
+            server_version: RwLock::new(server_version),
         }))
     }
 
     pub fn current(&self) -> Arc<Injector> {
         self.current.read().expect("lock").injector.clone()
+    }
+
+    /// Records the API server's version, which resolves `auto` mode for this
+    /// and every later config; replaces the injector if its mode changes.
+    pub fn set_server_version(&self, version: (u32, u32)) {
+        *self.server_version.write().expect("lock") = Some(version);
+        let mut current = self.current.write().expect("lock");
+        let config = current.injector.config();
+        let mode = ResolvedMode::resolve(config.sidecar.mode, Some(version));
+        if mode == current.injector.mode() {
+            return;
+        }
+        current.injector = Arc::new(Injector::new(config.clone(), mode));
+        drop(current);
+        self.generation.send_modify(|generation| *generation += 1);
     }
 
     /// Changes each time a new config replaces the running one.
@@ -129,7 +146,8 @@ impl LiveInjector {
             *self.rejected.lock().expect("lock") = Some(fingerprint);
             Err(error)
         };
-        let injector = match source.parse(&text) {
+        let server_version = *self.server_version.read().expect("lock");
+        let injector = match source.parse(&text, server_version) {
             Ok(injector) => injector,
             Err(error) => return reject(error.into()),
         };
@@ -198,15 +216,22 @@ impl Source {
         })
     }
 
-    fn parse(&self, text: &str) -> Result<Injector, ConfigError> {
+    fn parse(
+        &self,
+        text: &str,
+        server_version: Option<(u32, u32)>,
+    ) -> Result<Injector, ConfigError> {
         let config = Config::from_text(text, &self.path, &self.overrides)?;
-        let mode = ResolvedMode::resolve(config.sidecar.mode, self.server_version);
+        let mode = ResolvedMode::resolve(config.sidecar.mode, server_version);
         Ok(Injector::new(config, mode))
     }
 
-    fn load(&self) -> Result<(Injector, [u8; 32]), ConfigError> {
+    fn load(
+        &self,
+        server_version: Option<(u32, u32)>,
+    ) -> Result<(Injector, [u8; 32]), ConfigError> {
         let text = self.read()?;
-        Ok((self.parse(&text)?, fingerprint(&text)))
+        Ok((self.parse(&text, server_version)?, fingerprint(&text)))
     }
 }
 

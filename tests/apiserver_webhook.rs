@@ -750,3 +750,104 @@ fn injection_happens_once_when_another_webhook_mutates_the_pod_before_or_after_u
             .args(["delete", "mutatingwebhookconfiguration", configuration]));
     }
 }
+
+/// The review of the chiller API pod in `namespace`, with `app` as its label.
+fn review_in(namespace: &str, app: &str) -> Value {
+    let mut review = support::https::chiller_api_review();
+    review["request"]["namespace"] = json!(namespace);
+    review["request"]["object"]["metadata"]["namespace"] = json!(namespace);
+    review["request"]["object"]["metadata"]["labels"]["app"] = json!(app);
+    review
+}
+
+/// Whether `serve` patches the pod of `review`, asked directly over HTTPS.
+fn patches(serve: &ServeProcess, ca: &str, review: &Value) -> bool {
+    let answer = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut client = serve.client(ca);
+        // The install's certificate names the Service and 127.0.0.1.
+        client.server_name = "chiller-metrics.chiller-metrics.svc".to_string();
+        let mut connection = client
+            .connect(support::https::HttpVersion::Http1)
+            .await
+            .expect("connecting to the webhook");
+        connection
+            .post_json("/mutate", review.to_string())
+            .await
+            .expect("the webhook answers")
+    });
+    let answer: Value = serde_json::from_slice(&answer.body).expect("an AdmissionReview");
+    assert_eq!(answer["response"]["allowed"], true, "{answer:#}");
+    answer["response"]["patch"].is_string()
+}
+
+fn admin_ready(serve: &ServeProcess) -> bool {
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(support::https::admin_get(serve.admin_addr, "/readyz"))
+        .is_ok_and(|answer| answer.status == 200)
+}
+
+/// A replica that starts while the API server is down waits for it: not
+/// ready, and injecting nothing (it cannot honour the namespaces' settings)
+/// until its namespace cache has synced; then it follows them, and its
+/// reconcile loop campaigns. The API server is down for about 15 s here.
+#[test]
+fn a_replica_started_while_the_api_server_is_down_injects_nothing_until_its_cache_has_synced() {
+    let f = fixture();
+    let _serial = one_at_a_time();
+    let _logs = f.logs_on_failure();
+    let namespace = "chiller-late-start";
+    opt_in(namespace);
+    run(f.plane.kubectl().args([
+        "annotate",
+        "--overwrite",
+        "namespace",
+        namespace,
+        &format!("{DOMAIN}/pod-selector=app=selected"),
+    ]));
+    let ca = std::fs::read_to_string(f.install.certs.join("ca.crt")).unwrap();
+
+    f.plane.stop_apiserver();
+    let late = install::start_serve(f.install.serve_command("chiller-metrics-late"));
+    let _late_logs = f
+        .plane
+        .logs_on_failure()
+        .with("the late replica", late.log_tail(60));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        assert!(!admin_ready(&late), "ready while the API server is down");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        !patches(&late, &ca, &review_in(namespace, "selected")),
+        "injected before knowing the namespace's settings"
+    );
+    assert!(!patches(&late, &ca, &review_in(namespace, "other")));
+    let log = late.log().join("\n");
+    assert!(log.contains("cannot reach the API server"), "{log}");
+    let cold = support::https::sample(
+        &install::metrics_of(&late),
+        "chiller_metrics_admissions_total{outcome=\"error\",reason=\"namespace_cache_not_synced\"}",
+    );
+    assert_eq!(cold, Some(2.0), "both pods counted as allowed uninjected");
+
+    f.plane.start_apiserver_again();
+    let deadline = Instant::now() + CONVERGE;
+    while !admin_ready(&late) {
+        assert!(
+            Instant::now() < deadline,
+            "not ready after the API server came back"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(patches(&late, &ca, &review_in(namespace, "selected")));
+    assert!(
+        !patches(&late, &ca, &review_in(namespace, "other")),
+        "injected a pod the namespace's pod-selector excludes"
+    );
+    let log = late.log().join("\n");
+    assert!(
+        log.contains("reconcile loop waiting for leadership"),
+        "{log}"
+    );
+}

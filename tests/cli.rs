@@ -441,3 +441,52 @@ fn explain_takes_a_generated_manifest_with_a_null_creation_timestamp_as_a_new_po
     let explanation: Value = serde_json::from_str(&stdout(&output)).unwrap();
     assert_eq!(explanation["outcome"], "would-inject", "{explanation:#}");
 }
+
+#[test]
+fn serve_without_a_cluster_stops_and_names_standalone() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let made = run(&[
+        "certs",
+        "--out",
+        certs.to_str().unwrap(),
+        "--dns",
+        "localhost",
+    ]);
+    assert!(made.status.success(), "{}", stderr(&made));
+    let output = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .env("CHILLER_METRICS_TLS_CERT", certs.join("tls.crt"))
+        .env("CHILLER_METRICS_TLS_KEY", certs.join("tls.key"))
+        .env("KUBECONFIG", dir.path().join("no-such-kubeconfig"))
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .env_remove("CHILLER_METRICS_STANDALONE")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Bounded: a serve that went on without a cluster would never exit.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut serve = output;
+    while serve.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = serve.kill();
+            let _ = serve.wait();
+            panic!("serve kept running without a cluster and without --standalone");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let output = serve.wait_with_output().unwrap();
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    for needle in ["no Kubernetes cluster configured", "--standalone"] {
+        assert!(message.contains(needle), "lacks {needle:?}: {message}");
+    }
+}

@@ -24,6 +24,8 @@ pub use metrics::{AdmissionLabels, Metrics};
 #[derive(Debug, Default)]
 pub struct Readiness {
     namespaces_synced: AtomicBool,
+    /// The namespace cache has synced at least once.
+    namespaces_known: AtomicBool,
     shutting_down: AtomicBool,
     /// False while the leader election's rounds find no API server.
     api_server_unreachable: AtomicBool,
@@ -34,13 +36,22 @@ impl Readiness {
     pub fn new(wait_for_namespaces: bool) -> Self {
         Self {
             namespaces_synced: AtomicBool::new(!wait_for_namespaces),
+            namespaces_known: AtomicBool::new(!wait_for_namespaces),
             shutting_down: AtomicBool::new(false),
             api_server_unreachable: AtomicBool::new(false),
         }
     }
 
     pub fn mark_namespaces_synced(&self) {
+        self.namespaces_known.store(true, Ordering::SeqCst);
         self.namespaces_synced.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the namespace cache has synced at least once. A later watch
+    /// failure keeps the last state: no pod is created while the API
+    /// server is down, and a re-list follows.
+    pub fn namespaces_known(&self) -> bool {
+        self.namespaces_known.load(Ordering::SeqCst)
     }
 
     /// The namespace watch failed: the cache may be stale until it re-lists.

@@ -182,6 +182,11 @@ pub struct ServeArgs {
     /// Seconds between checks of the certificate files.
     #[arg(long, env = "CHILLER_METRICS_CERT_RELOAD_SECONDS", default_value_t = 2)]
     pub cert_reload_seconds: u64,
+    /// Serve the webhook without a cluster: pod-level settings only, no
+    /// namespace settings, no reconcile loop (demos and benchmarks). Without
+    /// it, `serve` needs a cluster and waits for its API server.
+    #[arg(long, env = "CHILLER_METRICS_STANDALONE")]
+    pub standalone: bool,
     /// Do not run the reconcile loop (webhook only).
     #[arg(long, env = "CHILLER_METRICS_NO_RECONCILE")]
     pub no_reconcile: bool,

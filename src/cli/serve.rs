@@ -8,7 +8,7 @@ use tokio::net::TcpListener;
 use crate::{
     admin::{self, AdminState, Metrics, Readiness},
     cli::ServeArgs,
-    cluster::{self, NamespaceCache},
+    cluster::{self, ClusterError, ClusterNamespaces, NamespaceCache},
     config::{ConfigError, Overrides},
     live_config::LiveInjector,
     reconcile,
@@ -25,6 +25,8 @@ pub enum ServeError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -53,55 +55,48 @@ pub async fn run(args: ServeArgs, shutdown: impl Future<Output = ()>) -> Result<
     let admin_listener = bind(args.admin_listen).await?;
     let metrics = Arc::new(Metrics::new());
 
-    let cluster = cluster::connect().await;
-    let readiness = Arc::new(Readiness::new(cluster.is_some()));
+    let client = if args.standalone {
+        None
+    } else {
+        Some(cluster::client().await?)
+    };
+    let readiness = Arc::new(Readiness::new(client.is_some()));
     let overrides = Overrides {
         sidecar_mode: args.config.sidecar_mode,
         sidecar_image: args.config.sidecar_image.clone(),
         grafana_namespace: args.config.grafana_namespace.clone(),
     };
-    let server_version = cluster.as_ref().map(|(_, version)| *version);
-    let injector = LiveInjector::load(args.config.config.as_deref(), overrides, server_version)?;
-    let mode = injector.current().mode();
-    let namespaces: Arc<dyn NamespacePolicies> = match &cluster {
-        Some((client, version)) => {
-            let keys = injector.current().keys().clone();
-            let (cache, driver) = NamespaceCache::watch(client.clone(), keys, readiness.clone());
-            tokio::spawn(driver);
-            tracing::info!(version = ?version, ?mode, "connected to the cluster");
-            Arc::new(cache)
+    let injector = LiveInjector::load(args.config.config.as_deref(), overrides, None)?;
+    let (stop_reconciling, reconcile_stop) = tokio::sync::watch::channel(false);
+    let (namespaces, reconciler): (Arc<dyn NamespacePolicies>, _) = match client {
+        Some(client) => {
+            let namespaces = Arc::new(ClusterNamespaces::new(readiness.clone()));
+            let connecting = connect_when_the_api_server_answers(
+                client,
+                Connection {
+                    namespaces: namespaces.clone(),
+                    injector: injector.clone(),
+                    readiness: readiness.clone(),
+                    metrics: metrics.clone(),
+                    reconcile: (!args.no_reconcile).then(|| {
+                        reconcile::Options::from_env(
+                            args.lease_namespace.clone(),
+                            args.lease_name.clone(),
+                        )
+                    }),
+                },
+                reconcile_stop,
+            );
+            (namespaces, Some(tokio::spawn(connecting)))
         }
         None => {
-            tracing::warn!(
-                "no cluster reachable: serving the webhook alone (pod-level settings only, no reconcile loop)"
+            tracing::info!(
+                "no cluster (--standalone): serving the webhook alone (pod-level settings only, no namespace settings, no reconcile loop)"
             );
-            Arc::new(NoCluster)
+            (Arc::new(NoCluster), None)
         }
     };
-    let (stop_reconciling, reconcile_stop) = tokio::sync::watch::channel(false);
-    let reconciler = match (&cluster, args.no_reconcile) {
-        (Some((client, _)), false) => {
-            let options = reconcile::Options {
-                readiness: Some(readiness.clone()),
-                ..reconcile::Options::from_env(
-                    args.lease_namespace.clone(),
-                    args.lease_name.clone(),
-                )
-            };
-            Some(tokio::spawn(reconcile::run(
-                client.clone(),
-                injector.clone(),
-                metrics.clone(),
-                options,
-                reconcile_stop,
-            )))
-        }
-        (Some(_), true) => {
-            tracing::info!("reconcile loop disabled by --no-reconcile");
-            None
-        }
-        (None, _) => None,
-    };
+    let mode = injector.current().mode();
 
     let config_watch = tokio::spawn(injector.clone().watch(
         Duration::from_secs(args.cert_reload_seconds.max(1)),
@@ -181,6 +176,53 @@ pub async fn run(args: ServeArgs, shutdown: impl Future<Output = ()>) -> Result<
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What starts once the API server answers.
+struct Connection {
+    namespaces: Arc<ClusterNamespaces>,
+    injector: Arc<LiveInjector>,
+    readiness: Arc<Readiness>,
+    metrics: Arc<Metrics>,
+    /// `None` with `--no-reconcile`.
+    reconcile: Option<reconcile::Options>,
+}
+
+/// Waits for the API server (retrying, not ready meanwhile), then starts
+/// the namespace cache and the reconcile loop, and runs the loop until
+/// `stop`. A stop while still waiting ends the wait.
+async fn connect_when_the_api_server_answers(
+    client: kube::Client,
+    connection: Connection,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let version = tokio::select! {
+        version = cluster::wait_for_api_server(&client) => version,
+        _ = stop.wait_for(|stop| *stop) => return,
+    };
+    let Connection {
+        namespaces,
+        injector,
+        readiness,
+        metrics,
+        reconcile,
+    } = connection;
+    injector.set_server_version(version);
+    let keys = injector.current().keys().clone();
+    let (cache, driver) = NamespaceCache::watch(client.clone(), keys, readiness.clone());
+    namespaces.connect(cache);
+    tokio::spawn(driver);
+    tracing::info!(?version, mode = ?injector.current().mode(), "connected to the cluster");
+    match reconcile {
+        Some(options) => {
+            let options = reconcile::Options {
+                readiness: Some(readiness),
+                ..options
+            };
+            reconcile::run(client, injector, metrics, options, stop).await;
+        }
+        None => tracing::info!("reconcile loop disabled by --no-reconcile"),
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

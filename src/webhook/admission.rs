@@ -20,6 +20,12 @@ pub const KIND: &str = "AdmissionReview";
 /// Looks up a namespace's policy; backed by a watched cache, never an API call.
 pub trait NamespacePolicies: Send + Sync {
     fn policy(&self, namespace: &str) -> Option<NamespacePolicy>;
+
+    /// False until the namespaces are known (the cache has synced once):
+    /// the webhook then injects nothing, since it cannot honour their settings.
+    fn known(&self) -> bool {
+        true
+    }
 }
 
 /// No cluster: only pod-level settings apply.
@@ -141,6 +147,9 @@ pub fn review(
         Object::Absent | Object::Skipped => return Err(ReviewError::MissingObject),
     };
 
+    if !namespaces.known() {
+        return Ok(namespaces_unknown(response));
+    }
     let namespace = request
         .namespace
         .as_deref()
@@ -212,6 +221,17 @@ fn answer(
             (response, Outcome::Injected)
         }
     }
+}
+
+/// The namespace cache has not synced yet (the API server was unreachable at
+/// start): allowed unpatched, never injected against a namespace's settings.
+fn namespaces_unknown(mut response: Answer) -> (Answer, Outcome) {
+    tracing::warn!(uid = %response.uid, "namespace cache not synced; pod allowed without injection");
+    response.warnings = vec![
+        "chiller-metrics did not inject: its namespace cache has not synced yet (is the API server reachable?)"
+            .to_string(),
+    ];
+    (response, Outcome::Error("namespace_cache_not_synced"))
 }
 
 fn fail_open(mut response: Answer, why: &str) -> (Answer, Outcome) {

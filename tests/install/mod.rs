@@ -111,6 +111,7 @@ impl Install {
         std::fs::create_dir_all(&scratch).unwrap();
         let mut command = ServeProcess::command(&scratch);
         command
+            .env_remove("CHILLER_METRICS_STANDALONE")
             .env("KUBECONFIG", &self.kubeconfig)
             .env("POD_NAME", name)
             .env("POD_NAMESPACE", RELEASE_NAMESPACE)

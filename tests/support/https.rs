@@ -550,7 +550,7 @@ pub enum StartError {
 impl ServeProcess {
     pub const BINARY: &'static str = env!("CARGO_BIN_EXE_chiller-metrics");
 
-    /// `chiller-metrics serve` with no cluster (KUBECONFIG names a missing
+    /// `chiller-metrics serve --standalone` (KUBECONFIG names a missing
     /// file, no in-cluster env), ports 0 on 127.0.0.1, JSON logs and no drain.
     /// Settings come from env so that flags added by the caller win.
     pub fn command(scratch: &Path) -> Command {
@@ -569,6 +569,7 @@ impl ServeProcess {
             .env("CHILLER_METRICS_LISTEN", "127.0.0.1:0")
             .env("CHILLER_METRICS_ADMIN_LISTEN", "127.0.0.1:0")
             .env("CHILLER_METRICS_LOG_FORMAT", "json")
+            .env("CHILLER_METRICS_STANDALONE", "true")
             .env("CHILLER_METRICS_DRAIN_SECONDS", "0");
         command
     }
