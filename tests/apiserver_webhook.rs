@@ -850,4 +850,23 @@ fn a_replica_started_while_the_api_server_is_down_injects_nothing_until_its_cach
         log.contains("reconcile loop waiting for leadership"),
         "{log}"
     );
+
+    // Leave the cluster as the other tests expect it: kube-controller-manager's
+    // watches back too (it makes every namespace's default ServiceAccount).
+    let probe = "chiller-late-start-probe";
+    ensure_namespace(f.plane, probe, &[]);
+    let deadline = Instant::now() + CONVERGE;
+    while !f
+        .plane
+        .kubectl()
+        .args(["get", "serviceaccount", "default", "-n", probe])
+        .output()
+        .is_ok_and(|output| output.status.success())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "kube-controller-manager did not recover"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
