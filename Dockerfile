@@ -5,6 +5,9 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
+# Packed relative relocations (build.rs): the image's glibc (Debian 12, 2.36)
+# has them; a plain `cargo build --release` leaves them out to run on 2.34.
+ENV CHILLER_METRICS_PACK_RELOCS=1
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin chiller-metrics \

@@ -1,14 +1,18 @@
 //! Hands the linker the functions `serve` runs (layout/hot-symbols.txt, made
 //! by scripts/hot-symbols.sh), so they sit together in the binary and the
-//! kernel maps fewer pages of code; and packs the relative relocations. Only
-//! for release builds on the target whose default linker is rust-lld;
-//! `CHILLER_METRICS_PLAIN_LINK=1` leaves both out (for a linker without them).
+//! kernel maps fewer pages of code. Only for release builds on the target
+//! whose default linker is rust-lld; `CHILLER_METRICS_PLAIN_LINK=1` leaves it
+//! out (for a linker without it). `CHILLER_METRICS_PACK_RELOCS=1` (the image
+//! build, whose glibc is 2.36) also packs the relative relocations, which
+//! would make the binary need glibc 2.36: left out by default, so a plain
+//! `cargo build --release` runs on glibc 2.34 (RHEL 9, Ubuntu 22.04).
 
 const ORDER: &str = "layout/hot-symbols.txt";
 
 fn main() {
     println!("cargo::rerun-if-changed={ORDER}");
     println!("cargo::rerun-if-env-changed=CHILLER_METRICS_PLAIN_LINK");
+    println!("cargo::rerun-if-env-changed=CHILLER_METRICS_PACK_RELOCS");
     if std::env::var_os("CHILLER_METRICS_PLAIN_LINK").is_some_and(|v| v == "1") {
         return;
     }
@@ -31,5 +35,7 @@ fn main() {
     println!("cargo::rustc-link-arg-bin={bin}=-Wl,--no-warn-symbol-ordering");
     // Relative relocations packed (DT_RELR, glibc 2.36+): the loader reads
     // a few KB instead of the 700 KB of .rela.dyn at every start.
-    println!("cargo::rustc-link-arg-bin={bin}=-Wl,-z,pack-relative-relocs");
+    if std::env::var_os("CHILLER_METRICS_PACK_RELOCS").is_some_and(|v| v == "1") {
+        println!("cargo::rustc-link-arg-bin={bin}=-Wl,-z,pack-relative-relocs");
+    }
 }

@@ -50,6 +50,8 @@ echo "building release binaries..."
 # dev-dependencies' features, which gives the webhook's binary other symbol
 # hashes than the hot-code list has. Copies, because `cargo bench` (which
 # writes the large pods' bodies below) replaces target/release/chiller-metrics.
+# The image's link (Dockerfile): start-up and RSS depend on the packed relocations.
+export CHILLER_METRICS_PACK_RELOCS=1
 cargo build --release --locked --quiet --example baseline_server
 cargo build --release --locked --quiet --bin chiller-metrics
 cp target/release/chiller-metrics target/release/examples/baseline_server "$OUT/bin/"

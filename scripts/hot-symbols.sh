@@ -27,6 +27,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Linked as the image's binary (Dockerfile), which scripts/bench.sh measures.
+export CHILLER_METRICS_PACK_RELOCS=1
 cargo build --release --locked --quiet --bin chiller-metrics
 # Built alone, as scripts/bench.sh builds it: with an example or a bench in
 # the same build, dev-dependency features give other symbol hashes. A copy:

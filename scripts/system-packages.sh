@@ -10,6 +10,7 @@ declare -A needs=(
   [nghttp2-client]="h2load: tests/rotation.rs and tests/shutdown.rs (load during rotation and shutdown)"
   [wrk]="wrk: tests/shutdown.rs (HTTP/1.1 load)"
   [curl]="curl: make demo and tests/demo.rs"
+  [binutils]="readelf: tests/portability.rs (the glibc versions the release binary needs)"
   [iproute2]="ip: tests/e2e_pods.rs (network namespaces, veths, the bridge)"
   [iptables]="iptables: tests/e2e_pods.rs (kube-proxy)"
   [bubblewrap]="bwrap: tests/e2e_pods.rs (the pod runner's mounts)"

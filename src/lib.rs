@@ -6,6 +6,7 @@
 //! - [`admin`]: the plain-HTTP admin endpoints and process metrics.
 //! - [`cluster`]: everything that talks to the API server for the webhook.
 //! - [`reconcile`]: the per-namespace monitoring reconcile loop.
+//! - [`http_client`]: the one plain-HTTP GET, with time limits and a body cap.
 //! - [`live_config`]: the config `serve` runs with, reloaded when its file changes.
 //! - [`uninject`]: the inverse of the mutation.
 //! - [`cli`]: the commands: `serve` wiring, offline `inject`/`uninject`/`render`/`certs`,
@@ -17,6 +18,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod file_watch;
+pub mod http_client;
 pub mod inject;
 pub mod keys;
 pub mod live_config;

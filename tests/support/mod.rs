@@ -5,6 +5,7 @@
 //!   `make tools` puts in `.tools/reference` (see [`reference_dir`]), so that a
 //!   misspelled or mistyped field fails a test.
 //! - [`tool`]: finds an external test tool or fails with how to install it.
+//! - [`run_within`]: runs a command to its end, killed after a time limit.
 #![allow(dead_code)]
 
 /// The webhook over real HTTPS: in-process server, clients, the real binary.
@@ -13,8 +14,11 @@ pub mod load;
 
 use std::{
     collections::HashMap,
+    io::{Read, Seek, SeekFrom},
     path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
     sync::{Arc, Mutex, OnceLock},
+    time::{Duration, Instant},
 };
 
 use jsonschema::{Retrieve, Uri, Validator};
@@ -116,7 +120,55 @@ pub fn install_hint(name: &str) -> String {
             "run `make tools` (installs gunicorn and flask into .tools/venv)".into()
         }
         "helm" | "kubectl" => "run `make tools` (installs helm and kubectl into .tools/bin)".into(),
+        "readelf" => {
+            "install it with `apt-get install -y binutils` (Debian package `binutils`)".into()
+        }
         _ => "run `make tools`, or install it with your package manager".into(),
+    }
+}
+
+/// Runs `command` to its end with stdout and stderr captured. After `within`
+/// its whole process group is killed and the test fails, naming `what`.
+pub fn run_within(mut command: Command, within: Duration, what: &str) -> Output {
+    use std::os::unix::process::CommandExt;
+    // Files, not pipes: a chatty child cannot block on a full pipe.
+    let stdout = tempfile::tempfile().expect("a temporary file for stdout");
+    let stderr = tempfile::tempfile().expect("a temporary file for stderr");
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(stdout.try_clone().expect("a second handle on stdout"))
+        .stderr(stderr.try_clone().expect("a second handle on stderr"))
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let read = |mut file: std::fs::File| {
+        let mut bytes = Vec::new();
+        file.seek(SeekFrom::Start(0)).expect("rewinding the output");
+        file.read_to_end(&mut bytes).expect("reading the output");
+        bytes
+    };
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("waiting for the child") {
+            return Output {
+                status,
+                stdout: read(stdout),
+                stderr: read(stderr),
+            };
+        }
+        if Instant::now() > deadline {
+            let group = i32::try_from(child.id()).expect("a pid fits in i32");
+            // SAFETY: signals only the process group this call created.
+            unsafe { libc::killpg(group, libc::SIGKILL) };
+            let _ = child.wait();
+            let log = String::from_utf8_lossy(&read(stderr)).into_owned();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            panic!(
+                "{what} did not finish within {within:?}; the end of its stderr:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

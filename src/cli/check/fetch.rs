@@ -21,7 +21,6 @@ use kube::{
     core::{ObjectList, Selector},
 };
 use rustls::pki_types::UnixTime;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{
     CheckArgs, CheckError, TIMEOUT,
@@ -32,6 +31,7 @@ use super::{
 use crate::{
     cluster::parse_version,
     config::Config,
+    http_client::{self, HttpClient},
     inject::{Injector, ResolvedMode},
     keys::ENABLED,
 };
@@ -412,40 +412,18 @@ async fn probe_webhooks(
     probes
 }
 
-/// `GET /readyz` over plain HTTP/1.1: `Ok` for a 200, else the status line.
+/// `GET /readyz` over plain HTTP: `Ok` for a 200, else what went wrong.
 async fn readyz(address: &str) -> Result<(), String> {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(address)
-            .await
-            .map_err(|e| format!("cannot connect: {e}"))?;
-        stream
-            .write_all(
-                format!("GET /readyz HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await
-            .map_err(|e| format!("cannot send: {e}"))?;
-        let mut answer = Vec::new();
-        stream
-            .take(64 * 1024)
-            .read_to_end(&mut answer)
-            .await
-            .map_err(|e| format!("cannot read: {e}"))?;
-        let text = String::from_utf8_lossy(&answer);
-        let status_line = text.lines().next().unwrap_or_default().to_string();
-        match status_line.split_whitespace().nth(1) {
-            Some("200") => Ok(()),
-            Some(_) => {
-                let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).trim();
-                Err(format!("/readyz answered {status_line}: {body}"))
-            }
-            None => Err(format!("not an HTTP answer: {status_line:?}")),
-        }
-    };
-    match tokio::time::timeout(TIMEOUT, exchange).await {
-        Ok(outcome) => outcome,
-        Err(_) => Err(format!("no answer within {} s", TIMEOUT.as_secs())),
-    }
+    let client = HttpClient::new(http_client::Limits {
+        connect: TIMEOUT,
+        exchange: TIMEOUT,
+        max_body: 64 * 1024,
+    });
+    client
+        .get(&format!("http://{address}/readyz"))
+        .await
+        .map(|_| ())
+        .map_err(|error| error.to_string())
 }
 
 /// The admin port of a pod: its container port named `admin`, else 9090.
