@@ -3,6 +3,7 @@
 //! container. gunicorn's statsd lines must carry the prefix the injector chose
 //! and be turned into well-named Prometheus metrics by the sidecar's mapping.
 
+mod controlplane;
 mod support;
 
 use std::{
@@ -539,12 +540,13 @@ fn the_injected_exporter_counts_every_request_and_offers_no_lifecycle_api() {
             _ => arg.to_string(),
         });
     }
-    let exporter = Command::new(support::go_tool("statsd-exporter", "statsd_exporter"))
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("running statsd_exporter");
+    let exporter =
+        Command::new(controlplane::nodes::build("statsd-exporter").join("statsd_exporter"))
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("running statsd_exporter");
     let mut exporter = Stopped(exporter);
     let deadline = Instant::now() + Duration::from_secs(30);
     while TcpStream::connect(web).is_err() {

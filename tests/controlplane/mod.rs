@@ -448,21 +448,7 @@ pub fn crate_dir() -> &'static Path {
 /// Go is missing.
 pub fn binaries() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let bin = crate_dir().join(".tools").join("cluster").join("bin");
-            let status = Command::new(crate_dir().join("tools/build.sh"))
-                .arg("cluster")
-                .arg(&bin)
-                .status()
-                .expect("running tools/build.sh");
-            assert!(
-                status.success(),
-                "building the local control plane failed (see above); it needs Go 1.26+"
-            );
-            bin
-        })
-        .clone()
+    BUILT.get_or_init(|| nodes::build("cluster")).clone()
 }
 
 /// kubectl from PATH or `.tools/bin` (`make tools` installs it).

@@ -92,22 +92,6 @@ pub fn tool(name: &str) -> PathBuf {
     );
 }
 
-/// A program built (once per machine) from the Go module pinned in
-/// `tools/MODULE`, by `tools/build.sh`.
-pub fn go_tool(module: &str, program: &str) -> PathBuf {
-    let bin = crate_dir().join(".tools").join(module).join("bin");
-    let status = std::process::Command::new(crate_dir().join("tools/build.sh"))
-        .arg(module)
-        .arg(&bin)
-        .status()
-        .expect("running tools/build.sh");
-    assert!(
-        status.success(),
-        "building tools/{module} failed (see above); it needs Go 1.26+"
-    );
-    bin.join(program)
-}
-
 /// How to install the test tool `name`, for [`tool`]'s panic message.
 pub fn install_hint(name: &str) -> String {
     match name {
