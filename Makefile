@@ -19,6 +19,11 @@ build:
 demo:
 	./scripts/demo.sh
 
+## Limits: a test binary gets TEST_BINARY_TIMEOUT seconds (default 2400), the
+## whole `cargo test` TEST_TIMEOUT (default 80m).
+TEST_TIMEOUT ?= 80m
+export TEST_BINARY_TIMEOUT ?= 2400
+
 ## Everything CI runs: lint, unit, golden, schema, HTTPS, gunicorn, promtool, chart tests.
 test: system-packages tools cluster-tools
 	$(CARGO) fmt --all -- --check
@@ -26,7 +31,9 @@ test: system-packages tools cluster-tools
 	@mkdir -p target
 	@# tests/demo.rs runs scripts/demo.sh, whose client `cargo test` builds only as a test harness.
 	$(CARGO) build --locked --bin chiller-metrics --example admission_client
-	set -o pipefail; $(CARGO) test --all-targets --locked 2>&1 | tee target/test-output.log
+	@# Every test binary runs under a time limit (scripts/test-timeout.sh), the whole run under another.
+	set -o pipefail; CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER=$(CURDIR)/scripts/test-timeout.sh \
+		timeout --kill-after=60 $(TEST_TIMEOUT) $(CARGO) test --all-targets --locked 2>&1 | tee target/test-output.log
 	@awk '/^test result:/ { passed += $$4; failed += $$6 } END { printf "tests: %d passed, %d failed\n", passed, failed }' target/test-output.log
 
 ## Installs the Debian packages the tests need (as root or with password-less
