@@ -443,6 +443,18 @@ fn status_step(namespace: &str) -> Step {
         )
 }
 
+/// The look-up for an Event series on the server: none yet.
+fn event_lookup_step(namespace: &str) -> Step {
+    Step::new(
+        "GET",
+        format!("/apis/events.k8s.io/v1/namespaces/{namespace}/events"),
+    )
+    .reply(
+        200,
+        json!({"apiVersion": "events.k8s.io/v1", "kind": "EventList", "metadata": {}, "items": []}),
+    )
+}
+
 fn event_step(namespace: &str) -> Step {
     Step::new(
         "POST",
@@ -895,6 +907,7 @@ async fn missing_prometheus_operator_crds_are_reported_and_the_rest_applied() {
     }
     steps.push(pods_step(NS, vec![]));
     steps.push(status_step(NS));
+    steps.push(event_lookup_step("default"));
     steps.push(event_step("default"));
     let api = serve(handle, steps);
     let metrics = Arc::new(Metrics::new());
@@ -931,7 +944,7 @@ async fn missing_prometheus_operator_crds_are_reported_and_the_rest_applied() {
         core_applied, core_desired,
         "the other objects are still applied"
     );
-    let status = patched_status(&seen[seen.len() - 2]).expect("status set");
+    let status = patched_status(&seen[seen.len() - 3]).expect("status set");
     assert!(!status.ready);
     assert_eq!(status.reason, "PrometheusOperatorMissing");
     assert_eq!(status.uninjected_pods, 0);
@@ -964,6 +977,7 @@ async fn api_errors_fail_the_reconcile_with_exponential_backoff_per_namespace() 
         .reply(500, status_body(500, "InternalError", "etcd is sad"));
     steps.push(pods_step(NS, vec![]));
     steps.push(status_step(NS));
+    steps.push(event_lookup_step("default"));
     steps.push(event_step("default"));
     // The retry: only the failed object is still missing.
     steps.push(apply_step(&desired[0]));
@@ -1397,6 +1411,7 @@ async fn uninjected_pods_are_reported_on_their_deployment() {
         vec![
             pods_step(NS, pods.clone()),
             Step::new("GET", RS_PATH).reply(200, replica_set()),
+            event_lookup_step(NS),
             event_step(NS),
             status_step(NS),
             // Second pass, nothing new: no event, no status change.
@@ -1417,7 +1432,7 @@ async fn uninjected_pods_are_reported_on_their_deployment() {
         .unwrap();
 
     let seen = api.verify();
-    let event = &seen[2].body;
+    let event = &seen[3].body;
     assert_eq!(event["type"], "Warning");
     assert_eq!(event["reason"], "PodsNotInjected");
     assert_eq!(event["regarding"]["kind"], "Deployment");
@@ -1430,7 +1445,7 @@ async fn uninjected_pods_are_reported_on_their_deployment() {
     );
     assert!(note.contains(&keys().restart_uninjected), "{note}");
     support::validate_k8s(event).expect("a valid Event");
-    assert_eq!(patched_status(&seen[3]), Some(status));
+    assert_eq!(patched_status(&seen[4]), Some(status));
     assert_eq!(
         metric(
             &metrics,
@@ -1478,9 +1493,11 @@ async fn restart_uninjected_restarts_the_deployment_once_per_cooldown() {
         vec![
             pods_step(NS, pods.clone()),
             Step::new("GET", RS_PATH).reply(200, replica_set()),
+            event_lookup_step(NS),
             event_step(NS),
             Step::new("GET", DEPLOY_PATH).reply(200, deployment(restarted_long_ago)),
             restart,
+            event_lookup_step(NS),
             event_step(NS),
             // Second pass: the Deployment now carries our stamp, its old pod is
             // still uninjected, and it is left alone within the cooldown.
@@ -1513,9 +1530,9 @@ async fn restart_uninjected_restarts_the_deployment_once_per_cooldown() {
         body["metadata"]["annotations"][cooldown_key.as_str()],
         stamp
     );
-    assert_eq!(seen[5].body["reason"], "RestartedForInjection");
-    assert_eq!(seen[5].body["type"], "Normal");
-    assert_eq!(seen[5].body["regarding"]["name"], "api");
+    assert_eq!(seen[7].body["reason"], "RestartedForInjection");
+    assert_eq!(seen[7].body["type"], "Normal");
+    assert_eq!(seen[7].body["regarding"]["name"], "api");
     let restarts = seen
         .iter()
         .filter(|s| s.path == DEPLOY_PATH && s.method == "PATCH")
@@ -1525,4 +1542,75 @@ async fn restart_uninjected_restarts_the_deployment_once_per_cooldown() {
         metric(&metrics, "chiller_metrics_workload_restarts_total "),
         Some(1.0)
     );
+}
+
+/// A replica that never published finds the series another replica (the
+/// old leader) left on the server and counts on in it, instead of opening
+/// a second Event for the same cause.
+#[tokio::test]
+async fn a_new_leader_continues_the_event_series_it_finds_on_the_server() {
+    let events_path = format!("/apis/events.k8s.io/v1/namespaces/{NS}/events");
+    let left_by_old_leader = json!({
+        "apiVersion": "events.k8s.io/v1",
+        "kind": "Event",
+        "metadata": {"name": "api.1873", "namespace": NS},
+        "eventTime": "2026-01-01T00:00:00.000000Z",
+        "reason": "PodsNotInjected",
+        "type": "Warning",
+        "action": "CheckInjection",
+        "note": "2 pod(s) run without the statsd exporter sidecar",
+        "regarding": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "api", "namespace": NS, "uid": "uid-api"},
+        "reportingController": "chiller-metrics",
+        "reportingInstance": "replica-a",
+        "series": {"count": 3, "lastObservedTime": "2026-01-01T00:05:00.000000Z"},
+    });
+    let (client, handle) = mock_client();
+    let api = serve(
+        handle,
+        vec![
+            Step::new("GET", events_path.clone())
+                .query(
+                    "fieldSelector",
+                    "reportingController=chiller-metrics,reason=PodsNotInjected,type=Warning,regarding.kind=Deployment,regarding.name=api,regarding.uid=uid-api",
+                )
+                .reply(
+                    200,
+                    json!({"apiVersion": "events.k8s.io/v1", "kind": "EventList", "metadata": {}, "items": [left_by_old_leader]}),
+                ),
+            Step::new("PATCH", format!("{events_path}/api.1873")).echo(),
+            // Known now: the next repeat needs no look-up.
+            Step::new("PATCH", format!("{events_path}/api.1873")).echo(),
+        ],
+    );
+    let events = chiller_metrics::reconcile::events::EventSeries::new(
+        client,
+        "chiller-metrics",
+        "replica-b",
+    );
+    let event = kube::runtime::events::Event {
+        type_: kube::runtime::events::EventType::Warning,
+        reason: "PodsNotInjected".into(),
+        note: Some("2 pod(s) run without the statsd exporter sidecar".into()),
+        action: "CheckInjection".into(),
+        secondary: None,
+    };
+    let regarding = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("apps/v1".into()),
+        kind: Some("Deployment".into()),
+        name: Some("api".into()),
+        namespace: Some(NS.into()),
+        uid: Some("uid-api".into()),
+        ..Default::default()
+    };
+    for _ in 0..2 {
+        tokio::time::timeout(HANG_GUARD, events.publish(&event, &regarding))
+            .await
+            .expect("publish hung")
+            .expect("published");
+    }
+
+    let seen = api.verify();
+    assert_eq!(seen[1].body["series"]["count"], 4);
+    assert_eq!(seen[2].body["series"]["count"], 5);
+    assert!(seen[2].body["series"]["lastObservedTime"].is_string());
 }
