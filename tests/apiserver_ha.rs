@@ -26,6 +26,8 @@ const CONVERGE: Duration = Duration::from_secs(90);
 const LEASE: &str = "chiller-metrics-reconciler";
 /// LeaseTimings::default().lease_duration: how long a dead leader blocks others.
 const LEASE_DURATION: Duration = Duration::from_secs(15);
+/// Where a Deployment's pods predate the opt-in: one Event series on it.
+const EVENTS_NAMESPACE: &str = "ha-events";
 
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + CONVERGE;
@@ -230,6 +232,9 @@ fn replicas_share_the_lease_and_survive_control_plane_faults() {
         .with("replica-b", b.log_tail(40));
     install.point_webhook_at(&a);
 
+    // The load's reviews are for the chiller API pod: the API server only
+    // sends reviews for opted-in namespaces.
+    opt_in(plane, "chiller");
     // Exactly one replica reconciles.
     opt_in(plane, "ha-one");
     assert_converged(plane, &["ha-one"]);
@@ -245,6 +250,8 @@ fn replicas_share_the_lease_and_survive_control_plane_faults() {
         0.0,
         "the follower never reconciles"
     );
+    pods_created_before_the_opt_in(plane, EVENTS_NAMESPACE);
+    one_event_series_counted(plane, 1);
 
     // SIGTERM: the leader releases the Lease, the follower takes over, and
     // both answer the webhook throughout (the leader until it exits).
@@ -303,6 +310,8 @@ fn replicas_share_the_lease_and_survive_control_plane_faults() {
     let new_leader = follower;
     opt_in(plane, "ha-two");
     assert_converged(plane, &["ha-one", "ha-two"]);
+    // The new leader reports the same pods again: in the same series.
+    one_event_series_counted(plane, 2);
     let (answered, problems) = load.finish();
     assert!(answered > 50, "the load ran ({answered} answers)");
     assert!(
@@ -382,6 +391,73 @@ fn replicas_share_the_lease_and_survive_control_plane_faults() {
 
     // A leader that cannot renew steps down before anyone could take over.
     forbidden_renewal_steps_down(plane, &install, new_leader);
+}
+
+/// A Deployment whose pods exist before `namespace` opts in: they run
+/// without the sidecar, and the leader reports them on the Deployment.
+fn pods_created_before_the_opt_in(plane: &ControlPlane, namespace: &str) {
+    ensure_namespace(plane, namespace, &[]);
+    let deployment = serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "api", "namespace": namespace},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "api"}},
+            "template": {
+                "metadata": {"labels": {"app": "api"}},
+                "spec": install::probe_pod("api")["spec"],
+            },
+        },
+    });
+    install::run_with_input(
+        plane.kubectl().args(["apply", "-f", "-"]),
+        &deployment.to_string(),
+    );
+    wait_until("the Deployment has two pods", || {
+        kubectl_json(plane, &["get", "pods", "-n", namespace])["items"]
+            .as_array()
+            .is_some_and(|pods| pods.len() == 2)
+    });
+    opt_in(plane, namespace);
+}
+
+/// Waits until the uninjected pods of `EVENTS_NAMESPACE` are reported in
+/// exactly one Event, whose series has counted `count` reports (a single
+/// report has no series).
+fn one_event_series_counted(plane: &ControlPlane, count: i64) {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let events = kubectl_json(
+            plane,
+            &["get", "events.events.k8s.io", "-n", EVENTS_NAMESPACE],
+        );
+        let last = events["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| {
+                e["reason"] == "PodsNotInjected"
+                    && e["regarding"]["kind"] == "Deployment"
+                    && e["regarding"]["name"] == "api"
+            })
+            .map(|e| {
+                (
+                    e["metadata"]["name"].as_str().unwrap_or("").to_string(),
+                    e["reportingInstance"].as_str().unwrap_or("").to_string(),
+                    e["series"]["count"].as_i64().unwrap_or(1),
+                )
+            })
+            .collect::<Vec<_>>();
+        if last.len() == 1 && last[0].2 == count {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "one PodsNotInjected series counted {count} times: not within {CONVERGE:?}; (name, reporter, count): {last:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// `serve` with a drain period, as the chart runs it.
@@ -496,6 +572,7 @@ fn forbidden_renewal_steps_down(plane: &ControlPlane, install: &Install, current
     wait_until("replica-c reconciles", || {
         metric(&c, "chiller_metrics_reconcile_runs_total") > 0.0
     });
+    one_event_series_counted(plane, 3);
 
     run(plane.kubectl().args([
         "delete",

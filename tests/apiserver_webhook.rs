@@ -19,6 +19,10 @@ use support::https::ServeProcess;
 
 /// How long controllers may take to create pods. Only guards against hangs.
 const CONVERGE: Duration = Duration::from_secs(90);
+/// How long the API server is down when a replica starts.
+const OUTAGE_AT_START: Duration = Duration::from_secs(30);
+/// How long the API server stops in mid-run.
+const OUTAGE_MID_RUN: Duration = Duration::from_secs(60);
 
 struct Fixture {
     plane: &'static ControlPlane,
@@ -790,7 +794,10 @@ fn admin_ready(serve: &ServeProcess) -> bool {
 /// A replica that starts while the API server is down waits for it: not
 /// ready, and injecting nothing (it cannot honour the namespaces' settings)
 /// until its namespace cache has synced; then it follows them, and its
-/// reconcile loop campaigns. The API server is down for about 15 s here.
+/// reconcile loop campaigns. The API server is down for 30 s at start. Then
+/// it stops for a minute mid-run: the replica keeps following the namespace's
+/// settings, and afterwards its watches and the reconcile loop resume
+/// without a restart.
 #[test]
 fn a_replica_started_while_the_api_server_is_down_injects_nothing_until_its_cache_has_synced() {
     let f = fixture();
@@ -813,7 +820,7 @@ fn a_replica_started_while_the_api_server_is_down_injects_nothing_until_its_cach
         .plane
         .logs_on_failure()
         .with("the late replica", late.log_tail(60));
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + OUTAGE_AT_START;
     while Instant::now() < deadline {
         assert!(!admin_ready(&late), "ready while the API server is down");
         std::thread::sleep(Duration::from_millis(500));
@@ -851,9 +858,65 @@ fn a_replica_started_while_the_api_server_is_down_injects_nothing_until_its_cach
         "{log}"
     );
 
-    // Leave the cluster as the other tests expect it: kube-controller-manager's
-    // watches back too (it makes every namespace's default ServiceAccount).
-    let probe = "chiller-late-start-probe";
+    // A minute-long outage mid-run: the replica goes on answering from its
+    // cache, never against the namespace's settings.
+    f.plane.stop_apiserver();
+    let deadline = Instant::now() + OUTAGE_MID_RUN;
+    while Instant::now() < deadline {
+        assert!(
+            !patches(&late, &ca, &review_in(namespace, "other")),
+            "injected a pod the namespace's pod-selector excludes, during the outage"
+        );
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    assert!(patches(&late, &ca, &review_in(namespace, "selected")));
+    f.plane.start_apiserver_again();
+    kcm_recovered(f, "chiller-late-start-probe");
+
+    // Resumed without a restart: a changed setting reaches the webhook's
+    // cache, and a newly opted-in namespace gets its objects.
+    run(f.plane.kubectl().args([
+        "annotate",
+        "--overwrite",
+        "namespace",
+        namespace,
+        &format!("{DOMAIN}/pod-selector=app=other"),
+    ]));
+    let deadline = Instant::now() + CONVERGE;
+    while !patches(&late, &ca, &review_in(namespace, "other")) {
+        assert!(
+            Instant::now() < deadline,
+            "the changed pod-selector never reached the webhook after the outage"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(!patches(&late, &ca, &review_in(namespace, "selected")));
+    let after = "chiller-after-outage";
+    opt_in(after);
+    wait_until(
+        "the reconcile loop sets up a namespace opted in after the outage",
+        || {
+            kubectl_json(
+                f.plane,
+                &[
+                    "get",
+                    "configmaps",
+                    "-n",
+                    after,
+                    "-l",
+                    "app.kubernetes.io/managed-by=chiller-metrics",
+                ],
+            )["items"]
+                .as_array()
+                .is_some_and(|items| !items.is_empty())
+        },
+    );
+}
+
+/// Waits until kube-controller-manager's watches are back after an API
+/// server outage (it makes every namespace's default ServiceAccount), as the
+/// other tests expect.
+fn kcm_recovered(f: &Fixture, probe: &str) {
     ensure_namespace(f.plane, probe, &[]);
     let deadline = Instant::now() + CONVERGE;
     while !f

@@ -53,6 +53,8 @@ struct Step {
     method: &'static str,
     path: String,
     query: Vec<(String, String)>,
+    /// Matches any path under `path` (a name the test cannot know).
+    under: bool,
     respond: Responder,
 }
 
@@ -62,12 +64,18 @@ impl Step {
             method,
             path: path.into(),
             query: Vec::new(),
+            under: false,
             respond: Box::new(|_| (200, json!({}))),
         }
     }
 
     fn query(mut self, key: &str, value: &str) -> Self {
         self.query.push((key.into(), value.into()));
+        self
+    }
+
+    fn prefix(mut self) -> Self {
+        self.under = true;
         self
     }
 
@@ -83,7 +91,12 @@ impl Step {
     }
 
     fn mismatch(&self, seen: &Seen) -> Option<String> {
-        if seen.method != self.method || seen.path != self.path {
+        let path_matches = if self.under {
+            seen.path.starts_with(&format!("{}/", self.path))
+        } else {
+            seen.path == self.path
+        };
+        if seen.method != self.method || !path_matches {
             return Some(format!(
                 "expected {} {}, got {} {} {:?}",
                 self.method, self.path, seen.method, seen.path, seen.query
@@ -1525,4 +1538,81 @@ async fn restart_uninjected_restarts_the_deployment_once_per_cooldown() {
         metric(&metrics, "chiller_metrics_workload_restarts_total "),
         Some(1.0)
     );
+}
+
+/// A replica that never published (a new leader) finds the Event that the
+/// old leader left for the same cause, by its name, and counts on in its
+/// series instead of opening a second Event.
+#[tokio::test]
+async fn a_new_leader_continues_the_event_series_it_finds_on_the_server() {
+    let events_path = format!("/apis/events.k8s.io/v1/namespaces/{NS}/events");
+    let (client, handle) = mock_client();
+    let api = serve(
+        handle,
+        vec![
+            Step::new("POST", events_path.clone()).reply(
+                409,
+                status_body(409, "AlreadyExists", "events.events.k8s.io already exists"),
+            ),
+            // The name comes from the refused create: checked below.
+            Step::new("GET", events_path.clone()).prefix().reply(
+                200,
+                json!({
+                    "apiVersion": "events.k8s.io/v1",
+                    "kind": "Event",
+                    "metadata": {"name": "api.left-by-old-leader", "namespace": NS},
+                    "eventTime": "2026-01-01T00:00:00.000000Z",
+                    "reason": "PodsNotInjected",
+                    "type": "Warning",
+                    "action": "CheckInjection",
+                    "regarding": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "api", "namespace": NS, "uid": "uid-api"},
+                    "reportingController": "chiller-metrics",
+                    "reportingInstance": "replica-a",
+                    "series": {"count": 3, "lastObservedTime": "2026-01-01T00:05:00.000000Z"},
+                }),
+            ),
+            Step::new("PATCH", events_path.clone()).prefix().echo(),
+            // Known now: the next repeat is one patch.
+            Step::new("PATCH", events_path.clone()).prefix().echo(),
+        ],
+    );
+    let events = chiller_metrics::reconcile::events::EventSeries::new(
+        client,
+        "chiller-metrics",
+        "replica-b",
+    );
+    let event = kube::runtime::events::Event {
+        type_: kube::runtime::events::EventType::Warning,
+        reason: "PodsNotInjected".into(),
+        note: Some("2 pod(s) run without the statsd exporter sidecar".into()),
+        action: "CheckInjection".into(),
+        secondary: None,
+    };
+    let regarding = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("apps/v1".into()),
+        kind: Some("Deployment".into()),
+        name: Some("api".into()),
+        namespace: Some(NS.into()),
+        uid: Some("uid-api".into()),
+        ..Default::default()
+    };
+    for _ in 0..2 {
+        tokio::time::timeout(HANG_GUARD, events.publish(&event, &regarding))
+            .await
+            .expect("publish hung")
+            .expect("published");
+    }
+
+    let seen = api.verify();
+    let name = seen[0].body["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(name.starts_with("api."), "{name}");
+    for step in &seen[1..] {
+        assert_eq!(step.path, format!("{events_path}/{name}"), "one Event");
+    }
+    assert_eq!(seen[2].body["series"]["count"], 4);
+    assert_eq!(seen[3].body["series"]["count"], 5);
+    assert!(seen[3].body["series"]["lastObservedTime"].is_string());
 }

@@ -4,6 +4,7 @@
 mod namespaces;
 
 use std::{
+    pin::Pin,
     sync::{Arc, OnceLock},
     time::Duration,
 };
@@ -95,6 +96,23 @@ impl NamespacePolicies for ClusterNamespaces {
 
     fn known(&self) -> bool {
         self.cache.get().is_some() && self.readiness.namespaces_known()
+    }
+
+    fn is_missing(&self, namespace: &str) -> bool {
+        self.cache
+            .get()
+            .is_some_and(|cache| cache.is_missing(namespace))
+    }
+
+    fn wait_for<'a>(
+        &'a self,
+        namespace: &'a str,
+        within: Duration,
+    ) -> Pin<Box<dyn Future<Output = bool> + Send + 'a>> {
+        match self.cache.get() {
+            Some(cache) => cache.wait_for(namespace, within),
+            None => Box::pin(std::future::ready(false)),
+        }
     }
 }
 

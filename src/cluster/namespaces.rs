@@ -1,6 +1,6 @@
 //! The watched cache of opted-in namespaces that the webhook reads per request.
 
-use std::sync::Arc;
+use std::{pin::Pin, sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
@@ -63,12 +63,38 @@ impl NamespaceCache {
     }
 }
 
+/// How often a review waiting for a namespace looks at the cache again.
+const CATCH_UP_POLL: Duration = Duration::from_millis(10);
+
 impl NamespacePolicies for NamespaceCache {
     fn policy(&self, namespace: &str) -> Option<NamespacePolicy> {
         let key = reflector::ObjectRef::new(namespace);
         self.store
             .get(&key)
             .map(|ns| policy_from_namespace(&ns, &self.keys))
+    }
+
+    fn is_missing(&self, namespace: &str) -> bool {
+        self.store
+            .get(&reflector::ObjectRef::new(namespace))
+            .is_none()
+    }
+
+    fn wait_for<'a>(
+        &'a self,
+        namespace: &'a str,
+        within: Duration,
+    ) -> Pin<Box<dyn Future<Output = bool> + Send + 'a>> {
+        Box::pin(async move {
+            let deadline = tokio::time::Instant::now() + within;
+            while self.is_missing(namespace) {
+                if tokio::time::Instant::now() >= deadline {
+                    return false;
+                }
+                tokio::time::sleep(CATCH_UP_POLL).await;
+            }
+            true
+        })
     }
 }
 
@@ -82,5 +108,105 @@ pub fn policy_from_namespace(namespace: &Namespace, keys: &Keys) -> NamespacePol
             .and_then(|a| a.get(&keys.pod_selector))
             .filter(|s| !s.trim().is_empty())
             .cloned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::{body::Body, http::Request};
+    use http_body_util::BodyExt;
+    use serde_json::{Value, json};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::{
+        admin::Metrics,
+        config::Config,
+        inject::{Injector, ResolvedMode},
+        webhook::{self, WebhookState},
+    };
+
+    /// The chiller API pod's review, in namespace `chiller`, labeled `app=api`.
+    fn review_body() -> Vec<u8> {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/golden/requests/chiller-api.json"
+        );
+        std::fs::read(path).expect("the review fixture")
+    }
+
+    /// `chiller`, opted in, with a pod selector that leaves the API pod out.
+    fn chiller_namespace(keys: &Keys) -> Namespace {
+        serde_json::from_value(json!({
+            "metadata": {
+                "name": "chiller",
+                "labels": {keys.inject.as_str(): ENABLED},
+                "annotations": {keys.pod_selector.as_str(): "app=frontend"},
+            },
+        }))
+        .unwrap()
+    }
+
+    /// Reviews the API pod through the router with `cache`; the patch, if
+    /// any, and the metrics text.
+    async fn review(cache: NamespaceCache) -> (Option<Value>, String) {
+        let metrics = Arc::new(Metrics::new());
+        let state = Arc::new(WebhookState {
+            injector: Injector::new(Config::default(), ResolvedMode::Native).into(),
+            namespaces: Arc::new(cache),
+            metrics: metrics.clone(),
+            body_limit: 1 << 20,
+        });
+        let request = Request::post("/mutate")
+            .header("content-type", "application/json")
+            .body(Body::from(review_body()))
+            .unwrap();
+        let response = webhook::router(state).oneshot(request).await.unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let answer: Value = serde_json::from_slice(&body).unwrap();
+        let patch = answer["response"].get("patch").cloned();
+        (patch, metrics.encode())
+    }
+
+    fn synced_cache() -> (NamespaceCache, reflector::store::Writer<Namespace>) {
+        let (store, mut writer) = reflector::store();
+        writer.apply_watcher_event(&watcher::Event::Init);
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        let keys = Keys::new("metrics.chiller.io");
+        (NamespaceCache { store, keys }, writer)
+    }
+
+    #[tokio::test]
+    async fn a_review_waits_for_a_namespace_the_watch_has_not_delivered_yet() {
+        let (cache, mut writer) = synced_cache();
+        let namespace = chiller_namespace(&cache.keys);
+        let arrives = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            writer.apply_watcher_event(&watcher::Event::Apply(namespace));
+            writer
+        });
+        let (patch, metrics) = review(cache).await;
+        arrives.await.unwrap();
+        assert!(
+            patch.is_none(),
+            "the namespace's pod selector leaves the pod out: {patch:?}"
+        );
+        assert!(
+            metrics.contains(r#"outcome="skipped",reason="not_selected""#),
+            "{metrics}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_namespace_that_never_reaches_the_cache_gets_no_injection() {
+        let (cache, _writer) = synced_cache();
+        let (patch, metrics) = review(cache).await;
+        assert!(patch.is_none(), "injected without the namespace's settings");
+        assert!(
+            metrics.contains(
+                r#"chiller_metrics_admissions_total{outcome="error",reason="namespace_not_cached"} 1"#
+            ),
+            "{metrics}"
+        );
     }
 }

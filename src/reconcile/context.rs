@@ -9,17 +9,11 @@ use std::{
 };
 
 use k8s_openapi::api::core::v1::Namespace;
-use kube::{
-    Client, ResourceExt,
-    runtime::{
-        controller::Action,
-        events::{Recorder, Reporter},
-    },
-};
+use kube::{Client, ResourceExt, runtime::controller::Action};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::{desired::DesiredError, live::LiveCache};
+use super::{desired::DesiredError, events::EventSeries, live::LiveCache};
 use crate::{admin::Metrics, inject::Injector, keys::Keys, live_config::LiveInjector};
 
 /// The one field manager of every write.
@@ -122,7 +116,9 @@ pub struct Workload {
 struct Memory {
     /// Consecutive failures per namespace.
     failures: HashMap<String, u32>,
-    /// Uninjected pods last reported per namespace and workload.
+    /// Uninjected pods last reported per namespace and workload, while this
+    /// replica leads: a new leader reports once more, counted in the same
+    /// Event series (kept on the API server).
     reported: HashMap<String, BTreeMap<Workload, BTreeSet<String>>>,
     /// Skips reported per namespace, as (workload, reason).
     skips_reported: HashMap<String, BTreeSet<(Workload, String)>>,
@@ -135,7 +131,8 @@ pub struct Context {
     /// The current config, reloaded with `serve`'s config file.
     injector: Arc<LiveInjector>,
     pub metrics: Arc<Metrics>,
-    pub recorder: Recorder,
+    /// Events, counted in series kept on the API server.
+    pub recorder: EventSeries,
     pub live: LiveCache,
     /// True while this replica holds the lease; nothing is written otherwise.
     pub leading: watch::Receiver<bool>,
@@ -153,13 +150,7 @@ impl Context {
     ) -> Self {
         let injector = injector.into();
         let keys = injector.current().keys().clone();
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: FIELD_MANAGER.into(),
-                instance: Some(identity.to_string()),
-            },
-        );
+        let recorder = EventSeries::new(client.clone(), FIELD_MANAGER, identity);
         Self {
             live: LiveCache::new(&keys),
             client,

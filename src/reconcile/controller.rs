@@ -1,21 +1,27 @@
-//! The watches that drive reconciles: every Namespace, every object we
-//! manage (one label-filtered watch per kind), and the metadata of pods
-//! without the injected label (see `pod_sightings`). Each managed-object watch both
+//! The watches that drive reconciles: every Namespace (only changes to what
+//! configures us count: see `configuring_fields`), every object we manage
+//! (one label-filtered watch per kind), and the metadata of pods without the
+//! injected label (see `pod_sightings`). Each managed-object watch both
 //! feeds the live cache and triggers its owner namespace, so one watch per kind
 //! serves the drift check and the trigger. Built on kube-runtime's `applier`,
 //! the engine under `Controller`, because the stable `Controller` builder cannot
 //! take a custom trigger stream.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    hash::{DefaultHasher, Hash, Hasher},
+    sync::Arc,
+    time::Duration,
+};
 
 use futures::{Stream, StreamExt, future, stream};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{
-    Api,
+    Api, ResourceExt,
     api::DynamicObject,
     core::PartialObjectMeta,
     runtime::{
-        WatchStreamExt,
+        PredicateConfig, WatchStreamExt,
         controller::{self, applier},
         reflector::{self, ObjectRef, Store, reflector},
         watcher,
@@ -28,6 +34,7 @@ use super::{
     namespace::{is_opted_in, reconcile},
     pod_sightings::PodSightings,
 };
+use crate::keys::Keys;
 
 /// Time a burst of triggers for one namespace is collapsed into one reconcile.
 const DEBOUNCE: Duration = Duration::from_secs(1);
@@ -122,6 +129,29 @@ fn config_change_triggers(
     })
 }
 
+/// A hash of what in a Namespace configures us: its labels, its annotations
+/// but our status annotation, and whether it is being deleted. Writing the
+/// status leaves it unchanged, so our own writes never trigger a reconcile.
+pub fn configuring_fields(keys: &Keys) -> impl Fn(&Namespace) -> Option<u64> + 'static {
+    let status_key = keys.reconcile_status.clone();
+    move |namespace| {
+        let annotations: BTreeMap<_, _> = namespace
+            .annotations()
+            .iter()
+            .filter(|(key, _)| **key != status_key)
+            .collect();
+        let mut hasher = DefaultHasher::new();
+        namespace.labels().hash(&mut hasher);
+        annotations.hash(&mut hasher);
+        namespace
+            .metadata
+            .deletion_timestamp
+            .is_some()
+            .hash(&mut hasher);
+        Some(hasher.finish())
+    }
+}
+
 /// Runs the controller until the watches end (they do not, normally); the
 /// caller drops it to stop.
 pub async fn run(ctx: Arc<Context>) {
@@ -135,6 +165,7 @@ pub async fn run(ctx: Arc<Context>) {
     )
     .default_backoff()
     .touched_objects()
+    .predicate_filter(configuring_fields(&ctx.keys), PredicateConfig::default())
     .filter_map(|namespace| {
         future::ready(match namespace {
             Ok(namespace) => Some(Ok(ObjectRef::from_obj(&namespace))),
@@ -176,4 +207,50 @@ pub async fn run(ctx: Arc<Context>) {
         future::ready(())
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn namespace(labels: serde_json::Value, annotations: serde_json::Value) -> Namespace {
+        serde_json::from_value(json!({
+            "metadata": {"name": "shop", "labels": labels, "annotations": annotations},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn only_what_configures_us_changes_the_namespace_trigger() {
+        let keys = Keys::new("metrics.chiller.io");
+        let hash = configuring_fields(&keys);
+        let opted_in = json!({"metrics.chiller.io/inject": "enabled"});
+        let plain = hash(&namespace(opted_in.clone(), json!({})));
+        let with_status = namespace(
+            opted_in.clone(),
+            json!({"metrics.chiller.io/reconcile-status": "{\"ready\":true}"}),
+        );
+        assert_eq!(hash(&with_status), plain, "our status is not a change");
+        assert_ne!(
+            hash(&namespace(json!({}), json!({}))),
+            plain,
+            "a label is a change"
+        );
+        assert_ne!(
+            hash(&namespace(
+                opted_in,
+                json!({"metrics.chiller.io/postgres": "db:5432/app"})
+            )),
+            plain,
+            "a setting is a change"
+        );
+        let mut deleting = namespace(json!({"metrics.chiller.io/inject": "enabled"}), json!({}));
+        deleting.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ));
+        assert_ne!(hash(&deleting), plain, "a deletion is a change");
+    }
 }

@@ -4,6 +4,13 @@
 //! manages. Opted-in namespaces get their desired objects applied with
 //! server-side apply, but only those that differ from the live ones; other
 //! namespaces lose whatever we created for them.
+//!
+//! Status: pod counts and readiness go to a Namespace annotation (read by
+//! `chiller-metrics check`), to per-namespace gauges and to Events. The
+//! Namespace watch only triggers on what configures us (labels, the other
+//! annotations, deletion), so writing the status never causes a reconcile.
+//! Events are series kept on the API server (`events`), so a new leader
+//! continues them instead of repeating them.
 
 use std::sync::Arc;
 
@@ -11,6 +18,7 @@ pub mod compare;
 pub mod context;
 pub mod controller;
 pub mod desired;
+pub mod events;
 pub mod leader;
 pub mod live;
 pub mod namespace;

@@ -3,6 +3,8 @@
 use std::{
     cell::RefCell,
     panic::{AssertUnwindSafe, catch_unwind},
+    pin::Pin,
+    time::Duration,
 };
 
 use kube::core::admission::Operation;
@@ -25,6 +27,22 @@ pub trait NamespacePolicies: Send + Sync {
     /// the webhook then injects nothing, since it cannot honour their settings.
     fn known(&self) -> bool {
         true
+    }
+
+    /// True when `namespace` is not in the synced cache. The API server only
+    /// calls the webhook for opted-in namespaces, so the watch lags: the
+    /// namespace was labeled or created a moment ago.
+    fn is_missing(&self, _namespace: &str) -> bool {
+        false
+    }
+
+    /// Waits, at most `within`, for `namespace` to reach the cache; true if it did.
+    fn wait_for<'a>(
+        &'a self,
+        _namespace: &'a str,
+        _within: Duration,
+    ) -> Pin<Box<dyn Future<Output = bool> + Send + 'a>> {
+        Box::pin(std::future::ready(true))
     }
 }
 
@@ -79,6 +97,9 @@ pub enum Outcome {
     Ignored(&'static str),
     /// An internal failure; the pod was allowed unpatched.
     Error(&'static str),
+    /// The pod's namespace is not in the cache yet; allowed unpatched unless
+    /// the caller waits for the cache and reviews again.
+    NamespaceNotCached(String),
 }
 
 impl Outcome {
@@ -88,6 +109,7 @@ impl Outcome {
             Self::Skipped(reason) => ("skipped", reason),
             Self::Ignored(reason) => ("ignored", reason),
             Self::Error(reason) => ("error", reason),
+            Self::NamespaceNotCached(_) => ("error", "namespace_not_cached"),
         }
     }
 }
@@ -154,6 +176,9 @@ pub fn review(
         .namespace
         .as_deref()
         .or(pod.metadata.namespace.as_deref());
+    if let Some(namespace) = namespace.filter(|ns| namespaces.is_missing(ns)) {
+        return Ok(namespace_not_cached(response, namespace));
+    }
     let policy = namespace.and_then(|ns| namespaces.policy(ns));
     let ctx = PodContext {
         namespace: policy.as_ref(),
@@ -232,6 +257,16 @@ fn namespaces_unknown(mut response: Answer) -> (Answer, Outcome) {
             .to_string(),
     ];
     (response, Outcome::Error("namespace_cache_not_synced"))
+}
+
+/// The namespace is not in the cache yet: allowed unpatched, since its
+/// settings are not known.
+fn namespace_not_cached(mut response: Answer, namespace: &str) -> (Answer, Outcome) {
+    tracing::warn!(uid = %response.uid, namespace, "namespace not in the cache yet; pod allowed without injection");
+    response.warnings = vec![format!(
+        "chiller-metrics did not inject: namespace {namespace:?} is not in its cache yet"
+    )];
+    (response, Outcome::NamespaceNotCached(namespace.to_string()))
 }
 
 fn fail_open(mut response: Answer, why: &str) -> (Answer, Outcome) {

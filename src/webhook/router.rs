@@ -1,6 +1,9 @@
 //! The webhook's HTTP routes. Separate from serving so tests can `oneshot` it.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use axum::{
     Router,
@@ -11,7 +14,11 @@ use axum::{
     routing::post,
 };
 
-use super::admission::{self, NamespacePolicies, ReviewError};
+use super::admission::{self, NamespacePolicies, Outcome, ReviewError};
+
+/// How long a review waits for a namespace that is not in the cache yet
+/// (labeled a moment ago); well within the webhook's timeout.
+pub const NAMESPACE_CATCH_UP: Duration = Duration::from_secs(2);
 use crate::{admin::Metrics, live_config::LiveInjector};
 
 /// kube-apiserver sends up to 3 MiB per object, and UPDATE carries two.
@@ -39,7 +46,7 @@ async fn mutate(State(state): State<Arc<WebhookState>>, request: Request) -> Res
     let response = match json_content_type(&request) {
         Ok(()) => {
             let body = Bytes::from_request(request, &()).await;
-            answer(&state, body)
+            answer(&state, body).await
         }
         Err(message) => reject(
             &state,
@@ -87,7 +94,7 @@ fn json_content_type(request: &Request) -> Result<(), String> {
     }
 }
 
-fn answer(state: &WebhookState, body: Result<Bytes, BytesRejection>) -> Response {
+async fn answer(state: &WebhookState, body: Result<Bytes, BytesRejection>) -> Response {
     let reject = |status, reason, message| reject(state, status, reason, message);
     let body = match body {
         Ok(body) => body,
@@ -108,7 +115,17 @@ fn answer(state: &WebhookState, body: Result<Bytes, BytesRejection>) -> Response
             "request body is empty".into(),
         );
     }
-    match admission::review(&state.injector.current(), state.namespaces.as_ref(), &body) {
+    let review = || admission::review(&state.injector.current(), state.namespaces.as_ref(), &body);
+    let mut result = review();
+    if let Ok((_, Outcome::NamespaceNotCached(namespace))) = &result
+        && state
+            .namespaces
+            .wait_for(namespace, NAMESPACE_CATCH_UP)
+            .await
+    {
+        result = review();
+    }
+    match result {
         Ok((review, outcome)) => {
             let (outcome, reason) = outcome.labels();
             state.metrics.admission(outcome, reason);

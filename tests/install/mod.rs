@@ -134,7 +134,16 @@ impl Install {
     /// Points the chart's webhook at `https://127.0.0.1:PORT/mutate`, keeping
     /// the chart's caBundle, and waits until the API server calls it.
     pub fn point_webhook_at(&self, serve: &ServeProcess) {
-        let url = format!("https://127.0.0.1:{}/mutate", serve.webhook_addr.port());
+        self.set_webhook_url(&format!(
+            "https://127.0.0.1:{}/mutate",
+            serve.webhook_addr.port()
+        ));
+        self.wait_until_webhook_called();
+    }
+
+    /// Points the chart's webhook at `url` (keeping its caBundle); with an
+    /// unreachable one, failurePolicy Ignore admits pods uninjected.
+    pub fn set_webhook_url(&self, url: &str) {
         let configuration = kubectl_json(
             self.plane,
             &["get", "mutatingwebhookconfiguration", WEBHOOK_CONFIGURATION],
@@ -161,7 +170,6 @@ impl Install {
             "-p",
             &Value::Array(patch).to_string(),
         ]));
-        self.wait_until_webhook_called();
     }
 
     /// The API server picks up webhook configuration changes asynchronously:
