@@ -46,7 +46,18 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
 }
 
 /// How the statsd exporter is added to a pod.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    Default,
+    clap::ValueEnum,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum SidecarMode {
     /// Ask the API server: native from Kubernetes 1.29 on, and with no cluster.
@@ -83,7 +94,7 @@ impl std::fmt::Display for SidecarMode {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct Config {
     /// Domain of every label and annotation key.
@@ -95,7 +106,7 @@ pub struct Config {
     pub reconcile: ReconcileConfig,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct SidecarConfig {
     pub name: String,
@@ -119,14 +130,14 @@ pub struct SidecarConfig {
     pub readiness_probe: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct GunicornConfig {
     /// Host gunicorn sends statsd to; the sidecar shares the pod's network.
     pub statsd_host: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct ReconcileConfig {
     /// Namespace for dashboard and datasource ConfigMaps; `None` = the app namespace.
@@ -140,7 +151,7 @@ pub struct ReconcileConfig {
     pub rollout_timeout_seconds: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct PrometheusConfig {
     pub replicas: i32,
@@ -150,7 +161,7 @@ pub struct PrometheusConfig {
     pub resources: ResourceRequirements,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct PostgresExporterConfig {
     pub image: String,
@@ -166,6 +177,21 @@ fn resources(req_cpu: &str, req_mem: &str, lim_mem: &str) -> ResourceRequirement
         ])),
         limits: Some(BTreeMap::from([("memory".to_string(), q(lim_mem))])),
         ..Default::default()
+    }
+}
+
+impl Config {
+    /// The config file's JSON Schema (draft-07, every subschema inline), as
+    /// the chart's `values.schema.json` embeds it under `config`.
+    pub fn json_schema() -> serde_json::Value {
+        let generator = schemars::generate::SchemaSettings::draft07()
+            .with(|settings| settings.inline_subschemas = true)
+            .into_generator();
+        let mut schema = generator.into_root_schema_for::<Config>().to_value();
+        if let Some(root) = schema.as_object_mut() {
+            root.remove("$schema");
+        }
+        schema
     }
 }
 

@@ -3,7 +3,7 @@ use std::{io::Write, process::ExitCode};
 use clap::Parser;
 use tracing_subscriber::{EnvFilter, fmt};
 
-use chiller_metrics::cli::{Cli, Command, LogFormat, check, explain, offline, serve};
+use chiller_metrics::cli::{Cli, Command, LogFormat, check, explain, offline, serve, uninstall};
 
 /// mimalloc: a quarter to a third of a request's cycles went to glibc's malloc and free.
 #[global_allocator]
@@ -88,6 +88,13 @@ fn run() -> anyhow::Result<ExitCode> {
                 .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
             let explanation = runtime.block_on(explain::run(&args))?;
             print(&explain::render(&explanation, args.output))?;
+        }
+        Command::Uninstall(args) => {
+            let runtime = tokio::runtime::Runtime::new()
+                .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
+            for line in runtime.block_on(uninstall::run(&args))? {
+                println!("{line}");
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -93,6 +93,7 @@ fn every_subcommand_offers_only_its_options() {
                 "sidecar-mode",
                 "sidecar-image",
                 "grafana-namespace",
+                "schema",
                 "help",
             ],
         ),
@@ -123,6 +124,10 @@ fn every_subcommand_offers_only_its_options() {
                 "output",
                 "help",
             ],
+        ),
+        (
+            "uninstall",
+            &["namespace", "name", "lease-name", "timeout-seconds", "help"],
         ),
     ];
     for (subcommand, names) in expected {
@@ -347,7 +352,7 @@ fn explain_reads_the_webhook_configuration_from_helm_template_output() {
         explanation["steps"][1]["detail"]
             .as_str()
             .unwrap()
-            .contains("notin (shop,metrics)"),
+            .contains("notin (kube-system,shop,metrics)"),
         "{explanation:#}"
     );
     assert!(

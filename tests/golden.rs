@@ -40,10 +40,6 @@ fn golden_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
 }
 
-fn updating() -> bool {
-    std::env::var_os("UPDATE_GOLDEN").is_some_and(|v| !v.is_empty() && v != "0")
-}
-
 /// The policy of the one namespace a fixture describes, as the watched cache would hold it.
 struct FixtureNamespace {
     name: String,
@@ -283,7 +279,7 @@ fn every_request_matches_its_golden_answer() {
         names.len() >= 20,
         "expected the full fixture set in tests/golden/requests, found {names:?}"
     );
-    let update = updating();
+    let update = support::updating_golden();
     let mut failures = Vec::new();
     for name in &names {
         let golden = match Fixture::load(name).and_then(|fixture| fixture.run()) {
@@ -352,7 +348,7 @@ fn no_orphaned_golden_files() {
         })
         .collect();
     orphans.sort();
-    if updating() {
+    if support::updating_golden() {
         for orphan in &orphans {
             std::fs::remove_file(orphan)
                 .unwrap_or_else(|e| panic!("cannot remove {}: {e}", orphan.display()));

@@ -391,7 +391,10 @@ fn check_webhook(documents: &[Value], expected: &Expected) {
     );
     assert_eq!(webhook["sideEffects"], "None");
     assert_eq!(webhook["admissionReviewVersions"], json!(["v1"]));
-    assert_eq!(webhook["reinvocationPolicy"], "IfNeeded");
+    assert_eq!(
+        webhook["reinvocationPolicy"], "Never",
+        "a reinvocation would meet the not-already-injected condition"
+    );
     assert_eq!(webhook["failurePolicy"], expected.failure_policy);
     let timeout = webhook["timeoutSeconds"]
         .as_i64()
@@ -890,6 +893,66 @@ fn chart_excludes_the_release_namespace_wherever_it_is_installed() {
 }
 
 #[test]
+fn chart_never_injects_kube_system_whatever_the_values_say() {
+    let output =
+        run(helm_template("chiller-metrics", &[])
+            .args(["--set-json", "webhook.excludeNamespaces=[]"]));
+    let documents = parse_documents(&String::from_utf8_lossy(&output.stdout));
+    let webhook = &one_of_kind(&documents, "MutatingWebhookConfiguration")["webhooks"][0];
+    let excluded = webhook["namespaceSelector"]["matchExpressions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["key"] == "kubernetes.io/metadata.name" && e["operator"] == "NotIn")
+        .expect("a NotIn on the namespace name");
+    assert_eq!(
+        excluded["values"],
+        json!(["kube-system", "chiller-metrics"])
+    );
+}
+
+#[test]
+fn chart_scrapes_its_own_metrics_where_the_prometheus_operator_runs() {
+    let without = render_chart("chiller-metrics", &[]);
+    assert!(
+        all_of_kind(&without, "ServiceMonitor").is_empty(),
+        "no CRD, no ServiceMonitor"
+    );
+
+    let output = run(helm_template(
+        "chiller-metrics",
+        &["serviceMonitor.labels.release=monitoring"],
+    )
+    .args(["--api-versions", "monitoring.coreos.com/v1/ServiceMonitor"]));
+    let with = parse_documents(&String::from_utf8_lossy(&output.stdout));
+    let monitor = one_of_kind(&with, "ServiceMonitor");
+    assert_eq!(monitor["metadata"]["labels"]["release"], "monitoring");
+    assert_eq!(
+        monitor["spec"]["endpoints"],
+        json!([{"port": "admin", "path": "/metrics", "interval": "30s"}])
+    );
+    let service = one_of_kind(&with, "Service");
+    let selected = monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .unwrap();
+    assert!(
+        selected
+            .iter()
+            .all(|(k, v)| service["metadata"]["labels"][k] == *v),
+        "the ServiceMonitor selects the chart's Service: {selected:?}"
+    );
+    assert!(
+        service["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "admin"),
+        "the Service has the admin port"
+    );
+    support::validate_crd(monitor).expect("a valid ServiceMonitor");
+}
+
+#[test]
 fn chart_cert_manager_mode_can_use_an_existing_issuer() {
     let documents = render_chart(
         "chiller-metrics",
@@ -956,7 +1019,9 @@ fn chart_rejects_unsafe_or_incomplete_values() {
             "certs.mode must be certManager, selfManaged or generated",
         ),
     ] {
+        // The templates' own checks, behind the values schema.
         let output = helm_template("chiller-metrics", &values)
+            .arg("--skip-schema-validation")
             .output()
             .expect("run helm");
         assert!(
@@ -1011,9 +1076,54 @@ fn chart_renders_a_custom_config_file_the_binary_accepts() {
 }
 
 #[test]
+fn chart_values_schema_embeds_the_binarys_config_schema() {
+    let output = run(Command::new(BINARY).args(["config", "--schema"]));
+    let generated: Value = serde_json::from_slice(&output.stdout).expect("a JSON schema");
+    assert_eq!(generated["additionalProperties"], false, "{generated:#}");
+    let path = crate_path("manifests/chart/chiller-metrics/values.schema.json");
+    let mut schema: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).expect("JSON");
+    if support::updating_golden() {
+        schema["properties"]["config"] = generated;
+        std::fs::write(&path, serde_json::to_string_pretty(&schema).unwrap() + "\n").unwrap();
+        return;
+    }
+    assert_eq!(
+        schema["properties"]["config"], generated,
+        "values.schema.json is stale: `UPDATE_GOLDEN=1 cargo test --test manifests` regenerates it"
+    );
+}
+
+#[test]
+fn a_typo_in_the_values_fails_helm_at_install() {
+    for (value, named) in [
+        ("config.sidecar.typo=1", "typo"),
+        ("config.reconcile.resyncSeconds=soon", "resyncSeconds"),
+        ("replicaz=2", "replicaz"),
+        ("webhook.failurePolicy=Sometimes", "failurePolicy"),
+        ("serviceMonitor.interval=often", "interval"),
+    ] {
+        let output = helm_template("chiller-metrics", &[value])
+            .output()
+            .expect("run helm");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "helm accepted {value}");
+        assert!(
+            stderr.contains("schema") && stderr.contains(named),
+            "{value}: the error should name the schema and {named:?}:\n{stderr}"
+        );
+    }
+}
+
+#[test]
 fn chart_config_with_an_unknown_key_is_rejected_by_the_binary() {
-    // Guards check_config_accepted itself: a typo in the config must fail.
-    let documents = render_chart("chiller-metrics", &["config.sidecar.imag=typo"]);
+    // Guards check_config_accepted itself: a typo in the config must fail,
+    // even where the values schema is skipped.
+    let output = run(
+        helm_template("chiller-metrics", &["config.sidecar.imag=typo"])
+            .arg("--skip-schema-validation"),
+    );
+    let documents = parse_documents(&String::from_utf8_lossy(&output.stdout));
     let result = std::panic::catch_unwind(|| check_config_accepted(&documents));
     assert!(result.is_err(), "a config with an unknown key was accepted");
 }

@@ -5,6 +5,7 @@ pub mod check;
 pub mod explain;
 pub mod offline;
 pub mod serve;
+pub mod uninstall;
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -52,6 +53,8 @@ pub enum Command {
     Check(check::CheckArgs),
     /// Explain, step by step, whether the webhook injects a pod or a workload's pods.
     Explain(explain::ExplainArgs),
+    /// Remove what the reconcile loop made everywhere, before `helm uninstall`.
+    Uninstall(uninstall::UninstallArgs),
 }
 
 /// Only the config file, for commands no override applies to.
@@ -133,6 +136,9 @@ pub struct ConfigArgs {
     /// Namespace for Grafana dashboard and datasource ConfigMaps (default: the app namespace).
     #[arg(long, env = "CHILLER_METRICS_GRAFANA_NAMESPACE")]
     pub grafana_namespace: Option<String>,
+    /// Print the config file's JSON Schema instead (the chart's values schema embeds it).
+    #[arg(long)]
+    pub schema: bool,
 }
 
 impl ConfigArgs {

@@ -89,6 +89,11 @@ pub fn mapping(args: &ConfigFileArgs) -> Result<String, OfflineError> {
 }
 
 pub fn config(args: &ConfigArgs) -> Result<String, OfflineError> {
+    if args.schema {
+        let schema =
+            serde_json::to_string_pretty(&Config::json_schema()).expect("a schema serializes");
+        return Ok(schema + "\n");
+    }
     let config = args.load()?;
     Ok(serde_norway::to_string(&config).expect("config serializes"))
 }

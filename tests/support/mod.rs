@@ -404,3 +404,9 @@ impl Retrieve for SharedDefinitions {
         Ok(definitions.clone())
     }
 }
+
+/// `UPDATE_GOLDEN=1`: golden files are rewritten instead of compared.
+#[allow(dead_code)]
+pub fn updating_golden() -> bool {
+    std::env::var_os("UPDATE_GOLDEN").is_some_and(|v| !v.is_empty() && v != "0")
+}
