@@ -34,7 +34,7 @@ struct Scenario {
 }
 
 impl Scenario {
-    fn logs_on_failure(&self) -> controlplane::LogsOnFailure<'_> {
+    fn logs_on_failure(&self) -> controlplane::LogsOnFailure<'static> {
         self.plane
             .logs_on_failure()
             .with("chiller-metrics serve", self.serve.log_tail(60))
@@ -146,7 +146,7 @@ fn the_reconcile_loop_under_the_charts_rbac() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let serve = runtime.block_on(install.serve("chiller-metrics-0"));
     install.point_webhook_at(&serve);
-    let s = Scenario {
+    let mut s = Scenario {
         plane,
         install,
         serve,
@@ -170,6 +170,7 @@ fn the_reconcile_loop_under_the_charts_rbac() {
         &s,
         &["config-a", "config-b", "config-c"],
     );
+    a_new_replica_counts_on_in_the_event_series(&mut s, &runtime, "broken");
     no_call_was_forbidden(&s);
     every_permission_was_used(&s);
 }
@@ -457,22 +458,7 @@ fn a_failing_namespace_gets_one_event_series(s: &Scenario, namespace: &str) {
     wait_until("the status says why", || {
         reconcile_status(s.plane, namespace).is_some_and(|status| status["ready"] == false)
     });
-    let warnings = |plane: &ControlPlane| -> Vec<Value> {
-        // A Namespace is cluster-scoped: its events live in "default", where
-        // `kubectl describe namespace` finds them.
-        let events = kubectl_json(plane, &["get", "events.events.k8s.io", "-A"]);
-        events["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| {
-                e["type"] == "Warning"
-                    && e["regarding"]["kind"] == "Namespace"
-                    && e["regarding"]["name"] == namespace
-            })
-            .cloned()
-            .collect()
-    };
+    let warnings = |plane: &ControlPlane| namespace_warnings(plane, namespace);
     wait_until(
         "the repeated failure is counted in one event series",
         || {
@@ -480,6 +466,55 @@ fn a_failing_namespace_gets_one_event_series(s: &Scenario, namespace: &str) {
             warnings.len() == 1 && warnings[0]["series"]["count"].as_i64().unwrap_or(0) >= 2
         },
     );
+}
+
+/// The Warning events about Namespace `namespace` (a Namespace is
+/// cluster-scoped: its events live in "default", where `kubectl describe
+/// namespace` finds them).
+fn namespace_warnings(plane: &ControlPlane, namespace: &str) -> Vec<Value> {
+    let events = kubectl_json(plane, &["get", "events.events.k8s.io", "-A"]);
+    events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            e["type"] == "Warning"
+                && e["regarding"]["kind"] == "Namespace"
+                && e["regarding"]["name"] == namespace
+        })
+        .cloned()
+        .collect()
+}
+
+/// A replica that takes over (nothing in its memory) finds the series the
+/// old one left on the API server and counts on in it.
+fn a_new_replica_counts_on_in_the_event_series(
+    s: &mut Scenario,
+    runtime: &tokio::runtime::Runtime,
+    namespace: &str,
+) {
+    let count = |plane| -> Vec<i64> {
+        namespace_warnings(plane, namespace)
+            .iter()
+            .map(|e| e["series"]["count"].as_i64().unwrap_or(1))
+            .collect()
+    };
+    let before = count(s.plane);
+    assert_eq!(before.len(), 1, "one series before the takeover");
+    let new = runtime.block_on(s.install.serve("chiller-metrics-1"));
+    let _new_logs = s
+        .plane
+        .logs_on_failure()
+        .with("the new replica", new.log_tail(60));
+    let old = std::mem::replace(&mut s.serve, new);
+    let (status, _) = old.terminate();
+    assert!(status.success(), "the old replica exits cleanly");
+    s.install.point_webhook_at(&s.serve);
+    wait_until("the new leader counts on in the same series", || {
+        let now = count(s.plane);
+        assert!(now.len() <= 1, "a second Event for the same cause: {now:?}");
+        now.len() == 1 && now[0] > before[0]
+    });
 }
 
 fn pods_of(plane: &ControlPlane, namespace: &str) -> Vec<Value> {
