@@ -6,7 +6,6 @@ set -euo pipefail
 
 # package: what needs it
 declare -A needs=(
-  [prometheus]="promtool: tests/promql.rs (recording rules and the dashboard's queries)"
   [nghttp2-client]="h2load: tests/rotation.rs and tests/shutdown.rs (load during rotation and shutdown)"
   [wrk]="wrk: tests/shutdown.rs (HTTP/1.1 load)"
   [curl]="curl: make demo and tests/demo.rs"

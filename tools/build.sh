@@ -4,7 +4,7 @@
 # the repository. A stamp of go.mod, go.sum and this script skips a build
 # that is already current, so only the first run on a machine compiles.
 #
-#   tools/build.sh cluster|prometheus-operator|prometheus|statsd-exporter|postgres-exporter|kwok [OUT_DIR]
+#   tools/build.sh cluster|prometheus-operator|prometheus|statsd-exporter|postgres-exporter|kwok|helm [OUT_DIR]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 module=${1:?usage: tools/build.sh MODULE [OUT_DIR]}
@@ -55,6 +55,9 @@ case "$module" in
   postgres-exporter)
     v=$(version_of github.com/prometheus-community/postgres_exporter)
     ldflags="$ldflags -X $common_version.Version=${v#v}"
+    ;;
+  helm)
+    ldflags="$ldflags -X helm.sh/helm/v4/internal/version.version=$(version_of helm.sh/helm/v4)"
     ;;
 esac
 

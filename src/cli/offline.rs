@@ -1,13 +1,17 @@
-//! The commands that need no cluster: `inject`, `uninject`, `certs`, `mapping`, `config`.
+//! The commands that need no cluster: `inject`, `uninject`, `certs`,
+//! `mapping`, `config`, `render`.
 
 use std::io::Read;
 
 use crate::{
     certs::{self, CertsError},
-    cli::{CertsArgs, ConfigArgs, ConfigFileArgs, InjectArgs, UninjectArgs},
-    config::{Config, ConfigError, Overrides},
+    cli::{CertsArgs, ConfigArgs, ConfigFileArgs, InjectArgs, RenderArgs, UninjectArgs},
+    config::{Config, ConfigError, Overrides, is_dns_label},
     inject::{Injector, ResolvedMode},
     manifest::{self, ManifestError},
+    reconcile::desired::{
+        DesiredError, NamespaceSettings, PostgresTarget, desired_objects, render_yaml,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -96,4 +100,22 @@ pub fn config(args: &ConfigArgs) -> Result<String, OfflineError> {
     }
     let config = args.load()?;
     Ok(serde_norway::to_string(&config).expect("config serializes"))
+}
+
+/// `chiller-metrics render`: the objects the reconcile loop applies for a namespace.
+pub fn render(args: &RenderArgs) -> Result<String, DesiredError> {
+    let config = args.config.load()?;
+    if !is_dns_label(&args.namespace) {
+        return Err(DesiredError::Namespace(args.namespace.clone()));
+    }
+    let postgres = match (&args.postgres, &args.postgres_secret) {
+        (Some(address), Some(secret)) => Some(PostgresTarget::parse(address, secret)?),
+        _ => None,
+    };
+    let settings = NamespaceSettings {
+        name: args.namespace.clone(),
+        uid: None,
+        postgres,
+    };
+    render_yaml(&desired_objects(&settings, &config))
 }

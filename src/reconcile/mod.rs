@@ -35,7 +35,6 @@ use crate::{
 };
 
 pub use context::{Context, NamespaceStatus, ReconcileError, error_policy};
-pub use desired::render;
 pub use leader::{LeaseLock, LeaseTimings};
 pub use namespace::reconcile;
 

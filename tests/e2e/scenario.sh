@@ -9,7 +9,8 @@
 # Prometheus per namespace holding only its own series (Postgres included),
 # every dashboard query answered through the datasource's URL, repair of a
 # deleted ServiceMonitor, opt-out, fail-open while the webhook is down, and
-# a config change carried to running pods by rollout-outdated.
+# a helm upgrade with a changed config, during which every pod create is
+# injected, carried to running pods by rollout-outdated.
 #
 # Environment: APP_IMAGE and APP_PULL_POLICY (the test app image),
 # CHILLER_NAMESPACE (default chiller-metrics), NAMESPACES (default
@@ -156,11 +157,23 @@ kubectl annotate namespace "$ns" metrics.chiller.io/restart-uninjected=true
 wait_until 300 "restart-uninjected rolls $ns/api, whose pods get the sidecar" has_native_sidecar "$ns" api
 kubectl -n "$ns" rollout status deployment/api --timeout=300s
 
-log "8. a config change makes pods outdated; rollout-outdated restarts them one at a time"
+log "8. helm upgrade with a changed config: every pod create meanwhile is injected; rollout-outdated then restarts outdated pods one at a time"
+upgraded=$(mktemp)
+rm -f "$upgraded"
+dry_run_creates_until "$ns" "$APP_IMAGE" "$upgraded" >"$upgraded.result" &
+creates=$!
 helm upgrade chiller-metrics manifests/chart/chiller-metrics --namespace "$CHILLER_NAMESPACE" \
   --reuse-values --set config.sidecar.resources.requests.cpu=20m \
   --set config.sidecar.resources.requests.memory=24Mi \
   --set config.sidecar.resources.limits.memory=64Mi --wait --timeout 5m
+kubectl -n "$CHILLER_NAMESPACE" rollout status deployment/chiller-metrics --timeout=300s
+touch "$upgraded"
+wait "$creates"
+read -r attempts misses <"$upgraded.result"
+rm -f "$upgraded" "$upgraded.result"
+echo "pod creates during the upgrade: $attempts, not injected: $misses" >&2
+((attempts >= 5)) || fail "the upgrade was not probed ($attempts creates)"
+((misses == 0)) || fail "$misses of $attempts pod creates during the upgrade were not injected"
 wait_until 300 "the status of $ns counts its app pods as outdated" namespace_status_is "$ns" outdatedPods 2
 kubectl annotate namespace "$ns" metrics.chiller.io/rollout-outdated=true
 wait_until 600 "rollout-outdated restarted the outdated workloads of $ns" namespace_status_is "$ns" outdatedPods 0

@@ -69,16 +69,18 @@ pub fn reference_dir() -> PathBuf {
     dir
 }
 
-/// Finds an external tool: on PATH, else in `<crate>/.tools/bin` or
-/// `<crate>/.tools/venv/bin`. Panics naming how to install it.
+/// Finds an external tool: in `<crate>/.tools/bin` or `<crate>/.tools/venv/bin`,
+/// else on PATH. Panics naming how to install it.
 pub fn tool(name: &str) -> PathBuf {
     let on_path = std::env::var_os("PATH")
         .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
         .unwrap_or_default();
     let tools = crate_dir().join(".tools");
-    let candidates = on_path
+    // The pinned builds in .tools come first: a distribution's helm, kubectl
+    // or promtool on PATH may be versions behind.
+    let candidates = [tools.join("bin"), tools.join("venv").join("bin")]
         .into_iter()
-        .chain([tools.join("bin"), tools.join("venv").join("bin")]);
+        .chain(on_path);
     for dir in candidates {
         let file = dir.join(name);
         if is_executable(&file) {
@@ -95,15 +97,15 @@ pub fn tool(name: &str) -> PathBuf {
 /// How to install the test tool `name`, for [`tool`]'s panic message.
 pub fn install_hint(name: &str) -> String {
     match name {
-        "promtool" | "prometheus" => {
-            "install it with `apt-get install -y prometheus` (Debian package `prometheus`)".into()
-        }
         "wrk" => "install it with `apt-get install -y wrk`".into(),
         "h2load" => "install it with `apt-get install -y nghttp2-client`".into(),
         "gunicorn" | "flask" | "python3" => {
             "run `make tools` (installs gunicorn and flask into .tools/venv)".into()
         }
-        "helm" | "kubectl" => "run `make tools` (installs helm and kubectl into .tools/bin)".into(),
+        "helm" | "kubectl" | "promtool" => {
+            "run `make tools` (builds helm, kubectl and promtool from tools/ into .tools/bin)"
+                .into()
+        }
         "readelf" => {
             "install it with `apt-get install -y binutils` (Debian package `binutils`)".into()
         }

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Pins the control plane (and kube-proxy, which the pod runner's nodes use):
+# Pins the control plane (and kube-proxy, which the pod runner's nodes use,
+# and kubectl, the cluster's own version for the tests):
 # k8s.io/kubernetes at KUBE_VERSION plus the matching etcd server, as Go tool dependencies of this module.
 #
 # k8s.io/kubernetes requires its staging modules (k8s.io/api, k8s.io/apiserver,
@@ -32,6 +33,7 @@ go_version=$(awk '$1 == "go" { print $2; exit }' "$kube_mod")
   echo "	go.etcd.io/etcd/server/v3"
   echo "	k8s.io/kubernetes/cmd/kube-apiserver"
   echo "	k8s.io/kubernetes/cmd/kube-controller-manager"
+  echo "	k8s.io/kubernetes/cmd/kubectl"
   echo "	k8s.io/kubernetes/cmd/kube-proxy"
   echo "	k8s.io/kubernetes/cmd/kube-scheduler"
   echo ")"

@@ -34,8 +34,7 @@ pub const STATSD_COMPONENT: &str = "statsd-exporter";
 pub const POSTGRES_COMPONENT: &str = "postgres-exporter";
 
 use crate::{
-    cli::RenderArgs,
-    config::{Config, ConfigError, MAPPING_FILE, is_dns_label},
+    config::{Config, ConfigError, MAPPING_FILE},
     keys::{self, Keys},
 };
 
@@ -255,22 +254,4 @@ pub fn render_yaml(objects: &[DesiredObject]) -> Result<String, DesiredError> {
         out.push_str(&serde_norway::to_string(&object.value)?);
     }
     Ok(out)
-}
-
-/// `chiller-metrics render`.
-pub fn render(args: &RenderArgs) -> Result<String, DesiredError> {
-    let config = args.config.load()?;
-    if !is_dns_label(&args.namespace) {
-        return Err(DesiredError::Namespace(args.namespace.clone()));
-    }
-    let postgres = match (&args.postgres, &args.postgres_secret) {
-        (Some(address), Some(secret)) => Some(PostgresTarget::parse(address, secret)?),
-        _ => None,
-    };
-    let settings = NamespaceSettings {
-        name: args.namespace.clone(),
-        uid: None,
-        postgres,
-    };
-    render_yaml(&desired_objects(&settings, &config))
 }
