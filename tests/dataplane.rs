@@ -469,14 +469,6 @@ fn gunicorn_statsd_lines_match_the_sidecar_mapping() {
     drop(gunicorn);
 }
 
-/// A free loopback port (released again: statsd_exporter takes a number).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .unwrap()
-        .port()
-}
-
 /// A process stopped on drop, also when the test fails.
 struct Stopped(Child);
 
@@ -494,7 +486,7 @@ impl Drop for Stopped {
 /// lifecycle API, nobody else can stop or reconfigure it.
 #[test]
 fn the_injected_exporter_counts_every_request_and_offers_no_lifecycle_api() {
-    let statsd_port = free_port();
+    let statsd_port = controlplane::free_port();
     let injector = Injector::new(Config::default(), ResolvedMode::Native);
     let mut pod = chiller_api_pod();
     let typed: Pod = serde_json::from_value(pod.clone()).unwrap();
@@ -526,7 +518,9 @@ fn the_injected_exporter_counts_every_request_and_offers_no_lifecycle_api() {
     let mapping_file = scratch.path().join(item["path"].as_str().unwrap());
     std::fs::write(&mapping_file, mapping).unwrap();
 
-    let web: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let web: SocketAddr = format!("127.0.0.1:{}", controlplane::free_port())
+        .parse()
+        .unwrap();
     let mut args = Vec::new();
     for arg in sidecar["args"].as_array().unwrap() {
         let arg = arg.as_str().unwrap();

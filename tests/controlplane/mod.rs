@@ -18,10 +18,13 @@ pub mod services;
 
 use std::{
     ffi::OsString,
-    net::TcpListener,
+    net::{TcpListener, UdpSocket},
     path::{Path, PathBuf},
     process::Command,
-    sync::{Mutex, OnceLock},
+    sync::{
+        Mutex, OnceLock,
+        atomic::{AtomicU32, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -466,11 +469,35 @@ pub fn kubectl_binary() -> PathBuf {
 }
 
 /// A port that was free a moment ago on 127.0.0.1.
+/// A loopback port for a server that takes a number, free for TCP and UDP.
+/// Ports come from below the kernel's ephemeral range, so no outgoing
+/// connection is handed one meanwhile; each at most once per process (the
+/// tests of a binary run in parallel), from an offset of the pid (binaries
+/// that run one after another start elsewhere).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("binding a free port")
-        .port()
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = 10_000;
+    let high = ephemeral_ports_start().clamp(low + 1_000, 32_768) - 1;
+    let span = high - low + 1;
+    let start = std::process::id().wrapping_mul(97) % span;
+    for _ in 0..span {
+        let next = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(low + (start + next) % span).expect("below 32768");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {low} and {high}");
+}
+
+/// The first port the kernel hands out for outgoing connections.
+fn ephemeral_ports_start() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 fn args(list: &[&str]) -> Vec<OsString> {
