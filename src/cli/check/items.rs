@@ -20,8 +20,9 @@ use serde_json::Value;
 use super::{CheckError, report::Item, tls};
 use crate::{
     cluster::policy_from_namespace,
-    inject::{Decision, Injector, PodContext},
+    inject::Injector,
     keys::{ENABLED, Keys},
+    reconcile::pod_state::{PodState, classify, recorded_config_hash},
 };
 
 /// What was fetched, or why it could not be.
@@ -764,25 +765,11 @@ fn lacks_injected_label(pod: &Pod, keys: &Keys) -> bool {
 }
 
 /// A pod the webhook would inject today but that runs without the sidecar:
-/// the same decision the webhook and the reconcile loop make.
+/// the reconcile loop's own classification (which also honours the skip the
+/// webhook recorded on the pod).
 pub fn is_uninjected(pod: &Pod, namespace: &Namespace, injector: &Injector) -> bool {
-    let finished = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.phase.as_deref())
-        .is_some_and(|phase| matches!(phase, "Succeeded" | "Failed"));
-    if finished
-        || pod.metadata.deletion_timestamp.is_some()
-        || !lacks_injected_label(pod, injector.keys())
-    {
-        return false;
-    }
     let policy = policy_from_namespace(namespace, injector.keys());
-    let context = PodContext {
-        namespace: Some(&policy),
-        ..Default::default()
-    };
-    matches!(injector.mutate(pod, context), Decision::Inject { .. })
+    classify(pod, injector, &policy) == PodState::Uninjected
 }
 
 pub fn pods_injected(injector: &Injector, fetched: &Fetched<Vec<NamespacePods>>) -> Item {
@@ -891,11 +878,8 @@ pub fn pods_up_to_date(injector: &Injector, fetched: &Fetched<Vec<NamespacePods>
                 continue;
             }
             compared += 1;
-            let recorded = pod
-                .annotations()
-                .get(&keys.status)
-                .and_then(|text| serde_json::from_str::<Value>(text).ok());
-            let recorded = recorded.as_ref().and_then(config_hash);
+            let recorded = recorded_config_hash(pod, &keys.status);
+            let recorded = recorded.as_deref();
             if recorded != Some(current) {
                 let (kind, name) = workload_of(pod);
                 outdated.push((
@@ -1193,6 +1177,27 @@ mod tests {
         }]);
         assert_eq!(
             pods_injected(&injector(), &fine).status,
+            super::super::report::Status::Pass
+        );
+    }
+
+    /// A pod the webhook skipped and marked (say, a port conflict) is
+    /// reported by its skip, as the reconcile loop counts it, not as missing
+    /// the sidecar.
+    #[test]
+    fn a_pod_the_webhook_skipped_is_not_counted_as_uninjected() {
+        let ns = namespace("shop", &[(INJECT, "enabled")], &[]);
+        let skipped = pod(
+            "api",
+            &[("app", "api")],
+            &[("metrics.chiller.io/skipped", "port_conflict")],
+        );
+        let fetched = Ok(vec![NamespacePods {
+            namespace: ns,
+            pods: vec![skipped],
+        }]);
+        assert_eq!(
+            pods_injected(&injector(), &fetched).status,
             super::super::report::Status::Pass
         );
     }
