@@ -12,14 +12,14 @@ pub mod items;
 pub mod report;
 pub mod tls;
 
-use std::time::Duration;
-
 use clap::{Args, ValueEnum};
 
 pub use report::{Item, Report, Status};
 
+use super::cluster_access::{self, AccessError};
+
 /// How long one API call, TLS handshake or `/readyz` may take.
-pub const TIMEOUT: Duration = Duration::from_secs(10);
+pub use super::cluster_access::TIMEOUT;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
 pub enum OutputFormat {
@@ -59,17 +59,8 @@ pub struct CheckArgs {
 /// command with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
-    #[error("no usable kubeconfig: {0}")]
-    Kubeconfig(#[source] kube::config::InferConfigError),
-    #[error("cannot build a Kubernetes client: {0}")]
-    Client(#[source] kube::Error),
-    #[error("cannot {action} {what}: {source}")]
-    Api {
-        action: &'static str,
-        what: String,
-        #[source]
-        source: kube::Error,
-    },
+    #[error(transparent)]
+    Access(#[from] AccessError),
     #[error("{what}: no answer within {seconds} s")]
     Timeout { what: String, seconds: u64 },
     #[error("cannot connect to {address}: {source}")]
@@ -88,13 +79,7 @@ pub enum CheckError {
 
 /// Reads the cluster and checks every item.
 pub async fn run(args: &CheckArgs) -> Result<Report, CheckError> {
-    let mut config = kube::Config::infer()
-        .await
-        .map_err(CheckError::Kubeconfig)?;
-    config.connect_timeout = Some(TIMEOUT);
-    config.read_timeout = Some(TIMEOUT);
-    config.write_timeout = Some(TIMEOUT);
-    let client = kube::Client::try_from(config).map_err(CheckError::Client)?;
+    let client = cluster_access::client().await?;
     Ok(fetch::check_all(&client, args).await)
 }
 

@@ -2,6 +2,7 @@
 //! the commands. `main.rs` only parses and dispatches.
 
 pub mod check;
+pub mod cluster_access;
 pub mod explain;
 pub mod offline;
 pub mod serve;

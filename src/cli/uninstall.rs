@@ -18,6 +18,7 @@ use kube::{
 };
 use serde_json::json;
 
+use super::cluster_access::{self, AccessError};
 use crate::reconcile::live::{MANAGED_KINDS, managed_selector};
 
 /// How often the replicas are looked at while they stop.
@@ -41,8 +42,8 @@ pub struct UninstallArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum UninstallError {
-    #[error("no cluster: {0}")]
-    NoCluster(#[source] kube::Error),
+    #[error(transparent)]
+    Access(#[from] AccessError),
     #[error("{what}: {source}")]
     Api {
         what: String,
@@ -80,9 +81,7 @@ where
 
 /// Uninstalls; returns one line per step, for the user.
 pub async fn run(args: &UninstallArgs) -> Result<Vec<String>, UninstallError> {
-    let client = Client::try_default()
-        .await
-        .map_err(UninstallError::NoCluster)?;
+    let client = cluster_access::client().await?;
     let mut done = Vec::new();
 
     let webhooks = Api::<MutatingWebhookConfiguration>::all(client.clone());

@@ -9,7 +9,7 @@ use k8s_openapi::{
         admissionregistration::v1::{MutatingWebhookConfiguration, ServiceReference},
         apps::v1::Deployment,
         coordination::v1::Lease,
-        core::v1::{ConfigMap, Namespace, Pod, Service},
+        core::v1::{Namespace, Pod, Service},
         discovery::v1::EndpointSlice,
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
@@ -29,6 +29,7 @@ use super::{
     tls,
 };
 use crate::{
+    cli::cluster_access,
     cluster::parse_version,
     config::Config,
     http_client::{self, HttpClient},
@@ -42,19 +43,7 @@ async fn api<T>(
     what: impl Into<String>,
     call: impl Future<Output = Result<T, kube::Error>>,
 ) -> Fetched<T> {
-    let what = what.into();
-    match tokio::time::timeout(TIMEOUT, call).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(source)) => Err(CheckError::Api {
-            action,
-            what,
-            source,
-        }),
-        Err(_) => Err(CheckError::Timeout {
-            what: format!("{action} {what}"),
-            seconds: TIMEOUT.as_secs(),
-        }),
-    }
+    Ok(cluster_access::call(action, what, call).await?)
 }
 
 fn items_of<T: Clone>(list: ObjectList<T>) -> Vec<T> {
@@ -196,47 +185,12 @@ pub async fn check_all(client: &Client, args: &CheckArgs) -> Report {
     Report::new(report)
 }
 
-/// The release's config (its ConfigMap `NAME-config`), so that the domain
-/// and the injection decisions are the webhook's; else the defaults.
+/// The release's config, so that the domain and the injection decisions are
+/// the webhook's; the defaults, said so, when it cannot be read.
 async fn release_config(client: &Client, args: &CheckArgs) -> (Config, String) {
-    let name = format!("{}-config", args.name);
-    let where_ = format!("ConfigMap {}/{name}", args.namespace);
-    let fetched = api(
-        "get",
-        where_.clone(),
-        Api::<ConfigMap>::namespaced(client.clone(), &args.namespace).get_opt(&name),
-    )
-    .await;
-    let text = match fetched {
-        Ok(Some(map)) => {
-            let data = map.data.unwrap_or_default();
-            data.get("config.yaml")
-                .or_else(|| data.values().next())
-                .cloned()
-        }
-        Ok(None) => {
-            return (
-                Config::default(),
-                format!("config: defaults ({where_} not found)"),
-            );
-        }
-        Err(error) => return (Config::default(), format!("config: defaults ({error})")),
-    };
-    let parsed = Config::from_yaml(text.as_deref().unwrap_or(""))
-        .map_err(|e| e.to_string())
-        .and_then(|config| {
-            config
-                .validate()
-                .map(|()| config)
-                .map_err(|e| e.to_string())
-        });
-    match parsed {
-        Ok(config) => (config, format!("config: {where_}")),
-        Err(error) => (
-            Config::default(),
-            format!("config: defaults ({where_} is invalid: {error})"),
-        ),
-    }
+    cluster_access::release_config(client, &args.namespace, &args.name)
+        .await
+        .unwrap_or_else(|error| (Config::default(), format!("config: defaults ({error})")))
 }
 
 async fn opted_in_pods(client: &Client, namespaces: Vec<Namespace>) -> Fetched<Vec<NamespacePods>> {

@@ -8,7 +8,7 @@ use k8s_openapi::{
         admissionregistration::v1::MutatingWebhookConfiguration,
         apps::v1::{DaemonSet, Deployment, StatefulSet},
         batch::v1::{CronJob, Job},
-        core::v1::{ConfigMap, Namespace, Pod},
+        core::v1::{Namespace, Pod},
     },
     serde::{Serialize, de::DeserializeOwned},
 };
@@ -21,7 +21,7 @@ use super::{
     input::subject_of,
 };
 use crate::{
-    cli::check::TIMEOUT,
+    cli::cluster_access,
     cluster::parse_version,
     config::Config,
     inject::{Injector, ResolvedMode},
@@ -32,28 +32,7 @@ async fn api<T>(
     what: impl Into<String>,
     call: impl Future<Output = Result<T, kube::Error>>,
 ) -> Result<T, ExplainError> {
-    let what = what.into();
-    match tokio::time::timeout(TIMEOUT, call).await {
-        Ok(result) => result.map_err(|source| ExplainError::Api {
-            action,
-            what,
-            source,
-        }),
-        Err(_) => Err(ExplainError::Timeout {
-            what: format!("{action} {what}"),
-            seconds: TIMEOUT.as_secs(),
-        }),
-    }
-}
-
-async fn client() -> Result<Client, ExplainError> {
-    let mut config = kube::Config::infer()
-        .await
-        .map_err(ExplainError::Kubeconfig)?;
-    config.connect_timeout = Some(TIMEOUT);
-    config.read_timeout = Some(TIMEOUT);
-    config.write_timeout = Some(TIMEOUT);
-    Client::try_from(config).map_err(ExplainError::Client)
+    Ok(cluster_access::call(action, what, call).await?)
 }
 
 /// Reads one namespaced object as JSON, `apiVersion` and `kind` included.
@@ -87,7 +66,7 @@ pub async fn explain_live(
     namespace: &str,
     name: &str,
 ) -> Result<Explanation, ExplainError> {
-    let client = client().await?;
+    let client = cluster_access::client().await?;
     let object = match kind {
         ObjectKind::Pod => get_object::<Pod>(&client, namespace, name).await?,
         ObjectKind::Deployment => get_object::<Deployment>(&client, namespace, name).await?,
@@ -137,45 +116,10 @@ pub async fn explain_live(
     Ok(explanation)
 }
 
-/// The release's config (its ConfigMap `NAME-config`), so that the decision
-/// is the webhook's; the defaults when there is none.
+/// The release's config, so that the decision is the webhook's.
 async fn release_config(
     client: &Client,
     args: &ExplainArgs,
 ) -> Result<(Config, String), ExplainError> {
-    let name = format!("{}-config", args.name);
-    let where_ = format!("ConfigMap {}/{name}", args.install_namespace);
-    let map = api(
-        "get",
-        where_.clone(),
-        Api::<ConfigMap>::namespaced(client.clone(), &args.install_namespace).get_opt(&name),
-    )
-    .await?;
-    let Some(map) = map else {
-        return Ok((
-            Config::default(),
-            format!("config: defaults ({where_} not found)"),
-        ));
-    };
-    let data = map.data.unwrap_or_default();
-    let text = data
-        .get("config.yaml")
-        .or_else(|| data.values().next())
-        .cloned()
-        .unwrap_or_default();
-    let parsed = Config::from_yaml(&text)
-        .map_err(|e| e.to_string())
-        .and_then(|config| {
-            config
-                .validate()
-                .map(|()| config)
-                .map_err(|e| e.to_string())
-        });
-    Ok(match parsed {
-        Ok(config) => (config, format!("config: {where_}")),
-        Err(error) => (
-            Config::default(),
-            format!("config: defaults ({where_} is invalid: {error})"),
-        ),
-    })
+    Ok(cluster_access::release_config(client, &args.install_namespace, &args.name).await?)
 }

@@ -92,19 +92,8 @@ pub struct ExplainArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExplainError {
-    #[error("no usable kubeconfig: {0}")]
-    Kubeconfig(#[source] kube::config::InferConfigError),
-    #[error("cannot build a Kubernetes client: {0}")]
-    Client(#[source] kube::Error),
-    #[error("cannot {action} {what}: {source}")]
-    Api {
-        action: &'static str,
-        what: String,
-        #[source]
-        source: kube::Error,
-    },
-    #[error("{what}: no answer within {seconds} s")]
-    Timeout { what: String, seconds: u64 },
+    #[error(transparent)]
+    Access(#[from] crate::cli::cluster_access::AccessError),
     #[error("{0} not found")]
     NotFound(String),
     #[error("{0:?} is not NAMESPACE/NAME")]
