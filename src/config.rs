@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::keys::Keys;
 
-pub const DEFAULT_DOMAIN: &str = "metrics.chiller.io";
+pub use crate::keys::DEFAULT_DOMAIN;
 /// The statsd mapping the sidecar loads (see `chiller-metrics mapping`).
 pub const DEFAULT_MAPPING: &str = include_str!("inject/statsd-mapping.yaml");
 pub const DEFAULT_SIDECAR_IMAGE: &str = "prom/statsd-exporter:v0.28.0";

@@ -1,5 +1,8 @@
 //! Label and annotation keys, all under one domain (`metrics.chiller.io` by default).
 
+/// The domain of every key unless the config names another.
+pub const DEFAULT_DOMAIN: &str = "metrics.chiller.io";
+
 /// The key names, built from the configured domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keys {
@@ -77,6 +80,6 @@ impl Keys {
 
 impl Default for Keys {
     fn default() -> Self {
-        Self::new(crate::config::DEFAULT_DOMAIN)
+        Self::new(DEFAULT_DOMAIN)
     }
 }

@@ -16,8 +16,7 @@ use tokio::sync::watch;
 use super::{desired::DesiredError, events::EventSeries, live::LiveCache};
 use crate::{admin::Metrics, inject::Injector, keys::Keys, live_config::LiveInjector};
 
-/// The one field manager of every write.
-pub const FIELD_MANAGER: &str = "chiller-metrics";
+pub use super::live::FIELD_MANAGER;
 /// First retry delay after a failed reconcile; doubles per failure.
 pub const BACKOFF_BASE: Duration = Duration::from_secs(2);
 /// Longest retry delay.
@@ -273,6 +272,19 @@ pub fn error_policy(
     let delay = backoff_delay(ctx.record_failure(&name));
     tracing::warn!(namespace = %name, %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
+}
+
+/// A 404 from the API server.
+pub(super) fn is_not_found(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(status) if status.is_not_found())
+}
+
+/// `text` cut to at most `max` characters (an Event note's limit).
+pub(super) fn truncate(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => text[..at].to_string(),
+        None => text.to_string(),
+    }
 }
 
 #[cfg(test)]

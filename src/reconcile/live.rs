@@ -14,6 +14,9 @@ use kube::{
 
 use crate::keys::{self, Keys};
 
+/// The one field manager of every write.
+pub const FIELD_MANAGER: &str = "chiller-metrics";
+
 /// A kind the reconciler creates, and therefore watches and cleans up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ManagedKind {
@@ -107,7 +110,7 @@ pub fn applied_by_us(object: &DynamicObject) -> bool {
         .iter()
         .flatten()
         .any(|entry| {
-            entry.manager.as_deref() == Some(super::context::FIELD_MANAGER)
+            entry.manager.as_deref() == Some(FIELD_MANAGER)
                 && entry.operation.as_deref() == Some("Apply")
         })
 }

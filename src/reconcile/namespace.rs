@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use super::{
     compare::{applied_value, is_subset},
-    context::{Context, FIELD_MANAGER, NamespaceStatus, ReconcileError},
+    context::{Context, FIELD_MANAGER, NamespaceStatus, ReconcileError, is_not_found, truncate},
     desired::{self, DesiredObject, NamespaceSettings},
     live::{MANAGED_KINDS, ManagedKind, PROMETHEUS_OPERATOR_GROUP, api_resource, managed_kind},
     outdated,
@@ -236,13 +236,6 @@ async fn publish_warning(namespace: &Namespace, error: &ReconcileError, ctx: &Co
     }
 }
 
-pub(super) fn truncate(text: &str, max: usize) -> String {
-    match text.char_indices().nth(max) {
-        Some((at, _)) => text[..at].to_string(),
-        None => text.to_string(),
-    }
-}
-
 #[derive(Default)]
 struct ApplyOutcome {
     crd_missing: Vec<String>,
@@ -308,10 +301,6 @@ async fn apply_all(objects: &[DesiredObject], ctx: &Context) -> ApplyOutcome {
 
 fn to_value(object: &DynamicObject) -> Value {
     serde_json::to_value(object).unwrap_or(Value::Null)
-}
-
-pub(super) fn is_not_found(error: &kube::Error) -> bool {
-    matches!(error, kube::Error::Api(status) if status.is_not_found())
 }
 
 type ObjectId = (String, String, String, String);

@@ -15,9 +15,8 @@ use kube::{
 use serde_json::{Value, json};
 
 use super::{
-    context::{Context, FIELD_MANAGER, ReconcileError, Workload},
+    context::{Context, FIELD_MANAGER, ReconcileError, Workload, is_not_found},
     live::api_resource,
-    namespace::is_not_found,
     uninjected::{RESTARTED_AT, publish_restart},
 };
 

@@ -23,9 +23,8 @@ use kube::{
 use serde_json::json;
 
 use super::{
-    context::{Context, FIELD_MANAGER, ReconcileError, Workload},
+    context::{Context, FIELD_MANAGER, ReconcileError, Workload, is_not_found, truncate},
     live::api_resource,
-    namespace::{is_not_found, truncate},
     pod_state::{PodCounts, PodState, classify},
 };
 use crate::{
