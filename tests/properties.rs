@@ -451,9 +451,12 @@ fn check(generated: &GenPod, mode: ResolvedMode) -> Result<bool, TestCaseError> 
 }
 
 /// Generated values per property, before any is counted as reaching it.
-const CASES: u32 = 192;
+const CASES: u32 = 384;
 /// Cases that must reach the part a property is about: injection, or the
-/// verification of an injected patch.
+/// verification of an injected patch. Far below what a run reaches (about
+/// 95 of 384 in native mode, 250 of 1,536 in container mode: five standard
+/// deviations and more), so chance does not fail it, while a generator
+/// drifting towards skips does.
 const MIN_REACHED: u32 = 48;
 
 /// Runs `property` over `cases` generated values and returns how many
@@ -478,6 +481,7 @@ fn reached<T: std::fmt::Debug>(
     if let Err(failure) = result {
         panic!("{failure}");
     }
+    eprintln!("{} of {cases} cases reached the property", reached.get());
     reached.get()
 }
 
@@ -494,7 +498,7 @@ fn native_mode_injects_valid_pods_once() {
 
 /// Container mode also skips Job-like pods (restart policy Never or
 /// OnFailure, or owned by a Job: a regular sidecar would keep them from
-/// finishing), so about one in nine generated pods is injected; it runs four
+/// finishing), so about one in six generated pods is injected; it runs four
 /// times the cases.
 #[test]
 fn container_mode_injects_valid_pods_once() {
