@@ -17,7 +17,7 @@ use std::{
 };
 
 use controlplane::ControlPlane;
-use install::{DOMAIN, Install, kubectl_json, run, run_with_input};
+use install::{DOMAIN, Install, kubectl_json, run};
 use serde_json::{Value, json};
 use support::https::ServeProcess;
 
@@ -46,16 +46,9 @@ fn names() -> Vec<String> {
 }
 
 fn apply_list(plane: &ControlPlane, items: Vec<Value>) {
-    let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
-    run_with_input(
-        plane.kubectl().args([
-            "apply",
-            "--server-side",
-            "--field-manager=chiller-tests",
-            "-f",
-            "-",
-        ]),
-        &list.to_string(),
+    install::apply_server_side(
+        plane,
+        &json!({"apiVersion": "v1", "kind": "List", "items": items}),
     );
 }
 
@@ -230,15 +223,8 @@ fn the_loops_own_writes_never_trigger_it() {
         resynced >= NAMESPACES as f64,
         "the idle window spans a resync of every namespace ({resynced} reconciles)"
     );
-    let writes: Vec<(Value, Value)> = our_calls(plane, from)
+    let writes: Vec<(Value, Value)> = install::writes_but_lease_renewals(our_calls(plane, from))
         .into_iter()
-        .filter(|e| {
-            matches!(
-                e["verb"].as_str(),
-                Some("create" | "update" | "patch" | "delete" | "deletecollection")
-            )
-        })
-        .filter(|e| e["objectRef"]["resource"] != "leases")
         .map(|e| (e["verb"].clone(), e["requestURI"].clone()))
         .collect();
     assert!(writes.is_empty(), "writes while idle: {writes:#?}");

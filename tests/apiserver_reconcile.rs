@@ -211,19 +211,7 @@ fn stays_quiet_at_steady_state(s: &Scenario, namespace: &str) {
         runs_after >= runs_before + 2.0,
         "at least two reconciles ran ({runs_before} -> {runs_after})"
     );
-    let writes: Vec<Value> = s
-        .our_calls(from)
-        .into_iter()
-        .filter(|e| {
-            matches!(
-                e["verb"].as_str(),
-                Some("create" | "update" | "patch" | "delete" | "deletecollection")
-            )
-        })
-        // Renewing the leader Lease every retry period is leader election,
-        // not reconciling; everything else must stay unwritten.
-        .filter(|e| e["objectRef"]["resource"] != "leases")
-        .collect();
+    let writes = install::writes_but_lease_renewals(s.our_calls(from));
     assert!(
         writes.is_empty(),
         "writes at steady state in {namespace}: {:#?}",

@@ -268,6 +268,12 @@ pub fn ensure_namespace(plane: &ControlPlane, name: &str, labels: &[(&str, &str)
             "labels": labels.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
         },
     });
+    apply_server_side(plane, &namespace);
+}
+
+/// `kubectl apply --server-side` of `object` (a List applies its items), as
+/// the tests' own field manager.
+pub fn apply_server_side(plane: &ControlPlane, object: &Value) {
     run_with_input(
         plane.kubectl().args([
             "apply",
@@ -276,8 +282,23 @@ pub fn ensure_namespace(plane: &ControlPlane, name: &str, labels: &[(&str, &str)
             "-f",
             "-",
         ]),
-        &namespace.to_string(),
+        &object.to_string(),
     );
+}
+
+/// The writes among audit events `calls`, but the leader Lease's renewals
+/// (leader election, not reconciling).
+pub fn writes_but_lease_renewals(calls: Vec<Value>) -> Vec<Value> {
+    calls
+        .into_iter()
+        .filter(|e| {
+            matches!(
+                e["verb"].as_str(),
+                Some("create" | "update" | "patch" | "delete" | "deletecollection")
+            )
+        })
+        .filter(|e| e["objectRef"]["resource"] != "leases")
+        .collect()
 }
 
 /// Applies the prometheus-operator v0.93.0 CRDs with server-side apply and
