@@ -45,10 +45,14 @@ system-packages:
 tools:
 	./scripts/tools.sh
 
-## Builds etcd, kube-apiserver, kube-controller-manager and kube-scheduler from
-## the Go modules pinned in tools/cluster (needs Go 1.26+), into .tools/cluster/bin.
+## Builds the control plane (etcd, kube-apiserver, kube-controller-manager,
+## kube-scheduler), the test node's kubelet and kube-proxy, and kubectl from the
+## Go modules pinned in tools/cluster, and the rest of the real test node (runc,
+## containerd, CNI plugins, crictl, CoreDNS) from tools/{runc,containerd,
+## cni-plugins,crictl,coredns}, each into .tools/MODULE/bin (needs Go 1.26+;
+## runc needs gcc and libseccomp-dev, which make system-packages installs).
 cluster-tools:
-	./tools/build.sh cluster
+	for module in cluster runc containerd cni-plugins crictl coredns; do ./tools/build.sh $$module || exit; done
 
 ## A local control plane on loopback (no Docker): prints `export KUBECONFIG=...`.
 cluster-up: tools cluster-tools

@@ -15,6 +15,10 @@ declare -A needs=(
   [bubblewrap]="bwrap: tests/e2e_pods.rs (the pod runner's mounts)"
   [util-linux]="nsenter, unshare: tests/e2e_pods.rs"
   [postgresql]="postgres: tests/e2e_pods.rs (the test app's database)"
+  [libseccomp-dev]="libseccomp: tests/e2e_pods.rs (the real node's runc, built with seccomp by tools/build.sh runc)"
+  [mmdebstrap]="mmdebstrap: tests/e2e_pods.rs (Debian root filesystems for the test images)"
+  [gcc]="gcc: tests/e2e_pods.rs (the static pause binary; cgo for tools/build.sh runc)"
+  [libc6-dev]="libc headers and static libc: tests/e2e_pods.rs (the static pause binary; cgo for tools/build.sh runc)"
 )
 
 missing=()

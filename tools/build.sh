@@ -4,7 +4,18 @@
 # the repository. A stamp of go.mod, go.sum and this script skips a build
 # that is already current, so only the first run on a machine compiles.
 #
-#   tools/build.sh cluster|prometheus-operator|prometheus|statsd-exporter|postgres-exporter|kwok|helm [OUT_DIR]
+#   tools/build.sh MODULE [OUT_DIR]
+#     MODULE: cluster|prometheus-operator|prometheus|statsd-exporter|postgres-exporter|kwok|helm
+#             or one of the real test node's: runc|containerd|cni-plugins|crictl|coredns
+#
+# The node's tools are separate modules on purpose: in one module with the
+# kubelet (tools/cluster), MVS lifts ~40 of the kubelet's dependencies
+# (cilium/ebpf, opencontainers/cgroups, containerd/api, ...) to versions that
+# no upstream release was tested with.
+#
+# Everything is static (CGO_ENABLED=0, as the upstream images are built), since
+# several of these binaries run in minimal container images; only runc uses cgo
+# (libseccomp: Debian libseccomp-dev, which scripts/system-packages.sh installs).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 module=${1:?usage: tools/build.sh MODULE [OUT_DIR]}
@@ -28,6 +39,8 @@ fi
 
 version_of() { awk -v m="$1" '$1 == m { print $2; exit }' "$dir/go.mod"; }
 common_version=github.com/prometheus/common/version
+cgo=0
+tags=
 ldflags="-s -w"
 case "$module" in
   cluster)
@@ -59,11 +72,37 @@ case "$module" in
   helm)
     ldflags="$ldflags -X helm.sh/helm/v4/internal/version.version=$(version_of helm.sh/helm/v4)"
     ;;
+  runc)
+    # As upstream's Makefile, without libpathrs (a Rust library Debian lacks).
+    cgo=1
+    tags="seccomp urfave_cli_no_docs"
+    v=$(version_of github.com/opencontainers/runc)
+    ldflags="$ldflags -X main.version=${v#v}"
+    if [ ! -f /usr/include/seccomp.h ]; then
+      echo "tools/runc needs libseccomp's headers: install Debian's libseccomp-dev (make system-packages)" >&2
+      exit 1
+    fi
+    ;;
+  containerd)
+    tags="no_btrfs no_devmapper no_zfs urfave_cli_no_docs"
+    ldflags="$ldflags -X github.com/containerd/containerd/v2/version.Version=$(version_of github.com/containerd/containerd/v2)"
+    ;;
+  cni-plugins)
+    ldflags="$ldflags -X github.com/containernetworking/plugins/pkg/utils/buildversion.BuildVersion=$(version_of github.com/containernetworking/plugins)"
+    ;;
+  crictl)
+    ldflags="$ldflags -X sigs.k8s.io/cri-tools/pkg/version.Version=$(version_of sigs.k8s.io/cri-tools)"
+    ;;
+  coredns)
+    # The version is a constant in coremain; no commit is known for a module
+    # from the proxy, so GitCommit names the pinned module version.
+    ldflags="$ldflags -X github.com/coredns/coredns/coremain.GitCommit=$(version_of github.com/coredns/coredns)"
+    ;;
 esac
 
 echo "building tools/$module into $out (a cold build takes minutes)" >&2
 start=$SECONDS
-(cd "$dir" && go build -o "$out/" -ldflags "$ldflags" tool)
+(cd "$dir" && CGO_ENABLED=$cgo go build -trimpath -tags "$tags" -o "$out/" -ldflags "$ldflags" tool)
 # Binaries are named after the last path element of their package.
 [ -f "$out/server" ] && mv "$out/server" "$out/etcd"
 echo "$want" > "$stamp"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Pins the control plane (and kube-proxy, which the pod runner's nodes use,
-# and kubectl, the cluster's own version for the tests):
+# Pins the control plane, the test node's kubelet and kube-proxy (the real node
+# of tests/e2e_pods.rs runs both), and kubectl (the cluster's own version for the tests):
 # k8s.io/kubernetes at KUBE_VERSION plus the matching etcd server, as Go tool dependencies of this module.
 #
 # k8s.io/kubernetes requires its staging modules (k8s.io/api, k8s.io/apiserver,
@@ -36,6 +36,7 @@ go_version=$(awk '$1 == "go" { print $2; exit }' "$kube_mod")
   echo "	k8s.io/kubernetes/cmd/kubectl"
   echo "	k8s.io/kubernetes/cmd/kube-proxy"
   echo "	k8s.io/kubernetes/cmd/kube-scheduler"
+  echo "	k8s.io/kubernetes/cmd/kubelet"
   echo ")"
   echo
   echo "require ("
