@@ -9,6 +9,7 @@
 //! processes die with the binary, even when a test panics.
 #![allow(dead_code)]
 
+pub mod images;
 pub mod nodes;
 pub mod pki;
 pub mod process;
