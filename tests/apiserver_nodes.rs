@@ -1,7 +1,8 @@
 //! Nodes on the local control plane: kube-scheduler binds pods to two kwok
 //! nodes, kwok runs their lifecycle with pod IPs from each node's podCIDR,
-//! and kube-controller-manager fills EndpointSlices from those IPs. The
-//! ground the local e2e journey stands on.
+//! and kube-controller-manager fills EndpointSlices from those IPs: pods
+//! that exist and are bound but never run, for tests that need many of them
+//! (the e2e journey runs on a real node, tests/controlplane/node.rs).
 
 mod controlplane;
 

@@ -1,42 +1,52 @@
-//! `make e2e-local`: the kind journey of `make e2e` with every component
-//! real except the container runtime. The control plane, kube-scheduler,
-//! two kwok nodes, kube-proxy, the Prometheus Operator (as the pod of its
-//! upstream Deployment), chiller-metrics (the chart's pods, generated
-//! certificates, called through the chart's `clientConfig.service`), the
-//! test app's gunicorn, the injected statsd_exporter sidecars, Prometheus
-//! with its config reloader, Postgres and postgres_exporter all run; the pod
-//! runner starts each Running pod's processes in the pod's own network
-//! namespace and reports their readiness. Then it runs the same scenario
-//! script as `make e2e` (tests/e2e/scenario.sh). The test runs in network
-//! namespaces it creates itself.
+//! `make e2e-local`: the kind journey of `make e2e` on a real node. The
+//! control plane, kube-scheduler, a kubelet with containerd, runc and the
+//! CNI bridge, kube-proxy and CoreDNS all run (tests/controlplane/node.rs),
+//! with images built locally and imported, nothing pulled: the Prometheus
+//! Operator (as its upstream Deployment), chiller-metrics (the chart's pods,
+//! generated certificates, called through the chart's Service), the test
+//! app under gunicorn, the injected statsd_exporter sidecars, Prometheus with
+//! its config reloader, Postgres and postgres_exporter. Then it runs the
+//! same scenario script as `make e2e` (tests/e2e/scenario.sh). The test
+//! runs in network and mount namespaces it creates itself, as root.
 
 mod controlplane;
 mod install;
 mod support;
 
-use std::{collections::BTreeMap, process::Command};
+use std::{path::PathBuf, process::Command};
 
 use controlplane::{
     ControlPlane,
-    nodes::{PodReadiness, build, module_dir},
-    runner::{ImageTable, Launch, PodRunner, isolated},
+    images::{self, Entry, Image, ImageConfig, Layer, Source},
+    node::{Node, isolated},
+    nodes::{build, module_dir},
 };
-use install::{
-    RELEASE, RELEASE_NAMESPACE, WEBHOOK_CONFIGURATION, kubectl_json, run, run_with_input,
-};
+use install::{RELEASE, RELEASE_NAMESPACE, WEBHOOK_CONFIGURATION, kubectl_json, run, run_with_input};
 
 const OPERATOR_MODULE: &str = "github.com/prometheus-operator/prometheus-operator";
 /// Where kube-prometheus-stack puts the operator.
 const OPERATOR_NAMESPACE: &str = "monitoring";
 /// Bounds the whole scenario (each of its waits is bounded too).
 const SCENARIO_TIMEOUT_SECONDS: u32 = 2400;
+/// Unprivileged users of the upstream images.
+const NOBODY: &str = "65534";
 
-/// Builds and downloads, from the Go module proxy, everything the scenario
-/// runs; only possible before [`isolated`] enters its network namespace.
-fn build_and_download_tools() {
+/// Where [`build_images`] writes the archive the isolated run imports.
+fn images_archive() -> PathBuf {
+    controlplane::crate_dir().join("target/node-images/e2e.tar")
+}
+
+/// Builds and downloads everything the journey runs, from the Go module
+/// proxy, PyPI and the Debian archive; only possible before [`isolated`]
+/// enters its network namespace.
+fn build_tools_and_images() {
     controlplane::binaries();
     for module in [
-        "kwok",
+        "containerd",
+        "runc",
+        "cni-plugins",
+        "crictl",
+        "coredns",
         "statsd-exporter",
         "prometheus",
         "prometheus-operator",
@@ -44,120 +54,210 @@ fn build_and_download_tools() {
     ] {
         build(module);
     }
-    module_dir("kwok", "sigs.k8s.io/kwok");
     module_dir("prometheus-operator", OPERATOR_MODULE);
+    build_images();
 }
 
-fn table() -> ImageTable {
-    let app = controlplane::crate_dir().join("tests/e2e/app");
-    let venv = controlplane::crate_dir().join(".tools/venv/bin");
-    let statsd = build("statsd-exporter").join("statsd_exporter");
-    let prometheus = build("prometheus").join("prometheus");
-    let operator = build("prometheus-operator");
-    let reloader = operator.join("prometheus-config-reloader");
-    let postgres_exporter = build("postgres-exporter").join("postgres_exporter");
-    let postgres = controlplane::crate_dir().join("tests/e2e/local/postgres-entrypoint.sh");
-    BTreeMap::from([
-        (
-            "quay.io/prometheus-operator/prometheus-operator".to_string(),
-            Launch {
-                entrypoint: vec![operator.join("operator").display().to_string()],
-                default_args: vec![],
-                workdir: None,
-                path: vec![],
-                programs: vec![],
-                private_dirs: vec![],
+/// One entry: a host file at `path` in the image.
+fn file(path: &str, source: PathBuf, mode: u32) -> Entry {
+    Entry {
+        path: path.to_string(),
+        source: Source::File(source),
+        mode,
+    }
+}
+
+/// An image of `base` plus one layer of `entries`.
+fn image(name: &str, mut layers: Vec<Layer>, entries: Vec<Entry>, config: ImageConfig) -> Image {
+    layers.push(Layer::Files(entries));
+    Image {
+        name: name.to_string(),
+        layers,
+        config,
+    }
+}
+
+/// Every image a pod of the journey names, under that exact name, over one
+/// shared Debian layer (the binaries need its glibc): what the chart, the
+/// operator, our sidecar and postgres_exporter defaults, and the test app's
+/// chart reference.
+fn build_images() {
+    let started = std::time::Instant::now();
+    let crate_dir = controlplane::crate_dir();
+    let debian = || vec![Layer::Tar(images::debian_rootfs())];
+    let bin = |module: &str, name: &str| build(module).join(name);
+    let entry = |binary: &str| ImageConfig {
+        entrypoint: vec![binary.to_string()],
+        user: Some(NOBODY.to_string()),
+        ..ImageConfig::default()
+    };
+    let operator = operator_version();
+    let chart_version = chart_app_version();
+    let images = vec![
+        images::pause_image(),
+        // Dockerfile: distroless's nonroot user, ENTRYPOINT the binary, CMD serve.
+        image(
+            &format!("chiller-metrics:{chart_version}"),
+            debian(),
+            vec![file("/usr/local/bin/chiller-metrics", support::release_binary(), 0o755)],
+            ImageConfig {
+                entrypoint: vec!["/usr/local/bin/chiller-metrics".into()],
+                cmd: vec!["serve".into(), "--log-format".into(), "json".into()],
+                user: Some("65532:65532".into()),
+                ..ImageConfig::default()
             },
         ),
-        (
-            "quay.io/prometheuscommunity/postgres-exporter".to_string(),
-            Launch {
-                entrypoint: vec![postgres_exporter.display().to_string()],
-                default_args: vec![],
-                workdir: None,
-                path: vec![],
-                programs: vec![],
-                private_dirs: vec![],
+        image(
+            chiller_metrics::config::DEFAULT_SIDECAR_IMAGE,
+            debian(),
+            vec![file("/bin/statsd_exporter", bin("statsd-exporter", "statsd_exporter"), 0o755)],
+            entry("/bin/statsd_exporter"),
+        ),
+        image(
+            chiller_metrics::config::DEFAULT_POSTGRES_EXPORTER_IMAGE,
+            debian(),
+            vec![file(
+                "/bin/postgres_exporter",
+                bin("postgres-exporter", "postgres_exporter"),
+                0o755,
+            )],
+            entry("/bin/postgres_exporter"),
+        ),
+        image(
+            &format!("quay.io/prometheus-operator/prometheus-operator:{operator}"),
+            debian(),
+            vec![file("/bin/operator", bin("prometheus-operator", "operator"), 0o755)],
+            entry("/bin/operator"),
+        ),
+        image(
+            &format!("quay.io/prometheus-operator/prometheus-config-reloader:{operator}"),
+            debian(),
+            vec![file(
+                "/bin/prometheus-config-reloader",
+                bin("prometheus-operator", "prometheus-config-reloader"),
+                0o755,
+            )],
+            entry("/bin/prometheus-config-reloader"),
+        ),
+        image(
+            &format!("quay.io/prometheus/prometheus:{}", prometheus_version()),
+            debian(),
+            vec![
+                file("/bin/prometheus", bin("prometheus", "prometheus"), 0o755),
+                Entry {
+                    path: "/prometheus".into(),
+                    source: Source::Dir,
+                    mode: 0o777,
+                },
+            ],
+            ImageConfig {
+                working_dir: Some("/prometheus".into()),
+                ..entry("/bin/prometheus")
             },
         ),
-        (
-            // The official image's entrypoint, with Debian's PostgreSQL.
-            "postgres".to_string(),
-            Launch {
-                entrypoint: vec![postgres.display().to_string()],
-                default_args: vec![],
-                workdir: None,
-                path: vec![],
-                programs: vec![],
-                private_dirs: vec!["/run/postgresql".to_string()],
+        // The official image's entrypoint, with Debian's PostgreSQL.
+        image(
+            "postgres:17-alpine",
+            debian(),
+            vec![file(
+                "/usr/local/bin/docker-entrypoint.sh",
+                crate_dir.join("tests/e2e/local/postgres-entrypoint.sh"),
+                0o755,
+            )],
+            ImageConfig {
+                entrypoint: vec!["docker-entrypoint.sh".into()],
+                cmd: vec!["postgres".into()],
+                env: vec![
+                    "PATH=/usr/local/bin:/usr/lib/postgresql/15/bin:/usr/bin:/bin".into(),
+                    "PGDATA=/var/lib/postgresql/data".into(),
+                ],
+                ..ImageConfig::default()
             },
         ),
-        (
-            // The version prometheus-operator v0.93.0 deploys.
-            "quay.io/prometheus/prometheus".to_string(),
-            Launch {
-                entrypoint: vec![prometheus.display().to_string()],
-                default_args: vec![],
-                workdir: None,
-                path: vec![],
-                programs: vec![],
-                private_dirs: vec![],
-            },
-        ),
-        (
-            "quay.io/prometheus-operator/prometheus-config-reloader".to_string(),
-            Launch {
-                entrypoint: vec![reloader.display().to_string()],
-                default_args: vec![],
-                workdir: None,
-                path: vec![],
-                programs: vec![(
-                    "/bin/prometheus-config-reloader".to_string(),
-                    reloader.clone(),
-                )],
-                private_dirs: vec![],
-            },
-        ),
-        (
-            // Dockerfile: ENTRYPOINT the binary, CMD serve.
-            "chiller-metrics".to_string(),
-            Launch {
-                entrypoint: vec![support::https::ServeProcess::BINARY.to_string()],
-                default_args: vec!["serve".into(), "--log-format".into(), "json".into()],
-                workdir: None,
-                path: vec![],
-                programs: vec![],
-                private_dirs: vec![],
-            },
-        ),
-        (
-            "prom/statsd-exporter".to_string(),
-            Launch {
-                entrypoint: vec![statsd.display().to_string()],
-                default_args: vec![],
-                workdir: None,
-                path: vec![],
-                programs: vec![],
-                private_dirs: vec![],
-            },
-        ),
-        (
-            // tests/e2e/app/Dockerfile: a shell-form ENTRYPOINT.
-            "chiller-e2e-app".to_string(),
-            Launch {
+        // tests/e2e/app/Dockerfile: gunicorn from a shell-form ENTRYPOINT.
+        image(
+            "chiller-e2e-app:e2e",
+            vec![
+                Layer::Tar(images::debian_rootfs()),
+                images::app_packages_layer(),
+            ],
+            vec![file("/app/app.py", crate_dir.join("tests/e2e/app/app.py"), 0o644)],
+            ImageConfig {
                 entrypoint: vec![
                     "/bin/sh".into(),
                     "-c".into(),
                     "gunicorn app:app --bind 0.0.0.0:8000 --workers 2".into(),
                 ],
-                default_args: vec![],
-                workdir: Some(app),
-                path: vec![venv],
-                programs: vec![],
-                private_dirs: vec![],
+                working_dir: Some("/app".into()),
+                user: Some("10001".into()),
+                env: vec![images::app_pythonpath(), "HOME=/tmp".into()],
+                ..ImageConfig::default()
             },
         ),
-    ])
+        image(
+            &format!("coredns/coredns:{}", coredns_version()),
+            vec![],
+            vec![file("/coredns", bin("coredns", "coredns"), 0o755)],
+            ImageConfig {
+                entrypoint: vec!["/coredns".into()],
+                ..ImageConfig::default()
+            },
+        ),
+    ];
+    let archive = images_archive();
+    std::fs::create_dir_all(archive.parent().unwrap()).unwrap();
+    images::write_archive(&archive, &images).expect("writing the image archive");
+    eprintln!(
+        "{} images written in {:.1} s",
+        images.len(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// The version of a module in a `tools/` go.mod.
+fn pinned(tools_module: &str, module: &str) -> String {
+    let go_mod = std::fs::read_to_string(
+        controlplane::crate_dir().join("tools").join(tools_module).join("go.mod"),
+    )
+    .unwrap_or_else(|e| panic!("reading tools/{tools_module}/go.mod: {e}"));
+    go_mod
+        .lines()
+        .find_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next() == Some(module)).then(|| words.next().map(str::to_string))?
+        })
+        .unwrap_or_else(|| panic!("tools/{tools_module}/go.mod does not require {module}"))
+}
+
+fn operator_version() -> String {
+    pinned("prometheus-operator", OPERATOR_MODULE)
+}
+
+fn coredns_version() -> String {
+    pinned("coredns", "github.com/coredns/coredns")
+}
+
+/// Module v0.3MM.P is Prometheus v3.MM.P, the version the operator deploys.
+fn prometheus_version() -> String {
+    let module = pinned("prometheus", "github.com/prometheus/prometheus");
+    let (minor, patch) = module
+        .trim_start_matches("v0.")
+        .split_once('.')
+        .expect("a v0.3MM.P module version");
+    format!("v3.{}.{patch}", minor.parse::<u32>().unwrap() - 300)
+}
+
+/// The chart's appVersion: its default image tag.
+fn chart_app_version() -> String {
+    let chart = std::fs::read_to_string(
+        controlplane::crate_dir().join("manifests/chart/chiller-metrics/Chart.yaml"),
+    )
+    .expect("reading Chart.yaml");
+    chart
+        .lines()
+        .find_map(|line| line.strip_prefix("appVersion:"))
+        .map(|v| v.trim().trim_matches('"').to_string())
+        .expect("Chart.yaml has an appVersion")
 }
 
 fn kubectl_text(plane: &ControlPlane, args: &[&str]) -> String {
@@ -290,24 +390,14 @@ fn prometheus_targets(plane: &ControlPlane) -> String {
 }
 
 #[test]
-fn the_kind_journey_on_kwok_nodes_with_pods_that_really_run() {
-    if !isolated(
-        "the_kind_journey_on_kwok_nodes_with_pods_that_really_run",
-        build_and_download_tools,
-    ) {
+fn the_kind_journey_on_a_real_node() {
+    if !isolated("the_kind_journey_on_a_real_node", build_tools_and_images) {
         return;
     }
     let plane = ControlPlane::shared();
-    plane.add_nodes_with(
-        &[
-            ("kwok-node-a", "10.244.1.0/24"),
-            ("kwok-node-b", "10.244.2.0/24"),
-        ],
-        PodReadiness::PodRunner,
-    );
-    let runner = PodRunner::start(plane, table());
-    // On failure: the pods, the events, each Prometheus's targets and the
-    // last lines of every process.
+    let node = Node::start(plane, &[&images_archive()]);
+    // On failure: the pods, the events, each Prometheus's targets, the
+    // node's daemons and its containers.
     let _dump = plane
         .logs_on_failure()
         .with("pods", || {
@@ -315,9 +405,7 @@ fn the_kind_journey_on_kwok_nodes_with_pods_that_really_run() {
         })
         .with("events", || kubectl_text(plane, &["get", "events", "-A"]))
         .with("Prometheus targets", || prometheus_targets(plane))
-        .with("pod runner errors", || runner.errors().join("\n"))
-        .with("kube-proxy", || runner.kube_proxy_log(30))
-        .with("containers", || runner.container_logs(20));
+        .with("node", || node.diagnostics(40));
 
     install_prometheus_operator(plane);
     install_chiller_metrics(plane);
@@ -325,9 +413,5 @@ fn the_kind_journey_on_kwok_nodes_with_pods_that_really_run() {
     let status = scenario(plane)
         .status()
         .expect("running tests/e2e/scenario.sh");
-    assert!(
-        status.success(),
-        "tests/e2e/scenario.sh failed ({status}); pod runner errors: {:#?}",
-        runner.errors()
-    );
+    assert!(status.success(), "tests/e2e/scenario.sh failed ({status})");
 }

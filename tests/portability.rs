@@ -5,41 +5,9 @@
 
 mod support;
 
-use std::{path::PathBuf, process::Command, time::Duration};
-
-use serde_json::Value;
 
 /// The newest glibc the binary may ask for.
 const OLDEST_GLIBC: (u32, u32) = (2, 34);
-/// A release build with thin LTO takes minutes on a small machine.
-const BUILD_LIMIT: Duration = Duration::from_secs(60 * 60);
-
-/// `cargo build --release --locked --bin chiller-metrics`, without the
-/// image-only link settings; returns the binary's path.
-fn build_release_binary() -> PathBuf {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut command = Command::new(cargo);
-    command
-        .current_dir(support::crate_dir())
-        .args(["build", "--release", "--locked", "--bin", "chiller-metrics"])
-        .args(["--message-format", "json-render-diagnostics"])
-        .env_remove("CHILLER_METRICS_PACK_RELOCS")
-        .env_remove("CHILLER_METRICS_PLAIN_LINK");
-    let output = support::run_within(command, BUILD_LIMIT, "the release build");
-    assert!(
-        output.status.success(),
-        "the release build failed ({}):\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .filter(|message| message["reason"] == "compiler-artifact")
-        .find_map(|message| message["executable"].as_str().map(PathBuf::from))
-        .expect("cargo names the built executable")
-}
-
 /// The glibc versions in the "Version needs" section of `readelf -V`.
 fn needed_glibc_versions(readelf: &str) -> Vec<String> {
     let needs = readelf
@@ -62,7 +30,7 @@ fn glibc_version(name: &str) -> Option<(u32, u32)> {
 #[test]
 fn the_release_binary_needs_no_glibc_newer_than_2_34() {
     let readelf = support::tool("readelf");
-    let binary = build_release_binary();
+    let binary = support::release_binary();
     let output = Command::new(&readelf)
         .arg("-V")
         .arg(&binary)

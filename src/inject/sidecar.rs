@@ -14,7 +14,7 @@ pub const MAPPING_DIR: &str = "/etc/statsd-exporter";
 
 /// The sidecar container. `native` makes it an init container with `restartPolicy: Always`.
 pub fn sidecar_container(cfg: &SidecarConfig, native: bool) -> Container {
-    let probe = |path: &str, period: i32| Probe {
+    let probe = |path: &str, period: i32, failures: i32| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.to_string()),
             port: IntOrString::Int(cfg.metrics_port.into()),
@@ -22,7 +22,7 @@ pub fn sidecar_container(cfg: &SidecarConfig, native: bool) -> Container {
         }),
         period_seconds: Some(period),
         timeout_seconds: Some(2),
-        failure_threshold: Some(3),
+        failure_threshold: Some(failures),
         ..Default::default()
     };
     let port = |number: u16, protocol: &str, name: Option<&str>| ContainerPort {
@@ -51,8 +51,12 @@ pub fn sidecar_container(cfg: &SidecarConfig, native: bool) -> Container {
         ]),
         // A sidecar's readiness gates the pod's Ready condition (native or
         // not): `sidecar.readinessProbe: false` trades it for app availability.
-        readiness_probe: cfg.readiness_probe.then(|| probe("/-/ready", 10)),
-        liveness_probe: Some(probe("/-/healthy", 20)),
+        readiness_probe: cfg.readiness_probe.then(|| probe("/-/ready", 10, 3)),
+        liveness_probe: Some(probe("/-/healthy", 20, 3)),
+        // The kubelet starts the containers after a native sidecar only once
+        // its startup probe passes: gunicorn's first statsd line finds the
+        // exporter listening. Up to 30 s, polled every second.
+        startup_probe: native.then(|| probe("/-/ready", 1, 30)),
         resources: Some(cfg.resources.clone()),
         restart_policy: native.then(|| "Always".to_string()),
         security_context: Some(SecurityContext {
@@ -121,6 +125,18 @@ mod tests {
         assert!(container.liveness_probe.is_some());
         assert_eq!(container.restart_policy.as_deref(), Some("Always"));
         assert_eq!(sidecar_container(&cfg, false).restart_policy, None);
+    }
+
+    #[test]
+    fn a_native_sidecar_must_be_ready_before_the_app_starts() {
+        let cfg = SidecarConfig::default();
+        let probe = sidecar_container(&cfg, true)
+            .startup_probe
+            .expect("a native sidecar has a startup probe");
+        assert_eq!(probe.http_get.unwrap().path.as_deref(), Some("/-/ready"));
+        assert_eq!(probe.period_seconds, Some(1));
+        // A regular container's startup probe holds back no other container.
+        assert!(sidecar_container(&cfg, false).startup_probe.is_none());
     }
 
     #[test]

@@ -10,11 +10,10 @@
 #![allow(dead_code)]
 
 pub mod images;
+pub mod node;
 pub mod nodes;
 pub mod pki;
 pub mod process;
-pub mod readiness;
-pub mod runner;
 pub mod services;
 
 use std::{
@@ -117,12 +116,18 @@ impl ControlPlane {
 
         let api_port = free_port();
         let server = format!("https://127.0.0.1:{api_port}");
-        // In the test's own network namespace the API server also serves the
-        // pods' bridge (see runner.rs); elsewhere only loopback.
-        let bind_address = if runner::in_isolated_network() {
-            "0.0.0.0"
+        // In the test's own network namespace the API server serves the
+        // node and its pods on the node's address (see node.rs), and the
+        // `kubernetes` Service leads there; elsewhere only loopback, where
+        // no pod could reach it.
+        let with_node = node::in_isolated_network();
+        if with_node {
+            node::prepare_network();
+        }
+        let (bind_address, advertise_address, endpoint_reconciler) = if with_node {
+            ("0.0.0.0", node::NODE_IP, "lease")
         } else {
-            "127.0.0.1"
+            ("127.0.0.1", "127.0.0.1", "none")
         };
         let audit_policy = dir.join("audit-policy.yaml");
         std::fs::write(&audit_policy, AUDIT_POLICY).unwrap();
@@ -134,7 +139,7 @@ impl ControlPlane {
             args(&[
                 &format!("--etcd-servers={etcd_client_url}"),
                 &format!("--bind-address={bind_address}"),
-                "--advertise-address=127.0.0.1",
+                &format!("--advertise-address={advertise_address}"),
                 &format!("--secure-port={api_port}"),
                 &format!("--cert-dir={}", p(&dir.join("apiserver-certs"))),
                 &format!("--tls-cert-file={}", p(&pki.serving_cert)),
@@ -146,7 +151,11 @@ impl ControlPlane {
                 "--requestheader-username-headers=X-Remote-User",
                 "--requestheader-group-headers=X-Remote-Group",
                 "--requestheader-extra-headers-prefix=X-Remote-Extra-",
-                "--authorization-mode=RBAC",
+                "--authorization-mode=Node,RBAC",
+                &format!("--kubelet-client-certificate={}", p(&pki.kubelet_client_cert)),
+                &format!("--kubelet-client-key={}", p(&pki.kubelet_client_key)),
+                // logs, exec and stats reach the kubelet by address, not by a name no DNS knows.
+                "--kubelet-preferred-address-types=InternalIP",
                 &format!("--service-cluster-ip-range={SERVICE_CIDR}"),
                 &format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"),
                 &format!(
@@ -158,8 +167,9 @@ impl ControlPlane {
                     p(&pki.service_account_key)
                 ),
                 "--allow-privileged=true",
-                // No node can reach 127.0.0.1 anyway; a loopback endpoint is invalid.
-                "--endpoint-reconciler-type=none",
+                // Without a node, no pod could reach 127.0.0.1, and a
+                // loopback endpoint is invalid.
+                &format!("--endpoint-reconciler-type={endpoint_reconciler}"),
                 // Webhooks addressed by Service go to the endpoint, not the ClusterIP.
                 "--enable-aggregator-routing=true",
                 &format!("--audit-policy-file={}", p(&audit_policy)),
@@ -503,6 +513,30 @@ fn ephemeral_ports_start() -> u32 {
 
 fn args(list: &[&str]) -> Vec<OsString> {
     list.iter().map(OsString::from).collect()
+}
+
+/// Runs `command` (kubectl apply -f -) with `input` on stdin; panics with
+/// its stderr if it fails.
+fn run_with_input(mut command: Command, input: &str) {
+    use std::{io::Write, process::Stdio};
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running kubectl");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "kubectl apply: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 fn curl(args: &[&str]) -> Option<String> {

@@ -1,7 +1,7 @@
 //! Nodes without a kubelet: kube-scheduler binds pods, and kwok (built from
 //! `tools/kwok`, with kwok's own stages) keeps the nodes Ready and turns
 //! bound pods Running, with pod IPs from each node's `podCIDR`. No process
-//! of a pod runs: that is the pod runner's job.
+//! of a pod runs; node.rs has the real node.
 
 use std::{
     ffi::OsString,
@@ -9,7 +9,7 @@ use std::{
     process::Command,
 };
 
-use super::{ControlPlane, crate_dir, free_port, process::Process, wait_until};
+use super::{ControlPlane, crate_dir, free_port, process::Process, run_with_input, wait_until};
 
 /// The annotation kwok manages nodes by.
 pub const KWOK_NODE_ANNOTATION: &str = "kwok.x-k8s.io/node";
@@ -24,34 +24,15 @@ const STAGES: &[&str] = &[
     "kustomize/stage/pod/fast/pod-delete.yaml",
 ];
 
-/// Who reports whether a pod is ready, and who ends a deleted pod.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PodReadiness {
-    /// kwok marks every Running pod Ready at once and removes a deleted pod
-    /// at once.
-    Kwok,
-    /// kwok leaves Running pods not ready and deleted pods in place; the pod
-    /// runner reports readiness from the containers' probes and removes a
-    /// deleted pod once its processes are stopped, as a kubelet does.
-    PodRunner,
-}
-
 impl ControlPlane {
-    /// Starts kube-scheduler and kwok, and registers `nodes` as
-    /// `(name, podCIDR)`; returns once every node is Ready.
-    pub fn add_nodes(&self, nodes: &[(&str, &str)]) {
-        self.add_nodes_with(nodes, PodReadiness::Kwok)
-    }
-
-    pub fn add_nodes_with(&self, nodes: &[(&str, &str)], readiness: PodReadiness) {
-        let kwok_bin = build("kwok");
-        let stages = self.dir.join("kwok-stages.yaml");
-        std::fs::write(&stages, kwok_stages(readiness)).expect("writing kwok's stages");
+    /// Starts kube-scheduler (once), which binds pods to nodes.
+    pub fn start_scheduler(&self) {
         let p = |path: &Path| path.display().to_string();
-        let lifetime = self.lifetime;
-        {
-            let mut scheduler = self.scheduler.lock().unwrap();
-            *scheduler = Process::start(
+        let mut scheduler = self.scheduler.lock().unwrap();
+        if scheduler.pid().is_some() {
+            return;
+        }
+        *scheduler = Process::start(
                 "kube-scheduler",
                 super::binaries().join("kube-scheduler"),
                 args(&[
@@ -64,9 +45,19 @@ impl ControlPlane {
                     "--v=1",
                 ]),
                 &self.dir,
-                lifetime,
+                self.lifetime,
             );
-        }
+    }
+
+    /// Starts kube-scheduler and kwok, and registers `nodes` as
+    /// `(name, podCIDR)`; returns once every node is Ready.
+    pub fn add_nodes(&self, nodes: &[(&str, &str)]) {
+        let kwok_bin = build("kwok");
+        let stages = self.dir.join("kwok-stages.yaml");
+        std::fs::write(&stages, kwok_stages()).expect("writing kwok's stages");
+        let p = |path: &Path| path.display().to_string();
+        let lifetime = self.lifetime;
+        self.start_scheduler();
         {
             let mut kwok = self.kwok.lock().unwrap();
             *kwok = Process::start(
@@ -156,69 +147,18 @@ pub fn module_dir(tools_module: &str, module: &str) -> PathBuf {
     PathBuf::from(info["Dir"].as_str().expect("a module Dir"))
 }
 
-fn kwok_stages(readiness: PodReadiness) -> String {
+fn kwok_stages() -> String {
     let dir = module_dir("kwok", "sigs.k8s.io/kwok");
     STAGES
         .iter()
-        .filter(|file| readiness == PodReadiness::Kwok || !file.ends_with("pod-delete.yaml"))
         .map(|file| {
-            let stage = std::fs::read_to_string(dir.join(file))
-                .unwrap_or_else(|e| panic!("kwok stage {file}: {e}"));
-            match readiness {
-                PodReadiness::PodRunner if file.ends_with("pod-ready.yaml") => {
-                    readiness_left_to_runner(&stage)
-                }
-                _ => stage,
-            }
+            std::fs::read_to_string(dir.join(file))
+                .unwrap_or_else(|e| panic!("kwok stage {file}: {e}"))
         })
         .collect::<Vec<_>>()
         .join("\n---\n")
 }
 
-/// kwok's pod-ready stage with the pod Running but not ready: the Ready and
-/// ContainersReady conditions and every container's `ready` start false.
-fn readiness_left_to_runner(stage: &str) -> String {
-    let mut out = stage.to_string();
-    for condition in ["Ready", "ContainersReady"] {
-        let ready = format!("status: \"True\"\n        type: {condition}\n");
-        assert!(
-            out.contains(&ready),
-            "kwok's pod-ready stage no longer sets {condition} as expected"
-        );
-        out = out.replace(
-            &ready,
-            &format!("status: \"False\"\n        type: {condition}\n"),
-        );
-    }
-    assert!(
-        out.contains("ready: true"),
-        "kwok's pod-ready stage sets no container ready"
-    );
-    out.replace("ready: true", "ready: false")
-}
-
 fn args(list: &[&str]) -> Vec<OsString> {
     list.iter().map(OsString::from).collect()
-}
-
-fn run_with_input(mut command: Command, input: &str) {
-    use std::{io::Write, process::Stdio};
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("running kubectl");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "kubectl apply: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
 }

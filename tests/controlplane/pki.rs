@@ -1,5 +1,6 @@
 //! Certificates and keys of the local control plane: one CA, the API
-//! server's serving certificate, the admin's client certificate and the
+//! server's serving certificate, the admin's client certificate, the
+//! node's and the API server's kubelet-client certificates, and the
 //! service-account signing key.
 
 use std::{net::IpAddr, path::Path};
@@ -17,9 +18,18 @@ pub struct PkiFiles {
     pub serving_key: std::path::PathBuf,
     pub admin_cert: std::path::PathBuf,
     pub admin_key: std::path::PathBuf,
+    /// `system:node:<NODE_NAME>` in `system:nodes`: what the Node authorizer knows.
+    pub node_cert: std::path::PathBuf,
+    pub node_key: std::path::PathBuf,
+    /// The API server's identity towards kubelets (logs, exec, stats).
+    pub kubelet_client_cert: std::path::PathBuf,
+    pub kubelet_client_key: std::path::PathBuf,
     pub service_account_key: std::path::PathBuf,
     pub service_account_public_key: std::path::PathBuf,
 }
+
+/// The name the test node registers as.
+pub const NODE_NAME: &str = "chiller-node";
 
 pub fn write(dir: &Path) -> PkiFiles {
     std::fs::create_dir_all(dir).expect("creating the pki folder");
@@ -61,7 +71,7 @@ pub fn write(dir: &Path) -> PkiFiles {
     .iter()
     .map(|n| SanType::DnsName((*n).try_into().unwrap()))
     .chain(
-        ["127.0.0.1", "10.0.0.1"]
+        ["127.0.0.1", "10.0.0.1", super::node::NODE_IP]
             .iter()
             .map(|ip| SanType::IpAddress(ip.parse::<IpAddr>().unwrap())),
     )
@@ -78,6 +88,18 @@ pub fn write(dir: &Path) -> PkiFiles {
     let admin_key = KeyPair::generate().unwrap();
     let admin_cert = admin.signed_by(&admin_key, &issuer).unwrap();
 
+    let client = |cn: &str, org: &str| {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = named(cn, Some(org));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        valid(&mut params);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let node = client(&format!("system:node:{NODE_NAME}"), "system:nodes");
+    let kubelet_client = client("kube-apiserver-kubelet-client", "system:masters");
+
     let service_account_key = KeyPair::generate().unwrap();
 
     let files = PkiFiles {
@@ -86,6 +108,10 @@ pub fn write(dir: &Path) -> PkiFiles {
         serving_key: dir.join("apiserver.key"),
         admin_cert: dir.join("admin.crt"),
         admin_key: dir.join("admin.key"),
+        node_cert: dir.join("node.crt"),
+        node_key: dir.join("node.key"),
+        kubelet_client_cert: dir.join("apiserver-kubelet-client.crt"),
+        kubelet_client_key: dir.join("apiserver-kubelet-client.key"),
         service_account_key: dir.join("service-account.key"),
         service_account_public_key: dir.join("service-account.pub"),
     };
@@ -95,6 +121,10 @@ pub fn write(dir: &Path) -> PkiFiles {
         (&files.serving_key, serving_key.serialize_pem()),
         (&files.admin_cert, admin_cert.pem()),
         (&files.admin_key, admin_key.serialize_pem()),
+        (&files.node_cert, node.0),
+        (&files.node_key, node.1),
+        (&files.kubelet_client_cert, kubelet_client.0),
+        (&files.kubelet_client_key, kubelet_client.1),
         (
             &files.service_account_key,
             service_account_key.serialize_pem(),

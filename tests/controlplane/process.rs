@@ -25,6 +25,7 @@ pub struct Process {
     pub name: &'static str,
     program: PathBuf,
     args: Vec<OsString>,
+    env: Vec<(&'static str, OsString)>,
     log: PathBuf,
     lifetime: Lifetime,
     child: Option<Child>,
@@ -38,10 +39,23 @@ impl Process {
         dir: &Path,
         lifetime: Lifetime,
     ) -> Self {
+        Self::start_with_env(name, program, args, &[], dir, lifetime)
+    }
+
+    /// [`Self::start`] with extra environment variables.
+    pub fn start_with_env(
+        name: &'static str,
+        program: PathBuf,
+        args: Vec<OsString>,
+        env: &[(&'static str, OsString)],
+        dir: &Path,
+        lifetime: Lifetime,
+    ) -> Self {
         let mut process = Self {
             name,
             program,
             args,
+            env: env.to_vec(),
             log: dir.join(format!("{name}.log")),
             lifetime,
             child: None,
@@ -56,6 +70,7 @@ impl Process {
             name,
             program: PathBuf::new(),
             args: Vec::new(),
+            env: Vec::new(),
             log: PathBuf::new(),
             lifetime: Lifetime::TestBinary,
             child: None,
@@ -71,6 +86,7 @@ impl Process {
         let mut command = Command::new(&self.program);
         command
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);

@@ -1,11 +1,8 @@
-//! Service addresses for the pod runner's pods: the real kube-proxy (built
-//! from `tools/cluster`) programs each Service's ClusterIP into iptables of
-//! the network namespace the pods' bridge lives in, and every pod gets a
-//! hosts file naming the Services, where a cluster would run its DNS.
+//! Service addresses on the node: the real kube-proxy (built from
+//! `tools/cluster`) programs each Service's ClusterIP into iptables of the
+//! node's network namespace, where the pods' bridge lives.
 
-use std::{ffi::OsString, path::Path};
-
-use serde_json::Value;
+use std::ffi::OsString;
 
 use super::{
     ControlPlane, binaries, free_port,
@@ -56,52 +53,4 @@ conntrack:
         &plane.dir,
         Lifetime::TestBinary,
     )
-}
-
-/// A pod's /etc/hosts: localhost, the pod's own name, and every Service
-/// with a ClusterIP under the names cluster DNS would answer for
-/// (`svc`, `svc.ns`, `svc.ns.svc`, `svc.ns.svc.cluster.local`; the short
-/// name only in the pod's own namespace).
-pub fn hosts_file(pod: &Value, services: &Value) -> String {
-    let namespace = pod["metadata"]["namespace"].as_str().unwrap_or_default();
-    let mut lines = vec![
-        "127.0.0.1\tlocalhost".to_string(),
-        "::1\tlocalhost".to_string(),
-    ];
-    if let (Some(ip), Some(name)) = (
-        pod["status"]["podIP"].as_str(),
-        pod["metadata"]["name"].as_str(),
-    ) {
-        lines.push(format!("{ip}\t{name}"));
-    }
-    for service in services["items"].as_array().into_iter().flatten() {
-        let Some(ip) = service["spec"]["clusterIP"].as_str() else {
-            continue;
-        };
-        if ip == "None" || ip.is_empty() {
-            continue;
-        }
-        let name = service["metadata"]["name"].as_str().unwrap_or_default();
-        let ns = service["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or_default();
-        let mut names = Vec::new();
-        if ns == namespace {
-            names.push(name.to_string());
-        }
-        names.push(format!("{name}.{ns}"));
-        names.push(format!("{name}.{ns}.svc"));
-        names.push(format!("{name}.{ns}.svc.cluster.local"));
-        lines.push(format!("{ip}\t{}", names.join(" ")));
-    }
-    lines.join("\n") + "\n"
-}
-
-/// Writes `text` into `file` in place (same inode), so a bind mount of the
-/// file sees the new content.
-pub fn write_in_place(file: &Path, text: &str) -> Result<(), String> {
-    if std::fs::read_to_string(file).is_ok_and(|current| current == text) {
-        return Ok(());
-    }
-    std::fs::write(file, text).map_err(|e| format!("{}: {e}", file.display()))
 }

@@ -293,3 +293,155 @@ dry_run_creates_until() {
   done
   echo "$attempts $misses"
 }
+
+# pod_of NAMESPACE APP: the name of a Running pod of the Deployment APP.
+pod_of() {
+  kubectl -n "$1" get pods -l "app=$2" --field-selector=status.phase=Running \
+    -o jsonpath='{.items[0].metadata.name}'
+}
+
+# container_state NAMESPACE POD: one line per container of the pod, as the
+# kubelet reports it: name, restarts, ready, started, startedAt, containerID,
+# last termination reason; then the pod's Ready condition.
+container_state() {
+  kubectl -n "$1" get pod "$2" -o json | python3 -c '
+import json, sys
+pod = json.load(sys.stdin)
+status = pod["status"]
+for s in status.get("initContainerStatuses", []) + status.get("containerStatuses", []):
+    running = s.get("state", {}).get("running", {})
+    last = s.get("lastState", {}).get("terminated", {})
+    print(s["name"], s.get("restartCount", 0), s.get("ready"), s.get("started"),
+          running.get("startedAt", "-"), s.get("containerID", "-"), last.get("reason", "-"))
+ready = [c["status"] for c in status.get("conditions", []) if c["type"] == "Ready"]
+print("pod-ready", ready[0] if ready else "-")'
+}
+
+# sidecar_ready_before_app NAMESPACE POD APP_CONTAINER: from the pod's status:
+# the sidecar started (its startup probe passed) no later than the app
+# container, and the sidecar, the app and the pod are ready.
+sidecar_ready_before_app() {
+  container_state "$1" "$2" | python3 -c '
+import sys
+rows = {line.split()[0]: line.split() for line in sys.stdin}
+side, app = rows["statsd-exporter"], rows[sys.argv[1]]
+print("sidecar started", side[4], "ready", side[2], "| app started", app[4], "ready", app[2], "| pod", rows["pod-ready"][1])
+ok = (side[3] == "True" and side[2] == "True" and app[2] == "True" and rows["pod-ready"][1] == "True"
+      and side[4] != "-" and app[4] != "-" and side[4] <= app[4])
+sys.exit(0 if ok else 1)' "$3"
+}
+
+# field_of NAMESPACE POD CONTAINER COLUMN: one column of container_state
+# (2 restarts, 3 ready, 6 containerID, 7 last termination reason).
+field_of() {
+  container_state "$1" "$2" | awk -v c="$3" -v f="$4" '$1 == c { print $f }'
+}
+
+# sidecar_restarted_alone NAMESPACE POD APP_CONTAINER APP_ID: the sidecar has
+# restarted and is ready again; the app container is the same one, never
+# restarted, and the pod is Ready.
+sidecar_restarted_alone() {
+  local ns=$1 pod=$2 app=$3 app_id=$4
+  [ "$(field_of "$ns" "$pod" statsd-exporter 2)" -ge 1 ] &&
+    [ "$(field_of "$ns" "$pod" statsd-exporter 3)" = True ] &&
+    [ "$(field_of "$ns" "$pod" "$app" 2)" = 0 ] &&
+    [ "$(field_of "$ns" "$pod" "$app" 6)" = "$app_id" ] &&
+    [ "$(field_of "$ns" "$pod" pod-ready 2)" = True ]
+}
+
+# requests_of_app NAMESPACE APP: gunicorn_requests_total summed over the
+# exporters of every Running pod of APP.
+requests_of_app() {
+  local ns=$1 app=$2 pod total=0 count
+  for pod in $(kubectl -n "$ns" get pods -l "app=$app" --field-selector=status.phase=Running \
+    -o jsonpath='{.items[*].metadata.name}'); do
+    count=$(requests_counted "$ns" "$pod") || return 1
+    total=$((total + count))
+  done
+  echo "$total"
+}
+
+# requests_through_service NAMESPACE FROM_POD URL COUNT: COUNT GETs of URL
+# from inside FROM_POD (cluster DNS, then kube-proxy's Service routing);
+# fails unless every one answers 200.
+requests_through_service() {
+  kubectl -n "$1" exec "$2" -- python3 -c '
+import sys, urllib.request
+url, count = sys.argv[1], int(sys.argv[2])
+ok = 0
+for _ in range(count):
+    with urllib.request.urlopen(url, timeout=10) as response:
+        ok += response.status == 200
+print(f"{ok} of {count} requests to {url} answered 200")
+sys.exit(0 if ok == count else 1)' "$3" "$4"
+}
+
+# statsd_load NAMESPACE NAME TARGET_IP RATE SECONDS IMAGE: a pod (never
+# injected) that sends RATE gunicorn-like statsd lines a second to
+# TARGET_IP:9125 over UDP for SECONDS.
+statsd_load() {
+  local ns=$1 name=$2 ip=$3 rate=$4 seconds=$5 image=$6
+  kubectl -n "$ns" run "$name" --image="$image" --image-pull-policy=IfNotPresent --restart=Never \
+    --labels=metrics.chiller.io/inject=disabled --command -- python3 -c '
+import random, socket, sys, time
+ip, rate, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+lines = [b"load.gunicorn.requests:1|c", b"load.gunicorn.request.status.200:1|c",
+         b"load.gunicorn.workers:2|g", b"load.gunicorn.log.warning:1|c"]
+sent, start = 0, time.monotonic()
+while (elapsed := time.monotonic() - start) < seconds:
+    while sent < rate * elapsed:
+        line = random.choice(lines) if sent % 2 else b"load.gunicorn.request.duration:%.1f|ms" % random.uniform(1, 500)
+        sock.sendto(line, (ip, 9125))
+        sent += 1
+    time.sleep(0.01)
+print(f"sent {sent} statsd lines in {seconds} s")' "$ip" "$rate" "$seconds" >/dev/null
+}
+
+# working_set NAMESPACE POD CONTAINER: the container's working set in bytes,
+# from the kubelet's /stats/summary (through the API server).
+working_set() {
+  local node
+  node=$(kubectl -n "$1" get pod "$2" -o jsonpath='{.spec.nodeName}')
+  kubectl get --raw "/api/v1/nodes/$node/proxy/stats/summary" | python3 -c '
+import json, sys
+ns, pod, container = sys.argv[1:4]
+for p in json.load(sys.stdin)["pods"]:
+    if p["podRef"]["namespace"] == ns and p["podRef"]["name"] == pod:
+        for c in p.get("containers", []):
+            if c["name"] == container and "workingSetBytes" in c.get("memory", {}):
+                print(c["memory"]["workingSetBytes"]); sys.exit(0)
+sys.exit(1)' "$1" "$2" "$3"
+}
+
+# create_pods_until NAMESPACE IMAGE PREFIX STOP_FILE: creates pods PREFIX-N
+# (a sleeping container) one every 0.3 s until STOP_FILE exists; prints how
+# many were created and how many creates failed.
+create_pods_until() {
+  local ns=$1 image=$2 prefix=$3 stop=$4 created=0 failed=0 n pod
+  for n in $(seq 1 400); do
+    [ -e "$stop" ] && break
+    pod=$(printf '{"apiVersion":"v1","kind":"Pod","metadata":{"name":"%s-%s","labels":{"app":"%s"}},"spec":{"terminationGracePeriodSeconds":1,"containers":[{"name":"app","image":"%s","imagePullPolicy":"IfNotPresent","command":["sleep","3600"]}]}}' \
+      "$prefix" "$n" "$prefix" "$image")
+    if kubectl -n "$ns" create --request-timeout=20s -f - >/dev/null 2>&1 <<<"$pod"; then
+      created=$((created + 1))
+    else
+      failed=$((failed + 1))
+    fi
+    sleep 0.3
+  done
+  echo "$created $failed"
+}
+
+# injected_count NAMESPACE APP: pods of APP labeled injected, and all of them.
+injected_count() {
+  kubectl -n "$1" get pods -l "app=$2" \
+    -o jsonpath='{range .items[*]}{.metadata.labels.metrics\.chiller\.io/injected}{"\n"}{end}' |
+    awk '$1 == "true" { n++ } END { print n + 0, NR }'
+}
+
+# datasource_url NAMESPACE: the Prometheus URL of the namespace's Grafana datasource.
+datasource_url() {
+  kubectl get configmap -A -l "grafana_datasource=1,metrics.chiller.io/owner-namespace=$1" \
+    -o jsonpath='{.items[0].data.*}' | sed -n 's/^[[:space:]]*url:[[:space:]]*//p' | tr -d "'\"" | head -n 1
+}

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The end-to-end scenario, on whatever cluster KUBECONFIG points at, once the
 # Prometheus Operator and chiller-metrics are installed. Both journeys run
-# it: `make e2e` (kind, tests/e2e/run.sh) and `make e2e-local` (kwok nodes
-# and the pod runner, tests/e2e_pods.rs), so they cannot drift apart.
+# it: `make e2e` (kind, tests/e2e/run.sh) and `make e2e-local` (a real
+# node of our own, tests/e2e_pods.rs), so they cannot drift apart.
 #
 # It opts two namespaces in, installs the test app chart in each, and shows:
 # injection, gunicorn's statsd reaching each pod's own exporter, one
@@ -10,7 +10,11 @@
 # every dashboard query answered through the datasource's URL, repair of a
 # deleted ServiceMonitor, opt-out, fail-open while the webhook is down, and
 # a helm upgrade with a changed config, during which every pod create is
-# injected, carried to running pods by rollout-outdated.
+# injected, carried to running pods by rollout-outdated. Under the kubelet:
+# the sidecar is ready before gunicorn starts and restarts alone, no statsd
+# line is lost through a Service, the sidecar's memory limit holds under
+# load, a webhook pod deleted during a burst of creates loses no pod, and
+# the datasource's URL resolves through cluster DNS.
 #
 # Environment: APP_IMAGE and APP_PULL_POLICY (the test app image),
 # CHILLER_NAMESPACE (default chiller-metrics), NAMESPACES (default
@@ -33,12 +37,16 @@ require python3 "install python3"
 
 trap 'status=$?; if ((status != 0)); then diagnostics "$CHILLER_NAMESPACE" "${NAMESPACES[@]}" || true; fi' EXIT
 
-log "2. chiller-metrics is available on both nodes"
+log "2. chiller-metrics is available, its replicas spread over the nodes"
 kubectl -n "$CHILLER_NAMESPACE" rollout status deployment/chiller-metrics --timeout=300s
 nodes=$(kubectl -n "$CHILLER_NAMESPACE" get pods -l app.kubernetes.io/name=chiller-metrics \
   -o jsonpath='{range .items[*]}{.spec.nodeName}{"\n"}{end}' | sort -u | wc -l)
-echo "webhook replicas on $nodes node(s)"
-((nodes == 2)) || fail "the two webhook replicas should spread over two nodes, got $nodes"
+# Nodes that take pods: no NoSchedule taint (kind's control plane has one).
+schedulable=$(kubectl get nodes -o jsonpath='{range .items[*]}{.spec.taints[*].effect}{"\n"}{end}' |
+  grep -cv NoSchedule || true)
+spread=$((schedulable < 2 ? schedulable : 2))
+echo "webhook replicas on $nodes of $schedulable schedulable node(s)"
+((nodes == spread)) || fail "the two webhook replicas should spread over $spread node(s), got $nodes"
 
 log "3. opt in ${NAMESPACES[*]} and install the test app"
 for ns in "${NAMESPACES[@]}"; do
@@ -120,6 +128,56 @@ for ns in "${NAMESPACES[@]}"; do
     dashboard_answers "$ns" "${APPS[*]}"
 done
 
+log "5. the sidecar under the kubelet: started and ready before gunicorn, restarted alone"
+ns=${NAMESPACES[0]}
+pod=$(pod_of "$ns" api)
+container_state "$ns" "$pod"
+sidecar_ready_before_app "$ns" "$pod" api ||
+  fail "the kubelet started $ns/$pod's app before its sidecar was started and ready"
+app_id=$(field_of "$ns" "$pod" api 6)
+# The exporter's process exits (SIGTERM to its PID 1); the kubelet restarts it alone.
+kubectl -n "$ns" exec "$pod" -c statsd-exporter -- sh -c 'kill -TERM 1' || true
+wait_until 120 "the exporter of $ns/$pod restarted alone, the app untouched, the pod Ready" \
+  sidecar_restarted_alone "$ns" "$pod" api "$app_id"
+container_state "$ns" "$pod"
+
+log "5. no statsd line lost: requests through a Service, every one counted"
+# A pod of its own, without probes, so only these requests reach its gunicorn.
+kubectl -n "$ns" run counted --image="$APP_IMAGE" --image-pull-policy="$APP_PULL_POLICY" \
+  --labels=app=counted --env=ROLE=api --port=8000 --expose >/dev/null
+kubectl -n "$ns" wait --for=condition=Ready pod/counted --timeout=180s
+requests_through_service "$ns" "$(pod_of "$ns" frontend)" "http://counted.$ns.svc.cluster.local:8000/api/items" 200 ||
+  fail "requests through the Service counted failed"
+wait_until 60 "the exporter of $ns/counted counts exactly the 200 requests" \
+  bash -c "source tests/e2e/lib.sh; (( \$(requests_counted $ns counted) == 200 ))"
+sleep 10
+counted=$(requests_counted "$ns" counted)
+echo "requests sent 200, counted $counted"
+((counted == 200)) || fail "the exporter counted $counted of 200 requests"
+
+log "5. the sidecar's memory limit holds: a minute of statsd lines at 2,000 a second"
+ip=$(kubectl -n "$ns" get pod counted -o jsonpath='{.status.podIP}')
+limit=$(kubectl -n "$ns" get pod counted \
+  -o jsonpath='{.spec.initContainers[?(@.name=="statsd-exporter")].resources.limits.memory}')
+limit_bytes=$(python3 -c 'import sys; v = sys.argv[1]; u = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+print(int(v[:-2]) * u[v[-2:]] if v[-2:] in u else int(v))' "$limit")
+statsd_load "$ns" statsd-load "$ip" 2000 60 "$APP_IMAGE"
+peak=0
+for _ in $(seq 1 16); do
+  bytes=$(working_set "$ns" counted statsd-exporter || echo 0)
+  ((bytes > peak)) && peak=$bytes
+  sleep 5
+done
+kubectl -n "$ns" wait --for=jsonpath='{.status.phase}'=Succeeded pod/statsd-load --timeout=120s
+kubectl -n "$ns" logs statsd-load
+restarts=$(field_of "$ns" counted statsd-exporter 2)
+reason=$(field_of "$ns" counted statsd-exporter 7)
+echo "sidecar working set under load: peak $((peak / 1048576)) MiB of its $limit limit; restarts $restarts, last termination ${reason}"
+((peak > 0)) || fail "the kubelet reported no working set for the sidecar"
+((peak < limit_bytes)) || fail "the sidecar's working set reached its limit"
+[ "$restarts" = 0 ] || fail "the sidecar restarted under load (last termination: $reason)"
+kubectl -n "$ns" delete pod/statsd-load pod/counted service/counted --wait=false >/dev/null
+
 log "6. a deleted ServiceMonitor comes back, and so do its targets"
 ns=${NAMESPACES[0]}
 old_uid=$(kubectl -n "$ns" get servicemonitor chiller-metrics-statsd -o jsonpath='{.metadata.uid}')
@@ -180,5 +238,41 @@ wait_until 600 "rollout-outdated restarted the outdated workloads of $ns" namesp
 for app in "${APPS[@]}"; do
   wait_until 120 "$ns/$app pods run the new sidecar config" sidecar_cpu_request_is "$ns" "$app" 20m
 done
+
+log "9. a webhook pod deleted during a burst of pod creates: no pod lost, every one injected"
+stop=$(mktemp)
+rm -f "$stop"
+create_pods_until "$ns" "$APP_IMAGE" burst "$stop" >"$stop.result" &
+creator=$!
+sleep 3
+victim=$(kubectl -n "$CHILLER_NAMESPACE" get pods -l app.kubernetes.io/name=chiller-metrics \
+  -o jsonpath='{.items[0].metadata.name}')
+kubectl -n "$CHILLER_NAMESPACE" delete pod "$victim" --wait=false
+wait_until 180 "webhook pod $victim is gone" \
+  bash -c "! kubectl -n $CHILLER_NAMESPACE get pod $victim >/dev/null 2>&1"
+kubectl -n "$CHILLER_NAMESPACE" rollout status deployment/chiller-metrics --timeout=300s
+sleep 3
+touch "$stop"
+wait "$creator"
+read -r created failed <"$stop.result"
+rm -f "$stop" "$stop.result"
+read -r injected all < <(injected_count "$ns" burst)
+echo "pod creates during the burst: $created created, $failed failed; $injected of $all injected"
+((created >= 10)) || fail "the burst created only $created pods"
+((failed == 0)) || fail "$failed pod creates failed while a webhook pod was deleted"
+((injected == created && all == created)) || fail "$injected of $created burst pods were injected"
+kubectl -n "$ns" delete pods -l app=burst --wait=false >/dev/null
+
+log "9. cluster DNS: the datasource's URL resolves and answers inside a pod"
+url=$(datasource_url "$ns")
+[ -n "$url" ] || fail "no datasource URL for $ns"
+kubectl -n "$ns" exec "$(pod_of "$ns" api)" -- python3 -c '
+import json, sys, urllib.request
+url = sys.argv[1].rstrip("/") + "/api/v1/query?query=up"
+with urllib.request.urlopen(url, timeout=10) as response:
+    answer = json.load(response)
+print(f"{url}: {answer['status']}, {len(answer['data']['result'])} series")
+sys.exit(0 if answer["status"] == "success" and answer["data"]["result"] else 1)' "$url" ||
+  fail "the datasource URL $url does not answer from inside a pod"
 
 log "PASSED"

@@ -412,3 +412,32 @@ impl Retrieve for SharedDefinitions {
 pub fn updating_golden() -> bool {
     std::env::var_os("UPDATE_GOLDEN").is_some_and(|v| !v.is_empty() && v != "0")
 }
+
+/// A release build with thin LTO takes minutes on a small machine.
+const RELEASE_BUILD_LIMIT: Duration = Duration::from_secs(60 * 60);
+
+/// `cargo build --release --locked --bin chiller-metrics`, without the
+/// image-only link settings, as users build it; returns the binary's path.
+pub fn release_binary() -> PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command
+        .current_dir(crate_dir())
+        .args(["build", "--release", "--locked", "--bin", "chiller-metrics"])
+        .args(["--message-format", "json-render-diagnostics"])
+        .env_remove("CHILLER_METRICS_PACK_RELOCS")
+        .env_remove("CHILLER_METRICS_PLAIN_LINK");
+    let output = run_within(command, RELEASE_BUILD_LIMIT, "the release build");
+    assert!(
+        output.status.success(),
+        "the release build failed ({}):\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|message| message["reason"] == "compiler-artifact")
+        .find_map(|message| message["executable"].as_str().map(PathBuf::from))
+        .expect("cargo names the built executable")
+}

@@ -1,6 +1,6 @@
 #!/bin/sh
 # What the official postgres image's entrypoint does, with Debian's
-# PostgreSQL (for `make e2e-local`'s pod runner): on first start, initdb in
+# PostgreSQL (the `postgres` image of `make e2e-local`): on first start, initdb in
 # PGDATA with POSTGRES_USER and POSTGRES_PASSWORD and create POSTGRES_DB;
 # then the server on every address, as the postgres user.
 set -eu
@@ -8,7 +8,8 @@ bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
 data=${PGDATA:-/var/lib/postgresql/data}
 user=${POSTGRES_USER:-postgres}
 db=${POSTGRES_DB:-$user}
-# The emptyDir and the socket folder were made by root.
+# The emptyDir was made by root; /run is empty in a fresh container.
+mkdir -p /run/postgresql
 chown postgres "$data" /run/postgresql
 chmod 700 "$data"
 as_postgres() { runuser -u postgres -- "$@"; }
