@@ -8,7 +8,7 @@ SERVICE ?= chiller-metrics
 IMAGE ?= chiller-metrics:dev
 KIND_CLUSTER ?= chiller-metrics
 
-.PHONY: all build demo test system-packages tools cluster-tools cluster-up cluster-down e2e-local lint fmt e2e image kind-load certs manifests bench server-profile hot-symbols fuzz golden clean
+.PHONY: all build demo test system-packages tools cluster-tools cluster-up cluster-down cluster-load e2e-local lint fmt e2e image kind-load certs manifests bench server-profile hot-symbols fuzz golden clean
 
 all: build
 
@@ -54,13 +54,22 @@ tools:
 cluster-tools:
 	for module in cluster runc containerd cni-plugins crictl coredns; do ./tools/build.sh $$module || exit; done
 
-## A local control plane on loopback (no Docker): prints `export KUBECONFIG=...`.
-cluster-up: tools cluster-tools
+## Our kind: the tests' cluster with its real node (kubelet, containerd,
+## CoreDNS) and the images of our chart, the operator and the test app, left
+## running in its own network namespace (as root); prints `export KUBECONFIG=...`.
+cluster-up: system-packages tools cluster-tools
 	@$(CARGO) run --quiet --locked --example local_cluster -- up
 
-## Stops the local control plane and removes its state.
+## Stops the local cluster and leaves the host as it was.
 cluster-down:
 	@$(CARGO) run --quiet --locked --example local_cluster -- down
+
+## Loads an image of your own onto the local cluster's node:
+##   make cluster-load NAME=my-app:dev ARCHIVE=my-app.oci.tar
+##   make cluster-load NAME=my-app:dev ROOTFS=./rootfs ENTRYPOINT="/usr/bin/my-app --flag"
+cluster-load:
+	@$(CARGO) run --quiet --locked --example local_cluster -- load $(NAME) \
+		$(if $(ARCHIVE),--archive $(ARCHIVE)) $(if $(ROOTFS),--rootfs $(ROOTFS) -- $(ENTRYPOINT))
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -95,9 +104,8 @@ manifests: tools
 	@echo "rendered into manifests/out/ (self-managed: make certs, then kubectl kustomize manifests/overlays/self-managed)"
 
 ## The kind journey without Docker (part of `make test`): the scenario of
-## `make e2e` (tests/e2e/scenario.sh) on two kwok nodes, with the pod runner in
-## place of the container runtime; everything else is real (needs root,
-## iproute2, iptables, bubblewrap and Debian's postgresql).
+## `make e2e` (tests/e2e/scenario.sh) on our own real node (kubelet,
+## containerd, runc, CNI, kube-proxy, CoreDNS); everything is real. As root.
 e2e-local: system-packages tools cluster-tools
 	$(CARGO) test --locked --test e2e_pods -- --nocapture
 

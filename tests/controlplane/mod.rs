@@ -9,6 +9,7 @@
 //! processes die with the binary, even when a test panics.
 #![allow(dead_code)]
 
+pub mod cluster_images;
 pub mod images;
 pub mod node;
 pub mod nodes;
@@ -152,7 +153,10 @@ impl ControlPlane {
                 "--requestheader-group-headers=X-Remote-Group",
                 "--requestheader-extra-headers-prefix=X-Remote-Extra-",
                 "--authorization-mode=Node,RBAC",
-                &format!("--kubelet-client-certificate={}", p(&pki.kubelet_client_cert)),
+                &format!(
+                    "--kubelet-client-certificate={}",
+                    p(&pki.kubelet_client_cert)
+                ),
                 &format!("--kubelet-client-key={}", p(&pki.kubelet_client_key)),
                 // logs, exec and stats reach the kubelet by address, not by a name no DNS knows.
                 "--kubelet-preferred-address-types=InternalIP",

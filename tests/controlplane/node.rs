@@ -55,8 +55,10 @@ const CGROUP_PREFIX: &str = "chiller-node-";
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Sets up the node's network in the isolated namespace: loopback, the
-/// `node0` veth with [`NODE_IP`] and a default route into it (it leads
-/// nowhere), forwarding, and bridged traffic through iptables.
+/// `node0` veth with [`NODE_IP`] and a default route into it, forwarding,
+/// and bridged traffic through iptables. In a test the veth's peer is a dead
+/// end in the same namespace; `make cluster-up` makes `node0` beforehand,
+/// with its peer on the host, so the host reaches the API server.
 pub fn prepare_network() {
     sh(&["ip", "link", "set", "lo", "up"]);
     // (/sys/class/net shows the host's links: /sys was mounted there.)
@@ -66,17 +68,24 @@ pub fn prepare_network() {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    if exists {
-        return;
+    if !exists {
+        // This kernel has no `dummy` link type; a veth's peer is a dead end too.
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            "node0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "node0-end",
+        ]);
+        sh(&["ip", "link", "set", "node0-end", "up"]);
     }
-    // This kernel has no `dummy` link type; a veth's peer is a dead end too.
-    sh(&[
-        "ip", "link", "add", "node0", "type", "veth", "peer", "name", "node0-end",
-    ]);
-    sh(&["ip", "link", "set", "node0-end", "up"]);
-    sh(&["ip", "addr", "add", NODE_ADDRESS, "dev", "node0"]);
+    sh(&["ip", "addr", "replace", NODE_ADDRESS, "dev", "node0"]);
     sh(&["ip", "link", "set", "node0", "up"]);
-    sh(&["ip", "route", "add", "default", "dev", "node0"]);
+    sh(&["ip", "route", "replace", "default", "dev", "node0"]);
     // Both are per network namespace.
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("enabling IPv4 forwarding");
     let bridged = "/proc/sys/net/bridge/bridge-nf-call-iptables";
@@ -143,7 +152,9 @@ impl Node {
     /// crictl against this node's containerd.
     pub fn crictl(&self) -> Command {
         let mut command = Command::new(build("crictl").join("crictl"));
-        command.arg("--config").arg(self.dir.join("etc/crictl.yaml"));
+        command
+            .arg("--config")
+            .arg(self.dir.join("etc/crictl.yaml"));
         command
     }
 
@@ -176,7 +187,10 @@ impl Node {
     /// `kube-dns` Service at the kubelet's `clusterDNS`. It answers for
     /// `cluster.local` only; nothing is forwarded.
     fn start_cluster_dns(&self) {
-        let image = format!("coredns/coredns:{}", coredns_version());
+        let image = format!(
+            "coredns/coredns:{}",
+            super::cluster_images::coredns_version()
+        );
         let manifest = COREDNS_MANIFEST
             .replace("{image}", &image)
             .replace("{cluster_dns}", CLUSTER_DNS_IP);
@@ -204,10 +218,7 @@ impl Node {
         kill_processes_of(&build("containerd"));
         unmount_under(&self.dir);
         remove_cgroups(&self.cgroup_root);
-        eprintln!(
-            "node stopped in {:.1} s",
-            started.elapsed().as_secs_f64()
-        );
+        eprintln!("node stopped in {:.1} s", started.elapsed().as_secs_f64());
     }
 }
 
@@ -322,10 +333,9 @@ state = "{state}"
     .expect("writing crictl's configuration");
 
     // The shim is found on containerd's PATH.
-    let path = std::env::join_paths(
-        std::iter::once(bin.clone())
-            .chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
-    )
+    let path = std::env::join_paths(std::iter::once(bin.clone()).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))
     .unwrap();
     let mut process = Process::start_with_env(
         "containerd",
@@ -430,21 +440,6 @@ syncFrequency: 10s
         dir,
         Lifetime::TestBinary,
     )
-}
-
-/// The CoreDNS version `tools/coredns` pins (its image tag).
-fn coredns_version() -> String {
-    let go_mod = std::fs::read_to_string(crate_dir().join("tools/coredns/go.mod"))
-        .expect("reading tools/coredns/go.mod");
-    go_mod
-        .lines()
-        .find_map(|line| {
-            let mut words = line.split_whitespace();
-            (words.next() == Some("github.com/coredns/coredns"))
-                .then(|| words.next().map(str::to_string))
-                .flatten()
-        })
-        .expect("tools/coredns/go.mod requires github.com/coredns/coredns")
 }
 
 const COREDNS_MANIFEST: &str = r#"apiVersion: v1
@@ -647,9 +642,10 @@ fn unmount_under(dir: &Path) {
 /// Host state the isolated run may change and cannot keep private: the
 /// kubelet's sysctls, its cgroups, mount points made for private paths, and
 /// processes of our node tools. Taken before the run, put back after it.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct HostState {
     sysctls: Vec<(String, String)>,
-    missing_paths: Vec<&'static str>,
+    missing_paths: Vec<String>,
     cgroups: Vec<String>,
 }
 
@@ -666,8 +662,8 @@ impl HostState {
                 .collect(),
             missing_paths: PRIVATE_HOST_PATHS
                 .iter()
-                .copied()
                 .filter(|path| !Path::new(path).exists())
+                .map(|path| path.to_string())
                 .collect(),
             cgroups: node_cgroups(),
         }
@@ -715,7 +711,7 @@ pub fn in_isolated_network() -> bool {
     std::env::var_os(ISOLATED).is_some()
 }
 
-const ISOLATED: &str = "CHILLER_TEST_ISOLATED";
+pub const ISOLATED: &str = "CHILLER_TEST_ISOLATED";
 
 /// Runs the current test again inside new network and mount namespaces,
 /// with the node's network prepared; returns whether this process is already
@@ -796,13 +792,18 @@ fn run_checked(command: &mut Command) {
 
 fn output_text(command: &mut Command) -> String {
     match run_with_timeout(command, Duration::from_secs(30)) {
-        Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
+        Ok(o) => {
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+        }
         Err(e) => e,
     }
 }
 
 /// Runs `command` to completion, killing it after `limit`.
-fn run_with_timeout(command: &mut Command, limit: Duration) -> Result<std::process::Output, String> {
+fn run_with_timeout(
+    command: &mut Command,
+    limit: Duration,
+) -> Result<std::process::Output, String> {
     let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

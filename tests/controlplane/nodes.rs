@@ -33,20 +33,20 @@ impl ControlPlane {
             return;
         }
         *scheduler = Process::start(
-                "kube-scheduler",
-                super::binaries().join("kube-scheduler"),
-                args(&[
-                    &format!("--kubeconfig={}", p(&self.kubeconfig)),
-                    &format!("--authentication-kubeconfig={}", p(&self.kubeconfig)),
-                    &format!("--authorization-kubeconfig={}", p(&self.kubeconfig)),
-                    "--bind-address=127.0.0.1",
-                    &format!("--secure-port={}", free_port()),
-                    "--leader-elect=false",
-                    "--v=1",
-                ]),
-                &self.dir,
-                self.lifetime,
-            );
+            "kube-scheduler",
+            super::binaries().join("kube-scheduler"),
+            args(&[
+                &format!("--kubeconfig={}", p(&self.kubeconfig)),
+                &format!("--authentication-kubeconfig={}", p(&self.kubeconfig)),
+                &format!("--authorization-kubeconfig={}", p(&self.kubeconfig)),
+                "--bind-address=127.0.0.1",
+                &format!("--secure-port={}", free_port()),
+                "--leader-elect=false",
+                "--v=1",
+            ]),
+            &self.dir,
+            self.lifetime,
+        );
     }
 
     /// Starts kube-scheduler and kwok, and registers `nodes` as
