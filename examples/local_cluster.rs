@@ -185,8 +185,14 @@ fn supervise(dir: &Path) {
     std::fs::write(dir.join("supervisor.pid"), std::process::id().to_string()).unwrap();
     // SAFETY: the handler only stores to an atomic.
     unsafe {
-        libc::signal(libc::SIGTERM, request_stop as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGINT, request_stop as *const () as libc::sighandler_t);
+        libc::signal(
+            libc::SIGTERM,
+            request_stop as *const () as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGINT,
+            request_stop as *const () as libc::sighandler_t,
+        );
     }
     let plane: &'static ControlPlane = Box::leak(Box::new(ControlPlane::start(
         &dir.join("plane"),

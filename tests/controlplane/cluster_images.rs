@@ -139,7 +139,7 @@ pub fn write(archive: &Path, release_binary: &Path) {
                 entrypoint: vec!["docker-entrypoint.sh".into()],
                 cmd: vec!["postgres".into()],
                 env: vec![
-                    "PATH=/usr/local/bin:/usr/lib/postgresql/15/bin:/usr/bin:/bin".into(),
+                    "PATH=/usr/local/sbin:/usr/local/bin:/usr/lib/postgresql/15/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
                     "PGDATA=/var/lib/postgresql/data".into(),
                 ],
                 ..ImageConfig::default()

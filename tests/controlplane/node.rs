@@ -180,6 +180,7 @@ impl Node {
         }
         out += "----- crictl ps -a -----\n";
         out += &output_text(self.crictl().args(["ps", "-a"]));
+        out += &container_log_tails(&self.dir.join("pod-logs"), 5);
         out
     }
 
@@ -226,6 +227,34 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The last lines of each container's current log file, as the kubelet
+/// writes them (`<ns>_<pod>_<uid>/<container>/<restart>.log`).
+fn container_log_tails(pod_logs: &Path, lines: usize) -> String {
+    let mut out = String::new();
+    for pod in std::fs::read_dir(pod_logs).into_iter().flatten().flatten() {
+        for container in std::fs::read_dir(pod.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let latest = std::fs::read_dir(container.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|f| f.path())
+                .max_by_key(|f| f.metadata().and_then(|m| m.modified()).ok());
+            if let Some(file) = latest {
+                out += &format!(
+                    "----- {} -----\n{}\n",
+                    file.strip_prefix(pod_logs).unwrap_or(&file).display(),
+                    super::process::tail(&file, lines)
+                );
+            }
+        }
+    }
+    out
 }
 
 fn node_ready(plane: &ControlPlane) -> bool {

@@ -184,6 +184,11 @@ spec:
       ports:
         - name: http
           containerPort: 8000
+      # Ready once gunicorn listens; a TCP probe sends no request it would count.
+      readinessProbe:
+        tcpSocket:
+          port: http
+        periodSeconds: 1
 EOF
   kubectl -n "$ns" wait --for=condition=Ready "pod/$pod" --timeout=120s >/dev/null ||
     { kubectl -n "$ns" get pod "$pod" -o yaml >&2; return 1; }
@@ -444,4 +449,35 @@ injected_count() {
 datasource_url() {
   kubectl get configmap -A -l "grafana_datasource=1,metrics.chiller.io/owner-namespace=$1" \
     -o jsonpath='{.items[0].data.*}' | sed -n 's/^[[:space:]]*url:[[:space:]]*//p' | tr -d "'\"" | head -n 1
+}
+
+# counted_app NAMESPACE IMAGE PULL_POLICY: a pod "counted" of the test app
+# (ROLE=api) behind a Service of the same name; Ready once gunicorn listens,
+# with a TCP probe, so only requests sent to it reach its gunicorn.
+counted_app() {
+  kubectl -n "$1" apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Pod
+metadata:
+  name: counted
+  labels: {app: counted}
+spec:
+  containers:
+    - name: app
+      image: $2
+      imagePullPolicy: $3
+      env: [{name: ROLE, value: api}]
+      ports: [{name: http, containerPort: 8000}]
+      readinessProbe:
+        tcpSocket: {port: http}
+        periodSeconds: 1
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: counted
+spec:
+  selector: {app: counted}
+  ports: [{name: http, port: 8000, targetPort: http}]
+EOF
 }

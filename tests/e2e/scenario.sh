@@ -13,8 +13,9 @@
 # injected, carried to running pods by rollout-outdated. Under the kubelet:
 # the sidecar is ready before gunicorn starts and restarts alone, no statsd
 # line is lost through a Service, the sidecar's memory limit holds under
-# load, a webhook pod deleted during a burst of creates loses no pod, and
-# the datasource's URL resolves through cluster DNS.
+# load, a pod of another namespace cannot stop or reload an exporter, a
+# webhook pod deleted during a burst of creates loses no pod, and the
+# datasource's URL resolves through cluster DNS.
 #
 # Environment: APP_IMAGE and APP_PULL_POLICY (the test app image),
 # CHILLER_NAMESPACE (default chiller-metrics), NAMESPACES (default
@@ -142,9 +143,8 @@ wait_until 120 "the exporter of $ns/$pod restarted alone, the app untouched, the
 container_state "$ns" "$pod"
 
 log "5. no statsd line lost: requests through a Service, every one counted"
-# A pod of its own, without probes, so only these requests reach its gunicorn.
-kubectl -n "$ns" run counted --image="$APP_IMAGE" --image-pull-policy="$APP_PULL_POLICY" \
-  --labels=app=counted --env=ROLE=api --port=8000 --expose >/dev/null
+# A pod of its own, with a TCP probe, so only these requests reach its gunicorn.
+counted_app "$ns" "$APP_IMAGE" "$APP_PULL_POLICY"
 kubectl -n "$ns" wait --for=condition=Ready pod/counted --timeout=180s
 requests_through_service "$ns" "$(pod_of "$ns" frontend)" "http://counted.$ns.svc.cluster.local:8000/api/items" 200 ||
   fail "requests through the Service counted failed"
@@ -176,6 +176,30 @@ echo "sidecar working set under load: peak $((peak / 1048576)) MiB of its $limit
 ((peak > 0)) || fail "the kubelet reported no working set for the sidecar"
 ((peak < limit_bytes)) || fail "the sidecar's working set reached its limit"
 [ "$restarts" = 0 ] || fail "the sidecar restarted under load (last termination: $reason)"
+
+log "5. a pod of another namespace can neither stop nor reload the exporter"
+other=${NAMESPACES[1]}
+restarts=$(field_of "$ns" counted statsd-exporter 2)
+kubectl -n "$other" exec "$(pod_of "$other" api)" -- python3 -c '
+import sys, urllib.error, urllib.request
+for path in ("/-/quit", "/-/reload"):
+    request = urllib.request.Request(f"http://{sys.argv[1]}:9102{path}", method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            status, body = response.status, response.read().decode()
+    except urllib.error.HTTPError as refused:
+        status, body = refused.code, refused.read().decode()
+    # Without --web.enable-lifecycle the path is not routed: the landing page
+    # answers instead of "Requesting termination"/"Requesting reload".
+    first = (body.strip().splitlines() or ["(empty)"])[0][:60]
+    print(f"POST {path}: {status}, {first}")
+    if "Requesting" in body:
+        sys.exit(f"POST {path} reached the lifecycle API")' "$ip" ||
+  fail "a pod of $other could use the exporter's lifecycle API"
+sleep 5
+[ "$(field_of "$ns" counted statsd-exporter 2)" = "$restarts" ] &&
+  [ "$(field_of "$ns" counted statsd-exporter 3)" = True ] ||
+  fail "the exporter of $ns/counted stopped after a POST from $other"
 kubectl -n "$ns" delete pod/statsd-load pod/counted service/counted --wait=false >/dev/null
 
 log "6. a deleted ServiceMonitor comes back, and so do its targets"
@@ -271,7 +295,8 @@ import json, sys, urllib.request
 url = sys.argv[1].rstrip("/") + "/api/v1/query?query=up"
 with urllib.request.urlopen(url, timeout=10) as response:
     answer = json.load(response)
-print(f"{url}: {answer['status']}, {len(answer['data']['result'])} series")
+status, series = answer["status"], len(answer["data"]["result"])
+print(f"{url}: {status}, {series} series")
 sys.exit(0 if answer["status"] == "success" and answer["data"]["result"] else 1)' "$url" ||
   fail "the datasource URL $url does not answer from inside a pod"
 
