@@ -481,3 +481,15 @@ spec:
   ports: [{name: http, port: 8000, targetPort: http}]
 EOF
 }
+
+# workers_gauge NAMESPACE POD: gunicorn_workers in the pod's exporter.
+# gunicorn sends this gauge once, as its arbiter boots the workers, and again
+# only when their number changes: it is there only if the exporter was
+# listening before gunicorn started.
+workers_gauge() {
+  kubectl get --raw "/api/v1/namespaces/$1/pods/$2:9102/proxy/metrics" | python3 -c '
+import re, sys
+values = [m.group(1) for line in sys.stdin
+          if (m := re.match(r"gunicorn_workers\{.*\} (\S+)$", line.strip()))]
+print(values[0] if values else "absent")'
+}

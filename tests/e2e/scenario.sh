@@ -135,6 +135,9 @@ pod=$(pod_of "$ns" api)
 container_state "$ns" "$pod"
 sidecar_ready_before_app "$ns" "$pod" api ||
   fail "the kubelet started $ns/$pod's app before its sidecar was started and ready"
+workers=$(workers_gauge "$ns" "$pod")
+echo "gunicorn_workers, sent once as gunicorn booted: $workers"
+[ "$workers" = 2 ] || fail "the exporter of $ns/$pod missed gunicorn's first lines (gunicorn_workers: $workers)"
 app_id=$(field_of "$ns" "$pod" api 6)
 # The exporter's process exits (SIGTERM to its PID 1); the kubelet restarts it alone.
 kubectl -n "$ns" exec "$pod" -c statsd-exporter -- sh -c 'kill -TERM 1' || true
