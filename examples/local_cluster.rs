@@ -143,6 +143,8 @@ fn up(dir: &Path) {
         .stderr(log);
     use std::os::unix::process::CommandExt;
     command.process_group(0);
+    // It outlives this command on purpose; `down` stops it by its pid file.
+    #[allow(clippy::zombie_processes)]
     let mut supervisor = command.spawn().expect("starting the cluster's supervisor");
 
     let ready = dir.join("ready");

@@ -5,6 +5,8 @@
 
 mod support;
 
+use std::process::Command;
+
 /// The newest glibc the binary may ask for.
 const OLDEST_GLIBC: (u32, u32) = (2, 34);
 /// The glibc versions in the "Version needs" section of `readelf -V`.
