@@ -222,7 +222,9 @@ fn supervise(dir: &Path) {
 fn down(dir: &Path) {
     require_root();
     let mut stopped = false;
+    let mut namespace = None;
     if let Some(pid) = supervisor_pid(dir) {
+        namespace = Some(node::mount_namespace(&pid.to_string()));
         // SAFETY: kill(2) with the pid our own supervisor wrote.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let deadline = Instant::now() + STOP_TIMEOUT;
@@ -232,10 +234,11 @@ fn down(dir: &Path) {
         unsafe { libc::kill(pid, libc::SIGKILL) };
         stopped = true;
     }
-    if let Some(host) = std::fs::read_to_string(dir.join("host-state.json"))
+    if let Some(mut host) = std::fs::read_to_string(dir.join("host-state.json"))
         .ok()
         .and_then(|text| serde_json::from_str::<HostState>(&text).ok())
     {
+        host.set_mount_namespace(namespace);
         host.restore();
     }
     let _ = Command::new("ip")

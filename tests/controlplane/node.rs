@@ -216,7 +216,7 @@ impl Node {
         self.kubelet.lock().unwrap().kill();
         let _ = run_with_timeout(self.crictl().args(["rmp", "-fa"]), STOP_TIMEOUT);
         self.containerd.lock().unwrap().kill();
-        kill_processes_of(&build("containerd"));
+        kill_processes_of(&build("containerd"), &mount_namespace("self"));
         unmount_under(&self.dir);
         remove_cgroups(&self.cgroup_root);
         eprintln!("node stopped in {:.1} s", started.elapsed().as_secs_f64());
@@ -634,17 +634,28 @@ fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// Kills the processes whose executable lies in `folder` (containerd's
-/// shims daemonize and outlive it).
-fn kill_processes_of(folder: &Path) {
+/// The mount namespace of a process (`self` or a pid), as /proc names it.
+pub fn mount_namespace(pid: &str) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
+        .map(|link| link.display().to_string())
+        .unwrap_or_default()
+}
+
+/// Kills the processes whose executable lies in `folder` and that live in
+/// the mount namespace `namespace`: containerd's shims daemonize and outlive
+/// it, and another node of ours (`make cluster-up`) lives in another one.
+fn kill_processes_of(folder: &Path, namespace: &str) {
     let Ok(folder) = folder.canonicalize() else {
         return;
     };
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Ok(pid) = name.parse::<i32>() else {
             continue;
         };
-        if std::fs::read_link(entry.path().join("exe")).is_ok_and(|exe| exe.starts_with(&folder)) {
+        if std::fs::read_link(entry.path().join("exe")).is_ok_and(|exe| exe.starts_with(&folder))
+            && mount_namespace(&name) == namespace
+        {
             // SAFETY: SIGKILL to one of our own tools' processes.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
@@ -676,6 +687,8 @@ pub struct HostState {
     sysctls: Vec<(String, String)>,
     missing_paths: Vec<String>,
     cgroups: Vec<String>,
+    /// The isolated run's mount namespace, once it has one.
+    mount_namespace: Option<String>,
 }
 
 impl HostState {
@@ -695,20 +708,51 @@ impl HostState {
                 .map(|path| path.to_string())
                 .collect(),
             cgroups: node_cgroups(),
+            mount_namespace: None,
         }
     }
 
-    /// Kills what our node tools left running, removes the node cgroups made
-    /// since [`Self::take`] and the mount points it created, and writes the
-    /// sysctls back; says what it had to put back.
+    pub fn set_mount_namespace(&mut self, namespace: Option<String>) {
+        self.mount_namespace = namespace;
+    }
+
+    /// Notes the mount namespace of the isolated run `pid` (`unshare` makes
+    /// it right after starting); waits up to 10 s for it.
+    pub fn isolated_in(&mut self, pid: u32) {
+        let own = mount_namespace("self");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let theirs = mount_namespace(&pid.to_string());
+            if !theirs.is_empty() && theirs != own {
+                self.mount_namespace = Some(theirs);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills what our node tools left running in the isolated run's mount
+    /// namespace, removes the node cgroups made since [`Self::take`] whose
+    /// node is gone, the mount points it created and writes the sysctls back,
+    /// saying what it had to put back. While another node of ours runs, its
+    /// mount points and sysctls are left to it.
     pub fn restore(&self) {
-        for module in ["containerd", "runc"] {
-            kill_processes_of(&crate_dir().join(".tools").join(module).join("bin"));
+        if let Some(namespace) = &self.mount_namespace {
+            for module in ["containerd", "runc"] {
+                kill_processes_of(
+                    &crate_dir().join(".tools").join(module).join("bin"),
+                    namespace,
+                );
+            }
         }
         for cgroup in node_cgroups() {
-            if !self.cgroups.contains(&cgroup) {
+            if !self.cgroups.contains(&cgroup) && !node_alive(&cgroup) {
                 remove_cgroups(&cgroup);
             }
+        }
+        if node_cgroups().iter().any(|cgroup| node_alive(cgroup)) {
+            eprintln!("another node of ours runs: its mount points and sysctls stay");
+            return;
         }
         for path in &self.missing_paths {
             let _ = std::fs::remove_dir(path);
@@ -721,6 +765,14 @@ impl HostState {
             }
         }
     }
+}
+
+/// Whether the process that made the node cgroup `name` still runs.
+fn node_alive(name: &str) -> bool {
+    name.strip_prefix(CGROUP_PREFIX)
+        .and_then(|pid| pid.parse::<i32>().ok())
+        // SAFETY: signal 0 only checks that the pid exists.
+        .is_some_and(|pid| unsafe { libc::kill(pid, 0) } == 0)
 }
 
 fn node_cgroups() -> Vec<String> {
@@ -755,7 +807,7 @@ pub fn isolated(test_name: &str, prepare: impl FnOnce()) -> bool {
     }
     require_root(test_name);
     prepare();
-    let host = HostState::take();
+    let mut host = HostState::take();
     let exe = std::env::current_exe().unwrap();
     let mut child = Command::new("unshare")
         .args(["--net", "--mount", "--propagation", "private", "--"])
@@ -765,6 +817,7 @@ pub fn isolated(test_name: &str, prepare: impl FnOnce()) -> bool {
         .stdout(Stdio::piped())
         .spawn()
         .expect("running unshare (util-linux)");
+    host.isolated_in(child.id());
     // The inner run's own summary lines would count this test twice; they
     // are read instead, so a renamed test cannot pass having run nothing.
     let output = std::io::BufReader::new(child.stdout.take().unwrap());
