@@ -285,21 +285,29 @@ fn load(args: &[String]) {
     let file = match (archive, rootfs) {
         (Some(archive), None) => archive,
         (None, Some(rootfs)) if !entrypoint.is_empty() => {
-            let file = dir
-                .join("images")
-                .join(format!("{}.tar", name.replace(['/', ':'], "_")));
+            let stem = name.replace(['/', ':'], "_");
+            let file = dir.join("images").join(format!("{stem}.tar"));
+            // tar keeps what a root filesystem holds: symlinks, owners, modes.
+            let layer = dir.join("images").join(format!("{stem}.layer.tar"));
+            let status = Command::new("tar")
+                .args(["--numeric-owner", "-C"])
+                .arg(&rootfs)
+                .arg("-cf")
+                .arg(&layer)
+                .arg(".")
+                .status()
+                .expect("running tar");
+            assert!(status.success(), "tar of {} failed", rootfs.display());
             let image = Image {
                 name: name.clone(),
-                layers: vec![Layer::Files(
-                    images::directory_entries(&rootfs, "/")
-                        .unwrap_or_else(|e| panic!("reading {}: {e}", rootfs.display())),
-                )],
+                layers: vec![Layer::Tar(layer.clone())],
                 config: ImageConfig {
                     entrypoint,
                     ..ImageConfig::default()
                 },
             };
             images::write_archive(&file, &[image]).expect("writing the image archive");
+            let _ = std::fs::remove_file(&layer);
             file
         }
         _ => usage(),

@@ -90,6 +90,11 @@ impl ControlPlane {
         std::fs::create_dir_all(dir).expect("creating the control plane folder");
         let pki = pki::write(&dir.join("pki"));
 
+        let with_node = node::in_isolated_network();
+        if with_node {
+            // Loopback first: etcd listens there.
+            node::prepare_network();
+        }
         let etcd_client_url = format!("http://127.0.0.1:{}", free_port());
         let etcd_peer_url = format!("http://127.0.0.1:{}", free_port());
         let etcd = Process::start(
@@ -121,10 +126,6 @@ impl ControlPlane {
         // node and its pods on the node's address (see node.rs), and the
         // `kubernetes` Service leads there; elsewhere only loopback, where
         // no pod could reach it.
-        let with_node = node::in_isolated_network();
-        if with_node {
-            node::prepare_network();
-        }
         let (bind_address, advertise_address, endpoint_reconciler) = if with_node {
             ("0.0.0.0", node::NODE_IP, "lease")
         } else {
