@@ -29,7 +29,7 @@ use std::{
 use controlplane::{
     ControlPlane, cluster_images,
     images::{self, Image, ImageConfig, Layer},
-    node::{self, HostState, NODE_IP, Node},
+    node::{self, HostState, NODE_IP, Node, sh},
     nodes::build,
     process::Lifetime,
 };
@@ -354,12 +354,4 @@ fn release_binary() -> PathBuf {
         .expect("running cargo build --release");
     assert!(status.success(), "the release build failed");
     controlplane::crate_dir().join("target/release/chiller-metrics")
-}
-
-fn sh(args: &[&str]) {
-    let status = Command::new(args[0])
-        .args(&args[1..])
-        .status()
-        .unwrap_or_else(|e| panic!("running {}: {e}", args[0]));
-    assert!(status.success(), "{} failed: {status}", args.join(" "));
 }

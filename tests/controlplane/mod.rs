@@ -523,25 +523,30 @@ fn args(list: &[&str]) -> Vec<OsString> {
 /// Runs `command` (kubectl apply -f -) with `input` on stdin; panics with
 /// its stderr if it fails.
 fn run_with_input(mut command: Command, input: &str) {
+    let output = try_with_input(&mut command, input);
+    assert!(
+        output.status.success(),
+        "kubectl apply: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Runs a command with `input` on stdin and returns its output, whatever it is.
+pub fn try_with_input(command: &mut Command, input: &str) -> std::process::Output {
     use std::{io::Write, process::Stdio};
     let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("running kubectl");
+        .unwrap_or_else(|e| panic!("running {command:?}: {e}"));
     child
         .stdin
         .take()
         .unwrap()
         .write_all(input.as_bytes())
         .unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "kubectl apply: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    child.wait_with_output().unwrap()
 }
 
 fn curl(args: &[&str]) -> Option<String> {

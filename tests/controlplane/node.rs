@@ -143,7 +143,7 @@ impl Node {
             cgroup_root,
         };
         wait_until(&format!("node {NODE_NAME} Ready"), &node.kubelet, || {
-            node_ready(plane)
+            plane.node_ready(NODE_NAME)
         });
         node.start_cluster_dns();
         node
@@ -255,18 +255,6 @@ fn container_log_tails(pod_logs: &Path, lines: usize) -> String {
         }
     }
     out
-}
-
-fn node_ready(plane: &ControlPlane) -> bool {
-    let (status, body) = plane.get(&format!("/api/v1/nodes/{NODE_NAME}"));
-    status == 200
-        && serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|node| {
-            node["status"]["conditions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|c| c["type"] == "Ready" && c["status"] == "True")
-        })
 }
 
 fn start_containerd(dir: &Path) -> Process {
@@ -853,7 +841,8 @@ fn require_root(test_name: &str) {
     );
 }
 
-fn sh(args: &[&str]) {
+/// Runs a command; panics unless it succeeds.
+pub fn sh(args: &[&str]) {
     let status = Command::new(args[0])
         .args(&args[1..])
         .status()

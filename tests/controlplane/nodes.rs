@@ -25,6 +25,19 @@ const STAGES: &[&str] = &[
 ];
 
 impl ControlPlane {
+    /// Whether the node `name` reports Ready.
+    pub fn node_ready(&self, name: &str) -> bool {
+        let (status, body) = self.get(&format!("/api/v1/nodes/{name}"));
+        status == 200
+            && serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|node| {
+                node["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            })
+    }
+
     /// Starts kube-scheduler (once), which binds pods to nodes.
     pub fn start_scheduler(&self) {
         let p = |path: &Path| path.display().to_string();
@@ -101,15 +114,7 @@ impl ControlPlane {
         }
         for (name, _) in nodes {
             wait_until(&format!("node {name} Ready"), &self.kwok, || {
-                let (status, body) = self.get(&format!("/api/v1/nodes/{name}"));
-                status == 200
-                    && serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|node| {
-                        node["status"]["conditions"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                    })
+                self.node_ready(name)
             });
         }
     }

@@ -374,6 +374,8 @@ pub fn run(command: &mut Command) -> Output {
     output
 }
 
+pub use crate::controlplane::try_with_input;
+
 /// Runs a command with `input` on stdin; panics unless it succeeds.
 pub fn run_with_input(command: &mut Command, input: &str) -> Output {
     let output = try_with_input(command, input);
@@ -385,24 +387,6 @@ pub fn run_with_input(command: &mut Command, input: &str) -> Output {
         String::from_utf8_lossy(&output.stderr)
     );
     output
-}
-
-/// Runs a command with `input` on stdin and returns its output, whatever it is.
-pub fn try_with_input(command: &mut Command, input: &str) -> Output {
-    use std::{io::Write, process::Stdio};
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("running {command:?}: {e}"));
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
 }
 
 /// The path of a file in the crate.
