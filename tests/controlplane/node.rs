@@ -755,6 +755,45 @@ impl HostState {
     }
 }
 
+/// What an earlier run killed before it could clean up left behind: the
+/// cgroups of nodes whose process is gone (and what still runs in them), and
+/// our tools' processes in a mount namespace that no running node of ours
+/// (a test, `make cluster-up`) lives in.
+fn remove_stale_nodes() {
+    let host = mount_namespace("self");
+    let mut live = vec![host];
+    for cgroup in node_cgroups() {
+        match cgroup.strip_prefix(CGROUP_PREFIX) {
+            Some(pid) if node_alive(&cgroup) => live.push(mount_namespace(pid)),
+            _ => remove_cgroups(&cgroup),
+        }
+    }
+    for module in ["containerd", "runc"] {
+        let Ok(folder) = crate_dir()
+            .join(".tools")
+            .join(module)
+            .join("bin")
+            .canonicalize()
+        else {
+            continue;
+        };
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Ok(pid) = name.parse::<i32>() else {
+                continue;
+            };
+            let ours = std::fs::read_link(entry.path().join("exe"))
+                .is_ok_and(|exe| exe.starts_with(&folder));
+            let namespace = mount_namespace(&name);
+            if ours && !namespace.is_empty() && !live.contains(&namespace) {
+                eprintln!("stopping pid {pid}, left by an earlier node ({namespace})");
+                // SAFETY: SIGKILL to a leftover of our own tools.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
 /// Whether the process that made the node cgroup `name` still runs.
 fn node_alive(name: &str) -> bool {
     name.strip_prefix(CGROUP_PREFIX)
@@ -795,6 +834,7 @@ pub fn isolated(test_name: &str, prepare: impl FnOnce()) -> bool {
     }
     require_root(test_name);
     prepare();
+    remove_stale_nodes();
     let mut host = HostState::take();
     let exe = std::env::current_exe().unwrap();
     let mut child = Command::new("unshare")
