@@ -5,7 +5,8 @@ TOOLS := $(CURDIR)/.tools
 export PATH := $(TOOLS)/bin:$(TOOLS)/venv/bin:$(PATH)
 NAMESPACE ?= chiller-metrics
 SERVICE ?= chiller-metrics
-IMAGE ?= chiller-metrics:dev
+# The tag the chart pulls by default (its appVersion).
+IMAGE ?= chiller-metrics:$(shell sed -n "s/^appVersion: *\"\?\([^\"]*\)\"\?/\1/p" manifests/chart/chiller-metrics/Chart.yaml)
 KIND_CLUSTER ?= chiller-metrics
 
 .PHONY: all build demo test system-packages tools cluster-tools cluster-up cluster-down cluster-load e2e-local lint fmt e2e image kind-load certs manifests bench server-profile hot-symbols fuzz golden clean

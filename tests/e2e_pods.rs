@@ -16,7 +16,7 @@ mod support;
 use std::{path::PathBuf, process::Command};
 
 use controlplane::{
-    ControlPlane, cluster_images,
+    ControlPlane, LogsOnFailure, cluster_images,
     node::{Node, isolated},
     nodes::{build, module_dir},
 };
@@ -136,12 +136,14 @@ fn install_chiller_metrics(plane: &ControlPlane) {
     );
 }
 
-/// tests/e2e/scenario.sh against this cluster, with the tools on PATH.
-fn scenario(plane: &ControlPlane) -> Command {
+/// A script of tests/e2e against this cluster, bounded in time, with `dirs`
+/// and then the tools first on PATH.
+fn e2e_script(plane: &ControlPlane, script: &str, dirs: &[PathBuf]) -> Command {
     let tools = controlplane::crate_dir().join(".tools");
     let path = std::env::join_paths(
-        [tools.join("bin"), tools.join("venv/bin")]
-            .into_iter()
+        dirs.iter()
+            .cloned()
+            .chain([tools.join("bin"), tools.join("venv/bin")])
             .chain(std::env::split_paths(
                 &std::env::var_os("PATH").unwrap_or_default(),
             )),
@@ -151,12 +153,19 @@ fn scenario(plane: &ControlPlane) -> Command {
     let mut command = Command::new("timeout");
     command
         .arg(SCENARIO_TIMEOUT_SECONDS.to_string())
-        .arg(controlplane::crate_dir().join("tests/e2e/scenario.sh"))
+        .arg(controlplane::crate_dir().join("tests/e2e").join(script))
         .env("PATH", path)
         .env("KUBECONFIG", &plane.kubeconfig)
         .env("HELM_CACHE_HOME", helm_home.join("cache"))
         .env("HELM_CONFIG_HOME", helm_home.join("config"))
-        .env("HELM_DATA_HOME", helm_home.join("data"))
+        .env("HELM_DATA_HOME", helm_home.join("data"));
+    command
+}
+
+/// tests/e2e/scenario.sh against this cluster.
+fn scenario(plane: &ControlPlane) -> Command {
+    let mut command = e2e_script(plane, "scenario.sh", &[]);
+    command
         .env("APP_IMAGE", "chiller-e2e-app:e2e")
         .env("APP_PULL_POLICY", "IfNotPresent")
         .env("CHILLER_NAMESPACE", RELEASE_NAMESPACE)
@@ -164,8 +173,8 @@ fn scenario(plane: &ControlPlane) -> Command {
     command
 }
 
-fn prometheus_targets(plane: &ControlPlane) -> String {
-    ["shop-a", "shop-b"]
+fn prometheus_targets(plane: &ControlPlane, namespaces: &[&str]) -> String {
+    namespaces
         .iter()
         .map(|ns| {
             format!(
@@ -186,6 +195,23 @@ fn prometheus_targets(plane: &ControlPlane) -> String {
         .join("\n")
 }
 
+/// On failure: the pods, the events, each namespace's Prometheus targets,
+/// the node's daemons and its containers.
+fn dump_on_failure<'a>(
+    plane: &'a ControlPlane,
+    node: &'a Node,
+    namespaces: &'a [&'a str],
+) -> LogsOnFailure<'a> {
+    plane
+        .logs_on_failure()
+        .with("pods", || {
+            kubectl_text(plane, &["get", "pods", "-A", "-o", "wide"])
+        })
+        .with("events", || kubectl_text(plane, &["get", "events", "-A"]))
+        .with("Prometheus targets", || prometheus_targets(plane, namespaces))
+        .with("node", || node.diagnostics(40))
+}
+
 #[test]
 fn the_kind_journey_on_a_real_node() {
     if !isolated("the_kind_journey_on_a_real_node", build_tools_and_images) {
@@ -193,16 +219,7 @@ fn the_kind_journey_on_a_real_node() {
     }
     let plane = ControlPlane::shared();
     let node = Node::start(plane, &[&images_archive()]);
-    // On failure: the pods, the events, each Prometheus's targets, the
-    // node's daemons and its containers.
-    let _dump = plane
-        .logs_on_failure()
-        .with("pods", || {
-            kubectl_text(plane, &["get", "pods", "-A", "-o", "wide"])
-        })
-        .with("events", || kubectl_text(plane, &["get", "events", "-A"]))
-        .with("Prometheus targets", || prometheus_targets(plane))
-        .with("node", || node.diagnostics(40));
+    let _dump = dump_on_failure(plane, &node, &["shop-a", "shop-b"]);
 
     install_prometheus_operator(plane);
     install_chiller_metrics(plane);
@@ -211,4 +228,30 @@ fn the_kind_journey_on_a_real_node() {
         .status()
         .expect("running tests/e2e/scenario.sh");
     assert!(status.success(), "tests/e2e/scenario.sh failed ({status})");
+}
+
+/// The README's quick start and the upgrade and uninstall of
+/// docs/install.md, their lines run as written (tests/e2e/documented.sh);
+/// only `kind`, `docker build` and the kube-prometheus-stack install are
+/// stood in for (tests/e2e/local/shims), as this machine has no Docker and
+/// no chart repositories.
+#[test]
+fn the_documented_quick_start_upgrade_and_uninstall_work_as_written() {
+    let name = "the_documented_quick_start_upgrade_and_uninstall_work_as_written";
+    if !isolated(name, build_tools_and_images) {
+        return;
+    }
+    let plane = ControlPlane::shared();
+    let node = Node::start(plane, &[&images_archive()]);
+    let _dump = dump_on_failure(plane, &node, &["chiller"]);
+
+    install_prometheus_operator(plane);
+
+    let shims = controlplane::crate_dir().join("tests/e2e/local/shims");
+    let status = e2e_script(plane, "documented.sh", &[shims])
+        .env("CRICTL", build("crictl").join("crictl"))
+        .env("CRI_CONFIG_FILE", node.crictl_config())
+        .status()
+        .expect("running tests/e2e/documented.sh");
+    assert!(status.success(), "tests/e2e/documented.sh failed ({status})");
 }

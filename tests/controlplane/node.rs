@@ -152,10 +152,13 @@ impl Node {
     /// crictl against this node's containerd.
     pub fn crictl(&self) -> Command {
         let mut command = Command::new(build("crictl").join("crictl"));
+        command.arg("--config").arg(self.crictl_config());
         command
-            .arg("--config")
-            .arg(self.dir.join("etc/crictl.yaml"));
-        command
+    }
+
+    /// The config file that points crictl at this node's containerd.
+    pub fn crictl_config(&self) -> PathBuf {
+        self.dir.join("etc/crictl.yaml")
     }
 
     /// The kubelet's `/stats/summary`, through the API server.
@@ -833,6 +836,10 @@ pub fn isolated(test_name: &str, prepare: impl FnOnce()) -> bool {
         return true;
     }
     require_root(test_name);
+    // One node at a time per test process: two would share the CPU and the
+    // host's sysctls, and each cleanup would wait for the other.
+    static ONE_NODE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_node = ONE_NODE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     prepare();
     remove_stale_nodes();
     let mut host = HostState::take();

@@ -282,21 +282,24 @@ diagnostics() {
 
 # Server-side dry-run creates of a probe pod in namespace $1 (image $2), one
 # every half second until file $3 exists (at most 10 minutes); prints
-# "attempts misses", a miss being a create that failed or came back without
-# injection. Dry runs go through admission, our webhook included, and store
+# "attempts misses failures", a miss being a create that failed or came back
+# without injection, a failure one the API server refused or did not answer
+# within 20 s. Dry runs go through admission, our webhook included, and store
 # nothing.
 dry_run_creates_until() {
-  local ns=$1 image=$2 stop=$3 attempts=0 misses=0 pod injected
+  local ns=$1 image=$2 stop=$3 attempts=0 misses=0 failures=0 pod injected
   pod=$(printf '{"apiVersion":"v1","kind":"Pod","metadata":{"generateName":"upgrade-probe-","labels":{"app":"upgrade-probe"}},"spec":{"containers":[{"name":"app","image":"%s"}]}}' "$image")
   for _ in $(seq 1 1200); do
     [ -e "$stop" ] && break
     attempts=$((attempts + 1))
-    injected=$(kubectl -n "$ns" create --dry-run=server --request-timeout=20s \
-      -o jsonpath='{.metadata.labels.metrics\.chiller\.io/injected}' -f - <<<"$pod" 2>/dev/null) || true
+    if ! injected=$(kubectl -n "$ns" create --dry-run=server --request-timeout=20s \
+      -o jsonpath='{.metadata.labels.metrics\.chiller\.io/injected}' -f - <<<"$pod" 2>/dev/null); then
+      failures=$((failures + 1))
+    fi
     [ "$injected" = true ] || misses=$((misses + 1))
     sleep 0.5
   done
-  echo "$attempts $misses"
+  echo "$attempts $misses $failures"
 }
 
 # pod_of NAMESPACE APP: the name of a Running pod of the Deployment APP.

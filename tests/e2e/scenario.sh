@@ -254,7 +254,7 @@ helm upgrade chiller-metrics manifests/chart/chiller-metrics --namespace "$CHILL
 kubectl -n "$CHILLER_NAMESPACE" rollout status deployment/chiller-metrics --timeout=300s
 touch "$upgraded"
 wait "$creates"
-read -r attempts misses <"$upgraded.result"
+read -r attempts misses _ <"$upgraded.result"
 rm -f "$upgraded" "$upgraded.result"
 echo "pod creates during the upgrade: $attempts, not injected: $misses" >&2
 ((attempts >= 5)) || fail "the upgrade was not probed ($attempts creates)"
