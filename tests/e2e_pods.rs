@@ -208,7 +208,9 @@ fn dump_on_failure<'a>(
             kubectl_text(plane, &["get", "pods", "-A", "-o", "wide"])
         })
         .with("events", || kubectl_text(plane, &["get", "events", "-A"]))
-        .with("Prometheus targets", || prometheus_targets(plane, namespaces))
+        .with("Prometheus targets", || {
+            prometheus_targets(plane, namespaces)
+        })
         .with("node", || node.diagnostics(40))
 }
 
@@ -253,5 +255,8 @@ fn the_documented_quick_start_upgrade_and_uninstall_work_as_written() {
         .env("CRI_CONFIG_FILE", node.crictl_config())
         .status()
         .expect("running tests/e2e/documented.sh");
-    assert!(status.success(), "tests/e2e/documented.sh failed ({status})");
+    assert!(
+        status.success(),
+        "tests/e2e/documented.sh failed ({status})"
+    );
 }

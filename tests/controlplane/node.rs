@@ -839,7 +839,9 @@ pub fn isolated(test_name: &str, prepare: impl FnOnce()) -> bool {
     // One node at a time per test process: two would share the CPU and the
     // host's sysctls, and each cleanup would wait for the other.
     static ONE_NODE: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one_node = ONE_NODE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _one_node = ONE_NODE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     prepare();
     remove_stale_nodes();
     let mut host = HostState::take();
