@@ -77,8 +77,10 @@ probe_while() {
   sleep 2
 }
 
-# stop_probes STOPFILE: stops the probes; sets attempts, misses and failures.
+# stop_probes STOPFILE: probes a few seconds more (creates right after the
+# step count too), then stops them; sets attempts, misses and failures.
 stop_probes() {
+  sleep 5
   touch "$1"
   wait "$probes"
   read -r attempts misses failures <"$1.result"
