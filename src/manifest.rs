@@ -7,7 +7,7 @@
 //! `# Source:` lines, quoting). A changed document keeps its leading and
 //! trailing comments and its key order; comments inside it are lost.
 
-use json_patch::{Patch, PatchOperation};
+use json_patch::{Patch, PatchOperation, jsonptr::Pointer};
 use serde::Deserialize;
 use serde_json::Value;
 use serde_norway::Value as Yaml;
@@ -458,11 +458,11 @@ fn ensure_metadata(node: &mut Yaml) {
     }
 }
 
-fn tokens(pointer: &str) -> Vec<String> {
+/// The decoded tokens of a JSON Pointer.
+fn tokens(pointer: &Pointer) -> Vec<String> {
     pointer
-        .split('/')
-        .skip(1)
-        .map(|t| t.replace("~1", "/").replace("~0", "~"))
+        .tokens()
+        .map(|token| token.decoded().into_owned())
         .collect()
 }
 
@@ -475,7 +475,7 @@ fn child_mut<'a>(node: &'a mut Yaml, token: &str) -> Option<&'a mut Yaml> {
 }
 
 fn pointer_mut<'a>(node: &'a mut Yaml, pointer: &str) -> Option<&'a mut Yaml> {
-    tokens(pointer)
+    tokens(Pointer::parse(pointer).ok()?)
         .iter()
         .try_fold(node, |node, token| child_mut(node, token))
 }
@@ -485,9 +485,9 @@ fn pointer_mut<'a>(node: &'a mut Yaml, pointer: &str) -> Option<&'a mut Yaml> {
 pub fn apply(doc: &mut Yaml, patch: &Patch) -> Result<(), String> {
     for op in &patch.0 {
         let (path, value) = match op {
-            PatchOperation::Add(add) => (add.path.as_str(), Some(&add.value)),
-            PatchOperation::Replace(replace) => (replace.path.as_str(), Some(&replace.value)),
-            PatchOperation::Remove(remove) => (remove.path.as_str(), None),
+            PatchOperation::Add(add) => (&*add.path, Some(&add.value)),
+            PatchOperation::Replace(replace) => (&*replace.path, Some(&replace.value)),
+            PatchOperation::Remove(remove) => (&*remove.path, None),
             other => return Err(format!("unsupported operation {other:?}")),
         };
         let tokens = tokens(path);

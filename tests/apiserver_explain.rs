@@ -211,15 +211,15 @@ fn explain_names_the_step_that_decides_and_agrees_with_the_webhook() {
         text.stdout
     );
 
-    // Step 4: the namespace's pod-selector; the webhook skipped it too.
+    // Step 5: the namespace's pod-selector; the webhook skipped it too.
     run_with_input(
         plane.kubectl().args(["create", "-n", "shop", "-f", "-"]),
         &pod("db", json!({"app": "db"}), json!({})).to_string(),
     );
     assert!(!injected(plane, "shop", "db"));
     let db = explain_json(plane, "pod", "shop/db");
-    assert_outcome(&db, "skipped", &[4, 6]);
-    assert!(step_detail(&db, 4).contains("app!=db"), "{db:#}");
+    assert_outcome(&db, "skipped", &[5]);
+    assert!(step_detail(&db, 5).contains("app!=db"), "{db:#}");
     assert_eq!(db["existing"]["injected"], false);
     show(plane, "pod", "shop/api");
     show(plane, "pod", "shop/db");
@@ -236,13 +236,14 @@ fn explain_names_the_step_that_decides_and_agrees_with_the_webhook() {
     );
     assert!(!injected(plane, "shop", "legacy"));
     let legacy = explain_json(plane, "pod", "shop/legacy");
-    assert_outcome(&legacy, "not-called", &[3, 5, 6]);
+    // Were it called, the webhook would stop at its opt-outs (step 4).
+    assert_outcome(&legacy, "not-called", &[3, 4]);
     assert!(
         step_detail(&legacy, 3).contains("notin (disabled)"),
         "{legacy:#}"
     );
 
-    // Step 5: the opt-out annotation is the webhook's own decision.
+    // Step 4: the opt-out annotation is the webhook's own decision.
     run_with_input(
         plane.kubectl().args(["create", "-n", "shop", "-f", "-"]),
         &pod(
@@ -253,11 +254,7 @@ fn explain_names_the_step_that_decides_and_agrees_with_the_webhook() {
         .to_string(),
     );
     assert!(!injected(plane, "shop", "manual"));
-    assert_outcome(
-        &explain_json(plane, "pod", "shop/manual"),
-        "skipped",
-        &[5, 6],
-    );
+    assert_outcome(&explain_json(plane, "pod", "shop/manual"), "skipped", &[4]);
 
     // Every workload kind: explain says its pods would be injected, and the
     // pods the controllers create are.
@@ -363,11 +360,52 @@ fn explain_names_the_step_that_decides_and_agrees_with_the_webhook() {
     );
     let own = explain_json(plane, "deployment", "chiller-metrics/chiller-metrics");
     assert_eq!(own["outcome"], "not-called", "{own:#}");
-    // Its pods also opt out with the label (steps 3 and 5); step 2 comes first.
+    // Its pods also opt out with the label (steps 3 and 4); step 2 comes first.
     assert_eq!(failed_steps(&own).first(), Some(&2), "{own:#}");
     assert!(
         step_detail(&own, 2).contains("chiller-metrics is excluded"),
         "{own:#}"
+    );
+
+    // Step 3: matchConditions on the pod's spec and the request are
+    // evaluated, and agree with the API server's.
+    run(plane.kubectl().args([
+        "patch",
+        "mutatingwebhookconfiguration",
+        install::WEBHOOK_CONFIGURATION,
+        "--type=json",
+        "-p",
+        &json!([{"op": "add", "path": "/webhooks/0/matchConditions/-", "value":
+            {"name": "one-container", "expression":
+                "object.spec.containers.size() < 2 && request.operation == 'CREATE' && request.kind.kind == 'Pod'"}}])
+        .to_string(),
+    ]));
+    let mut pair = pod("pair", json!({"app": "pair"}), json!({}));
+    pair["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "worker", "image": IMAGE}));
+    run_with_input(
+        plane.kubectl().args(["create", "-n", "shop", "-f", "-"]),
+        &pair.to_string(),
+    );
+    assert!(!injected(plane, "shop", "pair"));
+    let pair = explain_json(plane, "pod", "shop/pair");
+    assert_outcome(&pair, "not-called", &[3]);
+    assert!(
+        step_detail(&pair, 3).contains("matchCondition one-container is false"),
+        "{pair:#}"
+    );
+    run_with_input(
+        plane.kubectl().args(["create", "-n", "shop", "-f", "-"]),
+        &pod("solo", json!({"app": "solo"}), json!({})).to_string(),
+    );
+    assert!(injected(plane, "shop", "solo"));
+    let solo = explain_json(plane, "pod", "shop/solo");
+    assert_outcome(&solo, "injected", &[]);
+    assert!(
+        step_detail(&solo, 3).contains("matchCondition one-container is true"),
+        "{solo:#}"
     );
 
     // Step 3: a matchCondition explain cannot evaluate is said to be so.

@@ -10,17 +10,21 @@
 //!
 //! `UPDATE_GOLDEN=1 cargo test --test golden` (or `make golden`) rewrites the
 //! expected files and deletes orphaned ones.
+//!
+//! `explain -f` on every pod created here says "would be injected" exactly
+//! when the webhook injected it.
 
 mod support;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     path::{Path, PathBuf},
 };
 
 use base64::{Engine, engine::general_purpose::STANDARD};
 use chiller_metrics::{
+    cli::explain::decide::Outcome as ExplainOutcome,
     cluster::policy_from_namespace,
     config::Config,
     inject::{Injector, NamespacePolicy, ResolvedMode, check_pod},
@@ -44,6 +48,9 @@ fn golden_dir() -> PathBuf {
 struct FixtureNamespace {
     name: String,
     policy: NamespacePolicy,
+    /// As explain reads them; none without a namespace file.
+    labels: BTreeMap<String, String>,
+    annotations: BTreeMap<String, String>,
 }
 
 impl NamespacePolicies for FixtureNamespace {
@@ -97,11 +104,15 @@ impl Fixture {
             FixtureNamespace {
                 name: namespace.metadata.name.clone().unwrap_or_default(),
                 policy: policy_from_namespace(&namespace, &keys),
+                labels: namespace.metadata.labels.clone().unwrap_or_default(),
+                annotations: namespace.metadata.annotations.clone().unwrap_or_default(),
             }
         } else {
             FixtureNamespace {
                 name: String::new(),
                 policy: NamespacePolicy::default(),
+                labels: BTreeMap::new(),
+                annotations: BTreeMap::new(),
             }
         };
         Ok(Self {
@@ -331,6 +342,85 @@ fn every_request_matches_its_golden_answer() {
         failures.len(),
         names.len(),
         failures.join("\n\n")
+    );
+}
+
+/// Every pod CREATE of the fixtures, in an opted-in namespace (the API server
+/// called the webhook for it) with the fixture's namespace annotations:
+/// explain's verdict is "would be injected" exactly when the webhook
+/// injected. The objects carry `creationTimestamp: null`, as the API server
+/// sends them and as `kubectl create --dry-run=client -o yaml` writes them;
+/// without the key they are new pods too.
+#[test]
+fn explain_agrees_with_the_webhook_on_every_pod_created() {
+    let (names, _) = request_names();
+    let (mut compared, mut injected) = (0, 0);
+    let mut disagreements = Vec::new();
+    for name in &names {
+        let fixture = Fixture::load(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let request = &fixture.request["request"];
+        let pod_create = request["operation"] == "CREATE"
+            && request["kind"]["kind"] == "Pod"
+            && request.get("subResource").is_none();
+        if !pod_create {
+            continue;
+        }
+        let (_, outcome) = fixture
+            .answer(&fixture.request)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let webhook_injects = outcome == Outcome::Injected;
+        let namespace = request["namespace"].as_str().expect("a namespaced request");
+        let (mut labels, annotations) = if fixture.namespace.name == namespace {
+            (
+                fixture.namespace.labels.clone(),
+                fixture.namespace.annotations.clone(),
+            )
+        } else {
+            Default::default()
+        };
+        labels.insert(
+            fixture.injector.keys().inject.clone(),
+            "enabled".to_string(),
+        );
+        let as_sent = request["object"].clone();
+        assert!(
+            as_sent["metadata"]["creationTimestamp"].is_null(),
+            "{name}: the API server sends creationTimestamp: null"
+        );
+        let mut without = as_sent.clone();
+        without["metadata"]
+            .as_object_mut()
+            .expect("the pod has metadata")
+            .remove("creationTimestamp");
+        for object in [&as_sent, &without] {
+            let explanation = support::explain_manifest(
+                object,
+                namespace,
+                labels.clone(),
+                annotations.clone(),
+                &fixture.injector,
+            );
+            let explain_injects = explanation.outcome == ExplainOutcome::WouldInject;
+            if explain_injects != webhook_injects {
+                disagreements.push(format!(
+                    "{name}: the webhook answered {outcome:?}, explain says {:?}: {}",
+                    explanation.outcome, explanation.verdict
+                ));
+            }
+        }
+        compared += 1;
+        injected += usize::from(webhook_injects);
+    }
+    assert!(
+        disagreements.is_empty(),
+        "explain and the webhook disagree:\n{}",
+        disagreements.join("\n")
+    );
+    // The fixtures hold pods of both kinds.
+    assert!(compared >= 20, "only {compared} pod CREATEs compared");
+    assert!(
+        (8..compared).contains(&injected),
+        "{injected} of {compared} pods injected"
     );
 }
 

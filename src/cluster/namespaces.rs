@@ -100,15 +100,7 @@ impl NamespacePolicies for NamespaceCache {
 
 /// The webhook-relevant settings of a namespace.
 pub fn policy_from_namespace(namespace: &Namespace, keys: &Keys) -> NamespacePolicy {
-    NamespacePolicy {
-        pod_selector: namespace
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(&keys.pod_selector))
-            .filter(|s| !s.trim().is_empty())
-            .cloned(),
-    }
+    NamespacePolicy::from_annotations(namespace.metadata.annotations.as_ref(), keys)
 }
 
 #[cfg(test)]

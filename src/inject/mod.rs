@@ -66,6 +66,18 @@ pub struct NamespacePolicy {
     pub pod_selector: Option<String>,
 }
 
+impl NamespacePolicy {
+    /// The policy a namespace's annotations give; a blank selector is none.
+    pub fn from_annotations(annotations: Option<&BTreeMap<String, String>>, keys: &Keys) -> Self {
+        Self {
+            pod_selector: annotations
+                .and_then(|a| a.get(&keys.pod_selector))
+                .filter(|s| !s.trim().is_empty())
+                .cloned(),
+        }
+    }
+}
+
 /// Facts about a pod that are not in the pod object itself.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PodContext<'a> {
@@ -85,8 +97,13 @@ pub enum SkipReason {
     OptedOutByLabel(String),
     #[error("pod opted out with the annotation {0}: \"false\"")]
     OptedOutByAnnotation(String),
-    #[error("pod does not match the namespace pod selector {0:?}")]
-    NotSelected(String),
+    #[error("pod does not match the namespace pod selector {selector:?} (unmet: {})", unmet.join(", "))]
+    NotSelected {
+        selector: String,
+        /// The selector's terms the pod's labels do not meet, as written by
+        /// `kubectl -l`.
+        unmet: Vec<String>,
+    },
     #[error("namespace pod selector is invalid, injection skipped: {0}")]
     InvalidNamespaceSelector(SelectorError),
     #[error(
@@ -119,7 +136,7 @@ impl SkipReason {
         match self {
             Self::AlreadyInjected => "already_injected",
             Self::OptedOutByLabel(_) | Self::OptedOutByAnnotation(_) => "opted_out",
-            Self::NotSelected(_) => "not_selected",
+            Self::NotSelected { .. } => "not_selected",
             Self::InvalidNamespaceSelector(_) => "invalid_namespace_selector",
             Self::JobNeedsNativeSidecar => "job_needs_native_sidecar",
             Self::HostNetwork => "host_network",
@@ -138,9 +155,43 @@ impl SkipReason {
             Self::AlreadyInjected
                 | Self::OptedOutByLabel(_)
                 | Self::OptedOutByAnnotation(_)
-                | Self::NotSelected(_)
+                | Self::NotSelected { .. }
         )
     }
+
+    /// The stage of [`Injector::mutate`] that gave this reason.
+    pub fn stage(&self) -> Stage {
+        match self {
+            Self::AlreadyInjected | Self::OptedOutByLabel(_) | Self::OptedOutByAnnotation(_) => {
+                Stage::Wanted
+            }
+            Self::NotSelected { .. } | Self::InvalidNamespaceSelector(_) => Stage::Selected,
+            Self::JobNeedsNativeSidecar
+            | Self::HostNetwork
+            | Self::WindowsPod
+            | Self::NameConflict { .. }
+            | Self::PortConflict { .. }
+            | Self::UnknownContainers { .. }
+            | Self::NoTargetContainer(_) => Stage::Fits,
+        }
+    }
+}
+
+/// The stages of [`Injector::mutate`], in the order it goes through them;
+/// the first reason to skip ends the decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stage {
+    /// Not injected already, and not opted out by a label or an annotation.
+    Wanted,
+    /// Selected by the namespace's pod selector, when it has one.
+    Selected,
+    /// The sidecar can safely join the pod, and a container takes the
+    /// statsd settings.
+    Fits,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 3] = [Stage::Wanted, Stage::Selected, Stage::Fits];
 }
 
 /// What was injected, recorded in the pod's status annotation.
@@ -427,7 +478,7 @@ impl Injector {
         let spec = pod.spec.as_ref();
         let containers = pod.app_containers();
 
-        // 1. Already done, or not wanted.
+        // 1. Already done, or not wanted (Stage::Wanted).
         let has_sidecar = pod.containers().any(|c| c.name == sidecar_name);
         let marked =
             pod.label(&keys.injected) == Some("true") || pod.annotation(&keys.status).is_some();
@@ -440,6 +491,7 @@ impl Injector {
         if pod.annotation(&keys.inject) == Some("false") {
             return Err(SkipReason::OptedOutByAnnotation(keys.inject.clone()));
         }
+        // Not selected by the namespace (Stage::Selected).
         if let Some(selector_text) = ctx.namespace.and_then(|ns| ns.pod_selector.as_deref()) {
             let selector =
                 parse_selector(selector_text).map_err(SkipReason::InvalidNamespaceSelector)?;
@@ -449,11 +501,18 @@ impl Injector {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
             if !selector.matches(&labels) {
-                return Err(SkipReason::NotSelected(selector_text.to_string()));
+                return Err(SkipReason::NotSelected {
+                    selector: selector_text.to_string(),
+                    unmet: selector
+                        .into_iter()
+                        .filter(|term| !term.matches(&labels))
+                        .map(|term| term.to_string())
+                        .collect(),
+                });
             }
         }
 
-        // 2. Pods the sidecar cannot safely join.
+        // 2. Pods the sidecar cannot safely join (Stage::Fits, as is 3).
         if self.mode == ResolvedMode::Container && runs_to_completion(pod, ctx) {
             return Err(SkipReason::JobNeedsNativeSidecar);
         }
@@ -730,6 +789,37 @@ mod tests {
         let mut unrelated = Config::default();
         unrelated.reconcile.resync_seconds = 7;
         assert_eq!(hashes(unrelated, ResolvedMode::Native), base);
+    }
+
+    /// A pod with a reason to skip at every stage is skipped at the first;
+    /// without it, at the next.
+    #[test]
+    fn mutate_goes_through_the_stages_in_order() {
+        let injector = Injector::new(Config::default(), ResolvedMode::Native);
+        let policy = NamespacePolicy {
+            pod_selector: Some("app=web".into()),
+        };
+        let ctx = PodContext {
+            namespace: Some(&policy),
+            ..Default::default()
+        };
+        let stage = |labels: Value| {
+            let pod = serde_json::json!({
+                "metadata": {"labels": labels},
+                "spec": {"hostNetwork": true, "containers": [{"name": "api", "image": "api:1"}]},
+            });
+            match injector.mutate(&PodView::deserialize(&pod).unwrap(), ctx) {
+                Decision::Skip(reason) => reason.stage(),
+                other => panic!("skipped, not {other:?}"),
+            }
+        };
+        let stages = [
+            serde_json::json!({"app": "api", "metrics.chiller.io/inject": "disabled"}),
+            serde_json::json!({"app": "api"}),
+            serde_json::json!({"app": "web"}),
+        ]
+        .map(stage);
+        assert_eq!(stages, Stage::ALL);
     }
 
     #[test]

@@ -441,3 +441,56 @@ pub fn release_binary() -> PathBuf {
         .find_map(|message| message["executable"].as_str().map(PathBuf::from))
         .expect("cargo names the built executable")
 }
+
+/// What `explain -f` says of the pod in `manifest`, created in `namespace`
+/// with `labels` and `annotations`, under the chart's webhook configuration
+/// and `injector`'s config and mode.
+pub fn explain_manifest(
+    manifest: &Value,
+    namespace: &str,
+    labels: std::collections::BTreeMap<String, String>,
+    annotations: std::collections::BTreeMap<String, String>,
+    injector: &chiller_metrics::inject::Injector,
+) -> chiller_metrics::cli::explain::decide::Explanation {
+    use chiller_metrics::cli::explain::{
+        decide::{Inputs, NamespaceFacts, WebhookFacts, explain, our_webhook},
+        input::{shipped_webhook, subject_of_manifest},
+    };
+    let subject = subject_of_manifest(manifest, namespace).expect("the manifest holds a pod");
+    let domain = &injector.config().domain;
+    let webhook = WebhookFacts {
+        source: "the chart's defaults".into(),
+        webhook: our_webhook(shipped_webhook(domain).webhooks, domain),
+    };
+    explain(&Inputs {
+        subject: &subject,
+        namespace: Some(&NamespaceFacts {
+            labels,
+            annotations,
+        }),
+        webhook: &webhook,
+        injector,
+    })
+}
+
+/// The AdmissionReview the API server sends for creating `pod` in `namespace`.
+pub fn pod_create_review(pod: &Value, namespace: &str) -> Value {
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "7d3c8e2a-5b1f-4c9d-8e6a-0f2b4d6c8a10",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": namespace,
+            "operation": "CREATE",
+            "userInfo": {"username": "kubernetes-admin", "groups": ["system:authenticated"]},
+            "object": pod,
+            "oldObject": null,
+            "dryRun": false,
+            "options": {"kind": "CreateOptions", "apiVersion": "meta.k8s.io/v1"},
+        },
+    })
+}

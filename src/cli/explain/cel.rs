@@ -1,413 +1,281 @@
-//! A small subset of CEL, enough for the `matchConditions` the chart ships
-//! and their like: `!`, `&&`, `||`, parentheses, `true`/`false`,
-//! `has(object.metadata.labels)`, `'key' in object.metadata.labels`,
-//! `object.metadata.labels['key'] == 'value'` (`!=` too), for `labels`,
-//! `annotations` and `object.metadata.name`/`namespace`. Anything else is
-//! reported as unknown, never guessed.
+//! A webhook's `matchConditions`, evaluated with the `cel` crate on the
+//! variables the API server binds for a pod CREATE: `object` (the pod as
+//! admitted), `oldObject` (null), `request` (the admission request) and
+//! `authorizer`.
+//!
+//! What explain cannot know is bound as an opaque unknown: who creates the
+//! pod (`request.userInfo`), the create options (`request.options`), and the
+//! authorization checks (`authorizer`). An expression whose value does not
+//! depend on them (`true || request.userInfo.username == 'x'`) is still
+//! decided; one that reads them is reported as unknown, never guessed.
 
-use std::collections::BTreeMap;
+use std::{collections::HashMap, sync::Arc};
+
+use cel::{Context, Env, ExecutionError, Value as Cel, objects::Opaque};
+use serde_json::Value;
 
 /// The outcome of one expression.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CelOutcome {
     True,
     False,
-    /// Outside the subset, or an evaluation error (which the API server
-    /// handles by the failurePolicy).
+    /// A runtime error the API server would also hit (a missing key, an
+    /// index out of range, ...); the webhook's failurePolicy decides.
+    Error(String),
+    /// Reads what explain does not know, or uses what the `cel` crate does
+    /// not evaluate like the API server.
     Unknown(String),
 }
 
-/// The parts of the admitted object the subset can read.
-#[derive(Debug, Clone, Default)]
-pub struct ObjectMeta<'a> {
-    pub name: Option<&'a str>,
-    pub namespace: Option<&'a str>,
-    pub labels: Option<&'a BTreeMap<String, String>>,
-    pub annotations: Option<&'a BTreeMap<String, String>>,
+/// What explain does not know, bound where the API server binds a value.
+#[derive(Debug, PartialEq, Eq)]
+struct NotKnown(&'static str);
+
+impl Opaque for NotKnown {
+    fn runtime_type_name(&self) -> &str {
+        "chiller_metrics.explain.NotKnown"
+    }
 }
 
-pub fn evaluate(expression: &str, object: &ObjectMeta<'_>) -> CelOutcome {
-    let tokens = match tokenize(expression) {
-        Ok(tokens) => tokens,
-        Err(reason) => return CelOutcome::Unknown(reason),
-    };
-    let mut parser = Parser {
-        tokens: &tokens,
-        at: 0,
-        object,
-    };
-    let value = parser.or();
-    let value = match (value, parser.at == tokens.len()) {
-        (Ok(value), true) => value,
-        (Ok(_), false) => return CelOutcome::Unknown(unsupported(&tokens[parser.at])),
-        (Err(Failure::Unsupported(reason)), _) => return CelOutcome::Unknown(reason),
-        (Err(Failure::Error(reason)), _) => {
-            return CelOutcome::Unknown(format!("evaluation error: {reason}"));
+fn not_known(what: &'static str) -> Cel {
+    Cel::Opaque(Arc::new(NotKnown(what)))
+}
+
+/// The variables of a pod CREATE, ready for any number of expressions.
+pub struct Admission {
+    env: Arc<Env>,
+    object: Cel,
+    request: Cel,
+}
+
+impl Admission {
+    /// `pod` as the API server admits it (see [`admitted_pod`]), created in
+    /// `namespace`.
+    pub fn pod_create(pod: &Value, namespace: &str) -> Self {
+        let mut env = Env::stdlib();
+        // Kubernetes adds CEL's string extension to its environment.
+        env.add_extension(cel::extensions::strings)
+            .expect("the string extension declares nothing twice");
+        let pods = |field: &str, value: &str| {
+            json_to_cel(&serde_json::json!({"group": "", "version": "v1", field: value}))
+        };
+        let mut request: HashMap<&str, Cel> = HashMap::from([
+            ("uid", Cel::from("")),
+            ("kind", pods("kind", "Pod")),
+            ("resource", pods("resource", "pods")),
+            ("requestKind", pods("kind", "Pod")),
+            ("requestResource", pods("resource", "pods")),
+            ("namespace", Cel::from(namespace)),
+            ("operation", Cel::from("CREATE")),
+            ("userInfo", not_known("request.userInfo")),
+            ("dryRun", Cel::Bool(false)),
+            ("options", not_known("request.options")),
+        ]);
+        // A pod created from a workload has only a generateName yet.
+        if let Some(name) = pod
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+        {
+            request.insert("name", Cel::from(name));
         }
-    };
+        Self {
+            env: Arc::new(env),
+            object: json_to_cel(pod),
+            request: Cel::from(request),
+        }
+    }
+
+    /// Evaluates one matchCondition expression.
+    pub fn evaluate(&self, expression: &str) -> CelOutcome {
+        let program = match self.env.compile(expression) {
+            Ok(program) => program,
+            Err(error) => {
+                return CelOutcome::Unknown(format!("the cel crate does not parse it: {error}"));
+            }
+        };
+        let mut context = Context::with_env(Arc::clone(&self.env));
+        context.add_variable_from_value("object", self.object.clone());
+        context.add_variable_from_value("oldObject", Cel::Null);
+        context.add_variable_from_value("request", self.request.clone());
+        context.add_variable_from_value("authorizer", not_known("authorizer"));
+        let reads_unknown = ["authorizer", "userInfo", "options"]
+            .iter()
+            .any(|name| expression.contains(name));
+        match program.execute(&context) {
+            Ok(Cel::Bool(true)) => CelOutcome::True,
+            Ok(Cel::Bool(false)) => CelOutcome::False,
+            Ok(other) => CelOutcome::Unknown(format!("not a boolean: {other:?}")),
+            Err(_) if reads_unknown => CelOutcome::Unknown(
+                "it reads who creates the pod, the create options or the authorizer, which explain does not know"
+                    .into(),
+            ),
+            Err(
+                error @ (ExecutionError::NoSuchKey(_)
+                | ExecutionError::IndexOutOfBounds(_)
+                | ExecutionError::DivisionByZero(_)
+                | ExecutionError::RemainderByZero(_)
+                | ExecutionError::Overflow(..)),
+            ) => CelOutcome::Error(error.to_string()),
+            Err(error) => CelOutcome::Unknown(format!("the cel crate cannot evaluate it: {error}")),
+        }
+    }
+}
+
+/// JSON as CEL reads a Kubernetes object: integers are `int`.
+fn json_to_cel(value: &Value) -> Cel {
     match value {
-        Val::Bool(true) => CelOutcome::True,
-        Val::Bool(false) => CelOutcome::False,
-        _ => CelOutcome::Unknown("the expression is not a boolean".into()),
+        Value::Null => Cel::Null,
+        Value::Bool(b) => Cel::Bool(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => Cel::Int(i),
+            None => n
+                .as_u64()
+                .map_or_else(|| Cel::Float(n.as_f64().unwrap_or(f64::NAN)), Cel::UInt),
+        },
+        Value::String(s) => Cel::from(s.as_str()),
+        Value::Array(items) => Cel::List(Arc::new(items.iter().map(json_to_cel).collect())),
+        Value::Object(map) => Cel::from(
+            map.iter()
+                .map(|(k, v)| (k.clone(), json_to_cel(v)))
+                .collect::<HashMap<String, Cel>>(),
+        ),
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Token {
-    Open,
-    Close,
-    OpenBracket,
-    CloseBracket,
-    Not,
-    And,
-    Or,
-    Equal,
-    NotEqual,
-    Str(String),
-    /// An identifier or a dotted path.
-    Name(String),
-}
-
-fn unsupported(token: &Token) -> String {
-    format!("unsupported CEL at {token:?}")
-}
-
-fn tokenize(text: &str) -> Result<Vec<Token>, String> {
-    let mut tokens = Vec::new();
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        let token = match c {
-            c if c.is_whitespace() => continue,
-            '(' => Token::Open,
-            ')' => Token::Close,
-            '[' => Token::OpenBracket,
-            ']' => Token::CloseBracket,
-            '!' if chars.peek() == Some(&'=') => {
-                chars.next();
-                Token::NotEqual
+/// The pod as the API server hands it to a mutating webhook on CREATE:
+/// `apiVersion` and `kind` set, the namespace filled in, and nothing of what
+/// the API server sets only once the pod is stored (uid, creation time,
+/// resource version, status).
+pub fn admitted_pod(pod: &Value, namespace: &str) -> Value {
+    let mut pod = pod.clone();
+    if let Some(object) = pod.as_object_mut() {
+        object.insert("apiVersion".into(), "v1".into());
+        object.insert("kind".into(), "Pod".into());
+        object.remove("status");
+        let metadata = object
+            .entry("metadata")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if let Some(metadata) = metadata.as_object_mut() {
+            for stored in [
+                "uid",
+                "creationTimestamp",
+                "resourceVersion",
+                "generation",
+                "managedFields",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+            ] {
+                metadata.remove(stored);
             }
-            '!' => Token::Not,
-            '&' if chars.next() == Some('&') => Token::And,
-            '|' if chars.next() == Some('|') => Token::Or,
-            '=' if chars.next() == Some('=') => Token::Equal,
-            '\'' | '"' => {
-                let mut literal = String::new();
-                loop {
-                    match chars.next() {
-                        Some(end) if end == c => break,
-                        Some('\\') => return Err("escapes in CEL strings are not supported".into()),
-                        Some(ch) => literal.push(ch),
-                        None => return Err("unterminated string".into()),
-                    }
-                }
-                Token::Str(literal)
-            }
-            c if c.is_ascii_alphabetic() || c == '_' => {
-                let mut name = c.to_string();
-                while let Some(&next) = chars.peek() {
-                    if next.is_ascii_alphanumeric() || next == '_' || next == '.' {
-                        name.push(next);
-                        chars.next();
-                    } else {
-                        break;
-                    }
-                }
-                Token::Name(name)
-            }
-            other => return Err(format!("unsupported CEL character {other:?}")),
-        };
-        tokens.push(token);
-    }
-    Ok(tokens)
-}
-
-#[derive(Debug, Clone, PartialEq)]
-enum Val<'a> {
-    Bool(bool),
-    Str(String),
-    /// A map field; `None` when the object does not have it.
-    Map(&'static str, Option<&'a BTreeMap<String, String>>),
-}
-
-enum Failure {
-    Unsupported(String),
-    /// A CEL runtime error (e.g. a missing key).
-    Error(String),
-}
-
-type Parsed<'a> = Result<Val<'a>, Failure>;
-
-struct Parser<'t, 'o> {
-    tokens: &'t [Token],
-    at: usize,
-    object: &'t ObjectMeta<'o>,
-}
-
-impl<'o> Parser<'_, 'o> {
-    fn peek(&self) -> Option<&Token> {
-        self.tokens.get(self.at)
-    }
-
-    fn next(&mut self) -> Result<Token, Failure> {
-        let token = self
-            .peek()
-            .cloned()
-            .ok_or_else(|| Failure::Unsupported("unexpected end of expression".into()))?;
-        self.at += 1;
-        Ok(token)
-    }
-
-    fn expect(&mut self, wanted: Token) -> Result<(), Failure> {
-        match self.next()? {
-            token if token == wanted => Ok(()),
-            other => Err(Failure::Unsupported(unsupported(&other))),
+            metadata.insert("namespace".into(), namespace.into());
         }
     }
-
-    /// CEL's `||` and `&&` are commutative over errors: `true || error` is true.
-    fn or(&mut self) -> Parsed<'o> {
-        let mut left = self.and();
-        while self.peek() == Some(&Token::Or) {
-            self.at += 1;
-            let right = self.and();
-            left = logic(left, right, true);
-        }
-        left
-    }
-
-    fn and(&mut self) -> Parsed<'o> {
-        let mut left = self.comparison();
-        while self.peek() == Some(&Token::And) {
-            self.at += 1;
-            let right = self.comparison();
-            left = logic(left, right, false);
-        }
-        left
-    }
-
-    fn comparison(&mut self) -> Parsed<'o> {
-        let left = self.unary();
-        let equal = match self.peek() {
-            Some(Token::Equal) => true,
-            Some(Token::NotEqual) => false,
-            Some(Token::Name(name)) if name == "in" => {
-                self.at += 1;
-                let map = self.unary()?;
-                return match (left?, map) {
-                    (Val::Str(key), Val::Map(_, Some(map))) => {
-                        Ok(Val::Bool(map.contains_key(&key)))
-                    }
-                    (Val::Str(_), Val::Map(field, None)) => {
-                        Err(Failure::Error(format!("no such key: {field}")))
-                    }
-                    _ => Err(Failure::Unsupported("`in` needs a string and a map".into())),
-                };
-            }
-            _ => return left,
-        };
-        self.at += 1;
-        let right = self.unary()?;
-        match (left?, right) {
-            (Val::Str(a), Val::Str(b)) => Ok(Val::Bool((a == b) == equal)),
-            (Val::Bool(a), Val::Bool(b)) => Ok(Val::Bool((a == b) == equal)),
-            _ => Err(Failure::Unsupported("comparison of different types".into())),
-        }
-    }
-
-    fn unary(&mut self) -> Parsed<'o> {
-        if self.peek() == Some(&Token::Not) {
-            self.at += 1;
-            return match self.unary()? {
-                Val::Bool(b) => Ok(Val::Bool(!b)),
-                _ => Err(Failure::Unsupported("`!` needs a boolean".into())),
-            };
-        }
-        self.primary()
-    }
-
-    fn primary(&mut self) -> Parsed<'o> {
-        match self.next()? {
-            Token::Open => {
-                let value = self.or();
-                self.expect(Token::Close)?;
-                value
-            }
-            Token::Str(s) => Ok(Val::Str(s)),
-            Token::Name(name) if name == "true" => Ok(Val::Bool(true)),
-            Token::Name(name) if name == "false" => Ok(Val::Bool(false)),
-            Token::Name(name) if name == "has" => {
-                self.expect(Token::Open)?;
-                let path = match self.next()? {
-                    Token::Name(path) => path,
-                    other => return Err(Failure::Unsupported(unsupported(&other))),
-                };
-                self.expect(Token::Close)?;
-                let present = match path.as_str() {
-                    "object.metadata.labels" => self.object.labels.is_some(),
-                    "object.metadata.annotations" => self.object.annotations.is_some(),
-                    "object.metadata.name" => self.object.name.is_some(),
-                    "object.metadata.namespace" => self.object.namespace.is_some(),
-                    other => return Err(Failure::Unsupported(format!("has({other})"))),
-                };
-                Ok(Val::Bool(present))
-            }
-            Token::Name(path) => {
-                let value = self.field(&path)?;
-                if self.peek() != Some(&Token::OpenBracket) {
-                    return Ok(value);
-                }
-                self.at += 1;
-                let key = match self.next()? {
-                    Token::Str(key) => key,
-                    other => return Err(Failure::Unsupported(unsupported(&other))),
-                };
-                self.expect(Token::CloseBracket)?;
-                match value {
-                    Val::Map(_, Some(map)) => map
-                        .get(&key)
-                        .map(|v| Val::Str(v.clone()))
-                        .ok_or_else(|| Failure::Error(format!("no such key: {key}"))),
-                    Val::Map(field, None) => Err(Failure::Error(format!("no such key: {field}"))),
-                    _ => Err(Failure::Unsupported(format!("{path}[...]"))),
-                }
-            }
-            other => Err(Failure::Unsupported(unsupported(&other))),
-        }
-    }
-
-    fn field(&self, path: &str) -> Parsed<'o> {
-        let text = |value: Option<&str>, field: &str| {
-            value
-                .map(|v| Val::Str(v.to_string()))
-                .ok_or_else(|| Failure::Error(format!("no such key: {field}")))
-        };
-        match path {
-            "object.metadata.labels" => Ok(Val::Map("labels", self.object.labels)),
-            "object.metadata.annotations" => Ok(Val::Map("annotations", self.object.annotations)),
-            "object.metadata.name" => text(self.object.name, "name"),
-            "object.metadata.namespace" => text(self.object.namespace, "namespace"),
-            other => Err(Failure::Unsupported(format!(
-                "unsupported CEL name {other}"
-            ))),
-        }
-    }
-}
-
-fn logic<'o>(left: Parsed<'o>, right: Parsed<'o>, or: bool) -> Parsed<'o> {
-    let as_bool = |v: Parsed<'o>| match v {
-        Ok(Val::Bool(b)) => Ok(b),
-        Ok(_) => Err(Failure::Unsupported("`&&`/`||` need booleans".into())),
-        Err(failure) => Err(failure),
-    };
-    match (as_bool(left), as_bool(right)) {
-        // An unsupported part is never overruled: the whole stays unknown.
-        (Err(Failure::Unsupported(r)), _) | (_, Err(Failure::Unsupported(r))) => {
-            Err(Failure::Unsupported(r))
-        }
-        (Ok(a), Ok(b)) => Ok(Val::Bool(if or { a || b } else { a && b })),
-        (Ok(decisive), Err(_)) | (Err(_), Ok(decisive)) if decisive == or => Ok(Val::Bool(or)),
-        (Err(e), _) | (_, Err(e)) => Err(e),
-    }
+    pod
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     const CHART: &str = "!has(object.metadata.labels) || !('metrics.chiller.io/injected' in object.metadata.labels)";
 
-    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+    fn admission(metadata: Value) -> Admission {
+        let pod = json!({"metadata": metadata, "spec": {"containers": [
+            {"name": "app", "image": "app:1", "ports": [{"containerPort": 8000}]},
+        ]}});
+        Admission::pod_create(&admitted_pod(&pod, "shop"), "shop")
     }
 
     #[test]
     fn the_charts_condition() {
-        let none = ObjectMeta::default();
-        assert_eq!(evaluate(CHART, &none), CelOutcome::True);
-        let other = map(&[("app", "api")]);
-        let object = ObjectMeta {
-            labels: Some(&other),
-            ..Default::default()
-        };
-        assert_eq!(evaluate(CHART, &object), CelOutcome::True);
-        let injected = map(&[("app", "api"), ("metrics.chiller.io/injected", "true")]);
-        let object = ObjectMeta {
-            labels: Some(&injected),
-            ..Default::default()
-        };
-        assert_eq!(evaluate(CHART, &object), CelOutcome::False);
+        assert_eq!(admission(json!({})).evaluate(CHART), CelOutcome::True);
+        let other = admission(json!({"labels": {"app": "api"}}));
+        assert_eq!(other.evaluate(CHART), CelOutcome::True);
+        let injected = admission(json!({"labels": {"metrics.chiller.io/injected": "true"}}));
+        assert_eq!(injected.evaluate(CHART), CelOutcome::False);
     }
 
     #[test]
-    fn indexing_comparisons_and_precedence() {
-        let labels = map(&[("app", "api"), ("tier", "web")]);
-        let annotations = map(&[("x", "1")]);
-        let object = ObjectMeta {
-            name: Some("api-0"),
-            labels: Some(&labels),
-            annotations: Some(&annotations),
-            ..Default::default()
-        };
+    fn the_pod_its_spec_and_the_request_are_read() {
+        let admission = admission(json!({"name": "api-0", "labels": {"app": "api"}}));
         for (expression, expected) in [
             ("object.metadata.labels['app'] == 'api'", true),
             ("object.metadata.labels[\"app\"] != 'api'", false),
-            ("false || true && false", false),
-            ("(false || true) && true", true),
-            ("!('x' in object.metadata.annotations)", false),
+            ("object.metadata.namespace == 'shop'", true),
+            ("object.spec.containers.size() > 1", false),
             (
-                "object.metadata.name == 'api-0' && has(object.metadata.annotations)",
+                "object.spec.containers[0].ports[0].containerPort == 8000",
                 true,
             ),
-            ("!has(object.metadata.namespace)", true),
+            (
+                "object.spec.containers.exists(c, c.image.startsWith('app:'))",
+                true,
+            ),
+            ("!has(object.status) && !has(object.metadata.uid)", true),
+            ("request.operation == 'CREATE' && !request.dryRun", true),
+            (
+                "request.kind.kind == 'Pod' && request.resource.group == ''",
+                true,
+            ),
+            (
+                "request.namespace == 'shop' && request.name == 'api-0'",
+                true,
+            ),
+            ("oldObject == null", true),
+            ("'API'.lowerAscii() == 'api'", true),
+            ("true || request.userInfo.username == 'admin'", true),
         ] {
-            let outcome = evaluate(expression, &object);
             let expected = if expected {
                 CelOutcome::True
             } else {
                 CelOutcome::False
             };
-            assert_eq!(outcome, expected, "{expression}");
+            assert_eq!(admission.evaluate(expression), expected, "{expression}");
         }
     }
 
     #[test]
-    fn errors_follow_cel_commutative_logic() {
-        let object = ObjectMeta::default();
-        // Unguarded access to missing labels is an error...
+    fn a_missing_key_is_the_api_servers_error_too() {
+        let admission = admission(json!({}));
         assert!(matches!(
-            evaluate("'a' in object.metadata.labels", &object),
-            CelOutcome::Unknown(reason) if reason.contains("evaluation error")
+            admission.evaluate("'a' in object.metadata.labels"),
+            CelOutcome::Error(_)
         ));
-        // ...unless the other side of || is true, on either side.
+        // Unless the other side of || is true, on either side.
         assert_eq!(
-            evaluate("'a' in object.metadata.labels || true", &object),
+            admission.evaluate("'a' in object.metadata.labels || true"),
             CelOutcome::True
         );
         assert_eq!(
-            evaluate("false && object.metadata.labels['a'] == 'b'", &object),
+            admission.evaluate("false && object.metadata.labels['a'] == 'b'"),
             CelOutcome::False
         );
+        // A pod created from a workload has no name yet.
+        assert!(matches!(
+            admission.evaluate("request.name == 'x'"),
+            CelOutcome::Error(_)
+        ));
     }
 
     #[test]
-    fn anything_else_is_unknown() {
-        let object = ObjectMeta::default();
+    fn what_explain_does_not_know_is_unknown() {
+        let admission = admission(json!({}));
         for expression in [
-            "object.spec.containers.size() > 1",
-            "request.userInfo.username == 'admin'",
-            "has(object.spec)",
-            "object.metadata.labels.exists(k, k == 'a')",
-            "true true",
-            "'a' + 'b' == 'ab'",
-            "authorizer.requestResource.check('x').allowed()",
-            "true || object.spec.x == 'y'",
+            "request.userInfo.username != 'system:admin'",
+            "'system:masters' in request.userInfo.groups",
+            "false || request.userInfo.username == 'x'",
+            "authorizer.requestResource.check('create').allowed()",
+            "request.options.fieldManager == 'kubectl'",
+            "object.metadata.namespace.unknownFunction()",
+            "object.spec.(",
         ] {
             assert!(
-                matches!(evaluate(expression, &object), CelOutcome::Unknown(_)),
-                "{expression}"
+                matches!(admission.evaluate(expression), CelOutcome::Unknown(_)),
+                "{expression}: {:?}",
+                admission.evaluate(expression)
             );
         }
     }

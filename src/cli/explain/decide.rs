@@ -1,7 +1,9 @@
 //! The explanation itself: a pure function from what was read (the pod or
 //! template, its namespace, the webhook configuration, the injector) to the
-//! steps and a verdict. The mutation's step calls [`Injector::mutate`], the
-//! function the webhook calls.
+//! steps and a verdict. Steps 1–3 are the API server's (the webhook
+//! configuration's selectors and matchConditions); steps 4–6 are the stages
+//! of [`Injector::mutate`], the function the webhook calls: explain calls it
+//! once and shows its [`Decision`], never deciding on its own.
 
 use std::collections::BTreeMap;
 
@@ -10,12 +12,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
-    cel::{self, CelOutcome, ObjectMeta},
+    cel::{Admission, CelOutcome, admitted_pod},
     selector::{self, Requirement},
 };
 use crate::{
     inject::{
-        Decision, Injector, NamespacePolicy, PodContext, PodView, ResolvedMode, parse_selector,
+        Decision, Injector, NamespacePolicy, PodContext, PodView, ResolvedMode, SkipReason, Stage,
     },
     keys::DISABLED,
     manifest::with_metadata,
@@ -72,6 +74,9 @@ pub enum StepStatus {
     Fail,
     /// Cannot be decided offline or from what the configuration says.
     Unknown,
+    /// The webhook stopped at an earlier step.
+    #[serde(rename = "not-reached")]
+    NotReached,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,7 +168,6 @@ pub fn explain(inputs: &Inputs<'_>) -> Explanation {
         let _ = json_patch::patch(&mut pod, &patch);
     }
     let labels = string_map(pod.pointer("/metadata/labels"));
-    let annotations = string_map(pod.pointer("/metadata/annotations"));
     let no_namespace = NamespaceFacts::default();
     let namespace = inputs.namespace.unwrap_or(&no_namespace);
     let mut namespace_labels = namespace.labels.clone();
@@ -178,20 +182,9 @@ pub fn explain(inputs: &Inputs<'_>) -> Explanation {
         webhook,
         &namespace_labels,
     ));
-    steps.push(object_step(webhook, subject, &pod, &labels, &annotations));
-    let pod_selector = namespace
-        .annotations
-        .get(&keys.pod_selector)
-        .filter(|s| !s.trim().is_empty())
-        .cloned();
-    steps.push(pod_selector_step(
-        &keys.pod_selector,
-        pod_selector.as_deref(),
-        &labels,
-    ));
-    steps.push(opt_out_step(&keys.inject, &labels, &annotations));
-    let policy = NamespacePolicy { pod_selector };
-    steps.push(mutation_step(inputs, &pod, &policy));
+    steps.push(object_step(webhook, subject, &pod, &labels));
+    let policy = NamespacePolicy::from_annotations(Some(&namespace.annotations), keys);
+    steps.extend(webhook_steps(inputs, &pod, &policy));
 
     let object = format!("{} {}/{}", subject.kind, subject.namespace, subject.name);
     let (outcome, verdict) = verdict(&steps, existing.as_ref(), subject);
@@ -291,11 +284,22 @@ fn namespace_selector_step(
             format!("namespace {} does not exist", inputs.subject.namespace),
         );
     }
-    let requirements = selector::requirements(
+    let requirements = match selector::requirements(
         webhook.namespace_selector.as_ref(),
         namespace_labels,
         |key| key != NAME_LABEL,
-    );
+    ) {
+        Ok(requirements) => requirements,
+        Err(error) => {
+            return step(
+                1,
+                id,
+                title,
+                StepStatus::Fail,
+                format!("the namespaceSelector is invalid: {error}"),
+            );
+        }
+    };
     let wanted = selector::describe(&requirements);
     match unmet(&requirements)[..] {
         [] if requirements.is_empty() => step(
@@ -345,11 +349,22 @@ fn excluded_namespaces_step(
             "no webhook configuration".into(),
         );
     };
-    let requirements = selector::requirements(
+    let requirements = match selector::requirements(
         webhook.namespace_selector.as_ref(),
         namespace_labels,
         |key| key == NAME_LABEL,
-    );
+    ) {
+        Ok(requirements) => requirements,
+        Err(error) => {
+            return step(
+                2,
+                id,
+                title,
+                StepStatus::Fail,
+                format!("the namespaceSelector is invalid: {error}"),
+            );
+        }
+    };
     match unmet(&requirements)[..] {
         [] if requirements.is_empty() => step(
             2,
@@ -386,7 +401,6 @@ fn object_step(
     subject: &Subject,
     pod: &Value,
     labels: &BTreeMap<String, String>,
-    annotations: &BTreeMap<String, String>,
 ) -> Step {
     let (id, title) = ("object-selector", "objectSelector and matchConditions");
     let Some(webhook) = webhook else {
@@ -400,174 +414,183 @@ fn object_step(
     };
     let mut notes = Vec::new();
     let mut status = StepStatus::Pass;
-    let requirements = selector::requirements(webhook.object_selector.as_ref(), labels, |_| true);
-    match unmet(&requirements)[..] {
-        [] if requirements.is_empty() => notes.push("no objectSelector".to_string()),
-        [] => notes.push(format!(
-            "pod labels match the objectSelector {}",
-            selector::describe(&requirements)
-        )),
-        ref missing => {
+    match selector::requirements(webhook.object_selector.as_ref(), labels, |_| true) {
+        Err(error) => {
             status = StepStatus::Fail;
-            notes.push(format!(
-                "pod labels do not match the objectSelector ({})",
-                missing.join(",")
-            ));
+            notes.push(format!("the objectSelector is invalid: {error}"));
         }
-    }
-    let has = |path: &str| pod.pointer(path).is_some_and(Value::is_object);
-    let meta = ObjectMeta {
-        name: pod.pointer("/metadata/name").and_then(Value::as_str),
-        // The API server fills in the namespace before admission.
-        namespace: Some(subject.namespace.as_str()),
-        labels: has("/metadata/labels").then_some(labels),
-        annotations: has("/metadata/annotations").then_some(annotations),
-    };
-    for condition in webhook.match_conditions.iter().flatten() {
-        match cel::evaluate(&condition.expression, &meta) {
-            CelOutcome::True => notes.push(format!("matchCondition {} is true", condition.name)),
-            CelOutcome::False => {
+        Ok(requirements) => match unmet(&requirements)[..] {
+            [] if requirements.is_empty() => notes.push("no objectSelector".to_string()),
+            [] => notes.push(format!(
+                "pod labels match the objectSelector {}",
+                selector::describe(&requirements)
+            )),
+            ref missing => {
                 status = StepStatus::Fail;
                 notes.push(format!(
-                    "matchCondition {} is false: {}",
-                    condition.name, condition.expression
+                    "pod labels do not match the objectSelector ({})",
+                    missing.join(",")
                 ));
+            }
+        },
+    }
+    // The API server: any false condition skips the webhook; else an
+    // unknown one leaves it open; else an error goes by the failurePolicy.
+    let admission =
+        Admission::pod_create(&admitted_pod(pod, &subject.namespace), &subject.namespace);
+    let (mut falses, mut unknowns, mut errors) = (0, 0, 0);
+    for condition in webhook.match_conditions.iter().flatten() {
+        let (name, expression) = (&condition.name, &condition.expression);
+        match admission.evaluate(expression) {
+            CelOutcome::True => notes.push(format!("matchCondition {name} is true")),
+            CelOutcome::False => {
+                falses += 1;
+                notes.push(format!("matchCondition {name} is false: {expression}"));
             }
             CelOutcome::Unknown(reason) => {
-                if status == StepStatus::Pass {
-                    status = StepStatus::Unknown;
-                }
+                unknowns += 1;
                 notes.push(format!(
-                    "matchCondition {} cannot be evaluated here ({reason}): {}",
-                    condition.name, condition.expression
+                    "matchCondition {name} cannot be evaluated here ({reason}): {expression}"
                 ));
             }
+            CelOutcome::Error(error) => {
+                errors += 1;
+                notes.push(format!(
+                    "matchCondition {name} fails with an error ({error}): {expression}"
+                ));
+            }
+        }
+    }
+    if status == StepStatus::Pass {
+        if falses > 0 {
+            status = StepStatus::Fail;
+        } else if unknowns > 0 {
+            status = StepStatus::Unknown;
+        } else if errors > 0 {
+            status = StepStatus::Fail;
+            // The API server's default is Fail.
+            notes.push(match webhook.failure_policy.as_deref() {
+                Some("Ignore") => "failurePolicy Ignore: the webhook is not called".to_string(),
+                _ => "failurePolicy Fail: the API server rejects the pod".to_string(),
+            });
         }
     }
     step(3, id, title, status, notes.join("; "))
 }
 
-fn pod_selector_step(
-    key: &str,
-    pod_selector: Option<&str>,
-    labels: &BTreeMap<String, String>,
-) -> Step {
-    let (id, title) = ("pod-selector", "namespace pod-selector");
-    let Some(text) = pod_selector else {
-        return step(
-            4,
-            id,
-            title,
-            StepStatus::Pass,
-            format!("no {key} annotation on the namespace: every pod"),
-        );
+/// Steps 4–6: the stages of the webhook's one decision. Those before the
+/// stage that decided passed; the one that decided says why; the webhook
+/// never reaches those after it.
+fn webhook_steps(inputs: &Inputs<'_>, pod: &Value, policy: &NamespacePolicy) -> Vec<Step> {
+    let keys = inputs.injector.keys();
+    let decision = decide(inputs, pod, policy);
+    let decided = match &decision {
+        Ok(Decision::Skip(reason)) => Some(reason.stage()),
+        Ok(Decision::Inject { .. }) => None,
+        Err(_) => Some(Stage::Wanted),
     };
-    match parse_selector(text) {
-        Err(error) => step(
-            4,
-            id,
-            title,
-            StepStatus::Fail,
-            format!("{error}: the webhook skips every pod of the namespace"),
-        ),
-        Ok(selector) => {
-            use kube::core::SelectorExt;
-            if selector.matches(labels) {
-                step(
-                    4,
-                    id,
-                    title,
-                    StepStatus::Pass,
-                    format!("pod labels match {key}={text:?}"),
-                )
-            } else {
-                step(
-                    4,
-                    id,
-                    title,
+    Stage::ALL
+        .into_iter()
+        .map(|stage| {
+            let (number, id, title) = stage_step(stage);
+            let (status, detail) = match (decided, &decision) {
+                (Some(at), _) if stage > at => (
+                    StepStatus::NotReached,
+                    format!(
+                        "not reached: the webhook decided at step {}",
+                        stage_step(at).0
+                    ),
+                ),
+                (Some(at), Err(error)) if stage == at => (
                     StepStatus::Fail,
-                    format!("pod labels do not match {key}={text:?}"),
-                )
-            }
+                    format!("the webhook cannot read the pod: {error}"),
+                ),
+                (Some(at), Ok(Decision::Skip(reason))) if stage == at => {
+                    (StepStatus::Fail, skip_detail(reason, &keys.pod_selector))
+                }
+                (
+                    None,
+                    Ok(Decision::Inject {
+                        status, warnings, ..
+                    }),
+                ) if stage == Stage::Fits => {
+                    let mode = match status.mode {
+                        ResolvedMode::Native => "native",
+                        ResolvedMode::Container => "container",
+                    };
+                    let mut detail = format!(
+                        "inject {} ({mode}) and configure container(s) {} with --statsd-prefix={}",
+                        status.sidecar,
+                        status.containers.join(","),
+                        status.prefix
+                    );
+                    for warning in warnings {
+                        detail.push_str(&format!("; {warning}"));
+                    }
+                    (StepStatus::Pass, detail)
+                }
+                _ => (StepStatus::Pass, passed_detail(stage, inputs, policy)),
+            };
+            step(number, id, title, status, detail)
+        })
+        .collect()
+}
+
+/// A stage's step: number, id and title.
+fn stage_step(stage: Stage) -> (u8, &'static str, &'static str) {
+    match stage {
+        Stage::Wanted => (4, "opt-out", "already injected, or opted out"),
+        Stage::Selected => (5, "pod-selector", "namespace pod-selector"),
+        Stage::Fits => (6, "mutation", "the mutation's decision"),
+    }
+}
+
+/// What a stage the pod got through checked.
+fn passed_detail(stage: Stage, inputs: &Inputs<'_>, policy: &NamespacePolicy) -> String {
+    let keys = inputs.injector.keys();
+    match stage {
+        Stage::Wanted => format!(
+            "not injected yet; no {key}={DISABLED} label, no {key}: \"false\" annotation",
+            key = keys.inject
+        ),
+        Stage::Selected => match &policy.pod_selector {
+            Some(text) => format!("pod labels match {}={text:?}", keys.pod_selector),
+            None => format!(
+                "no {} annotation on the namespace: every pod",
+                keys.pod_selector
+            ),
+        },
+        Stage::Fits => "the sidecar fits the pod".to_string(),
+    }
+}
+
+/// Why the webhook skips, in its own terms.
+fn skip_detail(reason: &SkipReason, pod_selector_key: &str) -> String {
+    match reason {
+        SkipReason::NotSelected { selector, unmet } => format!(
+            "pod labels do not match {pod_selector_key}={selector:?} (unmet: {})",
+            unmet.join(", ")
+        ),
+        SkipReason::InvalidNamespaceSelector(error) => {
+            format!("{error}: the webhook skips every pod of the namespace")
         }
+        reason if reason.stage() == Stage::Fits => format!("skip: {reason}"),
+        reason => reason.to_string(),
     }
 }
 
-fn opt_out_step(
-    key: &str,
-    labels: &BTreeMap<String, String>,
-    annotations: &BTreeMap<String, String>,
-) -> Step {
-    let (id, title) = ("opt-out", "pod opt-outs");
-    if labels.get(key).map(String::as_str) == Some(DISABLED) {
-        return step(
-            5,
-            id,
-            title,
-            StepStatus::Fail,
-            format!("the pod has the label {key}={DISABLED}"),
-        );
-    }
-    if annotations.get(key).map(String::as_str) == Some("false") {
-        return step(
-            5,
-            id,
-            title,
-            StepStatus::Fail,
-            format!("the pod has the annotation {key}: \"false\""),
-        );
-    }
-    step(
-        5,
-        id,
-        title,
-        StepStatus::Pass,
-        format!("no {key}={DISABLED} label, no {key}: \"false\" annotation"),
-    )
-}
-
-fn mutation_step(inputs: &Inputs<'_>, pod: &Value, policy: &NamespacePolicy) -> Step {
-    let (id, title) = ("mutation", "the mutation's decision");
+/// The webhook's decision on the pod, as the review handler asks for it
+/// (with what a template lacks: its workload's name, and whether a Job runs it).
+fn decide(inputs: &Inputs<'_>, pod: &Value, policy: &NamespacePolicy) -> Result<Decision, String> {
     let subject = inputs.subject;
-    let view = match PodView::deserialize(pod) {
-        Ok(view) => view,
-        Err(error) => {
-            return step(
-                6,
-                id,
-                title,
-                StepStatus::Fail,
-                format!("the pod is not valid: {error}"),
-            );
-        }
-    };
+    let view = PodView::deserialize(pod).map_err(|error| error.to_string())?;
     let owner = (!subject.existing_pod && subject.kind != "pod").then_some(subject.name.as_str());
     let ctx = PodContext {
         namespace: Some(policy),
         owner_hint: owner,
         job_template: subject.job,
     };
-    match inputs.injector.mutate(&view, ctx) {
-        Decision::Inject {
-            status, warnings, ..
-        } => {
-            let mode = match status.mode {
-                ResolvedMode::Native => "native",
-                ResolvedMode::Container => "container",
-            };
-            let mut detail = format!(
-                "inject {} ({mode}) and configure container(s) {} with --statsd-prefix={}",
-                status.sidecar,
-                status.containers.join(","),
-                status.prefix
-            );
-            for warning in warnings {
-                detail.push_str(&format!("; {warning}"));
-            }
-            step(6, id, title, StepStatus::Pass, detail)
-        }
-        Decision::Skip(reason) => step(6, id, title, StepStatus::Fail, format!("skip: {reason}")),
-    }
+    Ok(inputs.injector.mutate(&view, ctx))
 }
 
 fn existing_injection(
@@ -667,7 +690,9 @@ fn verdict(
 mod tests {
     use serde_json::json;
 
-    use StepStatus::{Fail, Pass, Unknown};
+    use StepStatus::{Fail, NotReached, Pass, Unknown};
+
+    use k8s_openapi::api::admissionregistration::v1::MatchCondition;
 
     use super::*;
     use crate::{cli::explain::input::shipped_webhook, config::Config};
@@ -813,12 +838,27 @@ mod tests {
             Some(&opted_in()),
             &chart(),
         );
-        assert_eq!(failed(&explanation), [3, 5, 6]);
+        // The webhook, were it called, would stop at its first stage too.
+        assert_eq!(
+            statuses(&explanation),
+            [Pass, Pass, Fail, Fail, NotReached, NotReached]
+        );
         assert_eq!(explanation.outcome, Outcome::NotCalled);
         assert!(
             explanation.steps[2]
                 .detail
                 .contains("metrics.chiller.io/inject notin (disabled)")
+        );
+        assert!(
+            explanation.steps[3]
+                .detail
+                .contains("opted out with the label metrics.chiller.io/inject=disabled"),
+            "{:?}",
+            explanation.steps[3]
+        );
+        assert_eq!(
+            explanation.steps[4].detail,
+            "not reached: the webhook decided at step 4"
         );
     }
 
@@ -829,12 +869,17 @@ mod tests {
             Some(&opted_in()),
             &chart(),
         );
-        assert_eq!(failed(&explanation), [5, 6]);
+        assert_eq!(failed(&explanation), [4]);
         assert_eq!(explanation.outcome, Outcome::Skipped);
         assert!(
-            explanation.steps[5]
+            explanation.steps[3]
                 .detail
                 .contains("opted out with the annotation")
+        );
+        assert!(
+            explanation.verdict.contains("step 4"),
+            "{}",
+            explanation.verdict
         );
     }
 
@@ -884,8 +929,12 @@ mod tests {
             Some(&namespace),
             &chart(),
         );
-        assert_eq!(failed(&db), [4, 6]);
+        assert_eq!(failed(&db), [5]);
         assert_eq!(db.outcome, Outcome::Skipped);
+        assert_eq!(
+            db.steps[4].detail,
+            "pod labels do not match metrics.chiller.io/pod-selector=\"app!=db\" (unmet: app!=db)"
+        );
         let api = run(
             &pod(json!({"labels": {"app": "api"}})),
             Some(&namespace),
@@ -901,8 +950,61 @@ mod tests {
             Some(&namespace),
             &chart(),
         );
-        assert_eq!(failed(&invalid), [4, 6]);
-        assert!(invalid.steps[3].detail.contains("invalid label selector"));
+        assert_eq!(failed(&invalid), [5]);
+        assert!(invalid.steps[4].detail.contains("invalid label selector"));
+    }
+
+    #[test]
+    fn match_conditions_on_the_spec_and_the_request_are_evaluated() {
+        let mut webhook = chart();
+        let conditions = webhook
+            .webhook
+            .as_mut()
+            .unwrap()
+            .match_conditions
+            .as_mut()
+            .unwrap();
+        conditions.push(MatchCondition {
+            name: "one-container".into(),
+            expression: "object.spec.containers.size() == 1 && request.operation == 'CREATE'"
+                .into(),
+        });
+        let explanation = run(&pod(json!({})), Some(&opted_in()), &webhook);
+        assert_eq!(statuses(&explanation), [Pass; 6]);
+        assert!(
+            explanation.steps[2]
+                .detail
+                .contains("matchCondition one-container is true"),
+            "{}",
+            explanation.steps[2].detail
+        );
+        let mut two = pod(json!({}));
+        two.pod["spec"]["containers"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"name": "worker", "image": "app:1"}));
+        let explanation = run(&two, Some(&opted_in()), &webhook);
+        assert_eq!(explanation.outcome, Outcome::NotCalled);
+        assert_eq!(explanation.steps[2].status, Fail);
+
+        // An error (no hostNetwork field) goes by the failurePolicy: the chart's is Ignore.
+        let conditions = webhook
+            .webhook
+            .as_mut()
+            .unwrap()
+            .match_conditions
+            .as_mut()
+            .unwrap();
+        conditions[1].expression = "!object.spec.hostNetwork".into();
+        let explanation = run(&pod(json!({})), Some(&opted_in()), &webhook);
+        assert_eq!(explanation.steps[2].status, Fail);
+        assert!(
+            explanation.steps[2]
+                .detail
+                .contains("failurePolicy Ignore: the webhook is not called"),
+            "{}",
+            explanation.steps[2].detail
+        );
     }
 
     #[test]

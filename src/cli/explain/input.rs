@@ -68,6 +68,18 @@ pub fn subject_of(object: &Value, default_namespace: &str, existing_pod: bool) -
     })
 }
 
+/// The first pod or pod template of a manifest as `explain -f` reads it: a
+/// pod with a `metadata.creationTimestamp` exists (as `kubectl get -o yaml`
+/// prints it); generated manifests (`kubectl create --dry-run=client -o
+/// yaml`) and AdmissionReview objects write `creationTimestamp: null`, and
+/// are pods yet to be created.
+pub fn subject_of_manifest(object: &Value, default_namespace: &str) -> Option<Subject> {
+    let existing = object
+        .pointer("/metadata/creationTimestamp")
+        .is_some_and(|created| !created.is_null());
+    subject_of(object, default_namespace, existing)
+}
+
 /// The part of a target's pointer below its object.
 fn template_suffix(pointer: &str) -> &'static str {
     ["/spec/jobTemplate/spec/template", "/spec/template"]
@@ -149,13 +161,7 @@ pub fn explain_offline(args: &ExplainArgs) -> Result<Explanation, InputError> {
             path: path.clone(),
             source,
         })?;
-        // A pod as `kubectl get -o yaml` prints it exists: it was created.
-        // Generated manifests (`kubectl create --dry-run=client -o yaml`)
-        // and AdmissionReview objects write `creationTimestamp: null`.
-        let existing = value
-            .pointer("/metadata/creationTimestamp")
-            .is_some_and(|created| !created.is_null());
-        if let Some(found) = subject_of(&value, default_namespace, existing) {
+        if let Some(found) = subject_of_manifest(&value, default_namespace) {
             subject = Some(found);
             break;
         }

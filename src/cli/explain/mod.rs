@@ -135,6 +135,7 @@ fn to_text(explanation: &Explanation) -> String {
             StepStatus::Pass => '✔',
             StepStatus::Fail => '✘',
             StepStatus::Unknown => '?',
+            StepStatus::NotReached => '·',
         };
         let _ = writeln!(
             out,

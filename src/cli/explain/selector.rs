@@ -1,12 +1,13 @@
 //! Label selectors as the API server evaluates a webhook's namespaceSelector
-//! and objectSelector: `matchLabels` and `matchExpressions`, all ANDed. Says
-//! which requirement decided.
+//! and objectSelector, matched with kube's [`Selector`]: one requirement per
+//! term, so that explain can say which one decided.
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::core::{Expression, ParseExpressionError, Selector, SelectorExt};
 
-/// One requirement in `kubectl -l` syntax, and whether the labels meet it.
+/// One term in `kubectl -l` syntax, and whether the labels meet it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Requirement {
     pub key: String,
@@ -14,57 +15,38 @@ pub struct Requirement {
     pub met: bool,
 }
 
-/// Every requirement of `selector` whose key `include` accepts, evaluated
-/// on `labels`. An absent or empty selector has none: it matches everything.
+/// Every term of `selector` whose key `include` accepts, evaluated on
+/// `labels`. An absent or empty selector has none: it matches everything.
+/// A selector the API server would not accept (an unknown operator, a set
+/// without values) is an error.
 pub fn requirements(
     selector: Option<&LabelSelector>,
     labels: &BTreeMap<String, String>,
     include: impl Fn(&str) -> bool,
-) -> Vec<Requirement> {
+) -> Result<Vec<Requirement>, ParseExpressionError> {
     let Some(selector) = selector else {
-        return Vec::new();
+        return Ok(Vec::new());
     };
-    let equal = selector
-        .match_labels
-        .iter()
-        .flatten()
-        .map(|(key, value)| Requirement {
-            key: key.clone(),
-            text: format!("{key}={value}"),
-            met: labels.get(key) == Some(value),
-        });
-    let expressions = selector
-        .match_expressions
-        .iter()
-        .flatten()
-        .map(|r| expression(r, labels));
-    equal
-        .chain(expressions)
-        .filter(|r| include(&r.key))
-        .collect()
+    let selector = Selector::try_from(selector.clone())?;
+    Ok(selector
+        .into_iter()
+        .filter(|term| include(key(term)))
+        .map(|term| Requirement {
+            key: key(&term).to_string(),
+            text: term.to_string(),
+            met: term.matches(labels),
+        })
+        .collect())
 }
 
-fn expression(
-    requirement: &LabelSelectorRequirement,
-    labels: &BTreeMap<String, String>,
-) -> Requirement {
-    let key = &requirement.key;
-    let values = requirement.values.as_deref().unwrap_or_default();
-    let set = values.join(",");
-    let value = labels.get(key);
-    let in_set = value.is_some_and(|v| values.contains(v));
-    let (text, met) = match requirement.operator.as_str() {
-        "In" => (format!("{key} in ({set})"), in_set),
-        "NotIn" => (format!("{key} notin ({set})"), !in_set),
-        "Exists" => (key.clone(), value.is_some()),
-        "DoesNotExist" => (format!("!{key}"), value.is_none()),
-        // The API server rejects other operators; nothing can match them.
-        other => (format!("{key} {other} ({set})"), false),
-    };
-    Requirement {
-        key: key.clone(),
-        text,
-        met,
+fn key(term: &Expression) -> &str {
+    match term {
+        Expression::In(key, _)
+        | Expression::NotIn(key, _)
+        | Expression::Equal(key, _)
+        | Expression::NotEqual(key, _)
+        | Expression::Exists(key)
+        | Expression::DoesNotExist(key) => key,
     }
 }
 
@@ -104,11 +86,11 @@ mod tests {
             ],
         }));
         let good = labels(&[("team", "shop"), ("tier", "api"), ("owner", "x")]);
-        let all = requirements(Some(&selector), &good, |_| true);
+        let all = requirements(Some(&selector), &good, |_| true).unwrap();
         assert!(all.iter().all(|r| r.met), "{all:?}");
         assert_eq!(
             describe(&all),
-            "team=shop,tier in (web,api),env notin (test),owner,!legacy"
+            "team=shop,tier in (api,web),env notin (test),owner,!legacy"
         );
 
         let mut bad = good.clone();
@@ -116,6 +98,7 @@ mod tests {
         bad.insert("legacy".into(), "yes".into());
         bad.remove("owner");
         let unmet: Vec<String> = requirements(Some(&selector), &bad, |_| true)
+            .unwrap()
             .into_iter()
             .filter(|r| !r.met)
             .map(|r| r.text)
@@ -130,6 +113,7 @@ mod tests {
             {"key": "b", "operator": "In", "values": ["x"]},
         ]}));
         let met: Vec<bool> = requirements(Some(&selector), &labels(&[]), |_| true)
+            .unwrap()
             .iter()
             .map(|r| r.met)
             .collect();
@@ -142,17 +126,20 @@ mod tests {
             "matchLabels": {"a": "1"},
             "matchExpressions": [{"key": "b", "operator": "Exists"}],
         }));
-        let only_b = requirements(Some(&selector), &labels(&[]), |k| k == "b");
+        let only_b = requirements(Some(&selector), &labels(&[]), |k| k == "b").unwrap();
         assert_eq!(describe(&only_b), "b");
-        assert!(requirements(None, &labels(&[]), |_| true).is_empty());
+        assert!(
+            requirements(None, &labels(&[]), |_| true)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
-    fn an_unknown_operator_never_matches() {
+    fn an_operator_the_api_server_rejects_is_an_error() {
         let selector = selector(serde_json::json!({"matchExpressions": [
             {"key": "a", "operator": "Gt", "values": ["1"]},
         ]}));
-        let all = requirements(Some(&selector), &labels(&[("a", "2")]), |_| true);
-        assert!(!all[0].met);
+        assert!(requirements(Some(&selector), &labels(&[("a", "2")]), |_| true).is_err());
     }
 }
