@@ -6,10 +6,15 @@
 //!   misspelled or mistyped field fails a test.
 //! - [`tool`]: finds an external test tool or fails with how to install it.
 //! - [`run_within`]: runs a command to its end, killed after a time limit.
+//! - [`wait_until`]: polls a condition, bounded.
+//! - [`controlplane`]: the local control plane and the real node; [`install`]:
+//!   the chart installed on it, `serve` as the chart's ServiceAccount.
 #![allow(dead_code)]
 
+pub mod controlplane;
 /// The webhook over real HTTPS: in-process server, clients, the real binary.
 pub mod https;
+pub mod install;
 pub mod load;
 
 use std::{
@@ -67,6 +72,15 @@ pub fn reference_dir() -> PathBuf {
         missing.join(", ")
     );
     dir
+}
+
+/// Polls `done` until it holds; panics naming `what` once `within` has passed.
+pub fn wait_until(within: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 /// Finds an external tool: in `<crate>/.tools/bin` or `<crate>/.tools/venv/bin`,
