@@ -19,7 +19,7 @@ use std::{
 };
 
 use controlplane::ControlPlane;
-use install::{DOMAIN, Install, ensure_namespace, kubectl_json, run, run_with_input};
+use install::{DOMAIN, Install, ensure_namespace, injected, kubectl_json, run, run_with_input};
 use serde_json::{Value, json};
 use support::https::ServeProcess;
 
@@ -275,11 +275,6 @@ fn create_pod(plane: &ControlPlane, namespace: &str, name: &str, labels: Value) 
         plane.kubectl().args(["create", "-n", namespace, "-f", "-"]),
         &pod.to_string(),
     );
-}
-
-fn injected(plane: &ControlPlane, namespace: &str, name: &str) -> bool {
-    let pod = kubectl_json(plane, &["get", "pod", name, "-n", namespace]);
-    pod["metadata"]["labels"][format!("{DOMAIN}/injected")] == "true"
 }
 
 fn copy_certs(from: &Path, to: &Path) {

@@ -4,9 +4,9 @@
 //! purpose and must be the one that decides; where pods are really created,
 //! explain's verdict must agree with what the webhook did to them.
 
-use crate::support;
 use crate::support::controlplane;
 use crate::support::install;
+use crate::support::{self, failed_steps};
 
 use std::{
     process::Command,
@@ -14,7 +14,7 @@ use std::{
 };
 
 use controlplane::ControlPlane;
-use install::{DOMAIN, Install, ensure_namespace, kubectl_json, run, run_with_input};
+use install::{DOMAIN, Install, ensure_namespace, injected, kubectl_json, run, run_with_input};
 use serde_json::{Value, json};
 use support::https::ServeProcess;
 
@@ -63,17 +63,6 @@ fn explain_json(plane: &ControlPlane, kind: &str, target: &str) -> Value {
     explained.json()
 }
 
-/// The numbers of the failed steps.
-fn failed_steps(explanation: &Value) -> Vec<u64> {
-    explanation["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["status"] == "fail")
-        .map(|s| s["number"].as_u64().unwrap())
-        .collect()
-}
-
 fn step_detail(explanation: &Value, number: u64) -> String {
     explanation["steps"][(number - 1) as usize]["detail"]
         .as_str()
@@ -107,11 +96,6 @@ fn template(app: &str) -> Value {
         "metadata": {"labels": {"app": app}},
         "spec": {"containers": [{"name": "app", "image": IMAGE}]},
     })
-}
-
-fn injected(plane: &ControlPlane, namespace: &str, name: &str) -> bool {
-    let pod = kubectl_json(plane, &["get", "pod", name, "-n", namespace]);
-    pod["metadata"]["labels"][format!("{DOMAIN}/injected")] == "true"
 }
 
 /// The pods of a workload's selector, once the controller created one.

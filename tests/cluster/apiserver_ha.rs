@@ -9,7 +9,6 @@ use crate::support::install;
 use crate::support::{self, wait_until};
 
 use std::{
-    collections::BTreeSet,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -18,7 +17,7 @@ use std::{
 };
 
 use controlplane::ControlPlane;
-use install::{DOMAIN, Install, ensure_namespace, kubectl_json, run};
+use install::{DOMAIN, Install, ensure_namespace, kubectl_json, opt_in, rendered, run};
 use serde_json::Value;
 use support::https::{HttpVersion, HttpsClient, ServeProcess, admin_get, chiller_api_review};
 
@@ -71,24 +70,6 @@ fn holder(plane: &ControlPlane) -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
-fn rendered(namespace: &str) -> BTreeSet<(String, String)> {
-    let output = run(std::process::Command::new(ServeProcess::BINARY).args([
-        "render",
-        "--namespace",
-        namespace,
-    ]));
-    serde_norway::Deserializer::from_str(&String::from_utf8(output.stdout).unwrap())
-        .map(|doc| <Value as serde::Deserialize>::deserialize(doc).unwrap())
-        .filter(|doc| !doc.is_null())
-        .map(|doc| {
-            (
-                doc["kind"].as_str().unwrap().into(),
-                doc["metadata"]["name"].as_str().unwrap().into(),
-            )
-        })
-        .collect()
-}
-
 fn managed_objects(plane: &ControlPlane, namespace: &str) -> Vec<(String, String)> {
     let list = kubectl_json(
         plane,
@@ -118,21 +99,13 @@ fn managed_objects(plane: &ControlPlane, namespace: &str) -> Vec<(String, String
 
 fn assert_converged(plane: &ControlPlane, namespaces: &[&str]) {
     for namespace in namespaces {
-        let want: Vec<_> = rendered(namespace).into_iter().collect();
+        let want: Vec<_> = rendered(namespace, false).into_iter().collect();
         wait_until(
             CONVERGE,
             &format!("{namespace} converges to exactly the rendered objects"),
             || managed_objects(plane, namespace) == want,
         );
     }
-}
-
-fn opt_in(plane: &ControlPlane, namespace: &str) {
-    ensure_namespace(
-        plane,
-        namespace,
-        &[(&format!("{DOMAIN}/inject"), "enabled")],
-    );
 }
 
 /// Sends reviews to each replica until stopped; counts answers that were

@@ -2,35 +2,21 @@
 //! nodes, kwok runs their lifecycle with pod IPs from each node's podCIDR,
 //! and kube-controller-manager fills EndpointSlices from those IPs: pods
 //! that exist and are bound but never run, for tests that need many of them
-//! (the e2e journey runs on a real node, tests/controlplane/node.rs).
+//! (the e2e journey runs on a real node, tests/support/controlplane/node.rs).
 
-use crate::support::controlplane;
+use crate::support::{controlplane, install};
 
 use std::time::{Duration, Instant};
 
 use controlplane::ControlPlane;
-use serde_json::{Value, json};
+use install::kubectl_json;
+use serde_json::json;
 
 const CONVERGE: Duration = Duration::from_secs(90);
 const NODES: [(&str, &str); 2] = [
     ("kwok-node-a", "10.244.1.0/24"),
     ("kwok-node-b", "10.244.2.0/24"),
 ];
-
-fn kubectl_json(plane: &ControlPlane, args: &[&str]) -> Value {
-    let output = plane
-        .kubectl()
-        .args(args)
-        .args(["-o", "json"])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "kubectl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
-}
 
 fn in_cidr(ip: &str, cidr: &str) -> bool {
     let prefix = cidr.trim_end_matches(".0/24");

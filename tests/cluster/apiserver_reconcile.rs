@@ -13,7 +13,7 @@ use crate::support::{self, wait_until};
 use std::{collections::BTreeSet, time::Duration};
 
 use controlplane::ControlPlane;
-use install::{DOMAIN, Install, ensure_namespace, kubectl_json, run, run_with_input};
+use install::{DOMAIN, Install, kubectl_json, opt_in, rendered, run, run_with_input};
 use serde_json::{Value, json};
 use support::https::ServeProcess;
 
@@ -51,31 +51,6 @@ impl Scenario {
     }
 }
 
-/// `(kind, name)` of what `chiller-metrics render` says the loop applies.
-fn rendered(namespace: &str, postgres: bool) -> BTreeSet<(String, String)> {
-    let mut command = std::process::Command::new(ServeProcess::BINARY);
-    command.args(["render", "--namespace", namespace]);
-    if postgres {
-        command.args([
-            "--postgres",
-            "db:5432/chiller",
-            "--postgres-secret",
-            "db-auth",
-        ]);
-    }
-    let output = run(&mut command);
-    serde_norway::Deserializer::from_str(&String::from_utf8(output.stdout).unwrap())
-        .map(|doc| <Value as serde::Deserialize>::deserialize(doc).unwrap())
-        .filter(|doc| !doc.is_null())
-        .map(|doc| {
-            (
-                doc["kind"].as_str().unwrap().to_string(),
-                doc["metadata"]["name"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
 const MANAGED_RESOURCES: &str = "configmaps,services,serviceaccounts,roles.rbac.authorization.k8s.io,rolebindings.rbac.authorization.k8s.io,deployments.apps,prometheuses.monitoring.coreos.com,servicemonitors.monitoring.coreos.com";
 
 /// `(kind, name)` of the objects labeled managed-by us in `namespace`.
@@ -109,14 +84,6 @@ fn reconcile_status(plane: &ControlPlane, namespace: &str) -> Option<Value> {
     ns["metadata"]["annotations"][format!("{DOMAIN}/reconcile-status")]
         .as_str()
         .map(|s| serde_json::from_str(s).expect("the status annotation is JSON"))
-}
-
-fn opt_in(plane: &ControlPlane, namespace: &str) {
-    ensure_namespace(
-        plane,
-        namespace,
-        &[(&format!("{DOMAIN}/inject"), "enabled")],
-    );
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! The webhook called by a real kube-apiserver: the chart installed with
 //! helm, `serve` running as the chart's ServiceAccount, pods made by the real
-//! kube-controller-manager (see `tests/controlplane`).
+//! kube-controller-manager (see `tests/support/controlplane`).
 
 use crate::support::controlplane;
 use crate::support::install;
@@ -13,7 +13,9 @@ use std::{
 };
 
 use controlplane::ControlPlane;
-use install::{DOMAIN, Install, dry_run_pod, ensure_namespace, kubectl_json, run, run_with_input};
+use install::{
+    DOMAIN, Install, dry_run_pod, ensure_namespace, kubectl_json, opt_in, run, run_with_input,
+};
 use serde_json::{Value, json};
 use support::https::ServeProcess;
 
@@ -81,14 +83,6 @@ impl Fixture {
 
 fn injected_key() -> String {
     format!("{DOMAIN}/injected")
-}
-
-fn opt_in(namespace: &str) {
-    ensure_namespace(
-        fixture().plane,
-        namespace,
-        &[(&format!("{DOMAIN}/inject"), "enabled")],
-    );
 }
 
 /// Polls the pods of `namespace` until `done` holds for them.
@@ -192,7 +186,7 @@ fn assert_untouched(pod: &Value) {
 
 /// The rendered chiller chart fixture as one List, `nodePort`s removed.
 fn chiller_chart_without_node_ports() -> Value {
-    let text = std::fs::read_to_string(install::crate_path(
+    let text = std::fs::read_to_string(support::crate_path(
         "tests/fixtures/manifests/chiller-rendered.yaml",
     ))
     .unwrap();
@@ -268,7 +262,7 @@ fn controller_made_pods_are_injected_in_every_opted_in_namespace() {
     // only one Service in a cluster can hold.
     let chart = chiller_chart_without_node_ports();
     for namespace in ["chiller-one", "chiller-two"] {
-        opt_in(namespace);
+        opt_in(fixture().plane, namespace);
         run_with_input(
             f.plane
                 .kubectl()
@@ -374,7 +368,7 @@ fn pods_outside_opted_in_namespaces_or_opted_out_come_back_untouched() {
     );
     assert_untouched(&dry_run_pod(f.plane, "kube-system", &pod("system")));
 
-    opt_in("chiller-opt-outs");
+    opt_in(fixture().plane, "chiller-opt-outs");
     let mut labeled = pod("labeled");
     labeled["metadata"]["labels"][format!("{DOMAIN}/inject")] = json!("disabled");
     assert_untouched(&dry_run_pod(f.plane, "chiller-opt-outs", &labeled));
@@ -384,7 +378,7 @@ fn pods_outside_opted_in_namespaces_or_opted_out_come_back_untouched() {
     assert_injected(&dry_run_pod(f.plane, "chiller-opt-outs", &pod("control")));
 
     // The namespace's pod-selector excludes the database.
-    opt_in("chiller-selector");
+    opt_in(fixture().plane, "chiller-selector");
     run(f.plane.kubectl().args([
         "annotate",
         "--overwrite",
@@ -408,7 +402,7 @@ fn a_server_side_dry_run_returns_the_injected_pod_and_stores_nothing() {
     let f = fixture();
     let _serial = one_at_a_time();
     let _logs = f.logs_on_failure();
-    opt_in("chiller-dry-run");
+    opt_in(fixture().plane, "chiller-dry-run");
     let before = f.plane.audit_events().len();
     let pod = dry_run_pod(f.plane, "chiller-dry-run", &install::probe_pod("dry"));
     assert_injected(&pod);
@@ -440,7 +434,7 @@ fn a_pod_already_carrying_the_injected_label_is_never_sent_to_the_webhook() {
     let f = fixture();
     let _serial = one_at_a_time();
     let _logs = f.logs_on_failure();
-    opt_in("chiller-match-conditions");
+    opt_in(fixture().plane, "chiller-match-conditions");
     // The matchConditions expression was accepted as the chart wrote it.
     let configuration = kubectl_json(
         f.plane,
@@ -480,7 +474,7 @@ fn every_golden_request_replayed_as_a_real_create_is_accepted() {
     let _serial = one_at_a_time();
     let _logs = f.logs_on_failure();
     ensure_namespace(f.plane, "chiller-golden-control", &[]);
-    let dir = install::crate_path("tests/golden/requests");
+    let dir = support::crate_path("tests/golden/requests");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .flatten()
@@ -502,7 +496,7 @@ fn every_golden_request_replayed_as_a_real_create_is_accepted() {
         }
         let namespace = format!("golden-{stem}");
         let namespace = &namespace[..namespace.len().min(63)];
-        opt_in(namespace);
+        opt_in(fixture().plane, namespace);
         let settings = dir.join(format!("{stem}.namespace.yaml"));
         if settings.is_file() {
             let object: Value =
@@ -533,7 +527,7 @@ fn every_golden_request_replayed_as_a_real_create_is_accepted() {
             metadata.remove(field);
         }
         let expected: Value = serde_json::from_str(
-            &std::fs::read_to_string(install::crate_path(&format!(
+            &std::fs::read_to_string(support::crate_path(&format!(
                 "tests/golden/expected/{stem}.json"
             )))
             .unwrap(),
@@ -796,7 +790,7 @@ fn a_replica_started_while_the_api_server_is_down_injects_nothing_until_its_cach
     let _serial = one_at_a_time();
     let _logs = f.logs_on_failure();
     let namespace = "chiller-late-start";
-    opt_in(namespace);
+    opt_in(fixture().plane, namespace);
     run(f.plane.kubectl().args([
         "annotate",
         "--overwrite",
@@ -884,7 +878,7 @@ fn a_replica_started_while_the_api_server_is_down_injects_nothing_until_its_cach
     }
     assert!(!patches(&late, &ca, &review_in(namespace, "selected")));
     let after = "chiller-after-outage";
-    opt_in(after);
+    opt_in(fixture().plane, after);
     wait_until(
         CONVERGE,
         "the reconcile loop sets up a namespace opted in after the outage",

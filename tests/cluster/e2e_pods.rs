@@ -1,6 +1,6 @@
 //! `make e2e-local`: the kind journey of `make e2e` on a real node. The
 //! control plane, kube-scheduler, a kubelet with containerd, runc and the
-//! CNI bridge, kube-proxy and CoreDNS all run (tests/controlplane/node.rs),
+//! CNI bridge, kube-proxy and CoreDNS all run (tests/support/controlplane/node.rs),
 //! with images built locally and imported, nothing pulled: the Prometheus
 //! Operator (as its upstream Deployment), chiller-metrics (the chart's pods,
 //! generated certificates, called through the chart's Service), the test

@@ -1,4 +1,4 @@
-//! Self-tests of the image archives of tests/controlplane/images.rs, read back
+//! Self-tests of the image archives of tests/support/controlplane/images.rs, read back
 //! as containerd reads them: blobs named by their sha256, layers stored once,
 //! configs whose diff_ids are their layers, images named as the CRI knows
 //! them. Nothing here needs root, a network or containerd.

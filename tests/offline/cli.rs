@@ -2,7 +2,7 @@
 //! options that apply to it, `serve` explains a missing certificate, and
 //! `explain -f` works offline (chart defaults or a `helm template` output).
 
-use crate::support;
+use crate::support::{self, failed_steps};
 
 use std::{
     collections::BTreeSet,
@@ -232,16 +232,6 @@ fn explain_file(dir: &Path, extra: &[&str]) -> Value {
     let output = run(&args);
     assert!(output.status.success(), "{}", stderr(&output));
     serde_json::from_str(&stdout(&output)).unwrap()
-}
-
-fn failed_steps(explanation: &Value) -> Vec<u64> {
-    explanation["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["status"] == "fail")
-        .map(|s| s["number"].as_u64().unwrap())
-        .collect()
 }
 
 #[test]

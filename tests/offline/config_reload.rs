@@ -3,7 +3,7 @@
 //! The next admission uses the new config; a config that does not load is
 //! rejected with an error log and a metric, and the running one stays.
 
-use crate::support;
+use crate::support::{self, KubeletVolume};
 
 use std::{
     path::{Path, PathBuf},
@@ -16,41 +16,19 @@ use support::https::{
 };
 
 /// A ConfigMap volume: `..data` → timestamped dir; `config.yaml` → `..data/config.yaml`.
-struct ConfigMapVolume {
-    dir: PathBuf,
-    generation: u32,
-}
+struct ConfigMapVolume(KubeletVolume);
 
 impl ConfigMapVolume {
     fn new(dir: &Path, text: &str) -> Self {
-        std::fs::create_dir_all(dir).unwrap();
-        let mut volume = Self {
-            dir: dir.to_path_buf(),
-            generation: 0,
-        };
-        volume.publish(text);
-        std::os::unix::fs::symlink("..data/config.yaml", dir.join("config.yaml")).unwrap();
-        volume
+        Self(KubeletVolume::new(dir, &[("config.yaml", text.as_bytes())]))
     }
 
     fn file(&self) -> PathBuf {
-        self.dir.join("config.yaml")
+        self.0.dir.join("config.yaml")
     }
 
     fn publish(&mut self, text: &str) {
-        self.generation += 1;
-        let name = format!("..2026_11_29_10_00_{:02}.{:09}", self.generation, 1);
-        let target = self.dir.join(&name);
-        std::fs::create_dir(&target).unwrap();
-        std::fs::write(target.join("config.yaml"), text).unwrap();
-        let data = self.dir.join("..data");
-        let old = std::fs::read_link(&data).ok();
-        let staged = self.dir.join("..data_tmp");
-        std::os::unix::fs::symlink(&name, &staged).unwrap();
-        std::fs::rename(&staged, &data).unwrap();
-        if let Some(old) = old {
-            std::fs::remove_dir_all(self.dir.join(old)).unwrap();
-        }
+        self.0.publish(&[("config.yaml", text.as_bytes())]);
     }
 }
 

@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::core::{Selector, SelectorExt};
 use serde_json::{Value, json};
 
-use crate::support;
+use crate::support::{self, yaml_documents};
 
 fn config(grafana_namespace: Option<&str>) -> Config {
     let mut config = Config::default();
@@ -94,7 +94,7 @@ fn chiller_api_pod() -> Pod {
     serde_json::from_value(review["request"]["object"].clone()).expect("a Pod")
 }
 
-fn injected(pod: &Pod, config: &Config) -> Value {
+fn injected_pod(pod: &Pod, config: &Config) -> Value {
     let injector = Injector::new(config.clone(), ResolvedMode::Native);
     let Decision::Inject { patch, .. } = injector.mutate(pod, PodContext::default()) else {
         panic!("the chiller API pod is injected");
@@ -443,7 +443,7 @@ fn statsd_service_selects_injected_pods_and_targets_the_sidecar_port() {
         !matches(&serde_json::to_value(&pod).unwrap()),
         "an uninjected pod has no sidecar to scrape"
     );
-    let pod = injected(&pod, &config);
+    let pod = injected_pod(&pod, &config);
     assert!(matches(&pod), "Service selector {service_selector:?}");
 
     let port = &service["ports"][0];
@@ -786,12 +786,6 @@ fn render(args: &[&str]) -> std::process::Output {
         .expect("the binary runs")
 }
 
-fn documents(yaml: &str) -> Vec<Value> {
-    serde_norway::Deserializer::from_str(yaml)
-        .map(|doc| serde::Deserialize::deserialize(doc).expect("a YAML document"))
-        .collect()
-}
-
 #[test]
 fn render_prints_the_desired_objects() {
     let output = render(&[
@@ -804,7 +798,7 @@ fn render_prints_the_desired_objects() {
     ]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "render failed: {stderr}");
-    let printed = documents(&String::from_utf8(output.stdout).unwrap());
+    let printed = yaml_documents(&String::from_utf8(output.stdout).unwrap());
     let expected: Vec<Value> = desired_objects(&settings("chiller", None, true), &config(None))
         .into_iter()
         .map(|o| o.value)
@@ -828,7 +822,7 @@ fn render_follows_the_grafana_namespace_flag() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let printed = documents(&String::from_utf8(output.stdout).unwrap());
+    let printed = yaml_documents(&String::from_utf8(output.stdout).unwrap());
     let in_monitoring: Vec<&str> = printed
         .iter()
         .filter(|d| d["metadata"]["namespace"] == "monitoring")
@@ -847,7 +841,7 @@ fn render_follows_the_grafana_namespace_flag() {
 fn render_yaml_round_trips() {
     let objects = desired_objects(&settings("chiller", Some("u1"), true), &config(None));
     let yaml = render_yaml(&objects).unwrap();
-    let back = documents(&yaml);
+    let back = yaml_documents(&yaml);
     assert_eq!(back.len(), objects.len());
     for (doc, object) in back.iter().zip(&objects) {
         assert_eq!(doc, &object.value);
@@ -926,7 +920,7 @@ fn render_reads_the_config_file() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let printed = documents(&String::from_utf8(output.stdout).unwrap());
+    let printed = yaml_documents(&String::from_utf8(output.stdout).unwrap());
     let prometheus = printed
         .iter()
         .find(|d| d["kind"] == "Prometheus")

@@ -8,7 +8,7 @@
 //! `<name>.namespace.yaml` (the Namespace object, whose annotations give the
 //! namespace policy).
 //!
-//! `UPDATE_GOLDEN=1 cargo test --test golden` (or `make golden`) rewrites the
+//! `UPDATE_GOLDEN=1 cargo test --test offline -- golden::` (or `make golden`) rewrites the
 //! expected files and deletes orphaned ones.
 
 use crate::support;
@@ -304,7 +304,7 @@ fn every_request_matches_its_golden_answer() {
         }
         let Ok(text) = std::fs::read_to_string(&path) else {
             failures.push(format!(
-                "{name}: {} is missing; run `make golden` (UPDATE_GOLDEN=1 cargo test --test golden) and review it",
+                "{name}: {} is missing; run `make golden` (UPDATE_GOLDEN=1 cargo test --test offline -- golden::) and review it",
                 path.display()
             ));
             continue;

@@ -1,7 +1,7 @@
 //! The real binary's offline commands: `inject -f FILE|-` on a rendered Helm
 //! chart, `certs`, `mapping`, and how bad input is reported.
 
-use crate::support;
+use crate::support::{self, yaml_documents};
 
 use std::{
     io::Write,
@@ -65,14 +65,6 @@ fn succeeded(output: &Output, what: &str) {
         output.status,
         stderr(output)
     );
-}
-
-/// Every non-empty document of a YAML stream, as JSON values.
-fn documents(yaml: &str) -> Vec<Value> {
-    serde_norway::Deserializer::from_str(yaml)
-        .map(|document| Value::deserialize(document).expect("valid YAML document"))
-        .filter(|value| !value.is_null())
-        .collect()
 }
 
 fn kind_name(object: &Value) -> String {
@@ -174,8 +166,8 @@ fn injected_rendered_chart(args: &[&str]) -> (Vec<Value>, Vec<Value>, String) {
     let output = run(&all, None);
     succeeded(&output, "inject -f FILE");
     (
-        documents(&input),
-        documents(&stdout(&output)),
+        yaml_documents(&input),
+        yaml_documents(&stdout(&output)),
         stderr(&output),
     )
 }
@@ -306,7 +298,10 @@ fn inject_is_idempotent() {
     succeeded(&first, "first inject");
     let second = run(&["inject", "-f", "-"], Some(&first.stdout));
     succeeded(&second, "second inject");
-    assert_eq!(documents(&stdout(&second)), documents(&stdout(&first)));
+    assert_eq!(
+        yaml_documents(&stdout(&second)),
+        yaml_documents(&stdout(&first))
+    );
     let notes = stderr(&second);
     assert!(
         !notes.lines().any(|l| l.starts_with("injected ")),
@@ -597,7 +592,7 @@ fn assert_key_order_kept(before: &serde_norway::Value, after: &serde_norway::Val
     }
 }
 
-fn yaml_documents(yaml: &str) -> Vec<serde_norway::Value> {
+fn yaml_values(yaml: &str) -> Vec<serde_norway::Value> {
     serde_norway::Deserializer::from_str(yaml)
         .map(|d| serde_norway::Value::deserialize(d).unwrap())
         .collect()
@@ -662,7 +657,7 @@ fn inject_writes_unchanged_documents_byte_for_byte_and_keeps_key_order() {
             .collect()
     };
     assert_eq!(sources(&output), sources(&input));
-    for (b, a) in yaml_documents(&input).iter().zip(&yaml_documents(&output)) {
+    for (b, a) in yaml_values(&input).iter().zip(&yaml_values(&output)) {
         assert_key_order_kept(b, a, "");
     }
 }
@@ -681,8 +676,8 @@ fn uninject_removes_exactly_what_inject_added() {
         succeeded(&uninjected, "uninject");
         let text = stdout(&uninjected);
         assert_eq!(
-            documents(&text),
-            documents(&input),
+            yaml_values(&text),
+            yaml_values(&input),
             "{mode}: uninject(inject(x)) == x"
         );
         assert!(!text.contains(SIDECAR) && !text.contains(INJECTED_LABEL));

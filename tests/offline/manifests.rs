@@ -4,17 +4,12 @@
 //! schemas (cert-manager objects are checked structurally), and the webhook
 //! configuration, Deployment and RBAC must keep their safety properties.
 
-use std::{
-    collections::BTreeSet,
-    path::{Path, PathBuf},
-    process::{Command, Output},
-};
+use std::{collections::BTreeSet, path::Path, process::Command};
 
 use base64::Engine;
-use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::support;
+use crate::support::{self, crate_path, run, yaml_documents};
 
 const CHART: &str = "manifests/chart/chiller-metrics";
 const BINARY: &str = env!("CARGO_BIN_EXE_chiller-metrics");
@@ -22,25 +17,6 @@ const DOMAIN: &str = "metrics.chiller.io";
 const SYSTEM_NAMESPACES: [&str; 3] = ["kube-system", "kube-public", "kube-node-lease"];
 
 // ---------------------------------------------------------------- rendering
-
-fn crate_path(relative: &str) -> PathBuf {
-    support::crate_dir().join(relative)
-}
-
-fn run(command: &mut Command) -> Output {
-    let shown = format!("{command:?}");
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
-    assert!(
-        output.status.success(),
-        "{shown} failed ({}):\n{}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
 
 fn helm() -> Command {
     let mut command = Command::new(support::tool("helm"));
@@ -81,13 +57,7 @@ fn kustomize(dir: &Path) -> Vec<Value> {
 }
 
 fn parse_documents(text: &str) -> Vec<Value> {
-    let documents: Vec<Value> = serde_norway::Deserializer::from_str(text)
-        .map(|document| {
-            Value::deserialize(document)
-                .unwrap_or_else(|e| panic!("rendered YAML does not parse: {e}\n{text}"))
-        })
-        .filter(|document| !document.is_null())
-        .collect();
+    let documents = yaml_documents(text);
     assert!(!documents.is_empty(), "nothing rendered:\n{text}");
     documents
 }
@@ -1090,7 +1060,7 @@ fn chart_values_schema_embeds_the_binarys_config_schema() {
     }
     assert_eq!(
         schema["properties"]["config"], generated,
-        "values.schema.json is stale: `UPDATE_GOLDEN=1 cargo test --test manifests` regenerates it"
+        "values.schema.json is stale: `UPDATE_GOLDEN=1 cargo test --test offline -- manifests::` regenerates it"
     );
 }
 

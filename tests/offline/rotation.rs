@@ -5,7 +5,7 @@
 //! the new certificate and no request may fail. A half-written or mismatched
 //! pair never replaces the good one.
 
-use crate::support;
+use crate::support::{self, KubeletVolume};
 
 use std::{
     path::{Path, PathBuf},
@@ -25,49 +25,30 @@ use support::https::{HttpVersion, HttpsClient, SERVER_NAMES, ServeProcess, chill
 use tokio_rustls::TlsAcceptor;
 
 /// A Secret volume mount: `..data` → timestamped dir; `tls.*` → `..data/tls.*`.
-struct SecretVolume {
-    dir: PathBuf,
-    generation: u32,
-}
+struct SecretVolume(KubeletVolume);
 
 impl SecretVolume {
     fn new(dir: &Path, pair: &GeneratedCerts) -> Self {
-        let mut volume = Self {
-            dir: dir.to_path_buf(),
-            generation: 0,
-        };
-        volume.publish(pair.cert.as_bytes(), pair.key.as_bytes());
-        for name in ["tls.crt", "tls.key"] {
-            std::os::unix::fs::symlink(format!("..data/{name}"), dir.join(name)).unwrap();
-        }
-        volume
+        Self(KubeletVolume::new(
+            dir,
+            &[
+                ("tls.crt", pair.cert.as_bytes()),
+                ("tls.key", pair.key.as_bytes()),
+            ],
+        ))
     }
 
-    /// Writes a new timestamped directory and swaps `..data` to it atomically
-    /// (symlink beside it, then rename over), then removes the old directory.
+    /// Publishes a new pair the way the kubelet does (see [`KubeletVolume`]).
     fn publish(&mut self, cert: &[u8], key: &[u8]) {
-        self.generation += 1;
-        let name = format!("..2026_11_24_04_00_{:02}.{:09}", self.generation, 1);
-        let target = self.dir.join(&name);
-        std::fs::create_dir(&target).unwrap();
-        std::fs::write(target.join("tls.crt"), cert).unwrap();
-        std::fs::write(target.join("tls.key"), key).unwrap();
-        let data = self.dir.join("..data");
-        let old = std::fs::read_link(&data).ok();
-        let staged = self.dir.join("..data_tmp");
-        std::os::unix::fs::symlink(&name, &staged).unwrap();
-        std::fs::rename(&staged, &data).unwrap();
-        if let Some(old) = old {
-            std::fs::remove_dir_all(self.dir.join(old)).unwrap();
-        }
+        self.0.publish(&[("tls.crt", cert), ("tls.key", key)]);
     }
 
     fn cert(&self) -> PathBuf {
-        self.dir.join("tls.crt")
+        self.0.dir.join("tls.crt")
     }
 
     fn key(&self) -> PathBuf {
-        self.dir.join("tls.key")
+        self.0.dir.join("tls.key")
     }
 }
 

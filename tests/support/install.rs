@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 use std::{
+    collections::BTreeSet,
     path::PathBuf,
     process::{Command, Output},
     time::{Duration, Instant},
@@ -15,7 +16,8 @@ use std::{
 
 use serde_json::{Value, json};
 
-use super::{controlplane::ControlPlane, crate_dir, https::ServeProcess};
+pub use super::run;
+use super::{controlplane::ControlPlane, crate_dir, https::ServeProcess, yaml_documents};
 
 pub const RELEASE: &str = "chiller-metrics";
 pub const RELEASE_NAMESPACE: &str = "chiller-metrics";
@@ -347,25 +349,50 @@ pub fn helm(plane: &ControlPlane) -> Command {
     command
 }
 
+/// Labels `namespace` opted in, creating it if it is missing.
+pub fn opt_in(plane: &ControlPlane, namespace: &str) {
+    ensure_namespace(
+        plane,
+        namespace,
+        &[(&format!("{DOMAIN}/inject"), "enabled")],
+    );
+}
+
+/// Whether the stored pod `namespace/name` carries our injected label.
+pub fn injected(plane: &ControlPlane, namespace: &str, name: &str) -> bool {
+    let pod = kubectl_json(plane, &["get", "pod", name, "-n", namespace]);
+    pod["metadata"]["labels"][format!("{DOMAIN}/injected")] == "true"
+}
+
+/// `(kind, name)` of what `chiller-metrics render` says the loop applies in
+/// `namespace`, with a Postgres exporter when `postgres`.
+pub fn rendered(namespace: &str, postgres: bool) -> BTreeSet<(String, String)> {
+    let mut command = Command::new(ServeProcess::BINARY);
+    command.args(["render", "--namespace", namespace]);
+    if postgres {
+        command.args([
+            "--postgres",
+            "db:5432/chiller",
+            "--postgres-secret",
+            "db-auth",
+        ]);
+    }
+    let output = run(&mut command);
+    yaml_documents(&String::from_utf8(output.stdout).unwrap())
+        .into_iter()
+        .map(|doc| {
+            (
+                doc["kind"].as_str().unwrap().to_string(),
+                doc["metadata"]["name"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
 /// `kubectl ... -o json`, parsed.
 pub fn kubectl_json(plane: &ControlPlane, args: &[&str]) -> Value {
     let output = run(plane.kubectl().args(args).args(["-o", "json"]));
     serde_json::from_slice(&output.stdout).expect("kubectl prints JSON")
-}
-
-/// Runs a command; panics with its stderr unless it succeeds.
-pub fn run(command: &mut Command) -> Output {
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("running {command:?}: {e}"));
-    assert!(
-        output.status.success(),
-        "{command:?} failed with {}:\n{}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
 }
 
 pub use super::controlplane::try_with_input;
@@ -381,9 +408,4 @@ pub fn run_with_input(command: &mut Command, input: &str) -> Output {
         String::from_utf8_lossy(&output.stderr)
     );
     output
-}
-
-/// The path of a file in the crate.
-pub fn crate_path(relative: &str) -> PathBuf {
-    crate_dir().join(relative)
 }

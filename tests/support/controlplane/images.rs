@@ -930,7 +930,7 @@ const PAUSE_CFLAGS: [&str; 4] = ["-Os", "-static", "-s", "-Wall"];
 /// The name containerd's `pinned_images.sandbox` setting gives it.
 pub const PAUSE_IMAGE: &str = "localhost/pause:local";
 
-/// The static pause program (tests/controlplane/pause.c, `gcc -Os -static`),
+/// The static pause program (tests/support/controlplane/pause.c, `gcc -Os -static`),
 /// cached under [`cache_dir`], and its image [`PAUSE_IMAGE`]: `/pause` as the
 /// entrypoint, run as 65535:65535 like the upstream image.
 pub fn pause_image() -> Image {

@@ -5,8 +5,9 @@
 //!
 //! The API server runs with RBAC, the default admission plugins, a
 //! service-account issuer (TokenRequest works) and a Metadata-level audit log.
-//! Each test binary gets one control plane ([`ControlPlane::shared`]); its
-//! processes die with the binary, even when a test panics.
+//! Each test process gets one control plane ([`ControlPlane::shared`]), for
+//! the tests of one module; its processes die with the process, even when a
+//! test panics.
 #![allow(dead_code)]
 
 pub mod cluster_images;
@@ -68,8 +69,23 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// The control plane of this test binary, started on first use.
+    /// The control plane of this test process, started on first use. It
+    /// belongs to the tests of the module (file) that first asks for it: a
+    /// test of another file panics, for two modules' tests on one control
+    /// plane would see each other's objects. `make test` runs one module a
+    /// process (scripts/test-timeout.sh); by hand, name the module:
+    /// `cargo test --test cluster -- apiserver_webhook::`.
+    #[track_caller]
     pub fn shared() -> &'static ControlPlane {
+        static OWNER: OnceLock<&'static str> = OnceLock::new();
+        let caller = std::panic::Location::caller().file();
+        let owner = *OWNER.get_or_init(|| caller);
+        assert_eq!(
+            owner, caller,
+            "this process's control plane belongs to the tests of {owner}; run the tests of \
+             {caller} in a process of their own: `cargo test --test cluster -- MODULE::` \
+             (make test runs one module a process)"
+        );
         static SHARED: OnceLock<ControlPlane> = OnceLock::new();
         SHARED.get_or_init(|| {
             let root = crate_dir().join("target").join("controlplane");
