@@ -16,8 +16,8 @@
 //! cargo run --example local_cluster -- down [STATE_DIR]
 //! ```
 
-#[path = "../tests/controlplane/mod.rs"]
-mod controlplane;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::{
     path::{Path, PathBuf},
@@ -26,8 +26,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use controlplane::{
-    ControlPlane, cluster_images,
+use support::controlplane::{
+    self as controlplane, ControlPlane, cluster_images,
     images::{self, Image, ImageConfig, Layer},
     node::{self, HostState, NODE_IP, Node, sh},
     nodes::build,
@@ -46,7 +46,7 @@ fn main() {
     let state = |index: usize| {
         args.get(index)
             .map(PathBuf::from)
-            .unwrap_or_else(|| controlplane::crate_dir().join(".tools/cluster/state"))
+            .unwrap_or_else(|| support::crate_dir().join(".tools/cluster/state"))
     };
     match args.first().map(String::as_str) {
         Some("up") => up(&state(1)),
@@ -264,7 +264,7 @@ fn load(args: &[String]) {
     let (name, rest) = args.split_first().unwrap_or_else(|| usage());
     let mut archive = None;
     let mut rootfs = None;
-    let mut dir = controlplane::crate_dir().join(".tools/cluster/state");
+    let mut dir = support::crate_dir().join(".tools/cluster/state");
     let mut entrypoint = Vec::new();
     let mut rest = rest.iter();
     while let Some(arg) = rest.next() {
@@ -348,10 +348,10 @@ fn answers(kubeconfig: &Path) -> bool {
 fn release_binary() -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
-        .current_dir(controlplane::crate_dir())
+        .current_dir(support::crate_dir())
         .args(["build", "--release", "--locked", "--bin", "chiller-metrics"])
         .status()
         .expect("running cargo build --release");
     assert!(status.success(), "the release build failed");
-    controlplane::crate_dir().join("target/release/chiller-metrics")
+    support::crate_dir().join("target/release/chiller-metrics")
 }

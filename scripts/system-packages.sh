@@ -6,17 +6,17 @@ set -euo pipefail
 
 # package: what needs it
 declare -A needs=(
-  [nghttp2-client]="h2load: tests/rotation.rs and tests/shutdown.rs (load during rotation and shutdown)"
-  [wrk]="wrk: tests/shutdown.rs (HTTP/1.1 load)"
-  [curl]="curl: make demo and tests/demo.rs"
-  [binutils]="readelf: tests/portability.rs (the glibc versions the release binary needs)"
-  [iproute2]="ip: tests/e2e_pods.rs (the node's network namespace and veth)"
-  [iptables]="iptables: tests/e2e_pods.rs (kube-proxy)"
-  [util-linux]="unshare, mount: tests/e2e_pods.rs (the node's namespaces and private mounts)"
-  [libseccomp-dev]="libseccomp: tests/e2e_pods.rs (the real node's runc, built with seccomp by tools/build.sh runc)"
-  [mmdebstrap]="mmdebstrap: tests/e2e_pods.rs (Debian root filesystems for the test images)"
-  [gcc]="gcc: tests/e2e_pods.rs (the static pause binary; cgo for tools/build.sh runc)"
-  [libc6-dev]="libc headers and static libc: tests/e2e_pods.rs (the static pause binary; cgo for tools/build.sh runc)"
+  [nghttp2-client]="h2load: tests/offline/rotation.rs and tests/offline/shutdown.rs (load during rotation and shutdown)"
+  [wrk]="wrk: tests/offline/shutdown.rs (HTTP/1.1 load)"
+  [curl]="curl: make demo and tests/offline/demo.rs"
+  [binutils]="readelf: tests/offline/portability.rs (the glibc versions the release binary needs)"
+  [iproute2]="ip: tests/cluster/e2e_pods.rs (the node's network namespace and veth)"
+  [iptables]="iptables: tests/cluster/e2e_pods.rs (kube-proxy)"
+  [util-linux]="unshare, mount: tests/cluster/e2e_pods.rs (the node's namespaces and private mounts)"
+  [libseccomp-dev]="libseccomp: tests/cluster/e2e_pods.rs (the real node's runc, built with seccomp by tools/build.sh runc)"
+  [mmdebstrap]="mmdebstrap: tests/cluster/e2e_pods.rs (Debian root filesystems for the test images)"
+  [gcc]="gcc: tests/cluster/e2e_pods.rs (the static pause binary; cgo for tools/build.sh runc)"
+  [libc6-dev]="libc headers and static libc: tests/cluster/e2e_pods.rs (the static pause binary; cgo for tools/build.sh runc)"
 )
 
 missing=()

@@ -1,30 +1,125 @@
 #!/usr/bin/env bash
-# Runs one test binary under a time limit (cargo's target runner, set by
-# `make test`): TEST_BINARY_TIMEOUT seconds, default 2400. When the limit
-# passes it names the binary, shows the tests still running (libtest's
-# "has been running for over 60 seconds" lines name them) and the process
-# tree it waited for, then stops the whole group and fails.
+# cargo's target runner in `make test`: runs one test binary.
+#
+# - The two integration test binaries (tests/offline, tests/cluster) run one
+#   module a process, the modules one after another and the tests of a module
+#   in parallel, as they ran when each file was a binary of its own: a
+#   process has one control plane (tests/support/controlplane). Each module
+#   must run every test it lists, or the run fails.
+# - Every test runs under the time limit tests/time-limits gives its name.
+#   libtest says when a test has run for 60 seconds; from then on it is
+#   watched, and past its limit the run fails with the test's name, how long
+#   it ran, the processes it waited for and where its threads were blocked;
+#   then the whole process group is stopped.
+# - A whole process gets TEST_BINARY_TIMEOUT seconds (default 2400) at most.
 set -uo pipefail
-limit=${TEST_BINARY_TIMEOUT:-2400}
 binary=$1
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-# Its own process group, so everything the tests started goes with it.
-setsid "$@" > >(tee "$log") 2>&1 &
-pid=$!
-deadline=$((SECONDS + limit))
-while kill -0 "$pid" 2>/dev/null; do
-  if ((SECONDS >= deadline)); then
-    echo "TIMEOUT: $(basename "$binary") ran for more than ${limit}s" >&2
-    grep -h "has been running for over" "$log" | sed 's/^/  still running: /' >&2
-    echo "what it was waiting for:" >&2
-    ps -o pid,etimes,stat,args --forest -g "$pid" >&2 || true
-    kill -TERM -- "-$pid" 2>/dev/null
-    sleep 10
-    kill -KILL -- "-$pid" 2>/dev/null
-    wait "$pid" 2>/dev/null
-    exit 124
+shift
+here=$(cd "$(dirname "$0")" && pwd)
+limits=$here/../tests/time-limits
+process_limit=${TEST_BINARY_TIMEOUT:-2400}
+
+# The limit of a test: the longest prefix of its name in tests/time-limits.
+limit_of() {
+  local test=$1 best=-1 limit=0 prefix seconds
+  while read -r prefix seconds; do
+    [[ -z $prefix || $prefix == \#* ]] && continue
+    [[ $prefix == default ]] && prefix=""
+    if [[ $test == "$prefix"* ]] && ((${#prefix} > best)); then
+      best=${#prefix}
+      limit=$seconds
+    fi
+  done <"$limits"
+  echo "$limit"
+}
+
+# Runs the binary with the given arguments under the limits; its status.
+run_watched() {
+  local work status
+  work=$(mktemp -d)
+  : >"$work/slow"
+  : >"$work/done"
+  # Its own process group, so everything the tests started goes with it.
+  setsid "$binary" "$@" > >(
+    while IFS= read -r line; do
+      printf '%s\n' "$line"
+      if [[ $line =~ ^test\ (.+)\ has\ been\ running\ for\ over\ 60\ seconds ]]; then
+        echo "$((SECONDS - 60)) ${BASH_REMATCH[1]}" >>"$work/slow"
+      elif [[ $line =~ ^test\ (.+)\ \.\.\.\  ]]; then
+        echo "${BASH_REMATCH[1]}" >>"$work/done"
+      fi
+    done
+  ) 2>&1 &
+  local pid=$! started=$SECONDS
+  while kill -0 "$pid" 2>/dev/null; do
+    local overdue="" ran=0 limit=0 since test
+    while read -r since test; do
+      grep -qxF -- "$test" "$work/done" && continue
+      limit=$(limit_of "$test")
+      ran=$((SECONDS - since))
+      if ((ran > limit)); then
+        overdue=$test
+        break
+      fi
+    done <"$work/slow"
+    if [[ -z $overdue ]] && ((SECONDS - started > process_limit)); then
+      overdue="$(basename "$binary") $*"
+      ran=$((SECONDS - started))
+      limit=$process_limit
+    fi
+    if [[ -n $overdue ]]; then
+      {
+        echo "TIMEOUT: test $overdue ran for ${ran}s, past its limit of ${limit}s (tests/time-limits)"
+        while read -r since test; do
+          grep -qxF -- "$test" "$work/done" || echo "  still running: $test, for $((SECONDS - since))s"
+        done <"$work/slow"
+        echo "the processes it waited for:"
+        ps -o pid,etimes,stat,wchan:24,args --forest -g "$pid" || true
+        echo "where the test process's threads were blocked (libtest names them after the tests):"
+        ps -L -o tid,stat,wchan:24,comm -p "$pid" || true
+      } >&2
+      kill -TERM -- "-$pid" 2>/dev/null
+      sleep 10
+      kill -KILL -- "-$pid" 2>/dev/null
+      wait "$pid" 2>/dev/null
+      rm -rf "$work"
+      return 124
+    fi
+    sleep 1
+  done
+  wait "$pid"
+  status=$?
+  rm -rf "$work"
+  return "$status"
+}
+
+case "$(basename "$binary")" in
+offline-* | cluster-*)
+  if (($# == 0)); then
+    mapfile -t tests < <("$binary" --list --format terse | sed -n 's/: test$//p')
+    mapfile -t modules < <(printf '%s\n' "${tests[@]}" | sed 's/::.*//' | uniq)
+    failed=0
+    for module in "${modules[@]}"; do
+      names=()
+      for test in "${tests[@]}"; do
+        [[ $test == "$module::"* ]] && names+=("$test")
+      done
+      echo "== $(basename "$binary"): module $module, ${#names[@]} tests"
+      output=$(mktemp)
+      run_watched --exact "${names[@]}" | tee "$output"
+      status=${PIPESTATUS[0]}
+      ran=$(sed -n 's/^test result: [a-zA-Z]*\. \([0-9]*\) passed; \([0-9]*\) failed; \([0-9]*\) ignored.*/\1 \2 \3/p' "$output" |
+        awk '{ n += $1 + $2 + $3 } END { print n + 0 }')
+      rm -f "$output"
+      if ((status != 0)); then
+        failed=1
+      elif ((ran != ${#names[@]})); then
+        echo "module $module lists ${#names[@]} tests but ran $ran" >&2
+        failed=1
+      fi
+    done
+    exit "$failed"
   fi
-  sleep 1
-done
-wait "$pid"
+  ;;
+esac
+run_watched "$@"

@@ -2,7 +2,7 @@
 # The end-to-end scenario, on whatever cluster KUBECONFIG points at, once the
 # Prometheus Operator and chiller-metrics are installed. Both journeys run
 # it: `make e2e` (kind, tests/e2e/run.sh) and `make e2e-local` (a real
-# node of our own, tests/e2e_pods.rs), so they cannot drift apart.
+# node of our own, tests/cluster/e2e_pods.rs), so they cannot drift apart.
 #
 # It opts two namespaces in, installs the test app chart in each, and shows:
 # injection, gunicorn's statsd reaching each pod's own exporter, one

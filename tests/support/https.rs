@@ -548,7 +548,12 @@ pub enum StartError {
 }
 
 impl ServeProcess {
-    pub const BINARY: &'static str = env!("CARGO_BIN_EXE_chiller-metrics");
+    /// The binary cargo built for the integration tests (`make cluster-up`
+    /// includes these helpers in an example, for which cargo names none).
+    pub const BINARY: &'static str = match option_env!("CARGO_BIN_EXE_chiller-metrics") {
+        Some(binary) => binary,
+        None => "chiller-metrics",
+    };
 
     /// `chiller-metrics serve --standalone` (KUBECONFIG names a missing
     /// file, no in-cluster env), ports 0 on 127.0.0.1, JSON logs and no drain.

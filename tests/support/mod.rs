@@ -6,10 +6,15 @@
 //!   misspelled or mistyped field fails a test.
 //! - [`tool`]: finds an external test tool or fails with how to install it.
 //! - [`run_within`]: runs a command to its end, killed after a time limit.
+//! - [`wait_until`]: polls a condition, bounded.
+//! - [`controlplane`]: the local control plane and the real node; [`install`]:
+//!   the chart installed on it, `serve` as the chart's ServiceAccount.
 #![allow(dead_code)]
 
+pub mod controlplane;
 /// The webhook over real HTTPS: in-process server, clients, the real binary.
 pub mod https;
+pub mod install;
 pub mod load;
 
 use std::{
@@ -67,6 +72,102 @@ pub fn reference_dir() -> PathBuf {
         missing.join(", ")
     );
     dir
+}
+
+/// Polls `done` until it holds; panics naming `what` once `within` has passed.
+pub fn wait_until(within: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// A file or folder of the crate.
+pub fn crate_path(relative: &str) -> PathBuf {
+    crate_dir().join(relative)
+}
+
+/// Runs a command; panics with its output unless it succeeds.
+pub fn run(command: &mut Command) -> Output {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("running {command:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed with {}:\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// The documents of a multi-document YAML text, empty ones left out; panics
+/// with the text if one does not parse.
+pub fn yaml_documents(text: &str) -> Vec<Value> {
+    serde_norway::Deserializer::from_str(text)
+        .map(|document| {
+            <Value as serde::Deserialize>::deserialize(document)
+                .unwrap_or_else(|e| panic!("a YAML document does not parse: {e}\n{text}"))
+        })
+        .filter(|document| !document.is_null())
+        .collect()
+}
+
+/// The numbers of the steps `explain -o json` says failed.
+pub fn failed_steps(explanation: &Value) -> Vec<u64> {
+    explanation["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["status"] == "fail")
+        .map(|s| s["number"].as_u64().unwrap())
+        .collect()
+}
+
+/// A ConfigMap or Secret volume as the kubelet writes it: each file a link
+/// into `..data`, which points at a timestamped folder and is swapped
+/// atomically on every update (a link beside it, renamed over it), after
+/// which the old folder is removed.
+pub struct KubeletVolume {
+    pub dir: PathBuf,
+    generation: u32,
+}
+
+impl KubeletVolume {
+    /// A volume in `dir` holding `files` (name, contents).
+    pub fn new(dir: &Path, files: &[(&str, &[u8])]) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut volume = Self {
+            dir: dir.to_path_buf(),
+            generation: 0,
+        };
+        volume.publish(files);
+        for (name, _) in files {
+            std::os::unix::fs::symlink(format!("..data/{name}"), dir.join(name)).unwrap();
+        }
+        volume
+    }
+
+    /// Publishes new contents of the files, atomically.
+    pub fn publish(&mut self, files: &[(&str, &[u8])]) {
+        self.generation += 1;
+        let name = format!("..2026_11_24_04_00_{:02}.{:09}", self.generation, 1);
+        let target = self.dir.join(&name);
+        std::fs::create_dir(&target).unwrap();
+        for (file, contents) in files {
+            std::fs::write(target.join(file), contents).unwrap();
+        }
+        let data = self.dir.join("..data");
+        let old = std::fs::read_link(&data).ok();
+        let staged = self.dir.join("..data_tmp");
+        std::os::unix::fs::symlink(&name, &staged).unwrap();
+        std::fs::rename(&staged, &data).unwrap();
+        if let Some(old) = old {
+            std::fs::remove_dir_all(self.dir.join(old)).unwrap();
+        }
+    }
 }
 
 /// Finds an external tool: in `<crate>/.tools/bin` or `<crate>/.tools/venv/bin`,
@@ -205,7 +306,7 @@ pub fn validate_k8s(object: &Value) -> Result<(), String> {
             .map_err(|e| format!("{} is not JSON: {e}", path.display()))?;
         compile(&schema)
     })?;
-    run(&validator, object)
+    check_with(&validator, object)
 }
 
 /// Validates a monitoring.coreos.com/v1 Prometheus, ServiceMonitor or
@@ -244,7 +345,7 @@ pub fn validate_crd(object: &Value) -> Result<(), String> {
         schema["properties"]["metadata"] = json!({"$ref": OBJECT_META_REF});
         compile(&schema)
     })?;
-    run(&validator, object)
+    check_with(&validator, object)
 }
 
 /// Rewrites a CRD's structural schema for a JSON Schema validator: unknown
@@ -357,7 +458,7 @@ fn compile(schema: &Value) -> Result<Validator, String> {
         .map_err(|e| format!("schema does not compile: {e}"))
 }
 
-fn run(validator: &Validator, object: &Value) -> Result<(), String> {
+fn check_with(validator: &Validator, object: &Value) -> Result<(), String> {
     let errors: Vec<String> = validator
         .iter_errors(object)
         .map(|e| {

@@ -1,0 +1,29 @@
+//! The offline integration tests: nothing here starts a control plane or a
+//! node. The webhook over real HTTPS, the CLI, golden files, schema checks,
+//! properties, gunicorn with the injected sidecar, promtool, the reconciler
+//! against a recording API. One test binary; `make test` runs it with
+//! cargo-nextest, one process a test, each under a time limit
+//! (`.config/nextest.toml`).
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod cli;
+mod config_reload;
+mod dataplane;
+mod demo;
+mod desired_objects;
+mod golden;
+mod hostile;
+mod https;
+mod inject_cli;
+mod manifests;
+mod namespace_cache;
+mod portability;
+mod promql;
+mod properties;
+mod reconciler;
+mod rotation;
+mod shutdown;
+mod support_selftest;
+mod uninject;

@@ -1,0 +1,1618 @@
+//! The reconcile loop against a mocked API server (tower-test): every request
+//! the loop makes is checked against the expected method, path and query, and
+//! any request not expected fails the test. Request bodies are checked after.
+//! The whole controller (watches, caches, triggers) runs against a real
+//! kube-apiserver in `apiserver_reconcile.rs` and `apiserver_ha.rs`.
+
+use crate::support;
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use chiller_metrics::{
+    admin::Metrics,
+    config::Config,
+    inject::{Injector, ResolvedMode},
+    keys::{self, Keys},
+    reconcile::{
+        Context, LeaseLock, LeaseTimings, NamespaceStatus, ReconcileError,
+        compare::applied_value,
+        context::{BACKOFF_BASE, BACKOFF_MAX, backoff_delay},
+        desired::{DesiredObject, NamespaceSettings, desired_objects},
+        error_policy,
+        live::{MANAGED_KINDS, managed_kind},
+        reconcile,
+        uninjected::{RESTARTED_AT, restarted_for_injection_key},
+    },
+};
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use k8s_openapi::{api::core::v1::Namespace, jiff::Timestamp};
+use kube::{Client, api::DynamicObject, client::Body, runtime::controller::Action};
+use serde_json::{Value, json};
+use tokio::{sync::watch, task::JoinHandle, time::Instant};
+
+type ApiHandle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+type Responder = Box<dyn FnOnce(&Value) -> (u16, Value) + Send>;
+
+/// Guards against hangs only; no test asserts on speed.
+const HANG_GUARD: Duration = Duration::from_secs(60);
+const NS: &str = "shop";
+const IDENTITY: &str = "replica-a";
+const LEASE_NS: &str = "chiller-metrics";
+const LEASE: &str = "chiller-metrics-reconciler";
+
+// ---------------------------------------------------------------------------
+// The mocked API server.
+
+/// One expected request and its answer.
+struct Step {
+    method: &'static str,
+    path: String,
+    query: Vec<(String, String)>,
+    /// Matches any path under `path` (a name the test cannot know).
+    under: bool,
+    respond: Responder,
+}
+
+impl Step {
+    fn new(method: &'static str, path: impl Into<String>) -> Self {
+        Self {
+            method,
+            path: path.into(),
+            query: Vec::new(),
+            under: false,
+            respond: Box::new(|_| (200, json!({}))),
+        }
+    }
+
+    fn query(mut self, key: &str, value: &str) -> Self {
+        self.query.push((key.into(), value.into()));
+        self
+    }
+
+    fn prefix(mut self) -> Self {
+        self.under = true;
+        self
+    }
+
+    fn reply(mut self, status: u16, body: Value) -> Self {
+        self.respond = Box::new(move |_| (status, body));
+        self
+    }
+
+    /// Answers with the request body as stored by the server.
+    fn echo(mut self) -> Self {
+        self.respond = Box::new(|body| (200, stored(body.clone())));
+        self
+    }
+
+    fn mismatch(&self, seen: &Seen) -> Option<String> {
+        let path_matches = if self.under {
+            seen.path.starts_with(&format!("{}/", self.path))
+        } else {
+            seen.path == self.path
+        };
+        if seen.method != self.method || !path_matches {
+            return Some(format!(
+                "expected {} {}, got {} {} {:?}",
+                self.method, self.path, seen.method, seen.path, seen.query
+            ));
+        }
+        self.query
+            .iter()
+            .find(|pair| !seen.query.contains(pair))
+            .map(|(k, v)| {
+                format!(
+                    "{} {}: query lacks {k}={v}: {:?}",
+                    seen.method, seen.path, seen.query
+                )
+            })
+    }
+}
+
+/// A request the mock received.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    path: String,
+    query: Vec<(String, String)>,
+    body: Value,
+}
+
+impl Seen {
+    fn is_write(&self) -> bool {
+        self.method != "GET"
+    }
+}
+
+#[derive(Default)]
+struct MockState {
+    seen: Vec<Seen>,
+    problems: Vec<String>,
+    remaining: usize,
+}
+
+struct MockApi {
+    state: Arc<Mutex<MockState>>,
+    task: JoinHandle<()>,
+}
+
+impl MockApi {
+    /// Asserts every expected request came, in order, and nothing else; returns them.
+    fn verify(self) -> Vec<Seen> {
+        self.task.abort();
+        let state = self.state.lock().unwrap();
+        assert!(
+            state.problems.is_empty(),
+            "unexpected requests: {:#?}",
+            state.problems
+        );
+        assert_eq!(
+            state.remaining,
+            0,
+            "{} expected request(s) never came; seen: {:#?}",
+            state.remaining,
+            state
+                .seen
+                .iter()
+                .map(|s| format!("{} {}", s.method, s.path))
+                .collect::<Vec<_>>()
+        );
+        state.seen.clone()
+    }
+}
+
+/// One DELETE per object, in the order the loop deletes them (by managed
+/// kind, then namespace and name), each answered with the live object.
+fn delete_steps(objects: &[DesiredObject], config: &Config) -> Vec<Step> {
+    let mut ordered: Vec<&DesiredObject> = objects.iter().collect();
+    ordered.sort_by_key(|o| {
+        (
+            MANAGED_KINDS
+                .iter()
+                .position(|k| k.kind == o.kind && k.api_version == o.api_version),
+            o.namespace.clone(),
+            o.name.clone(),
+        )
+    });
+    ordered
+        .into_iter()
+        .map(|o| Step::new("DELETE", desired_path(o)).reply(200, live(o, config)))
+        .collect()
+}
+
+fn mock_client() -> (Client, ApiHandle) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    (Client::new(service, "default"), handle)
+}
+
+/// Answers `steps` in order. Anything else is recorded as a problem and
+/// answered with a 500, so the reconcile still finishes and `verify` fails.
+fn serve(mut handle: ApiHandle, steps: Vec<Step>) -> MockApi {
+    let state = Arc::new(Mutex::new(MockState {
+        remaining: steps.len(),
+        ..Default::default()
+    }));
+    let task_state = state.clone();
+    let task = tokio::spawn(async move {
+        let mut steps = steps.into_iter();
+        while let Some((request, respond)) = handle.next_request().await {
+            let seen = read(request).await;
+            let (status, body) = match steps.next() {
+                Some(step) => {
+                    let problem = step.mismatch(&seen);
+                    let mut state = task_state.lock().unwrap();
+                    state.remaining -= 1;
+                    match problem {
+                        Some(problem) => {
+                            state.problems.push(problem);
+                            (500, status_body(500, "InternalError", "unexpected request"))
+                        }
+                        None => {
+                            drop(state);
+                            (step.respond)(&seen.body)
+                        }
+                    }
+                }
+                None => {
+                    task_state.lock().unwrap().problems.push(format!(
+                        "after the last expected request: {} {} {:?}",
+                        seen.method, seen.path, seen.query
+                    ));
+                    (500, status_body(500, "InternalError", "unexpected request"))
+                }
+            };
+            task_state.lock().unwrap().seen.push(seen);
+            respond.send_response(
+                Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                    .unwrap(),
+            );
+        }
+    });
+    MockApi { state, task }
+}
+
+async fn read(request: Request<Body>) -> Seen {
+    let (parts, body) = request.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    let body = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+    };
+    let query = parts
+        .uri
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect();
+    Seen {
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_string(),
+        query,
+        body,
+    }
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+                out.push(u8::from_str_radix(hex, 16).unwrap());
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+fn status_body(code: u16, reason: &str, message: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Status", "metadata": {},
+        "status": "Failure", "code": code, "reason": reason, "message": message,
+    })
+}
+
+fn not_found() -> Value {
+    status_body(
+        404,
+        "NotFound",
+        "the server could not find the requested resource",
+    )
+}
+
+/// The object as the API server would store it.
+fn stored(mut object: Value) -> Value {
+    if object.is_object() {
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or("x")
+            .to_string();
+        object["metadata"]["uid"] = json!(format!("uid-{name}"));
+        object["metadata"]["resourceVersion"] = json!("100");
+        object["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+    }
+    object
+}
+
+// ---------------------------------------------------------------------------
+// Fixtures.
+
+fn config() -> Config {
+    Config::default()
+}
+
+fn keys() -> Keys {
+    config().keys()
+}
+
+fn namespace(name: &str, labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> Namespace {
+    let map = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let mut labels = map(labels);
+    labels.insert("kubernetes.io/metadata.name".into(), name.into());
+    serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {
+            "name": name,
+            "uid": format!("ns-uid-{name}"),
+            "resourceVersion": "1",
+            "labels": labels,
+            "annotations": map(annotations),
+        },
+    }))
+    .unwrap()
+}
+
+fn opted_in(name: &str, annotations: &[(&str, &str)]) -> Namespace {
+    namespace(name, &[(&keys().inject, keys::ENABLED)], annotations)
+}
+
+/// A context whose caches have completed their first (empty) list.
+fn context(client: Client, config: Config, leading: bool) -> (Arc<Context>, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new());
+    let (_leading_tx, leading_rx) = watch::channel(leading);
+    let ctx = Context::new(
+        client,
+        Injector::new(config, ResolvedMode::Native),
+        metrics.clone(),
+        leading_rx,
+        IDENTITY,
+    );
+    for kind in MANAGED_KINDS {
+        ctx.live.sync_kind(*kind, Vec::new());
+    }
+    (Arc::new(ctx), metrics)
+}
+
+/// Fills the caches with these live objects (as a completed list per kind).
+fn prefill(ctx: &Context, objects: &[Value]) {
+    for kind in MANAGED_KINDS {
+        let of_kind = objects
+            .iter()
+            .filter(|o| o["apiVersion"] == kind.api_version && o["kind"] == kind.kind)
+            .map(|o| serde_json::from_value::<DynamicObject>(o.clone()).unwrap())
+            .collect();
+        ctx.live.sync_kind(*kind, of_kind);
+    }
+}
+
+fn desired_for(ns: &Namespace, config: &Config) -> Vec<DesiredObject> {
+    let settings = NamespaceSettings::from_namespace(ns, &config.keys()).unwrap();
+    desired_objects(&settings, config)
+}
+
+/// What the API server holds after we applied `object`, with server-side
+/// additions and defaults that the comparison must tolerate.
+fn live(object: &DesiredObject, config: &Config) -> Value {
+    let mut value = stored(applied_value(&object.value, &config.domain));
+    value["metadata"]["managedFields"] =
+        json!([{"manager": "chiller-metrics", "operation": "Apply"}]);
+    value["metadata"]["labels"]["added-by-someone"] = json!("yes");
+    if object.kind == "Service" {
+        if value["spec"]["clusterIP"].is_null() {
+            value["spec"]["clusterIP"] = json!("10.96.0.10");
+        }
+        value["spec"]["sessionAffinity"] = json!("None");
+        if let Some(ports) = value["spec"]["ports"].as_array_mut() {
+            for port in ports {
+                port["protocol"] = json!("TCP");
+            }
+        }
+    }
+    value
+}
+
+fn object_path(api_version: &str, plural: &str, namespace: &str, name: &str) -> String {
+    let base = if api_version == "v1" {
+        "/api/v1".to_string()
+    } else {
+        format!("/apis/{api_version}")
+    };
+    format!("{base}/namespaces/{namespace}/{plural}/{name}")
+}
+
+fn desired_path(object: &DesiredObject) -> String {
+    object_path(
+        object.api_version,
+        object.plural,
+        &object.namespace,
+        &object.name,
+    )
+}
+
+fn apply_step(object: &DesiredObject) -> Step {
+    Step::new("PATCH", desired_path(object))
+        .query("fieldManager", "chiller-metrics")
+        .query("force", "true")
+        .echo()
+}
+
+/// Every pod of the namespace: injected ones are counted too.
+fn pods_step(namespace: &str, pods: Vec<Value>) -> Step {
+    Step::new("GET", format!("/api/v1/namespaces/{namespace}/pods"))
+        .reply(
+            200,
+            json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "5"}, "items": pods}),
+        )
+}
+
+fn status_step(namespace: &str) -> Step {
+    Step::new("PATCH", format!("/api/v1/namespaces/{namespace}"))
+        .query("fieldManager", "chiller-metrics")
+        .reply(
+            200,
+            serde_json::to_value(self::namespace(namespace, &[], &[])).unwrap(),
+        )
+}
+
+fn event_step(namespace: &str) -> Step {
+    Step::new(
+        "POST",
+        format!("/apis/events.k8s.io/v1/namespaces/{namespace}/events"),
+    )
+    .echo()
+}
+
+fn ready_status(objects: usize, uninjected_pods: usize) -> NamespaceStatus {
+    NamespaceStatus {
+        ready: true,
+        reason: "Ready".into(),
+        message: format!("{objects} monitoring objects in sync"),
+        uninjected_pods,
+        config_hash: Injector::new(Config::default(), ResolvedMode::Native)
+            .hashes()
+            .config
+            .clone(),
+        ..Default::default()
+    }
+}
+
+/// The status annotation a namespace-status PATCH sets (`None` = removed).
+fn patched_status(seen: &Seen) -> Option<NamespaceStatus> {
+    let value = &seen.body["metadata"]["annotations"][keys().reconcile_status];
+    value
+        .as_str()
+        .map(|text| serde_json::from_str(text).unwrap())
+}
+
+/// An opted-in namespace already carrying this status annotation.
+fn with_status(status: &NamespaceStatus, annotations: &[(&str, &str)]) -> Namespace {
+    let key = keys().reconcile_status;
+    let text = serde_json::to_string(status).unwrap();
+    let mut all = annotations.to_vec();
+    all.push((key.as_str(), text.as_str()));
+    opted_in(NS, &all)
+}
+
+fn metric(metrics: &Metrics, line_start: &str) -> Option<f64> {
+    metrics
+        .encode()
+        .lines()
+        .find_map(|line| line.strip_prefix(line_start))
+        .and_then(|rest| rest.trim().parse().ok())
+}
+
+async fn reconcile_once(ns: &Namespace, ctx: &Arc<Context>) -> Result<Action, ReconcileError> {
+    tokio::time::timeout(HANG_GUARD, reconcile(Arc::new(ns.clone()), ctx.clone()))
+        .await
+        .expect("reconcile hung")
+}
+
+// ---------------------------------------------------------------------------
+// Applying.
+
+#[tokio::test]
+async fn first_reconcile_applies_every_desired_object_once() {
+    let config = config();
+    let ns = opted_in(NS, &[]);
+    let desired = desired_for(&ns, &config);
+    assert!(
+        desired.len() >= 5,
+        "the desired set looks incomplete: {desired:?}"
+    );
+    let (client, handle) = mock_client();
+    let mut steps: Vec<Step> = desired.iter().map(apply_step).collect();
+    steps.push(pods_step(NS, vec![]));
+    steps.push(status_step(NS));
+    let api = serve(handle, steps);
+    let (ctx, metrics) = context(client, config.clone(), true);
+
+    let action = reconcile_once(&ns, &ctx).await.unwrap();
+
+    let seen = api.verify();
+    assert_eq!(
+        action,
+        Action::requeue(Duration::from_secs(config.reconcile.resync_seconds))
+    );
+    for (object, request) in desired.iter().zip(&seen) {
+        assert_eq!(
+            request.body,
+            applied_value(&object.value, &config.domain),
+            "body of the apply of {} {}",
+            object.kind,
+            object.name
+        );
+        let labels = &request.body["metadata"]["labels"];
+        assert_eq!(labels[keys::MANAGED_BY_KEY], keys::MANAGED_BY);
+        assert_eq!(labels[keys().owner_namespace], NS);
+    }
+    assert_eq!(
+        patched_status(seen.last().unwrap()),
+        Some(ready_status(desired.len(), 0))
+    );
+    assert_eq!(
+        metric(&metrics, "chiller_metrics_reconcile_runs_total "),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "chiller_metrics_reconcile_duration_seconds_count "
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn steady_state_makes_no_writes() {
+    let config = config();
+    let desired = desired_for(&opted_in(NS, &[]), &config);
+    let ns = with_status(&ready_status(desired.len(), 0), &[]);
+    let (client, handle) = mock_client();
+    let api = serve(handle, vec![pods_step(NS, vec![])]);
+    let (ctx, _) = context(client, config.clone(), true);
+    let live: Vec<Value> = desired.iter().map(|o| live(o, &config)).collect();
+    prefill(&ctx, &live);
+
+    let action = reconcile_once(&ns, &ctx).await.unwrap();
+
+    let seen = api.verify();
+    assert!(seen.iter().all(|s| !s.is_write()), "{seen:#?}");
+    assert_eq!(
+        action,
+        Action::requeue(Duration::from_secs(config.reconcile.resync_seconds))
+    );
+}
+
+#[tokio::test]
+async fn before_the_caches_sync_live_objects_are_read_and_still_not_written() {
+    let config = config();
+    let desired = desired_for(&opted_in(NS, &[]), &config);
+    let ns = with_status(&ready_status(desired.len(), 0), &[]);
+    let (client, handle) = mock_client();
+    let mut steps: Vec<Step> = desired
+        .iter()
+        .map(|o| Step::new("GET", desired_path(o)).reply(200, live(o, &config)))
+        .collect();
+    // Pruning lists each kind in the namespace; the lists hold exactly the desired objects.
+    for kind in MANAGED_KINDS {
+        let items: Vec<Value> = desired
+            .iter()
+            .filter(|o| o.kind == kind.kind && o.api_version == kind.api_version)
+            .map(|o| live(o, &config))
+            .collect();
+        let base = if kind.api_version == "v1" {
+            "/api/v1".to_string()
+        } else {
+            format!("/apis/{}", kind.api_version)
+        };
+        steps.push(
+            Step::new("GET", format!("{base}/namespaces/{NS}/{}", kind.plural))
+                .query(
+                    "labelSelector",
+                    &format!(
+                        "{}={},{}={NS}",
+                        keys::MANAGED_BY_KEY,
+                        keys::MANAGED_BY,
+                        keys().owner_namespace
+                    ),
+                )
+                .reply(
+                    200,
+                    json!({"apiVersion": kind.api_version, "kind": format!("{}List", kind.kind), "metadata": {}, "items": items}),
+                ),
+        );
+    }
+    steps.push(pods_step(NS, vec![]));
+    let api = serve(handle, steps);
+    let metrics = Arc::new(Metrics::new());
+    let (_tx, leading) = watch::channel(true);
+    let ctx = Arc::new(Context::new(
+        client,
+        Injector::new(config.clone(), ResolvedMode::Native),
+        metrics,
+        leading,
+        IDENTITY,
+    ));
+
+    reconcile_once(&ns, &ctx).await.unwrap();
+
+    let seen = api.verify();
+    assert!(seen.iter().all(|s| !s.is_write()), "{seen:#?}");
+}
+
+#[tokio::test]
+async fn drift_is_repaired_by_reapplying_only_the_drifted_objects() {
+    let config = config();
+    let desired = desired_for(&opted_in(NS, &[]), &config);
+    let ns = with_status(&ready_status(desired.len(), 0), &[]);
+    let edited = desired
+        .iter()
+        .position(|o| o.kind == "ConfigMap" && o.name == config.sidecar.mapping_config_map)
+        .expect("the mapping ConfigMap is desired");
+    let deleted = desired
+        .iter()
+        .position(|o| o.kind == "ServiceMonitor")
+        .expect("a ServiceMonitor is desired");
+    let mut live_objects = Vec::new();
+    for (index, object) in desired.iter().enumerate() {
+        let mut value = live(object, &config);
+        if index == edited {
+            value["data"] = json!({"statsd-mapping.yaml": "mappings: []"});
+        }
+        if index != deleted {
+            live_objects.push(value);
+        }
+    }
+    let (client, handle) = mock_client();
+    let mut drifted = [edited, deleted];
+    drifted.sort();
+    let mut steps: Vec<Step> = drifted.iter().map(|i| apply_step(&desired[*i])).collect();
+    steps.push(pods_step(NS, vec![]));
+    let api = serve(handle, steps);
+    let (ctx, _) = context(client, config.clone(), true);
+    prefill(&ctx, &live_objects);
+
+    reconcile_once(&ns, &ctx).await.unwrap();
+
+    let seen = api.verify();
+    let writes: Vec<&Seen> = seen.iter().filter(|s| s.is_write()).collect();
+    assert_eq!(writes.len(), 2, "{writes:#?}");
+    for (index, request) in drifted.iter().zip(writes) {
+        assert_eq!(
+            request.body,
+            applied_value(&desired[*index].value, &config.domain)
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_object_no_longer_desired_is_deleted() {
+    let config = config();
+    let with_postgres = opted_in(
+        NS,
+        &[
+            (keys().postgres.as_str(), "db:5432/chiller"),
+            (keys().postgres_secret.as_str(), "db-auth"),
+        ],
+    );
+    let without = desired_for(&opted_in(NS, &[]), &config);
+    let stale: Vec<DesiredObject> = desired_for(&with_postgres, &config)
+        .into_iter()
+        .filter(|o| !without.iter().any(|w| w.kind == o.kind && w.name == o.name))
+        .collect();
+    assert!(!stale.is_empty(), "the Postgres exporter adds objects");
+    let ns = with_status(&ready_status(without.len(), 0), &[]);
+    let mut live_objects: Vec<Value> = without.iter().map(|o| live(o, &config)).collect();
+    live_objects.extend(stale.iter().map(|o| live(o, &config)));
+    let (client, handle) = mock_client();
+    let mut steps = delete_steps(&stale, &config);
+    steps.push(pods_step(NS, vec![]));
+    let api = serve(handle, steps);
+    let (ctx, _) = context(client, config.clone(), true);
+    prefill(&ctx, &live_objects);
+
+    reconcile_once(&ns, &ctx).await.unwrap();
+
+    let seen = api.verify();
+    for request in seen.iter().filter(|s| s.method == "DELETE") {
+        let name = request.path.rsplit('/').next().unwrap();
+        assert_eq!(
+            request.body["preconditions"]["uid"],
+            format!("uid-{name}"),
+            "deletes are pinned to the uid we saw"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Opting out.
+
+fn someone_elses(
+    kind: &str,
+    api_version: &str,
+    namespace: &str,
+    name: &str,
+    labels: Value,
+) -> Value {
+    stored(json!({
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+    }))
+}
+
+#[tokio::test]
+async fn opting_out_deletes_only_our_objects_for_that_namespace() {
+    let mut config = config();
+    config.reconcile.grafana_namespace = Some("monitoring".into());
+    let desired = desired_for(&opted_in(NS, &[]), &config);
+    assert!(
+        desired.iter().any(|o| o.namespace == "monitoring"),
+        "dashboards go to the Grafana namespace"
+    );
+    let mut live_objects: Vec<Value> = desired.iter().map(|o| live(o, &config)).collect();
+    let k = keys();
+    live_objects.extend([
+        // Ours, but for another namespace.
+        someone_elses(
+            "ConfigMap",
+            "v1",
+            "monitoring",
+            "other-dashboard",
+            json!({keys::MANAGED_BY_KEY: keys::MANAGED_BY, k.owner_namespace.clone(): "other"}),
+        ),
+        // Claims the owner label but is not managed by us.
+        someone_elses(
+            "ConfigMap",
+            "v1",
+            NS,
+            "look-alike",
+            json!({k.owner_namespace.clone(): NS}),
+        ),
+        // Managed by us in name only, with no owner: never ours to delete.
+        someone_elses(
+            "ServiceMonitor",
+            "monitoring.coreos.com/v1",
+            NS,
+            "hand-made",
+            json!({keys::MANAGED_BY_KEY: keys::MANAGED_BY}),
+        ),
+        // Unlabeled.
+        someone_elses("Service", "v1", NS, "app", json!({})),
+    ]);
+    let status_text = serde_json::to_string(&ready_status(desired.len(), 0)).unwrap();
+    let ns = namespace(
+        NS,
+        &[],
+        &[(keys().reconcile_status.as_str(), status_text.as_str())],
+    );
+
+    let (client, handle) = mock_client();
+    let mut steps = delete_steps(&desired, &config);
+    steps.push(status_step(NS));
+    let api = serve(handle, steps);
+    let (ctx, metrics) = context(client, config.clone(), true);
+    prefill(&ctx, &live_objects);
+
+    reconcile_once(&ns, &ctx).await.unwrap();
+
+    let seen = api.verify();
+    let deleted: Vec<&str> = seen
+        .iter()
+        .filter(|s| s.method == "DELETE")
+        .map(|s| s.path.as_str())
+        .collect();
+    assert_eq!(deleted.len(), desired.len());
+    for untouched in [
+        "other-dashboard",
+        "look-alike",
+        "hand-made",
+        "/services/app",
+    ] {
+        assert!(
+            deleted.iter().all(|p| !p.ends_with(untouched)),
+            "{untouched} must not be deleted: {deleted:#?}"
+        );
+    }
+    assert_eq!(patched_status(seen.last().unwrap()), None);
+    assert!(
+        seen.last().unwrap().body["metadata"]["annotations"]
+            .as_object()
+            .unwrap()
+            .contains_key(&keys().reconcile_status),
+        "the status annotation is removed with null"
+    );
+    assert_eq!(
+        metric(&metrics, "chiller_metrics_reconcile_runs_total "),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn a_namespace_that_never_opted_in_gets_no_requests_at_all() {
+    let config = config();
+    // Another namespace's objects are in the cache; nothing belongs to `default`.
+    let other = desired_for(&opted_in("other", &[]), &config);
+    for ns in [
+        namespace("default", &[], &[]),
+        namespace("kube-system", &[], &[]),
+        namespace("shop", &[(&keys().inject, "disabled")], &[]),
+    ] {
+        let (client, handle) = mock_client();
+        let api = serve(handle, vec![]);
+        let (ctx, _) = context(client, config.clone(), true);
+        prefill(
+            &ctx,
+            &other.iter().map(|o| live(o, &config)).collect::<Vec<_>>(),
+        );
+
+        reconcile_once(&ns, &ctx).await.unwrap();
+
+        let seen = api.verify();
+        assert!(seen.is_empty(), "{}: {seen:#?}", ns.metadata.name.unwrap());
+    }
+}
+
+#[tokio::test]
+async fn the_default_namespace_is_set_up_only_when_labeled() {
+    let config = config();
+    let ns = opted_in("default", &[]);
+    let desired = desired_for(&ns, &config);
+    let (client, handle) = mock_client();
+    let mut steps: Vec<Step> = desired.iter().map(apply_step).collect();
+    steps.push(pods_step("default", vec![]));
+    steps.push(status_step("default"));
+    let api = serve(handle, steps);
+    let (ctx, _) = context(client, config, true);
+
+    reconcile_once(&ns, &ctx).await.unwrap();
+
+    let seen = api.verify();
+    assert!(seen.iter().all(|s| !s.path.contains("/namespaces/shop")));
+}
+
+// ---------------------------------------------------------------------------
+// Failures.
+
+#[tokio::test]
+async fn missing_prometheus_operator_crds_are_reported_and_the_rest_applied() {
+    let config = config();
+    let ns = opted_in(NS, &[]);
+    let desired = desired_for(&ns, &config);
+    let (client, handle) = mock_client();
+    let mut steps = Vec::new();
+    for object in &desired {
+        if object.api_version.starts_with("monitoring.coreos.com/") {
+            // The watch of the kind never synced, so the object is read first.
+            steps.push(Step::new("GET", desired_path(object)).reply(404, not_found()));
+            steps.push(
+                Step::new("PATCH", desired_path(object))
+                    .query("fieldManager", "chiller-metrics")
+                    .query("force", "true")
+                    .reply(404, not_found()),
+            );
+        } else {
+            steps.push(apply_step(object));
+        }
+    }
+    for kind in MANAGED_KINDS.iter().filter(|k| k.is_prometheus_operator()) {
+        steps.push(
+            Step::new(
+                "GET",
+                format!("/apis/{}/namespaces/{NS}/{}", kind.api_version, kind.plural),
+            )
+            .reply(404, not_found()),
+        );
+    }
+    steps.push(pods_step(NS, vec![]));
+    steps.push(status_step(NS));
+    steps.push(event_step("default"));
+    let api = serve(handle, steps);
+    let metrics = Arc::new(Metrics::new());
+    let (_tx, leading) = watch::channel(true);
+    let ctx = Arc::new(Context::new(
+        client,
+        Injector::new(config.clone(), ResolvedMode::Native),
+        metrics.clone(),
+        leading,
+        IDENTITY,
+    ));
+    for kind in MANAGED_KINDS.iter().filter(|k| !k.is_prometheus_operator()) {
+        ctx.live.sync_kind(*kind, Vec::new());
+    }
+
+    let error = reconcile_once(&ns, &ctx).await.unwrap_err();
+
+    let seen = api.verify();
+    assert!(
+        matches!(error, ReconcileError::PrometheusOperatorMissing { .. }),
+        "{error}"
+    );
+    assert!(error.to_string().contains("Prometheus"), "{error}");
+    let core_applied = seen
+        .iter()
+        .filter(|s| s.method == "PATCH" && !s.path.contains("monitoring.coreos.com"))
+        .filter(|s| s.path != format!("/api/v1/namespaces/{NS}"))
+        .count();
+    let core_desired = desired
+        .iter()
+        .filter(|o| !o.api_version.starts_with("monitoring.coreos.com/"))
+        .count();
+    assert_eq!(
+        core_applied, core_desired,
+        "the other objects are still applied"
+    );
+    let status = patched_status(&seen[seen.len() - 2]).expect("status set");
+    assert!(!status.ready);
+    assert_eq!(status.reason, "PrometheusOperatorMissing");
+    assert_eq!(status.uninjected_pods, 0);
+    let event = &seen.last().unwrap().body;
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["reason"], "PrometheusOperatorMissing");
+    assert_eq!(event["regarding"]["kind"], "Namespace");
+    assert_eq!(event["regarding"]["name"], NS);
+    support::validate_k8s(event).expect("the event is a valid events.k8s.io/v1 Event");
+    assert_eq!(
+        metric(
+            &metrics,
+            "chiller_metrics_reconcile_failures_total{reason=\"crd_missing\"} "
+        ),
+        Some(1.0)
+    );
+    // Retried with backoff.
+    let action = error_policy(Arc::new(ns), &error, ctx);
+    assert_eq!(action, Action::requeue(BACKOFF_BASE));
+}
+
+#[tokio::test]
+async fn api_errors_fail_the_reconcile_with_exponential_backoff_per_namespace() {
+    let config = config();
+    let ns = opted_in(NS, &[]);
+    let desired = desired_for(&ns, &config);
+    let (client, handle) = mock_client();
+    let mut steps: Vec<Step> = desired.iter().map(apply_step).collect();
+    steps[0] = Step::new("PATCH", desired_path(&desired[0]))
+        .reply(500, status_body(500, "InternalError", "etcd is sad"));
+    steps.push(pods_step(NS, vec![]));
+    steps.push(status_step(NS));
+    steps.push(event_step("default"));
+    // The retry: only the failed object is still missing.
+    steps.push(apply_step(&desired[0]));
+    steps.push(pods_step(NS, vec![]));
+    steps.push(status_step(NS));
+    let api = serve(handle, steps);
+    let (ctx, metrics) = context(client, config.clone(), true);
+
+    let error = reconcile_once(&ns, &ctx).await.unwrap_err();
+    assert!(matches!(error, ReconcileError::Api { .. }), "{error}");
+    assert_eq!(
+        metric(
+            &metrics,
+            "chiller_metrics_reconcile_failures_total{reason=\"api_error\"} "
+        ),
+        Some(1.0)
+    );
+    let shop = Arc::new(ns.clone());
+    assert_eq!(
+        error_policy(shop.clone(), &error, ctx.clone()),
+        Action::requeue(BACKOFF_BASE)
+    );
+    assert_eq!(
+        error_policy(shop.clone(), &error, ctx.clone()),
+        Action::requeue(BACKOFF_BASE * 2)
+    );
+    // Another namespace's failures are counted separately.
+    assert_eq!(
+        error_policy(Arc::new(opted_in("other", &[])), &error, ctx.clone()),
+        Action::requeue(BACKOFF_BASE)
+    );
+
+    reconcile_once(&ns, &ctx).await.unwrap();
+
+    let seen = api.verify();
+    let first_status = seen
+        .iter()
+        .filter(|s| s.path == format!("/api/v1/namespaces/{NS}"))
+        .map(|s| patched_status(s).unwrap())
+        .collect::<Vec<_>>();
+    assert_eq!(first_status[0].reason, "ApplyFailed");
+    assert!(first_status[0].message.contains("etcd is sad"));
+    assert_eq!(first_status[1], ready_status(desired.len(), 0));
+    // A success resets the backoff.
+    assert_eq!(
+        error_policy(shop, &error, ctx),
+        Action::requeue(BACKOFF_BASE)
+    );
+}
+
+#[test]
+fn backoff_doubles_up_to_a_maximum() {
+    assert_eq!(backoff_delay(1), BACKOFF_BASE);
+    assert_eq!(backoff_delay(2), BACKOFF_BASE * 2);
+    assert_eq!(backoff_delay(3), BACKOFF_BASE * 4);
+    assert_eq!(backoff_delay(30), BACKOFF_MAX);
+    assert_eq!(backoff_delay(u32::MAX), BACKOFF_MAX);
+}
+
+#[test]
+fn every_desired_kind_is_watched_and_cleaned_up() {
+    let config = config();
+    let ns = opted_in(
+        NS,
+        &[
+            (keys().postgres.as_str(), "db:5432/chiller"),
+            (keys().postgres_secret.as_str(), "db-auth"),
+        ],
+    );
+    for object in desired_for(&ns, &config) {
+        let kind = managed_kind(object.api_version, object.kind).unwrap_or_else(|| {
+            panic!(
+                "{} {} is not a managed kind",
+                object.api_version, object.kind
+            )
+        });
+        assert_eq!(kind.plural, object.plural);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Leadership.
+
+#[tokio::test]
+async fn a_replica_that_does_not_lead_writes_nothing() {
+    let config = config();
+    let desired = desired_for(&opted_in(NS, &[]), &config);
+    for ns in [opted_in(NS, &[]), namespace(NS, &[], &[])] {
+        let (client, handle) = mock_client();
+        let api = serve(handle, vec![]);
+        let (ctx, metrics) = context(client, config.clone(), false);
+        // Drifted for the opted-in case, orphaned for the opted-out one.
+        prefill(
+            &ctx,
+            &desired[1..]
+                .iter()
+                .map(|o| live(o, &config))
+                .collect::<Vec<_>>(),
+        );
+
+        let action = reconcile_once(&ns, &ctx).await.unwrap();
+
+        assert!(api.verify().is_empty());
+        assert_eq!(action, Action::await_change());
+        assert_eq!(
+            metric(&metrics, "chiller_metrics_reconcile_runs_total "),
+            Some(0.0)
+        );
+    }
+}
+
+fn lease(holder: &str, resource_version: &str, transitions: i32) -> Value {
+    json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": LEASE, "namespace": LEASE_NS, "resourceVersion": resource_version},
+        "spec": {
+            "holderIdentity": holder,
+            "leaseDurationSeconds": 15,
+            "acquireTime": "2026-01-01T00:00:00.000000Z",
+            "renewTime": "2026-01-01T00:00:00.000000Z",
+            "leaseTransitions": transitions,
+        },
+    })
+}
+
+const LEASE_PATH: &str = "/apis/coordination.k8s.io/v1/namespaces/chiller-metrics/leases";
+
+fn lock(client: Client) -> LeaseLock {
+    LeaseLock::new(client, LEASE_NS, LEASE, IDENTITY, LeaseTimings::default())
+}
+
+#[tokio::test]
+async fn leader_election_creates_a_missing_lease() {
+    let (client, handle) = mock_client();
+    let api = serve(
+        handle,
+        vec![
+            Step::new("GET", format!("{LEASE_PATH}/{LEASE}")).reply(404, not_found()),
+            Step::new("POST", LEASE_PATH).echo(),
+        ],
+    );
+    let mut lock = lock(client);
+
+    assert!(lock.try_acquire_or_renew(Instant::now()).await.unwrap());
+
+    let seen = api.verify();
+    let created = &seen[1].body;
+    assert_eq!(created["spec"]["holderIdentity"], IDENTITY);
+    assert_eq!(created["spec"]["leaseDurationSeconds"], 15);
+    assert_eq!(created["spec"]["leaseTransitions"], 0);
+    support::validate_k8s(created).expect("a valid Lease");
+}
+
+#[tokio::test]
+async fn leader_election_waits_for_a_live_holder_and_takes_over_an_expired_lease() {
+    let (client, handle) = mock_client();
+    let held = lease("replica-b", "5", 2);
+    let api = serve(
+        handle,
+        vec![
+            Step::new("GET", format!("{LEASE_PATH}/{LEASE}")).reply(200, held.clone()),
+            Step::new("GET", format!("{LEASE_PATH}/{LEASE}")).reply(200, held.clone()),
+            Step::new("GET", format!("{LEASE_PATH}/{LEASE}")).reply(200, held.clone()),
+            Step::new("PUT", format!("{LEASE_PATH}/{LEASE}")).echo(),
+        ],
+    );
+    let mut lock = lock(client);
+    let start = Instant::now();
+
+    assert!(!lock.try_acquire_or_renew(start).await.unwrap());
+    // Unchanged for less than the lease duration: the holder is alive.
+    assert!(
+        !lock
+            .try_acquire_or_renew(start + Duration::from_secs(10))
+            .await
+            .unwrap()
+    );
+    // Unchanged for longer: expired, taken over.
+    assert!(
+        lock.try_acquire_or_renew(start + Duration::from_secs(16))
+            .await
+            .unwrap()
+    );
+
+    let seen = api.verify();
+    let taken = &seen[3].body;
+    assert_eq!(taken["spec"]["holderIdentity"], IDENTITY);
+    assert_eq!(taken["spec"]["leaseTransitions"], 3);
+    assert_eq!(
+        taken["metadata"]["resourceVersion"], "5",
+        "the takeover is conditional on the version read"
+    );
+    support::validate_k8s(taken).expect("a valid Lease");
+}
+
+#[tokio::test]
+async fn leader_election_renews_its_own_lease() {
+    let (client, handle) = mock_client();
+    let api = serve(
+        handle,
+        vec![
+            Step::new("GET", format!("{LEASE_PATH}/{LEASE}")).reply(200, lease(IDENTITY, "7", 1)),
+            Step::new("PUT", format!("{LEASE_PATH}/{LEASE}")).echo(),
+        ],
+    );
+    let mut lock = lock(client);
+
+    assert!(lock.try_acquire_or_renew(Instant::now()).await.unwrap());
+
+    let seen = api.verify();
+    let renewed = &seen[1].body["spec"];
+    assert_eq!(renewed["holderIdentity"], IDENTITY);
+    assert_eq!(renewed["leaseTransitions"], 1);
+    assert_eq!(renewed["acquireTime"], "2026-01-01T00:00:00.000000Z");
+    assert_ne!(renewed["renewTime"], "2026-01-01T00:00:00.000000Z");
+    assert_eq!(seen[1].body["metadata"]["resourceVersion"], "7");
+}
+
+#[tokio::test]
+async fn leader_election_loses_a_race_on_conflict() {
+    let (client, handle) = mock_client();
+    let api = serve(
+        handle,
+        vec![
+            Step::new("GET", format!("{LEASE_PATH}/{LEASE}")).reply(200, lease("", "3", 4)),
+            Step::new("PUT", format!("{LEASE_PATH}/{LEASE}")).reply(
+                409,
+                status_body(409, "Conflict", "the object has been modified"),
+            ),
+            Step::new("GET", format!("{LEASE_PATH}/{LEASE}")).reply(404, not_found()),
+            Step::new("POST", LEASE_PATH).reply(
+                409,
+                status_body(409, "AlreadyExists", "leases \"x\" already exists"),
+            ),
+        ],
+    );
+    let mut lock = lock(client);
+
+    assert!(!lock.try_acquire_or_renew(Instant::now()).await.unwrap());
+    assert!(!lock.try_acquire_or_renew(Instant::now()).await.unwrap());
+
+    api.verify();
+}
+
+#[tokio::test]
+async fn a_leader_that_cannot_renew_steps_down() {
+    let (client, mut handle) = mock_client();
+    // Creates the lease, then every request fails.
+    let server = tokio::spawn(async move {
+        let mut count = 0;
+        while let Some((request, respond)) = handle.next_request().await {
+            count += 1;
+            let (status, body) = match (count, request.method().as_str()) {
+                (1, "GET") => (404, not_found()),
+                (2, "POST") => (201, stored(read(request).await.body)),
+                _ => (500, status_body(500, "InternalError", "unavailable")),
+            };
+            respond.send_response(
+                Response::builder()
+                    .status(status)
+                    .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                    .unwrap(),
+            );
+        }
+    });
+    let timings = LeaseTimings {
+        lease_duration: Duration::from_secs(1),
+        renew_deadline: Duration::from_millis(300),
+        retry_period: Duration::from_millis(20),
+    };
+    let (leading_tx, mut leading) = watch::channel(false);
+    let campaign = tokio::spawn(
+        LeaseLock::new(client, LEASE_NS, LEASE, IDENTITY, timings)
+            .run(leading_tx, std::future::pending()),
+    );
+
+    tokio::time::timeout(HANG_GUARD, leading.wait_for(|lead| *lead))
+        .await
+        .expect("never became leader")
+        .unwrap();
+    tokio::time::timeout(HANG_GUARD, leading.wait_for(|lead| !*lead))
+        .await
+        .expect("never stepped down")
+        .unwrap();
+
+    campaign.abort();
+    server.abort();
+}
+
+#[tokio::test]
+async fn leader_election_releases_a_lease_it_holds() {
+    let (client, handle) = mock_client();
+    let api = serve(
+        handle,
+        vec![
+            Step::new("GET", format!("{LEASE_PATH}/{LEASE}")).reply(200, lease(IDENTITY, "7", 1)),
+            Step::new("PUT", format!("{LEASE_PATH}/{LEASE}")).echo(),
+        ],
+    );
+    let mut lock = lock(client);
+
+    assert!(lock.release().await.unwrap());
+
+    let seen = api.verify();
+    let released = &seen[1].body;
+    assert!(
+        released["spec"].get("holderIdentity").is_none(),
+        "no holder: the next candidate takes it at once: {released}"
+    );
+    assert_eq!(released["spec"]["leaseDurationSeconds"], 1);
+    assert_eq!(released["spec"]["leaseTransitions"], 1);
+    assert_eq!(
+        released["metadata"]["resourceVersion"], "7",
+        "the release is conditional on the version read"
+    );
+    support::validate_k8s(released).expect("a valid Lease");
+}
+
+#[tokio::test]
+async fn leader_election_never_releases_another_holders_lease() {
+    let (client, handle) = mock_client();
+    let api = serve(
+        handle,
+        vec![
+            Step::new("GET", format!("{LEASE_PATH}/{LEASE}"))
+                .reply(200, lease("replica-b", "8", 2)),
+            Step::new("GET", format!("{LEASE_PATH}/{LEASE}")).reply(404, not_found()),
+        ],
+    );
+    let mut lock = lock(client);
+
+    assert!(!lock.release().await.unwrap());
+    assert!(!lock.release().await.unwrap());
+
+    let seen = api.verify();
+    assert!(seen.iter().all(|request| request.method == "GET"));
+}
+
+#[tokio::test]
+async fn a_stopped_leader_steps_down_and_releases_its_lease() {
+    let (client, handle) = mock_client();
+    let api = serve(
+        handle,
+        vec![
+            Step::new("GET", format!("{LEASE_PATH}/{LEASE}")).reply(404, not_found()),
+            Step::new("POST", LEASE_PATH).echo(),
+            Step::new("GET", format!("{LEASE_PATH}/{LEASE}")).reply(200, lease(IDENTITY, "1", 0)),
+            Step::new("PUT", format!("{LEASE_PATH}/{LEASE}")).echo(),
+        ],
+    );
+    let (leading_tx, mut leading) = watch::channel(false);
+    let mut became_leader = leading.clone();
+    let stop = async move {
+        let _ = became_leader.wait_for(|lead| *lead).await;
+    };
+    let campaign = tokio::spawn(lock(client).run(leading_tx, stop));
+
+    tokio::time::timeout(HANG_GUARD, campaign)
+        .await
+        .expect("the campaign ends once stopped")
+        .unwrap();
+
+    assert!(!*leading.borrow_and_update(), "stepped down");
+    let seen = api.verify();
+    assert_eq!(seen[3].method, "PUT");
+    assert!(seen[3].body["spec"].get("holderIdentity").is_none());
+}
+
+// ---------------------------------------------------------------------------
+// Uninjected pods.
+
+fn app_pod(name: &str, replica_set: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": name, "namespace": NS, "uid": format!("uid-{name}"),
+            "labels": {"app": "api"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": replica_set, "uid": "rs-uid", "controller": true}],
+        },
+        "spec": {"containers": [{"name": "api", "image": "chiller/api:1", "ports": [{"containerPort": 8000}]}]},
+        "status": {"phase": "Running"},
+    })
+}
+
+/// Pods that must not count: opted out, and finished.
+fn other_pods() -> Vec<Value> {
+    let mut opted_out = app_pod("prometheus-chiller-metrics-0", "x");
+    opted_out["metadata"]["labels"][keys().inject] = json!(keys::DISABLED);
+    opted_out["metadata"]["ownerReferences"] = json!([]);
+    let mut finished = app_pod("migrate-abcde", "x");
+    finished["metadata"]["ownerReferences"] = json!([]);
+    finished["status"]["phase"] = json!("Succeeded");
+    vec![opted_out, finished]
+}
+
+fn replica_set() -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "ReplicaSet",
+        "metadata": {
+            "name": "api-7d9f8", "namespace": NS, "uid": "rs-uid",
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": "api", "uid": "deploy-uid", "controller": true}],
+        },
+    })
+}
+
+fn deployment(annotations: Value) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "api", "namespace": NS, "uid": "deploy-uid", "resourceVersion": "9", "annotations": annotations},
+        "spec": {"selector": {"matchLabels": {"app": "api"}}, "template": {"metadata": {"labels": {"app": "api"}}, "spec": {"containers": [{"name": "api", "image": "chiller/api:1"}]}}},
+    })
+}
+
+const RS_PATH: &str = "/apis/apps/v1/namespaces/shop/replicasets/api-7d9f8";
+const DEPLOY_PATH: &str = "/apis/apps/v1/namespaces/shop/deployments/api";
+
+#[tokio::test]
+async fn uninjected_pods_are_reported_on_their_deployment() {
+    let config = config();
+    let desired = desired_for(&opted_in(NS, &[]), &config);
+    let ns = with_status(&ready_status(desired.len(), 0), &[]);
+    let mut pods = vec![
+        app_pod("api-7d9f8-abcde", "api-7d9f8"),
+        app_pod("api-7d9f8-fghij", "api-7d9f8"),
+    ];
+    pods.extend(other_pods());
+    let (client, handle) = mock_client();
+    let api = serve(
+        handle,
+        vec![
+            pods_step(NS, pods.clone()),
+            Step::new("GET", RS_PATH).reply(200, replica_set()),
+            event_step(NS),
+            status_step(NS),
+            // Second pass, nothing new: no event, no status change.
+            pods_step(NS, pods),
+            Step::new("GET", RS_PATH).reply(200, replica_set()),
+        ],
+    );
+    let (ctx, metrics) = context(client, config.clone(), true);
+    prefill(
+        &ctx,
+        &desired.iter().map(|o| live(o, &config)).collect::<Vec<_>>(),
+    );
+
+    reconcile_once(&ns, &ctx).await.unwrap();
+    let status = ready_status(desired.len(), 2);
+    reconcile_once(&with_status(&status, &[]), &ctx)
+        .await
+        .unwrap();
+
+    let seen = api.verify();
+    let event = &seen[2].body;
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["reason"], "PodsNotInjected");
+    assert_eq!(event["regarding"]["kind"], "Deployment");
+    assert_eq!(event["regarding"]["name"], "api");
+    assert_eq!(event["regarding"]["namespace"], NS);
+    let note = event["note"].as_str().unwrap();
+    assert!(
+        note.contains("api-7d9f8-abcde") && note.contains("api-7d9f8-fghij"),
+        "{note}"
+    );
+    assert!(note.contains(&keys().restart_uninjected), "{note}");
+    support::validate_k8s(event).expect("a valid Event");
+    assert_eq!(patched_status(&seen[3]), Some(status));
+    assert_eq!(
+        metric(
+            &metrics,
+            "chiller_metrics_uninjected_pods{namespace=\"shop\"} "
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(&metrics, "chiller_metrics_workload_restarts_total "),
+        Some(0.0)
+    );
+}
+
+#[tokio::test]
+async fn restart_uninjected_restarts_the_deployment_once_per_cooldown() {
+    let config = config();
+    let desired = desired_for(&opted_in(NS, &[]), &config);
+    let restart_key = keys().restart_uninjected;
+    let ns = with_status(
+        &ready_status(desired.len(), 1),
+        &[(restart_key.as_str(), "true")],
+    );
+    let cooldown_key = restarted_for_injection_key(&config.domain);
+    let pods = vec![app_pod("api-7d9f8-abcde", "api-7d9f8")];
+    let restarted_long_ago = json!({cooldown_key.clone(): "2020-01-01T00:00:00Z"});
+    let (client, handle) = mock_client();
+    let patched: Arc<Mutex<Option<Value>>> = Arc::default();
+    let keep = patched.clone();
+    let mut restart = Step::new("PATCH", DEPLOY_PATH).query("fieldManager", "chiller-metrics");
+    restart.respond = Box::new(move |body| {
+        *keep.lock().unwrap() = Some(body.clone());
+        let mut updated = deployment(body["metadata"]["annotations"].clone());
+        updated["spec"]["template"]["metadata"]["annotations"] =
+            body["spec"]["template"]["metadata"]["annotations"].clone();
+        (200, updated)
+    });
+    let after_restart = patched.clone();
+    let mut check_again = Step::new("GET", DEPLOY_PATH);
+    check_again.respond = Box::new(move |_| {
+        let body = after_restart.lock().unwrap().clone().unwrap_or_default();
+        (200, deployment(body["metadata"]["annotations"].clone()))
+    });
+    let api = serve(
+        handle,
+        vec![
+            pods_step(NS, pods.clone()),
+            Step::new("GET", RS_PATH).reply(200, replica_set()),
+            event_step(NS),
+            Step::new("GET", DEPLOY_PATH).reply(200, deployment(restarted_long_ago)),
+            restart,
+            event_step(NS),
+            // Second pass: the Deployment now carries our stamp, its old pod is
+            // still uninjected, and it is left alone within the cooldown.
+            pods_step(NS, pods),
+            Step::new("GET", RS_PATH).reply(200, replica_set()),
+            check_again,
+        ],
+    );
+    let (ctx, metrics) = context(client, config.clone(), true);
+    prefill(
+        &ctx,
+        &desired.iter().map(|o| live(o, &config)).collect::<Vec<_>>(),
+    );
+
+    reconcile_once(&ns, &ctx).await.unwrap();
+    reconcile_once(&ns, &ctx).await.unwrap();
+
+    let seen = api.verify();
+    let body = patched
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("the Deployment was patched");
+    let stamp = body["spec"]["template"]["metadata"]["annotations"][RESTARTED_AT]
+        .as_str()
+        .expect("restartedAt set on the pod template");
+    let when: Timestamp = stamp.parse().expect("RFC 3339");
+    assert!((Timestamp::now().as_second() - when.as_second()).abs() < 3600);
+    assert_eq!(
+        body["metadata"]["annotations"][cooldown_key.as_str()],
+        stamp
+    );
+    assert_eq!(seen[5].body["reason"], "RestartedForInjection");
+    assert_eq!(seen[5].body["type"], "Normal");
+    assert_eq!(seen[5].body["regarding"]["name"], "api");
+    let restarts = seen
+        .iter()
+        .filter(|s| s.path == DEPLOY_PATH && s.method == "PATCH")
+        .count();
+    assert_eq!(restarts, 1, "one restart per cooldown");
+    assert_eq!(
+        metric(&metrics, "chiller_metrics_workload_restarts_total "),
+        Some(1.0)
+    );
+}
+
+/// A replica that never published (a new leader) finds the Event that the
+/// old leader left for the same cause, by its name, and counts on in its
+/// series instead of opening a second Event.
+#[tokio::test]
+async fn a_new_leader_continues_the_event_series_it_finds_on_the_server() {
+    let events_path = format!("/apis/events.k8s.io/v1/namespaces/{NS}/events");
+    let (client, handle) = mock_client();
+    let api = serve(
+        handle,
+        vec![
+            Step::new("POST", events_path.clone()).reply(
+                409,
+                status_body(409, "AlreadyExists", "events.events.k8s.io already exists"),
+            ),
+            // The name comes from the refused create: checked below.
+            Step::new("GET", events_path.clone()).prefix().reply(
+                200,
+                json!({
+                    "apiVersion": "events.k8s.io/v1",
+                    "kind": "Event",
+                    "metadata": {"name": "api.left-by-old-leader", "namespace": NS},
+                    "eventTime": "2026-01-01T00:00:00.000000Z",
+                    "reason": "PodsNotInjected",
+                    "type": "Warning",
+                    "action": "CheckInjection",
+                    "regarding": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "api", "namespace": NS, "uid": "uid-api"},
+                    "reportingController": "chiller-metrics",
+                    "reportingInstance": "replica-a",
+                    "series": {"count": 3, "lastObservedTime": "2026-01-01T00:05:00.000000Z"},
+                }),
+            ),
+            Step::new("PATCH", events_path.clone()).prefix().echo(),
+            // Known now: the next repeat is one patch.
+            Step::new("PATCH", events_path.clone()).prefix().echo(),
+        ],
+    );
+    let events = chiller_metrics::reconcile::events::EventSeries::new(
+        client,
+        "chiller-metrics",
+        "replica-b",
+    );
+    let event = kube::runtime::events::Event {
+        type_: kube::runtime::events::EventType::Warning,
+        reason: "PodsNotInjected".into(),
+        note: Some("2 pod(s) run without the statsd exporter sidecar".into()),
+        action: "CheckInjection".into(),
+        secondary: None,
+    };
+    let regarding = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("apps/v1".into()),
+        kind: Some("Deployment".into()),
+        name: Some("api".into()),
+        namespace: Some(NS.into()),
+        uid: Some("uid-api".into()),
+        ..Default::default()
+    };
+    for _ in 0..2 {
+        tokio::time::timeout(HANG_GUARD, events.publish(&event, &regarding))
+            .await
+            .expect("publish hung")
+            .expect("published");
+    }
+
+    let seen = api.verify();
+    let name = seen[0].body["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(name.starts_with("api."), "{name}");
+    for step in &seen[1..] {
+        assert_eq!(step.path, format!("{events_path}/{name}"), "one Event");
+    }
+    assert_eq!(seen[2].body["series"]["count"], 4);
+    assert_eq!(seen[3].body["series"]["count"], 5);
+    assert!(seen[3].body["series"]["lastObservedTime"].is_string());
+}
