@@ -129,7 +129,8 @@ bench:
 ## controller-runtime webhook of benches/go-webhook (needs Go); p50/p99 of the
 ## create and the API server's admission histogram. BENCHMARKS.md explains.
 bench-admission: tools cluster-tools
-	timeout --kill-after=30 30m $(CARGO) bench --locked --bench admission
+	$(CARGO) bench --locked --bench admission --no-run
+	timeout --kill-after=30 20m $(CARGO) bench --locked --bench admission
 
 ## Instructions, cache and branch misses per request over the whole server,
 ## the webhook against the baseline (callgrind; PROTO=h1|h2). BENCHMARKS.md explains.

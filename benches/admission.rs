@@ -69,11 +69,14 @@ fn main() {
             Duration::from_secs(seconds),
         ));
         let webhook = admission_histogram(plane).minus(&before);
-        Setup {
+        let setup = Setup {
             latencies,
             webhook,
             injected: last_pod_injected(plane, namespace),
-        }
+        };
+        // Each setup's row as soon as it is measured.
+        eprintln!("{}", table(rate, seconds, &[(namespace, &setup)]));
+        setup
     };
     let inject = [(format!("{DOMAIN}/inject"), "enabled".to_string())];
     let inject: Vec<(&str, &str)> = inject
@@ -272,8 +275,19 @@ impl Histogram {
 }
 
 fn admission_histogram(plane: &ControlPlane) -> Histogram {
-    let (status, text) = plane.get("/metrics");
-    assert_eq!(status, 200, "the API server's /metrics: {text}");
+    // An API server behind on its creates may take a while to answer.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let text = loop {
+        let (status, text) = plane.get("/metrics");
+        if status == 200 {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the API server's /metrics: {status} {text}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
     let mut histogram = Histogram::default();
     for line in text.lines().filter(|l| l.starts_with(ADMISSION_HISTOGRAM)) {
         let Some((series, value)) = line.rsplit_once(' ') else {

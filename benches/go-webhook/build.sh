@@ -8,9 +8,10 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-$here/../../target/go-webhook}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
 if ! command -v go >/dev/null; then
   echo "Go is missing: the benchmarks' Go webhook is built from benches/go-webhook." >&2
   echo "Install Go 1.26 or newer (https://go.dev/doc/install)." >&2
   exit 1
 fi
-(cd "$here" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$(cd "$out" && pwd)/go-webhook" .)
+(cd "$here" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$out/go-webhook" .)
