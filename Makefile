@@ -9,7 +9,7 @@ SERVICE ?= chiller-metrics
 IMAGE ?= chiller-metrics:$(shell sed -n "s/^appVersion: *\"\?\([^\"]*\)\"\?/\1/p" manifests/chart/chiller-metrics/Chart.yaml)
 KIND_CLUSTER ?= chiller-metrics
 
-.PHONY: all build demo test system-packages tools cluster-tools cluster-up cluster-down cluster-load e2e-local lint fmt e2e image kind-load certs manifests bench server-profile hot-symbols fuzz golden clean
+.PHONY: all build demo test system-packages tools cluster-tools cluster-up cluster-down cluster-load e2e-local lint fmt e2e image kind-load certs manifests bench bench-admission server-profile hot-symbols fuzz golden clean
 
 all: build
 
@@ -121,12 +121,22 @@ e2e:
 	./tests/e2e/run.sh
 
 ## Benchmarks (not part of `make test`): criterion mutation benches, then the
-## HTTPS load benchmark against the baseline server (needs h2load), with 16
+## HTTPS load benchmark against the baseline server and the Go webhook of
+## benches/go-webhook (needs h2load and Go), with 16
 ## clients and again with 4, each with its raw figures in .bench/. BENCHMARKS.md explains.
 bench:
 	$(CARGO) bench --locked --bench mutate
 	BENCH_OUT=.bench/16-clients ./scripts/bench.sh
 	BENCH_OUT=.bench/4-clients CLIENTS=4 STREAMS=1 LARGE_PODS=0 ./scripts/bench.sh
+
+## What a pod create pays (not part of `make test`): the tests' control plane
+## (cluster-tools), pods created at RATE/s (100) for SECONDS (60) with no
+## webhook, with ours (the chart, `serve` out of cluster) and with the
+## controller-runtime webhook of benches/go-webhook (needs Go); p50/p99 of the
+## create and the API server's admission histogram. BENCHMARKS.md explains.
+bench-admission: tools cluster-tools
+	$(CARGO) bench --locked --bench admission --no-run
+	timeout --kill-after=30 20m $(CARGO) bench --locked --bench admission
 
 ## Instructions, cache and branch misses per request over the whole server,
 ## the webhook against the baseline (callgrind; PROTO=h1|h2). BENCHMARKS.md explains.

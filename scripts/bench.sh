@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Load benchmark of the webhook against the baseline server (benches/baseline/server.rs):
-# throughput at saturation, p50/p99 latency at half saturation, RSS idle and
-# under load, and start-up time to ready, over HTTP/1.1 and HTTP/2 with h2load.
+# Load benchmark of the webhook against the baseline server (benches/baseline/server.rs)
+# and the controller-runtime webhook doing the same mutation (benches/go-webhook):
+# throughput at saturation, p50/p99 latency at fixed rates, RSS idle and under
+# load, and start-up time to ready, over HTTP/1.1 and HTTP/2 with h2load.
+# Before measuring, each pod is sent to the webhook and to the Go webhook, and
+# the pods their patches make must be the same.
 #
 # Environment: RUNS (default 3; medians are reported), DURATION seconds per
 # measurement (default 5), CLIENTS (default 16), STREAMS per HTTP/2 client
@@ -33,6 +36,7 @@ need() {
 need h2load "apt-get install nghttp2-client"
 need curl "apt-get install curl"
 need python3 "apt-get install python3"
+need go "https://go.dev/doc/install (Go 1.26 or newer)"
 
 pin_server=() pin_load=()
 if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
@@ -55,8 +59,10 @@ export CHILLER_METRICS_PACK_RELOCS=1
 cargo build --release --locked --quiet --example baseline_server
 cargo build --release --locked --quiet --bin chiller-metrics
 cp target/release/chiller-metrics target/release/examples/baseline_server "$OUT/bin/"
+benches/go-webhook/build.sh "$OUT/bin"
 OURS_BIN=$OUT/bin/chiller-metrics
 BASE_BIN=$OUT/bin/baseline_server
+GO_BIN=$OUT/bin/go-webhook
 # How much of the hot-code list (build.rs, scripts/hot-symbols.sh) the binary
 # has: a low share means the list is stale and resident code grows.
 python3 - "$OURS_BIN" layout/hot-symbols.txt <<'EOF'
@@ -94,7 +100,7 @@ trap stop_server EXIT
 
 now_ns() { date +%s%N; }
 
-# start_server ours|baseline: starts it pinned, waits for /readyz, sets STARTUP_US.
+# start_server ours|baseline|go: starts it pinned, waits for /readyz, sets STARTUP_US.
 start_server() {
     local started
     started=$(now_ns)
@@ -109,6 +115,11 @@ start_server() {
         "${pin_server[@]}" "$BASE_BIN" \
             --listen "127.0.0.1:$WEBHOOK_PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" \
             --tls-cert "$OUT/certs/tls.crt" --tls-key "$OUT/certs/tls.key" >"$OUT/baseline.log" 2>&1 &
+        ;;
+    go)
+        "${pin_server[@]}" "$GO_BIN" \
+            --listen "127.0.0.1:$WEBHOOK_PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" \
+            --cert-dir "$OUT/certs" --mapping src/inject/statsd-mapping.yaml >"$OUT/go.log" 2>&1 &
         ;;
     esac
     SERVER_PID=$!
@@ -158,15 +169,71 @@ print(times[min(len(times) - 1, int(q * len(times)))] if times else "nan")
 EOF
 }
 
+# The same pods from both webhooks: each body's answer from each, applied.
+BODIES=("$OUT/body.json")
+for pod in "${LARGE[@]}"; do BODIES+=("$OUT/bodies/$pod.json"); done
+for server in ours go; do
+    start_server "$server"
+    for body in "${BODIES[@]}"; do
+        curl -fsS --cacert "$OUT/certs/ca.crt" -H 'content-type: application/json' \
+            --data-binary "@$body" "https://localhost:$WEBHOOK_PORT/mutate" \
+            >"$OUT/parity-$server-$(basename "$body")"
+    done
+    stop_server
+done
+python3 - "$OUT" "${BODIES[@]}" <<'EOF'
+import base64, copy, json, sys
+out, bodies = sys.argv[1], sys.argv[2:]
+def apply(doc, patch):
+    doc = copy.deepcopy(doc)
+    for op in patch:
+        tokens = [t.replace("~1", "/").replace("~0", "~") for t in op["path"].split("/")[1:]]
+        *parents, last = tokens
+        target = doc
+        for token in parents:
+            target = target[int(token)] if isinstance(target, list) else target[token]
+        if isinstance(target, list):
+            index = len(target) if last == "-" else int(last)
+            if op["op"] == "add":
+                target.insert(index, op["value"])
+            elif op["op"] == "replace":
+                target[index] = op["value"]
+            else:
+                del target[index]
+        elif op["op"] == "remove":
+            del target[last]
+        else:
+            target[last] = op["value"]
+    return doc
+for body in bodies:
+    name = body.split("/")[-1]
+    pod = json.load(open(body))["request"]["object"]
+    pods = {}
+    for server in ("ours", "go"):
+        response = json.load(open(f"{out}/parity-{server}-{name}"))["response"]
+        result = apply(pod, json.loads(base64.b64decode(response.get("patch") or "W10=")))
+        # null and absent are the same creationTimestamp; the Go webhook's typed pod omits it.
+        if result["metadata"].get("creationTimestamp", 0) is None:
+            del result["metadata"]["creationTimestamp"]
+        pods[server] = result
+    if pods["ours"] != pods["go"] or pods["ours"] == pod:
+        sys.exit(f"bench: the Go webhook's pod differs from ours for {name} (or neither injected)")
+    print(f"same pod from both webhooks: {name}")
+EOF
+
 RESULTS="$OUT/results.tsv"
 : >"$RESULTS"
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$RESULTS"; }
 
 for run in $(seq 1 "$RUNS"); do
     declare -A saturation=()
-    # Odd runs measure the webhook first, even runs the baseline first, so that
-    # drift on the machine (frequency, steal, page cache) lands on both sides.
-    if [ $((run % 2)) = 1 ]; then order=(ours baseline); else order=(baseline ours); fi
+    # Each run starts with another server, so that drift on the machine
+    # (frequency, steal, page cache) lands on every side.
+    case $((run % 3)) in
+    1) order=(ours baseline go) ;;
+    2) order=(baseline go ours) ;;
+    0) order=(go ours baseline) ;;
+    esac
     for server in "${order[@]}"; do
         start_server "$server"
         sleep 0.5
@@ -193,16 +260,23 @@ for run in $(seq 1 "$RUNS"); do
         done
         stop_server
     done
-    # Latency at a fixed rate: half of the webhook's saturation, the same for both servers.
+    # Latency at fixed rates, the same for every server: half of the
+    # webhook's saturation (the Go webhook cannot reach it, so only the
+    # webhook and the baseline), and half of the Go webhook's (all three).
     for server in "${order[@]}"; do
         start_server "$server"
         for proto in h1 h2; do
-            per_client=$(python3 -c "print(max(1, int(${saturation[ours-$proto]} / 2 / $CLIENTS)))")
-            name="$server-$proto-half-$run"
-            load "$name" "$proto" "$per_client"
-            record "$run" "$server" "${proto}_half_rate_rps" "$(rate_of "$name")"
-            record "$run" "$server" "${proto}_p50_ms" "$(python3 -c "print($(percentile "$name" 0.50) / 1000)")"
-            record "$run" "$server" "${proto}_p99_ms" "$(python3 -c "print($(percentile "$name" 0.99) / 1000)")"
+            for rate in half go_half; do
+                [ "$rate" = half ] && [ "$server" = go ] && continue
+                of=ours suffix=""
+                [ "$rate" = go_half ] && of=go suffix=_at_go_half
+                per_client=$(python3 -c "print(max(1, int(${saturation[$of-$proto]} / 2 / $CLIENTS)))")
+                name="$server-$proto-$rate-$run"
+                load "$name" "$proto" "$per_client"
+                record "$run" "$server" "${proto}_${rate}_rate_rps" "$(rate_of "$name")"
+                record "$run" "$server" "${proto}_p50_ms$suffix" "$(python3 -c "print($(percentile "$name" 0.50) / 1000)")"
+                record "$run" "$server" "${proto}_p99_ms$suffix" "$(python3 -c "print($(percentile "$name" 0.99) / 1000)")"
+            done
         done
         record "$run" "$server" peak_rss_mb_rate "$(python3 -c "print($(status_kb "$SERVER_PID" VmHWM) / 1024)")"
         stop_server
@@ -221,16 +295,18 @@ order = ["h1_throughput_rps", "h2_throughput_rps",
          "h1_throughput_rps_60-containers", "h2_throughput_rps_60-containers",
          "h1_throughput_rps_600KB", "h2_throughput_rps_600KB",
          "h1_half_rate_rps", "h1_p50_ms", "h1_p99_ms",
-         "h2_half_rate_rps", "h2_p50_ms", "h2_p99_ms", "idle_rss_mb", "peak_rss_mb",
+         "h2_half_rate_rps", "h2_p50_ms", "h2_p99_ms",
+         "h1_go_half_rate_rps", "h1_p50_ms_at_go_half", "h1_p99_ms_at_go_half",
+         "h2_go_half_rate_rps", "h2_p50_ms_at_go_half", "h2_p99_ms_at_go_half", "idle_rss_mb", "peak_rss_mb",
          "peak_rss_mb_rate", "idle_anon_mb", "idle_file_mb", "loaded_anon_mb", "loaded_file_mb",
          "startup_ms"]
 order = [metric for metric in order if metric in values]
 print(f"\nmedians of {sys.argv[2]} runs, {sys.argv[3]}")
-print(f"{'metric':<32}{'ours':>12}{'baseline':>12}{'ratio':>9}")
+print(f"{'metric':<32}{'ours':>12}{'baseline':>12}{'go':>12}{'/baseline':>10}{'/go':>8}")
 for metric in order:
-    ours = statistics.median(values[metric]["ours"])
-    base = statistics.median(values[metric]["baseline"])
-    ratio = ours / base if base else float("nan")
-    print(f"{metric:<32}{ours:>12.3f}{base:>12.3f}{ratio:>9.2f}")
+    median = lambda server: statistics.median(values[metric].get(server) or [float("nan")])
+    ours, base, go = median("ours"), median("baseline"), median("go")
+    ratio = lambda other: ours / other if other == other and other else float("nan")
+    print(f"{metric:<32}{ours:>12.3f}{base:>12.3f}{go:>12.3f}{ratio(base):>10.2f}{ratio(go):>8.2f}")
 EOF
 echo "raw figures: $RESULTS; h2load output: $OUT/*.txt"

@@ -133,10 +133,16 @@ impl Install {
     /// Points the chart's webhook at `https://127.0.0.1:PORT/mutate`, keeping
     /// the chart's caBundle, and waits until the API server calls it.
     pub fn point_webhook_at(&self, serve: &ServeProcess) {
-        self.set_webhook_url(&format!(
+        self.point_webhook_at_url(&format!(
             "https://127.0.0.1:{}/mutate",
             serve.webhook_addr.port()
         ));
+    }
+
+    /// Points the chart's webhook at `url` and waits until the API server
+    /// calls it (another webhook serving the chart's certificate).
+    pub fn point_webhook_at_url(&self, url: &str) {
+        self.set_webhook_url(url);
         self.wait_until_webhook_called();
     }
 
