@@ -8,7 +8,7 @@ SERVICE ?= chiller-metrics
 IMAGE ?= chiller-metrics:dev
 KIND_CLUSTER ?= chiller-metrics
 
-.PHONY: all build demo test system-packages tools cluster-tools cluster-up cluster-down cluster-load e2e-local lint fmt e2e image kind-load certs manifests bench server-profile hot-symbols fuzz golden clean
+.PHONY: all build demo test system-packages tools cluster-tools cluster-up cluster-down cluster-load e2e-local lint fmt e2e image kind-load certs manifests bench scale server-profile hot-symbols fuzz golden clean
 
 all: build
 
@@ -121,6 +121,17 @@ bench:
 	$(CARGO) bench --locked --bench mutate
 	BENCH_OUT=.bench/16-clients ./scripts/bench.sh
 	BENCH_OUT=.bench/4-clients CLIENTS=4 STREAMS=1 LARGE_PODS=0 ./scripts/bench.sh
+
+## The reconcile loop at scale (not part of `make test`): SCALE_NAMESPACES
+## namespaces (default 1000) of 2 Deployments, SCALE_PODS pods in all (default
+## 10 per namespace) on kwok nodes, labeled at once; prints the table and
+## writes it into BENCHMARKS.md. Bounded by SCALE_TIMEOUT (default 2h).
+SCALE_TIMEOUT ?= 2h
+scale: tools cluster-tools
+	$(CARGO) build --release --locked --bin chiller-metrics
+	SCALE_SERVE_BINARY=$(CURDIR)/target/release/chiller-metrics \
+		timeout --kill-after=60 $(SCALE_TIMEOUT) $(CARGO) test --locked --test apiserver_scale -- \
+		--ignored --exact the_reconcile_loop_at_scale_into_benchmarks --nocapture
 
 ## Instructions, cache and branch misses per request over the whole server,
 ## the webhook against the baseline (callgrind; PROTO=h1|h2). BENCHMARKS.md explains.
