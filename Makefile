@@ -9,7 +9,7 @@ SERVICE ?= chiller-metrics
 IMAGE ?= chiller-metrics:$(shell sed -n "s/^appVersion: *\"\?\([^\"]*\)\"\?/\1/p" manifests/chart/chiller-metrics/Chart.yaml)
 KIND_CLUSTER ?= chiller-metrics
 
-.PHONY: all build demo test system-packages tools cluster-tools cluster-up cluster-down cluster-load e2e-local lint fmt e2e image kind-load certs manifests bench bench-admission server-profile hot-symbols fuzz golden clean
+.PHONY: all build demo test system-packages tools cluster-tools cluster-up cluster-down cluster-load e2e-local lint fmt e2e image kind-load certs manifests bench bench-admission scale server-profile hot-symbols fuzz golden clean
 
 all: build
 
@@ -137,6 +137,17 @@ bench:
 bench-admission: tools cluster-tools
 	$(CARGO) bench --locked --bench admission --no-run
 	timeout --kill-after=30 20m $(CARGO) bench --locked --bench admission
+
+## The reconcile loop at scale (not part of `make test`): SCALE_NAMESPACES
+## namespaces (default 1000) of 2 Deployments, SCALE_PODS pods in all (default
+## 10 per namespace) on kwok nodes, labeled at once; prints the table and
+## writes it into BENCHMARKS.md. Bounded by SCALE_TIMEOUT (default 2h).
+SCALE_TIMEOUT ?= 2h
+scale: tools cluster-tools
+	$(CARGO) build --release --locked --bin chiller-metrics
+	SCALE_SERVE_BINARY=$(CURDIR)/target/release/chiller-metrics \
+		timeout --kill-after=60 $(SCALE_TIMEOUT) $(CARGO) test --locked --test cluster -- \
+		--ignored --exact apiserver_scale::the_reconcile_loop_at_scale_into_benchmarks --nocapture
 
 ## Instructions, cache and branch misses per request over the whole server,
 ## the webhook against the baseline (callgrind; PROTO=h1|h2). BENCHMARKS.md explains.

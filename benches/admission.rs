@@ -19,10 +19,6 @@
 //! to `target/bench-admission/results.md`. `cargo test` builds this file but
 //! does not run it (it runs only with `--bench`).
 
-#[path = "../tests/controlplane/mod.rs"]
-mod controlplane;
-#[path = "../tests/install/mod.rs"]
-mod install;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -33,11 +29,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use controlplane::{ControlPlane, crate_dir, free_port};
-use install::{DOMAIN, Install, ensure_namespace, kubectl_json};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 use serde_json::Value;
+use support::controlplane::{self, ControlPlane, free_port};
+use support::crate_dir;
+use support::install::{DOMAIN, Install, ensure_namespace, kubectl_json};
 
 /// A create that takes longer counts as failed. Only guards against hangs.
 const CREATE_TIMEOUT: Duration = Duration::from_secs(30);

@@ -55,7 +55,7 @@ python3 -c 'import json,sys; json.dump(json.load(open(sys.argv[1])), open(sys.ar
 # profile ours|baseline: leaves the measured phase's profile in $WORK/NAME.out.1.
 profile() {
     local name=$1 args=()
-    [ "$name" = ours ] && args=(serve --no-reconcile --drain-seconds 0)
+    [ "$name" = ours ] && args=(serve --standalone --no-reconcile --drain-seconds 0)
     local binary=$WORK/chiller-metrics
     [ "$name" = baseline ] && binary=$WORK/baseline_server
     RUST_LOG=warn valgrind --tool=callgrind --cache-sim=yes --branch-sim=yes \

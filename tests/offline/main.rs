@@ -1,9 +1,10 @@
 //! The offline integration tests: nothing here starts a control plane or a
 //! node. The webhook over real HTTPS, the CLI, golden files, schema checks,
 //! properties, gunicorn with the injected sidecar, promtool, the reconciler
-//! against a recording API. One test binary; `make test` runs it with
-//! cargo-nextest, one process a test, each under a time limit
-//! (`.config/nextest.toml`).
+//! against a recording API. One test binary;
+//! `make test` runs each module in a process of its own (as a process holds
+//! one control plane), modules one after another, each test under the time
+//! limit tests/time-limits gives it (scripts/test-timeout.sh).
 
 #[path = "../support/mod.rs"]
 mod support;

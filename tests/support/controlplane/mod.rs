@@ -14,6 +14,7 @@ pub mod cluster_images;
 pub mod images;
 pub mod node;
 pub mod nodes;
+pub mod operator;
 pub mod pki;
 pub mod process;
 pub mod services;
@@ -254,6 +255,10 @@ impl ControlPlane {
                 ),
                 &format!("--root-ca-file={}", p(&plane.pki.ca_cert)),
                 &format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+                // Thousands of pods from Deployments (tests/apiserver_scale.rs)
+                // in minutes, not the default 20 requests per second.
+                "--kube-api-qps=300",
+                "--kube-api-burst=600",
                 "--v=1",
             ]),
             dir,
@@ -378,6 +383,30 @@ impl ControlPlane {
             .unwrap_or_default()
             .lines()
             .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+
+    /// The audit log's length so far: where [`Self::audit_events_since`] starts.
+    pub fn audit_offset(&self) -> u64 {
+        std::fs::metadata(&self.audit_log).map_or(0, |m| m.len())
+    }
+
+    /// The audit events of `username` written after byte `offset` of the
+    /// audit log (a large cluster's log is read once, not parsed whole).
+    pub fn audit_events_since(&self, offset: u64, username: &str) -> Vec<serde_json::Value> {
+        use std::io::{BufRead, Seek};
+        let Ok(mut file) = std::fs::File::open(&self.audit_log) else {
+            return Vec::new();
+        };
+        file.seek(std::io::SeekFrom::Start(offset))
+            .expect("seeking in the audit log");
+        let needle = format!("\"username\":\"{username}\"");
+        std::io::BufReader::new(file)
+            .lines()
+            .map_while(Result::ok)
+            .filter(|line| line.contains(&needle))
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(&line).ok())
+            .filter(|event| event["user"]["username"] == username)
             .collect()
     }
 

@@ -55,6 +55,9 @@ impl ControlPlane {
                 "--bind-address=127.0.0.1",
                 &format!("--secure-port={}", free_port()),
                 "--leader-elect=false",
+                // Binds thousands of pods in minutes (tests/apiserver_scale.rs).
+                "--kube-api-qps=300",
+                "--kube-api-burst=600",
                 "--v=1",
             ]),
             &self.dir,
