@@ -689,7 +689,7 @@ async fn drift_is_repaired_by_reapplying_only_the_drifted_objects() {
     let (client, handle) = mock_client();
     let mut drifted = [edited, deleted];
     drifted.sort();
-    let mut steps: Vec<Step> = drifted.iter().map(|i| apply_step(&desired[*i])).collect();
+    let steps: Vec<Step> = drifted.iter().map(|i| apply_step(&desired[*i])).collect();
     let api = serve(handle, steps);
     let (ctx, _) = context(client, config.clone(), true);
     prefill(&ctx, &live_objects);
@@ -727,7 +727,7 @@ async fn an_object_no_longer_desired_is_deleted() {
     let mut live_objects: Vec<Value> = without.iter().map(|o| live(o, &config)).collect();
     live_objects.extend(stale.iter().map(|o| live(o, &config)));
     let (client, handle) = mock_client();
-    let mut steps = delete_steps(&stale, &config);
+    let steps = delete_steps(&stale, &config);
     let api = serve(handle, steps);
     let (ctx, _) = context(client, config.clone(), true);
     prefill(&ctx, &live_objects);
