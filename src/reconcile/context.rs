@@ -13,7 +13,7 @@ use kube::{Client, ResourceExt, runtime::controller::Action};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::{desired::DesiredError, events::EventSeries, live::LiveCache};
+use super::{desired::DesiredError, events::EventSeries, live::LiveCache, pods::PodCache};
 use crate::{admin::Metrics, inject::Injector, keys::Keys, live_config::LiveInjector};
 
 pub use super::live::FIELD_MANAGER;
@@ -46,6 +46,11 @@ pub enum ReconcileError {
         since: String,
         timeout_seconds: u64,
     },
+    #[error("namespace {namespace}: the watch of {what} has not listed them yet")]
+    NotSynced {
+        namespace: String,
+        what: &'static str,
+    },
     #[error("{action} {kind} {namespace}/{name}: {source}")]
     Api {
         action: &'static str,
@@ -64,6 +69,7 @@ impl ReconcileError {
             Self::PrometheusOperatorMissing { .. } => "crd_missing",
             Self::Settings { .. } => "invalid_settings",
             Self::RolloutStuck { .. } => "rollout_stuck",
+            Self::NotSynced { .. } => "not_synced",
             Self::Api { .. } => "api_error",
         }
     }
@@ -74,6 +80,7 @@ impl ReconcileError {
             Self::PrometheusOperatorMissing { .. } => "PrometheusOperatorMissing",
             Self::Settings { .. } => "InvalidSettings",
             Self::RolloutStuck { .. } => "RolloutStuck",
+            Self::NotSynced { .. } => "NotSynced",
             Self::Api { .. } => "ApplyFailed",
         }
     }
@@ -133,6 +140,8 @@ pub struct Context {
     /// Events, counted in series kept on the API server.
     pub recorder: EventSeries,
     pub live: LiveCache,
+    /// Pods and ReplicaSet owners, from watches.
+    pub pods: PodCache,
     /// True while this replica holds the lease; nothing is written otherwise.
     pub leading: watch::Receiver<bool>,
     pub restart_cooldown: Duration,
@@ -152,6 +161,7 @@ impl Context {
         let recorder = EventSeries::new(client.clone(), FIELD_MANAGER, identity);
         Self {
             live: LiveCache::new(&keys),
+            pods: PodCache::new(&keys),
             client,
             keys,
             injector,

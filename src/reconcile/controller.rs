@@ -1,7 +1,9 @@
-//! The watches that drive reconciles: every Namespace (only changes to what
+//! The watches that drive reconciles and feed the stores a reconcile reads
+//! (a reconcile lists nothing): every Namespace (only changes to what
 //! configures us count: see `configuring_fields`), every object we manage
-//! (one label-filtered watch per kind), and the metadata of pods without the
-//! injected label (see `pod_sightings`). Each managed-object watch both
+//! (one label-filtered watch per kind), every pod (stored stripped, see
+//! `pods`; a pod without the injected label triggers, see `pod_sightings`)
+//! and the metadata of every ReplicaSet. Each managed-object watch both
 //! feeds the live cache and triggers its owner namespace, so one watch per kind
 //! serves the drift check and the trigger. Built on kube-runtime's `applier`,
 //! the engine under `Controller`, because the stable `Controller` builder cannot
@@ -15,7 +17,10 @@ use std::{
 };
 
 use futures::{Stream, StreamExt, future, stream};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::{
+    apps::v1::ReplicaSet,
+    core::v1::{Namespace, Pod},
+};
 use kube::{
     Api, ResourceExt,
     api::DynamicObject,
@@ -33,6 +38,7 @@ use super::{
     live::{MANAGED_KINDS, ManagedKind, managed_selector},
     namespace::{is_opted_in, reconcile},
     pod_sightings::PodSightings,
+    pods::{LIST_PAGE_SIZE, strip_replica_set},
 };
 use crate::keys::Keys;
 
@@ -49,7 +55,9 @@ fn managed_kind_triggers(
     kind: ManagedKind,
 ) -> impl Stream<Item = Trigger> + Send + 'static {
     let api = Api::<DynamicObject>::all_with(ctx.client.clone(), &kind.api_resource());
-    let config = watcher::Config::default().labels(&managed_selector());
+    let config = watcher::Config::default()
+        .labels(&managed_selector())
+        .page_size(LIST_PAGE_SIZE);
     let live = ctx.live.clone();
     watcher(api, config)
         .default_backoff()
@@ -73,33 +81,69 @@ fn managed_kind_triggers(
         .flatten()
 }
 
-/// Namespaces where a pod without the injected label shows up for the first time.
-fn uninjected_pod_triggers(
+/// Feeds the pod store (stripped pods, see `pods`) and yields the namespaces
+/// where a pod without the injected label shows up for the first time.
+fn pod_triggers(
     ctx: &Arc<Context>,
     namespaces: Store<Namespace>,
 ) -> impl Stream<Item = Trigger> + Send + 'static {
-    // Metadata only: the pods' specs are not needed here.
-    let api = Api::<PartialObjectMeta<Pod>>::all(ctx.client.clone());
-    let config = watcher::Config::default().labels(&format!("!{}", ctx.keys.injected));
+    let api = Api::<Pod>::all(ctx.client.clone());
+    let config = watcher::Config::default().page_size(LIST_PAGE_SIZE);
     let keys = ctx.keys.clone();
     let mut sightings = PodSightings::default();
+    let strip = ctx.clone();
+    let store = ctx.clone();
     watcher(api, config)
         .default_backoff()
+        .modify(move |pod| strip.pods.strip_pod(pod))
         .filter_map(move |event| {
             let trigger = match event {
-                Ok(event) => sightings
-                    .observe(event, |name| {
-                        namespaces
-                            .get(&ObjectRef::new(name))
-                            .is_some_and(|namespace| is_opted_in(&namespace, &keys))
-                    })
-                    .map(|name| Ok(ObjectRef::new(&name))),
+                Ok(event) => {
+                    store.pods.pods.apply(&event);
+                    let injected = |pod: &Pod| {
+                        pod.labels().get(&keys.injected).map(String::as_str) == Some("true")
+                    };
+                    let uninjected = match &event {
+                        watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => {
+                            !injected(pod)
+                        }
+                        _ => true,
+                    };
+                    uninjected
+                        .then(|| {
+                            sightings.observe(event, |name| {
+                                namespaces
+                                    .get(&ObjectRef::new(name))
+                                    .is_some_and(|namespace| is_opted_in(&namespace, &keys))
+                            })
+                        })
+                        .flatten()
+                        .map(|name| Ok(ObjectRef::new(&name)))
+                }
                 Err(error) => {
                     tracing::warn!(%error, "pod watch failed; retrying");
                     None
                 }
             };
             future::ready(trigger)
+        })
+}
+
+/// Feeds the ReplicaSet store (metadata only, stripped to owner references);
+/// triggers nothing.
+fn replica_set_feed(ctx: &Arc<Context>) -> impl Stream<Item = Trigger> + Send + 'static {
+    let api = Api::<PartialObjectMeta<ReplicaSet>>::all(ctx.client.clone());
+    let config = watcher::Config::default().page_size(LIST_PAGE_SIZE);
+    let ctx = ctx.clone();
+    watcher(api, config)
+        .default_backoff()
+        .modify(strip_replica_set)
+        .filter_map(move |event| {
+            match event {
+                Ok(event) => ctx.pods.replica_sets.apply(&event),
+                Err(error) => tracing::warn!(%error, "replicaset watch failed; retrying"),
+            }
+            future::ready(None)
         })
 }
 
@@ -177,7 +221,8 @@ pub async fn run(ctx: Arc<Context>) {
     });
     let mut triggers: Vec<stream::BoxStream<'static, Trigger>> = vec![
         namespaces.boxed(),
-        uninjected_pod_triggers(&ctx, store.clone()).boxed(),
+        pod_triggers(&ctx, store.clone()).boxed(),
+        replica_set_feed(&ctx).boxed(),
         config_change_triggers(&ctx, store.clone()).boxed(),
     ];
     triggers.extend(

@@ -1,15 +1,22 @@
-//! What exists in the cluster: a cache of every object we manage, fed by one
-//! label-filtered watch per kind, read by the reconciler instead of GETs.
+//! What exists in the cluster: kube-runtime reflector stores of every object
+//! we manage, fed by one label-filtered watch per kind, read by the
+//! reconciler instead of GETs. What nothing reads is stripped before it is
+//! stored (`strip_managed`).
 
 use std::{
     collections::{BTreeSet, HashMap},
+    hash::Hash,
     sync::{Arc, RwLock},
 };
 
+use futures::FutureExt;
 use kube::{
     ResourceExt,
     api::{ApiResource, DynamicObject},
-    runtime::watcher,
+    runtime::{
+        reflector::{Lookup, ObjectRef, Store, store::Writer},
+        watcher,
+    },
 };
 
 use crate::keys::{self, Keys};
@@ -120,34 +127,131 @@ pub fn managed_selector() -> String {
     format!("{}={}", keys::MANAGED_BY_KEY, keys::MANAGED_BY)
 }
 
-type Objects = HashMap<(String, String), Arc<DynamicObject>>;
+/// Strips what nothing here reads from a cached object: managed fields but
+/// our own Apply entry (without its field set, which `applied_by_us` does not
+/// need), `kubectl apply`'s copy of the last configuration, and the status.
+/// Desired objects never hold a status, so the drift check is unchanged.
+pub fn strip_managed(object: &mut DynamicObject) {
+    if let Some(entries) = object.metadata.managed_fields.as_mut() {
+        entries.retain(|entry| {
+            entry.manager.as_deref() == Some(FIELD_MANAGER)
+                && entry.operation.as_deref() == Some("Apply")
+        });
+        for entry in entries.iter_mut() {
+            entry.fields_v1 = None;
+        }
+    }
+    if let Some(annotations) = object.metadata.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
+    if let Some(data) = object.data.as_object_mut() {
+        data.remove("status");
+    }
+}
 
-#[derive(Debug, Default)]
-struct KindCache {
-    objects: Objects,
-    /// Objects of a relist in progress (between `Init` and `InitDone`).
-    relisting: Option<Objects>,
-    /// The first list completed: a missing object is really missing.
-    synced: bool,
+/// The annotation `kubectl apply` (client side) keeps its input in.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// One kube-runtime reflector store whose writer can be replaced (a new
+/// leader starts from an empty, unsynced store).
+pub struct Reflected<K>
+where
+    K: Lookup + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    dyntype: K::DynamicType,
+    writer: RwLock<Writer<K>>,
+}
+
+impl<K> Reflected<K>
+where
+    K: Lookup + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    pub fn new(dyntype: K::DynamicType) -> Self {
+        Self {
+            writer: RwLock::new(Writer::new(dyntype.clone())),
+            dyntype,
+        }
+    }
+
+    /// Applies one watch event (or one of our own writes, as `Apply`/`Delete`).
+    pub fn apply(&self, event: &watcher::Event<K>) {
+        self.writer
+            .write()
+            .expect("store lock poisoned")
+            .apply_watcher_event(event);
+    }
+
+    /// The store as it is now; clones share it.
+    pub fn store(&self) -> Store<K> {
+        self.writer.read().expect("store lock poisoned").as_reader()
+    }
+
+    /// Whether the first list completed: a missing object is really missing.
+    pub fn is_synced(&self) -> bool {
+        self.store()
+            .wait_until_ready()
+            .now_or_never()
+            .is_some_and(|ready| ready.is_ok())
+    }
+
+    /// Waits (at most `limit`) for the first list; whether it completed.
+    pub async fn wait_synced(&self, limit: std::time::Duration) -> bool {
+        let store = self.store();
+        matches!(
+            tokio::time::timeout(limit, store.wait_until_ready()).await,
+            Ok(Ok(()))
+        )
+    }
+
+    /// Forgets everything, synced included.
+    pub fn clear(&self) {
+        *self.writer.write().expect("store lock poisoned") = Writer::new(self.dyntype.clone());
+    }
+}
+
+impl<K> std::fmt::Debug for Reflected<K>
+where
+    K: Lookup + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reflected")
+            .field("objects", &self.store().len())
+            .finish()
+    }
 }
 
 /// The cache; clones share it.
 #[derive(Debug, Clone)]
 pub struct LiveCache {
     owner_label: String,
-    kinds: Arc<RwLock<HashMap<ManagedKind, KindCache>>>,
+    kinds: Arc<HashMap<ManagedKind, Reflected<DynamicObject>>>,
 }
 
 fn key(object: &DynamicObject) -> (String, String) {
-    (object.namespace().unwrap_or_default(), object.name_any())
+    (
+        ResourceExt::namespace(object).unwrap_or_default(),
+        object.name_any(),
+    )
 }
 
 impl LiveCache {
     pub fn new(keys: &Keys) -> Self {
         Self {
             owner_label: keys.owner_namespace.clone(),
-            kinds: Arc::default(),
+            kinds: Arc::new(
+                MANAGED_KINDS
+                    .iter()
+                    .map(|kind| (*kind, Reflected::new(kind.api_resource())))
+                    .collect(),
+            ),
         }
+    }
+
+    fn kind(&self, kind: ManagedKind) -> &Reflected<DynamicObject> {
+        &self.kinds[&kind]
     }
 
     /// The app namespace an object of ours serves, from its owner-namespace label,
@@ -161,40 +265,37 @@ impl LiveCache {
         .flatten()
     }
 
-    /// Applies one watch event; returns the owner namespaces it concerns,
-    /// which need a reconcile.
+    /// Applies one watch event (stripped, see [`strip_managed`]); returns the
+    /// owner namespaces it concerns, which need a reconcile.
     pub fn apply_event(
         &self,
         kind: ManagedKind,
-        event: watcher::Event<DynamicObject>,
+        mut event: watcher::Event<DynamicObject>,
     ) -> BTreeSet<String> {
-        let mut kinds = self.kinds.write().expect("live cache lock poisoned");
-        let cache = kinds.entry(kind).or_default();
+        let cache = self.kind(kind);
+        let store = cache.store();
+        let resource = kind.api_resource();
         let mut touched = BTreeSet::new();
-        match event {
-            watcher::Event::Apply(object) => {
-                touched.extend(self.owner_namespace(&object));
-                let previous = cache.objects.insert(key(&object), Arc::new(object));
+        match &mut event {
+            watcher::Event::Apply(object) | watcher::Event::InitApply(object) => {
+                strip_managed(object);
+            }
+            watcher::Event::Delete(_) | watcher::Event::Init | watcher::Event::InitDone => {}
+        }
+        match &event {
+            watcher::Event::Apply(object) | watcher::Event::Delete(object) => {
+                touched.extend(self.owner_namespace(object));
+                let previous = store.get(&ObjectRef::from_obj_with(object, resource.clone()));
                 touched.extend(previous.and_then(|p| self.owner_namespace(&p)));
+                cache.apply(&event);
             }
-            watcher::Event::Delete(object) => {
-                touched.extend(self.owner_namespace(&object));
-                cache.objects.remove(&key(&object));
-            }
-            watcher::Event::Init => cache.relisting = Some(Objects::new()),
-            watcher::Event::InitApply(object) => {
-                cache
-                    .relisting
-                    .get_or_insert_with(Objects::new)
-                    .insert(key(&object), Arc::new(object));
-            }
+            watcher::Event::Init | watcher::Event::InitApply(_) => cache.apply(&event),
             watcher::Event::InitDone => {
-                let fresh = cache.relisting.take().unwrap_or_default();
-                let old = std::mem::replace(&mut cache.objects, fresh);
-                cache.synced = true;
+                let old = store.state();
+                cache.apply(&event);
                 touched.extend(
-                    old.values()
-                        .chain(cache.objects.values())
+                    old.iter()
+                        .chain(store.state().iter())
                         .filter_map(|o| self.owner_namespace(o)),
                 );
             }
@@ -213,11 +314,7 @@ impl LiveCache {
 
     /// Whether the first list of `kind` completed.
     pub fn is_synced(&self, kind: ManagedKind) -> bool {
-        self.kinds
-            .read()
-            .expect("live cache lock poisoned")
-            .get(&kind)
-            .is_some_and(|c| c.synced)
+        self.kind(kind).is_synced()
     }
 
     /// The cached object, `None` if absent (meaningful only when synced).
@@ -227,43 +324,26 @@ impl LiveCache {
         namespace: &str,
         name: &str,
     ) -> Option<Arc<DynamicObject>> {
-        self.kinds
-            .read()
-            .expect("live cache lock poisoned")
-            .get(&kind)
-            .and_then(|c| {
-                c.objects
-                    .get(&(namespace.to_string(), name.to_string()))
-                    .cloned()
-            })
+        let key = ObjectRef::new_with(name, kind.api_resource()).within(namespace);
+        self.kind(kind).store().get(&key)
     }
 
     /// Objects of `kind` labeled managed-by us and owned by `owner_namespace`,
     /// wherever they live.
     pub fn owned_by(&self, kind: ManagedKind, owner_namespace: &str) -> Vec<Arc<DynamicObject>> {
-        let mut found: Vec<_> = self
-            .kinds
-            .read()
-            .expect("live cache lock poisoned")
-            .get(&kind)
-            .map(|c| {
-                c.objects
-                    .values()
-                    .filter(|o| self.owner_namespace(o).as_deref() == Some(owner_namespace))
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut found = self
+            .kind(kind)
+            .store()
+            .state_filter(|o| self.owner_namespace(o).as_deref() == Some(owner_namespace));
         found.sort_by_key(|o| key(o));
         found
     }
 
     /// Forgets everything (on losing leadership).
     pub fn clear(&self) {
-        self.kinds
-            .write()
-            .expect("live cache lock poisoned")
-            .clear();
+        for cache in self.kinds.values() {
+            cache.clear();
+        }
     }
 }
 
@@ -353,5 +433,24 @@ mod tests {
         );
         assert_eq!(touched, BTreeSet::from(["shop".into()]));
         assert!(cache.owned_by(CONFIG_MAP, "shop").is_empty());
+    }
+
+    #[test]
+    fn stored_objects_keep_only_our_apply_entry_and_no_status() {
+        let cache = LiveCache::new(&Keys::default());
+        let mut mine = object("mine", Some("shop"), true);
+        mine.metadata.managed_fields.as_mut().unwrap().push(
+            serde_json::from_value(
+                json!({"manager": "kube-controller-manager", "operation": "Update"}),
+            )
+            .unwrap(),
+        );
+        mine.data = json!({"data": {"a": "1"}, "status": {"replicas": 1}});
+        cache.apply_event(CONFIG_MAP, watcher::Event::Apply(mine));
+        let stored = cache.get(CONFIG_MAP, "ns", "mine").unwrap();
+        assert_eq!(stored.metadata.managed_fields.as_ref().unwrap().len(), 1);
+        assert!(applied_by_us(&stored));
+        assert_eq!(stored.data, json!({"data": {"a": "1"}}));
+        assert_eq!(cache.owned_by(CONFIG_MAP, "shop").len(), 1);
     }
 }

@@ -25,6 +25,7 @@ pub mod namespace;
 pub mod outdated;
 pub mod pod_sightings;
 pub mod pod_state;
+pub mod pods;
 pub mod uninjected;
 
 use tokio::sync::{oneshot, watch};
@@ -136,6 +137,8 @@ async fn lead(ctx: Arc<Context>, mut leading: watch::Receiver<bool>) {
             }
         }
         ctx.live.clear();
+        ctx.pods.pods.clear();
+        ctx.pods.replica_sets.clear();
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
 }

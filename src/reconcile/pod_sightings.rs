@@ -6,7 +6,7 @@
 
 use std::collections::HashSet;
 
-use kube::{core::PartialObjectMeta, runtime::watcher::Event};
+use kube::{Resource, runtime::watcher::Event};
 
 /// The pods seen so far (by uid), and what a re-list has found of them.
 #[derive(Debug, Default)]
@@ -19,9 +19,9 @@ impl PodSightings {
     /// Takes one watch event of uninjected pods; returns the namespace to
     /// reconcile when it shows a pod for the first time in a namespace that
     /// `opted_in` accepts.
-    pub fn observe<K>(
+    pub fn observe<K: Resource>(
         &mut self,
-        event: Event<PartialObjectMeta<K>>,
+        event: Event<K>,
         opted_in: impl Fn(&str) -> bool,
     ) -> Option<String> {
         match event {
@@ -65,15 +65,15 @@ impl PodSightings {
     }
 }
 
-fn identity<K>(pod: &PartialObjectMeta<K>) -> Option<(String, String)> {
-    let meta = &pod.metadata;
+fn identity<K: Resource>(pod: &K) -> Option<(String, String)> {
+    let meta = pod.meta();
     Some((meta.uid.clone()?, meta.namespace.clone()?))
 }
 
 #[cfg(test)]
 mod tests {
     use k8s_openapi::api::core::v1::Pod;
-    use kube::api::ObjectMeta;
+    use kube::{api::ObjectMeta, core::PartialObjectMeta};
 
     use super::*;
 

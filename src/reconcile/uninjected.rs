@@ -5,19 +5,16 @@
 //! skipped with a warning are reported on their owner, once per workload
 //! and reason. Outdated ones are counted.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::{
-    api::{
-        apps::v1::ReplicaSet,
-        core::v1::{Namespace, ObjectReference, Pod},
-    },
+    api::core::v1::{Namespace, ObjectReference, Pod},
     apimachinery::pkg::apis::meta::v1::OwnerReference,
     jiff::Timestamp,
 };
 use kube::{
     Api, ResourceExt,
-    api::{DynamicObject, ListParams, Patch, PatchParams},
+    api::{DynamicObject, Patch, PatchParams},
     runtime::events::{Event, EventType},
 };
 use serde_json::json;
@@ -45,6 +42,9 @@ pub fn restarted_for_injection_key(domain: &str) -> String {
 /// follow at the next reconciles.
 const SKIP_EVENTS_PER_RECONCILE: usize = 10;
 
+/// How long a reconcile waits for the pod and ReplicaSet watches' first list.
+const CACHE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// What the pods of a namespace amount to.
 #[derive(Debug, Default)]
 pub struct Survey {
@@ -59,38 +59,42 @@ pub async fn check(namespace: &Namespace, ctx: &Context) -> Result<Survey, Recon
     let ns = namespace.name_any();
     let keys = &ctx.keys;
     let injector = ctx.injector();
-    let pods = Api::<Pod>::namespaced(ctx.client.clone(), &ns)
-        .list(&ListParams::default())
-        .await
-        .map_err(|source| ReconcileError::Api {
-            action: "list",
-            kind: "Pod".into(),
-            namespace: ns.clone(),
-            name: String::new(),
-            source,
-        })?;
+    for (what, synced) in [
+        ("pods", ctx.pods.pods.wait_synced(CACHE_WAIT).await),
+        (
+            "replicasets",
+            ctx.pods.replica_sets.wait_synced(CACHE_WAIT).await,
+        ),
+    ] {
+        if !synced {
+            return Err(ReconcileError::NotSynced {
+                namespace: ns.clone(),
+                what,
+            });
+        }
+    }
+    let pods = ctx.pods.pods_in(&ns);
     let policy = policy_from_namespace(namespace, keys);
     let mut survey = Survey::default();
     let mut by_workload: BTreeMap<Workload, BTreeSet<String>> = BTreeMap::new();
     let mut skipped: BTreeMap<(Workload, String), Vec<&Pod>> = BTreeMap::new();
-    let mut replica_set_owners = HashMap::new();
-    for pod in &pods.items {
+    for pod in pods.iter().map(AsRef::as_ref) {
         let state = classify(pod, &injector, &policy);
         survey.counts.add(&state);
         match state {
             PodState::Uninjected => {
-                let workload = owning_workload(pod, &ns, ctx, &mut replica_set_owners).await?;
+                let workload = owning_workload(pod, &ns, ctx);
                 by_workload
                     .entry(workload)
                     .or_default()
                     .insert(pod.name_any());
             }
             PodState::Skipped(reason) => {
-                let workload = owning_workload(pod, &ns, ctx, &mut replica_set_owners).await?;
+                let workload = owning_workload(pod, &ns, ctx);
                 skipped.entry((workload, reason)).or_default().push(pod);
             }
             PodState::Outdated { .. } => {
-                let workload = owning_workload(pod, &ns, ctx, &mut replica_set_owners).await?;
+                let workload = owning_workload(pod, &ns, ctx);
                 survey
                     .outdated
                     .entry(workload)
@@ -220,45 +224,23 @@ fn workload_from(reference: &OwnerReference) -> Workload {
 
 /// The Deployment behind a pod's ReplicaSet, else its StatefulSet, DaemonSet,
 /// ReplicaSet or other controller, else the pod itself.
-async fn owning_workload(
-    pod: &Pod,
-    namespace: &str,
-    ctx: &Context,
-    replica_set_owners: &mut HashMap<String, Option<OwnerReference>>,
-) -> Result<Workload, ReconcileError> {
+fn owning_workload(pod: &Pod, namespace: &str, ctx: &Context) -> Workload {
     let Some(owner) = controller_of(pod.metadata.owner_references.as_ref()) else {
-        return Ok(Workload {
+        return Workload {
             api_version: "v1".into(),
             kind: "Pod".into(),
             name: pod.name_any(),
             uid: pod.uid(),
-        });
+        };
     };
     if owner.kind != "ReplicaSet" || !owner.api_version.starts_with("apps/") {
-        return Ok(workload_from(owner));
+        return workload_from(owner);
     }
-    if !replica_set_owners.contains_key(&owner.name) {
-        let replica_set = Api::<ReplicaSet>::namespaced(ctx.client.clone(), namespace)
-            .get_opt(&owner.name)
-            .await
-            .map_err(|source| ReconcileError::Api {
-                action: "get",
-                kind: "ReplicaSet".into(),
-                namespace: namespace.to_string(),
-                name: owner.name.clone(),
-                source,
-            })?;
-        let deployment = replica_set
-            .as_ref()
-            .and_then(|rs| controller_of(rs.metadata.owner_references.as_ref()))
-            .filter(|r| r.kind == "Deployment")
-            .cloned();
-        replica_set_owners.insert(owner.name.clone(), deployment);
-    }
-    Ok(replica_set_owners[&owner.name]
-        .as_ref()
-        .map(workload_from)
-        .unwrap_or_else(|| workload_from(owner)))
+    ctx.pods
+        .replica_set_controller(namespace, &owner.name)
+        .filter(|r| r.kind == "Deployment")
+        .map(|deployment| workload_from(&deployment))
+        .unwrap_or_else(|| workload_from(owner))
 }
 
 pub(super) fn reference(namespace: &str, workload: &Workload) -> ObjectReference {

@@ -24,14 +24,23 @@ use chiller_metrics::{
         desired::{DesiredObject, NamespaceSettings, desired_objects},
         error_policy,
         live::{MANAGED_KINDS, managed_kind},
+        pods::strip_replica_set,
         reconcile,
         uninjected::{RESTARTED_AT, restarted_for_injection_key},
     },
 };
 use http::{Request, Response};
 use http_body_util::BodyExt;
-use k8s_openapi::{api::core::v1::Namespace, jiff::Timestamp};
-use kube::{Client, api::DynamicObject, client::Body, runtime::controller::Action};
+use k8s_openapi::{
+    api::core::v1::{Namespace, Pod},
+    jiff::Timestamp,
+};
+use kube::{
+    Client,
+    api::DynamicObject,
+    client::Body,
+    runtime::{controller::Action, watcher},
+};
 use serde_json::{Value, json};
 use tokio::{sync::watch, task::JoinHandle, time::Instant};
 
@@ -372,6 +381,7 @@ fn context(client: Client, config: Config, leading: bool) -> (Arc<Context>, Arc<
     for kind in MANAGED_KINDS {
         ctx.live.sync_kind(*kind, Vec::new());
     }
+    sync_pods(&ctx, &[], &[]);
     (Arc::new(ctx), metrics)
 }
 
@@ -438,13 +448,25 @@ fn apply_step(object: &DesiredObject) -> Step {
         .echo()
 }
 
-/// Every pod of the namespace: injected ones are counted too.
-fn pods_step(namespace: &str, pods: Vec<Value>) -> Step {
-    Step::new("GET", format!("/api/v1/namespaces/{namespace}/pods"))
-        .reply(
-            200,
-            json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "5"}, "items": pods}),
-        )
+/// Fills the pod and ReplicaSet stores as completed lists, stripped as the
+/// watches store them: a reconcile lists nothing.
+fn sync_pods(ctx: &Context, pods: &[Value], replica_sets: &[Value]) {
+    ctx.pods.pods.apply(&watcher::Event::Init);
+    for pod in pods {
+        let mut pod: Pod = serde_json::from_value(pod.clone()).unwrap();
+        ctx.pods.strip_pod(&mut pod);
+        ctx.pods.pods.apply(&watcher::Event::InitApply(pod));
+    }
+    ctx.pods.pods.apply(&watcher::Event::InitDone);
+    ctx.pods.replica_sets.apply(&watcher::Event::Init);
+    for replica_set in replica_sets {
+        let mut replica_set = serde_json::from_value(replica_set.clone()).unwrap();
+        strip_replica_set(&mut replica_set);
+        ctx.pods
+            .replica_sets
+            .apply(&watcher::Event::InitApply(replica_set));
+    }
+    ctx.pods.replica_sets.apply(&watcher::Event::InitDone);
 }
 
 fn status_step(namespace: &str) -> Step {
@@ -523,7 +545,6 @@ async fn first_reconcile_applies_every_desired_object_once() {
     );
     let (client, handle) = mock_client();
     let mut steps: Vec<Step> = desired.iter().map(apply_step).collect();
-    steps.push(pods_step(NS, vec![]));
     steps.push(status_step(NS));
     let api = serve(handle, steps);
     let (ctx, metrics) = context(client, config.clone(), true);
@@ -570,7 +591,7 @@ async fn steady_state_makes_no_writes() {
     let desired = desired_for(&opted_in(NS, &[]), &config);
     let ns = with_status(&ready_status(desired.len(), 0), &[]);
     let (client, handle) = mock_client();
-    let api = serve(handle, vec![pods_step(NS, vec![])]);
+    let api = serve(handle, vec![]);
     let (ctx, _) = context(client, config.clone(), true);
     let live: Vec<Value> = desired.iter().map(|o| live(o, &config)).collect();
     prefill(&ctx, &live);
@@ -624,7 +645,6 @@ async fn before_the_caches_sync_live_objects_are_read_and_still_not_written() {
                 ),
         );
     }
-    steps.push(pods_step(NS, vec![]));
     let api = serve(handle, steps);
     let metrics = Arc::new(Metrics::new());
     let (_tx, leading) = watch::channel(true);
@@ -635,6 +655,7 @@ async fn before_the_caches_sync_live_objects_are_read_and_still_not_written() {
         leading,
         IDENTITY,
     ));
+    sync_pods(&ctx, &[], &[]);
 
     reconcile_once(&ns, &ctx).await.unwrap();
 
@@ -668,8 +689,7 @@ async fn drift_is_repaired_by_reapplying_only_the_drifted_objects() {
     let (client, handle) = mock_client();
     let mut drifted = [edited, deleted];
     drifted.sort();
-    let mut steps: Vec<Step> = drifted.iter().map(|i| apply_step(&desired[*i])).collect();
-    steps.push(pods_step(NS, vec![]));
+    let steps: Vec<Step> = drifted.iter().map(|i| apply_step(&desired[*i])).collect();
     let api = serve(handle, steps);
     let (ctx, _) = context(client, config.clone(), true);
     prefill(&ctx, &live_objects);
@@ -707,8 +727,7 @@ async fn an_object_no_longer_desired_is_deleted() {
     let mut live_objects: Vec<Value> = without.iter().map(|o| live(o, &config)).collect();
     live_objects.extend(stale.iter().map(|o| live(o, &config)));
     let (client, handle) = mock_client();
-    let mut steps = delete_steps(&stale, &config);
-    steps.push(pods_step(NS, vec![]));
+    let steps = delete_steps(&stale, &config);
     let api = serve(handle, steps);
     let (ctx, _) = context(client, config.clone(), true);
     prefill(&ctx, &live_objects);
@@ -862,7 +881,6 @@ async fn the_default_namespace_is_set_up_only_when_labeled() {
     let desired = desired_for(&ns, &config);
     let (client, handle) = mock_client();
     let mut steps: Vec<Step> = desired.iter().map(apply_step).collect();
-    steps.push(pods_step("default", vec![]));
     steps.push(status_step("default"));
     let api = serve(handle, steps);
     let (ctx, _) = context(client, config, true);
@@ -906,7 +924,6 @@ async fn missing_prometheus_operator_crds_are_reported_and_the_rest_applied() {
             .reply(404, not_found()),
         );
     }
-    steps.push(pods_step(NS, vec![]));
     steps.push(status_step(NS));
     steps.push(event_step("default"));
     let api = serve(handle, steps);
@@ -922,6 +939,7 @@ async fn missing_prometheus_operator_crds_are_reported_and_the_rest_applied() {
     for kind in MANAGED_KINDS.iter().filter(|k| !k.is_prometheus_operator()) {
         ctx.live.sync_kind(*kind, Vec::new());
     }
+    sync_pods(&ctx, &[], &[]);
 
     let error = reconcile_once(&ns, &ctx).await.unwrap_err();
 
@@ -975,12 +993,10 @@ async fn api_errors_fail_the_reconcile_with_exponential_backoff_per_namespace() 
     let mut steps: Vec<Step> = desired.iter().map(apply_step).collect();
     steps[0] = Step::new("PATCH", desired_path(&desired[0]))
         .reply(500, status_body(500, "InternalError", "etcd is sad"));
-    steps.push(pods_step(NS, vec![]));
     steps.push(status_step(NS));
     steps.push(event_step("default"));
     // The retry: only the failed object is still missing.
     steps.push(apply_step(&desired[0]));
-    steps.push(pods_step(NS, vec![]));
     steps.push(status_step(NS));
     let api = serve(handle, steps);
     let (ctx, metrics) = context(client, config.clone(), true);
@@ -1391,7 +1407,6 @@ fn deployment(annotations: Value) -> Value {
     })
 }
 
-const RS_PATH: &str = "/apis/apps/v1/namespaces/shop/replicasets/api-7d9f8";
 const DEPLOY_PATH: &str = "/apis/apps/v1/namespaces/shop/deployments/api";
 
 #[tokio::test]
@@ -1408,13 +1423,9 @@ async fn uninjected_pods_are_reported_on_their_deployment() {
     let api = serve(
         handle,
         vec![
-            pods_step(NS, pods.clone()),
-            Step::new("GET", RS_PATH).reply(200, replica_set()),
             event_step(NS),
             status_step(NS),
             // Second pass, nothing new: no event, no status change.
-            pods_step(NS, pods),
-            Step::new("GET", RS_PATH).reply(200, replica_set()),
         ],
     );
     let (ctx, metrics) = context(client, config.clone(), true);
@@ -1422,6 +1433,7 @@ async fn uninjected_pods_are_reported_on_their_deployment() {
         &ctx,
         &desired.iter().map(|o| live(o, &config)).collect::<Vec<_>>(),
     );
+    sync_pods(&ctx, &pods, &[replica_set()]);
 
     reconcile_once(&ns, &ctx).await.unwrap();
     let status = ready_status(desired.len(), 2);
@@ -1430,7 +1442,7 @@ async fn uninjected_pods_are_reported_on_their_deployment() {
         .unwrap();
 
     let seen = api.verify();
-    let event = &seen[2].body;
+    let event = &seen[0].body;
     assert_eq!(event["type"], "Warning");
     assert_eq!(event["reason"], "PodsNotInjected");
     assert_eq!(event["regarding"]["kind"], "Deployment");
@@ -1443,7 +1455,7 @@ async fn uninjected_pods_are_reported_on_their_deployment() {
     );
     assert!(note.contains(&keys().restart_uninjected), "{note}");
     support::validate_k8s(event).expect("a valid Event");
-    assert_eq!(patched_status(&seen[3]), Some(status));
+    assert_eq!(patched_status(&seen[1]), Some(status));
     assert_eq!(
         metric(
             &metrics,
@@ -1489,16 +1501,12 @@ async fn restart_uninjected_restarts_the_deployment_once_per_cooldown() {
     let api = serve(
         handle,
         vec![
-            pods_step(NS, pods.clone()),
-            Step::new("GET", RS_PATH).reply(200, replica_set()),
             event_step(NS),
             Step::new("GET", DEPLOY_PATH).reply(200, deployment(restarted_long_ago)),
             restart,
             event_step(NS),
             // Second pass: the Deployment now carries our stamp, its old pod is
             // still uninjected, and it is left alone within the cooldown.
-            pods_step(NS, pods),
-            Step::new("GET", RS_PATH).reply(200, replica_set()),
             check_again,
         ],
     );
@@ -1507,6 +1515,7 @@ async fn restart_uninjected_restarts_the_deployment_once_per_cooldown() {
         &ctx,
         &desired.iter().map(|o| live(o, &config)).collect::<Vec<_>>(),
     );
+    sync_pods(&ctx, &pods, &[replica_set()]);
 
     reconcile_once(&ns, &ctx).await.unwrap();
     reconcile_once(&ns, &ctx).await.unwrap();
@@ -1526,9 +1535,9 @@ async fn restart_uninjected_restarts_the_deployment_once_per_cooldown() {
         body["metadata"]["annotations"][cooldown_key.as_str()],
         stamp
     );
-    assert_eq!(seen[5].body["reason"], "RestartedForInjection");
-    assert_eq!(seen[5].body["type"], "Normal");
-    assert_eq!(seen[5].body["regarding"]["name"], "api");
+    assert_eq!(seen[3].body["reason"], "RestartedForInjection");
+    assert_eq!(seen[3].body["type"], "Normal");
+    assert_eq!(seen[3].body["regarding"]["name"], "api");
     let restarts = seen
         .iter()
         .filter(|s| s.path == DEPLOY_PATH && s.method == "PATCH")
