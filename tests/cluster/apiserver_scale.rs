@@ -849,7 +849,6 @@ impl Figures {
 
 /// 20 namespaces × 10 pods: counts only.
 #[test]
-#[ignore = "fails on today's loop: each reconcile LISTs its namespace's pods (issue 28, §2)"]
 fn twenty_namespaces_converge_with_one_write_per_object_and_stay_quiet() {
     let resync_seconds = 15;
     let figures = measure(Size {
