@@ -1,6 +1,11 @@
 //! The watched cache of opted-in namespaces that the webhook reads per request.
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
@@ -16,12 +21,27 @@ use crate::{
     webhook::NamespacePolicies,
 };
 
-/// Reads namespace policies from a kube-runtime reflector store.
+/// Reads namespace policies from a kube-runtime reflector store. A namespace
+/// the watch has not delivered in time (it may be backing off after an API
+/// server outage) is read once from the API server and kept briefly.
 #[derive(Clone)]
 pub struct NamespaceCache {
     store: reflector::Store<Namespace>,
     keys: Keys,
+    lookup: Option<Lookup>,
 }
+
+/// Namespaces read directly from the API server, while the watch lags.
+#[derive(Clone)]
+struct Lookup {
+    api: Api<Namespace>,
+    fetched: Arc<Mutex<HashMap<String, (NamespacePolicy, Instant)>>>,
+}
+
+/// How long a looked-up namespace stands in for the watch's copy.
+const LOOKED_UP_FOR: Duration = Duration::from_secs(30);
+/// How long a lookup may take; the API server waits for our answer.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl NamespaceCache {
     /// Starts watching opted-in namespaces. The returned future drives the
@@ -35,6 +55,10 @@ impl NamespaceCache {
     ) -> (Self, impl Future<Output = ()> + Send + 'static) {
         let (store, writer) = reflector::store();
         let config = watcher::Config::default().labels(&format!("{}={ENABLED}", keys.inject));
+        let lookup = Lookup {
+            api: Api::all(client.clone()),
+            fetched: Arc::default(),
+        };
         let stream =
             reflector(writer, watcher(Api::<Namespace>::all(client), config)).default_backoff();
         let driver = async move {
@@ -59,7 +83,63 @@ impl NamespaceCache {
                 })
                 .await;
         };
-        (Self { store, keys }, driver)
+        (
+            Self {
+                store,
+                keys,
+                lookup: Some(lookup),
+            },
+            driver,
+        )
+    }
+
+    /// The policy of a namespace looked up lately, while the watch lagged.
+    fn looked_up(&self, namespace: &str) -> Option<NamespacePolicy> {
+        let lookup = self.lookup.as_ref()?;
+        let mut fetched = lookup.fetched.lock().unwrap_or_else(|p| p.into_inner());
+        fetched.retain(|_, (_, at)| at.elapsed() < LOOKED_UP_FOR);
+        fetched.get(namespace).map(|(policy, _)| policy.clone())
+    }
+
+    /// Reads `namespace` from the API server; true if it is opted in, and
+    /// then its policy stands in for the watch's copy for a while.
+    async fn look_up(&self, namespace: &str) -> bool {
+        let Some(lookup) = &self.lookup else {
+            return false;
+        };
+        let found = match tokio::time::timeout(LOOKUP_TIMEOUT, lookup.api.get_opt(namespace)).await
+        {
+            Ok(Ok(found)) => found,
+            Ok(Err(error)) => {
+                tracing::warn!(namespace, %error, "namespace lookup failed");
+                return false;
+            }
+            Err(_) => {
+                tracing::warn!(namespace, "namespace lookup timed out");
+                return false;
+            }
+        };
+        let opted_in = found.filter(|ns| {
+            ns.metadata
+                .labels
+                .as_ref()
+                .and_then(|labels| labels.get(&self.keys.inject))
+                .is_some_and(|value| value == ENABLED)
+        });
+        let Some(ns) = opted_in else {
+            return false;
+        };
+        tracing::info!(
+            namespace,
+            "namespace read from the API server: the watch has not delivered it yet"
+        );
+        let policy = policy_from_namespace(&ns, &self.keys);
+        lookup
+            .fetched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(namespace.to_string(), (policy, Instant::now()));
+        true
     }
 }
 
@@ -72,12 +152,14 @@ impl NamespacePolicies for NamespaceCache {
         self.store
             .get(&key)
             .map(|ns| policy_from_namespace(&ns, &self.keys))
+            .or_else(|| self.looked_up(namespace))
     }
 
     fn is_missing(&self, namespace: &str) -> bool {
         self.store
             .get(&reflector::ObjectRef::new(namespace))
             .is_none()
+            && self.looked_up(namespace).is_none()
     }
 
     fn wait_for<'a>(
@@ -89,7 +171,7 @@ impl NamespacePolicies for NamespaceCache {
             let deadline = tokio::time::Instant::now() + within;
             while self.is_missing(namespace) {
                 if tokio::time::Instant::now() >= deadline {
-                    return false;
+                    return self.look_up(namespace).await;
                 }
                 tokio::time::sleep(CATCH_UP_POLL).await;
             }
@@ -165,7 +247,12 @@ mod tests {
         writer.apply_watcher_event(&watcher::Event::Init);
         writer.apply_watcher_event(&watcher::Event::InitDone);
         let keys = Keys::new("metrics.chiller.io");
-        (NamespaceCache { store, keys }, writer)
+        let cache = NamespaceCache {
+            store,
+            keys,
+            lookup: None,
+        };
+        (cache, writer)
     }
 
     #[tokio::test]

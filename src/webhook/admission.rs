@@ -19,7 +19,8 @@ use crate::inject::{
 pub const API_VERSION: &str = "admission.k8s.io/v1";
 pub const KIND: &str = "AdmissionReview";
 
-/// Looks up a namespace's policy; backed by a watched cache, never an API call.
+/// Looks up a namespace's policy; backed by a watched cache. Only a namespace
+/// the watch has not delivered in time is read from the API server.
 pub trait NamespacePolicies: Send + Sync {
     fn policy(&self, namespace: &str) -> Option<NamespacePolicy>;
 

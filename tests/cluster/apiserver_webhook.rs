@@ -898,6 +898,11 @@ fn a_replica_started_while_the_api_server_is_down_injects_nothing_until_its_cach
                 .is_some_and(|items| !items.is_empty())
         },
     );
+    // The shared replica's watches came back too: the next test starts from
+    // a ready webhook.
+    wait_until(CONVERGE, "the shared replica is ready again", || {
+        admin_ready(&f.serve)
+    });
 }
 
 /// Waits until kube-controller-manager's watches are back after an API
