@@ -200,7 +200,9 @@ fn pinned(tools_module: &str, module: &str) -> String {
     go_mod
         .lines()
         .find_map(|line| {
-            let mut words = line.split_whitespace();
+            let mut words = line
+                .split_whitespace()
+                .skip_while(|word| *word == "require");
             (words.next() == Some(module)).then(|| words.next().map(str::to_string))?
         })
         .unwrap_or_else(|| panic!("tools/{tools_module}/go.mod does not require {module}"))
