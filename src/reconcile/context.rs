@@ -128,6 +128,9 @@ struct Memory {
     reported: HashMap<String, BTreeMap<Workload, BTreeSet<String>>>,
     /// Skips reported per namespace, as (workload, reason).
     skips_reported: HashMap<String, BTreeSet<(Workload, String)>>,
+    /// The status last written per namespace, and the resourceVersion of
+    /// the Namespace it was written over.
+    status_written: HashMap<String, (String, NamespaceStatus)>,
 }
 
 pub struct Context {
@@ -284,6 +287,43 @@ pub fn error_policy(
     Action::requeue(delay)
 }
 
+impl Context {
+    /// Whether `status` is what we wrote over this very version of the
+    /// namespace: the watch has not brought our patch back yet.
+    pub(super) fn status_in_flight(&self, namespace: &Namespace, status: &NamespaceStatus) -> bool {
+        let memory = self.memory();
+        written_over(
+            memory.status_written.get(&namespace.name_any()),
+            namespace.metadata.resource_version.as_deref(),
+            status,
+        )
+    }
+
+    pub(super) fn remember_status(&self, namespace: &Namespace, status: Option<&NamespaceStatus>) {
+        let mut memory = self.memory();
+        let name = namespace.name_any();
+        match (status, namespace.metadata.resource_version.clone()) {
+            (Some(status), Some(version)) => {
+                memory
+                    .status_written
+                    .insert(name, (version, status.clone()));
+            }
+            _ => {
+                memory.status_written.remove(&name);
+            }
+        }
+    }
+}
+
+/// Whether `written` is `status`, written over `version` of the namespace.
+fn written_over(
+    written: Option<&(String, NamespaceStatus)>,
+    version: Option<&str>,
+    status: &NamespaceStatus,
+) -> bool {
+    matches!((written, version), (Some((over, written)), Some(version)) if over == version && written == status)
+}
+
 /// A 404 from the API server.
 pub(super) fn is_not_found(error: &kube::Error) -> bool {
     matches!(error, kube::Error::Api(status) if status.is_not_found())
@@ -300,6 +340,25 @@ pub(super) fn truncate(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_counts_as_written_only_over_the_namespace_version_it_was_written_over() {
+        let ready = NamespaceStatus {
+            ready: true,
+            ..Default::default()
+        };
+        let written = ("41".to_string(), ready.clone());
+        assert!(written_over(Some(&written), Some("41"), &ready));
+        // The watch brought a newer namespace: compare with what it says.
+        assert!(!written_over(Some(&written), Some("42"), &ready));
+        // A different status is written, whatever the version.
+        assert!(!written_over(
+            Some(&written),
+            Some("41"),
+            &NamespaceStatus::default()
+        ));
+        assert!(!written_over(None, Some("41"), &ready));
+    }
 
     #[test]
     fn each_skip_is_reported_once_while_it_lasts_and_at_most_limit_at_a_time() {

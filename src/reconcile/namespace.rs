@@ -451,8 +451,13 @@ async fn set_status(
     let present = namespace
         .annotations()
         .contains_key(&ctx.keys.reconcile_status);
+    // The namespace may be the watch's copy from before our last patch:
+    // what we wrote over that very version counts as written.
     let unchanged = match status {
-        Some(status) => current_status(namespace, ctx).as_ref() == Some(status),
+        Some(status) => {
+            current_status(namespace, ctx).as_ref() == Some(status)
+                || ctx.status_in_flight(namespace, status)
+        }
         None => !present,
     };
     if unchanged {
@@ -471,7 +476,7 @@ async fn set_status(
     Api::<Namespace>::all(ctx.client.clone())
         .patch(&name, &params, &Patch::Merge(&patch))
         .await
-        .map(|_| ())
+        .map(|_| ctx.remember_status(namespace, status))
         .map_err(|source| ReconcileError::Api {
             action: "patch status of",
             kind: "Namespace".into(),
