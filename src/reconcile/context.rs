@@ -109,7 +109,8 @@ pub struct NamespaceStatus {
     pub config_hash: String,
 }
 
-/// A workload (or bare pod) some uninjected pods belong to.
+/// A workload some uninjected pods belong to: their controller (or a bare
+/// pod itself), or the Namespace whose bare pods are reported together.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Workload {
     pub api_version: String,

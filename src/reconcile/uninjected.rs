@@ -3,7 +3,8 @@
 //! opted in) are reported as events, a metric and a count, and optionally
 //! fixed by restarting their Deployment or StatefulSet. Those the webhook
 //! skipped with a warning are reported on their owner, once per workload
-//! and reason. Outdated ones are counted.
+//! and reason. Bare pods (no controller) are reported on their Namespace,
+//! all of a namespace's in one Event per cause. Outdated ones are counted.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -54,7 +55,8 @@ pub struct Survey {
 }
 
 /// Surveys the namespace's pods: reports uninjected pods (and restarts their
-/// workloads if the namespace asks), reports skipped pods on their owners.
+/// workloads if the namespace asks), reports skipped pods on their owners;
+/// bare pods on their Namespace.
 pub async fn check(namespace: &Namespace, ctx: &Context) -> Result<Survey, ReconcileError> {
     let ns = namespace.name_any();
     let keys = &ctx.keys;
@@ -83,14 +85,14 @@ pub async fn check(namespace: &Namespace, ctx: &Context) -> Result<Survey, Recon
         survey.counts.add(&state);
         match state {
             PodState::Uninjected => {
-                let workload = owning_workload(pod, &ns, ctx);
+                let workload = reported_on(pod, namespace, ctx);
                 by_workload
                     .entry(workload)
                     .or_default()
                     .insert(pod.name_any());
             }
             PodState::Skipped(reason) => {
-                let workload = owning_workload(pod, &ns, ctx);
+                let workload = reported_on(pod, namespace, ctx);
                 skipped.entry((workload, reason)).or_default().push(pod);
             }
             PodState::Outdated { .. } => {
@@ -188,8 +190,8 @@ async fn report_skip(
         .unwrap_or_else(|| reason.replace('_', " "));
     let names: Vec<String> = pods.iter().map(|p| p.name_any()).collect();
     let note = format!(
-        "chiller-metrics did not inject {} pod(s) ({}): {why}",
-        names.len(),
+        "chiller-metrics did not inject {} ({}): {why}",
+        pod_count(workload, names.len()),
         names.join(", ")
     );
     tracing::warn!(%namespace, kind = %workload.kind, name = %workload.name, reason, pods = names.len(), "pods skipped by the webhook");
@@ -222,6 +224,31 @@ fn workload_from(reference: &OwnerReference) -> Workload {
     }
 }
 
+/// What an uninjected or skipped pod is reported on: its owning workload,
+/// or for a bare pod (no controller) its Namespace, so that a namespace's
+/// bare pods share one Event per cause instead of one each.
+fn reported_on(pod: &Pod, namespace: &Namespace, ctx: &Context) -> Workload {
+    if controller_of(pod.metadata.owner_references.as_ref()).is_some() {
+        return owning_workload(pod, &namespace.name_any(), ctx);
+    }
+    Workload {
+        api_version: "v1".into(),
+        kind: "Namespace".into(),
+        name: namespace.name_any(),
+        uid: namespace.uid(),
+    }
+}
+
+fn is_namespace(workload: &Workload) -> bool {
+    workload.kind == "Namespace" && workload.api_version == "v1"
+}
+
+/// "3 pod(s)", or "3 bare pod(s)" when reported on their Namespace.
+fn pod_count(workload: &Workload, count: usize) -> String {
+    let bare = if is_namespace(workload) { "bare " } else { "" };
+    format!("{count} {bare}pod(s)")
+}
+
 /// The Deployment behind a pod's ReplicaSet, else its StatefulSet, DaemonSet,
 /// ReplicaSet or other controller, else the pod itself.
 fn owning_workload(pod: &Pod, namespace: &str, ctx: &Context) -> Workload {
@@ -243,12 +270,15 @@ fn owning_workload(pod: &Pod, namespace: &str, ctx: &Context) -> Workload {
         .unwrap_or_else(|| workload_from(owner))
 }
 
+/// The Event's regarding object. A Namespace is cluster-scoped: its
+/// reference has no namespace, so its Events live in "default", like the
+/// reconcile's other Events about a Namespace.
 pub(super) fn reference(namespace: &str, workload: &Workload) -> ObjectReference {
     ObjectReference {
         api_version: Some(workload.api_version.clone()),
         kind: Some(workload.kind.clone()),
         name: Some(workload.name.clone()),
-        namespace: Some(namespace.to_string()),
+        namespace: (!is_namespace(workload)).then(|| namespace.to_string()),
         uid: workload.uid.clone(),
         ..Default::default()
     }
@@ -262,7 +292,9 @@ async fn report(
     ctx: &Context,
 ) {
     let names: Vec<&str> = pods.iter().map(String::as_str).collect();
-    let advice = if restart {
+    let advice = if is_namespace(workload) {
+        "a bare pod has no rollout: delete and recreate them".to_string()
+    } else if restart {
         "it is restarted (at most once per cooldown) so new pods get the sidecar".to_string()
     } else {
         format!(
@@ -271,8 +303,8 @@ async fn report(
         )
     };
     let note = format!(
-        "{} pod(s) run without the statsd exporter sidecar ({}): they were created while the injection webhook was unavailable or before the namespace opted in; {advice}",
-        names.len(),
+        "{} run without the statsd exporter sidecar ({}): they were created while the injection webhook was unavailable or before the namespace opted in; {advice}",
+        pod_count(workload, names.len()),
         names.join(", ")
     );
     tracing::warn!(%namespace, kind = %workload.kind, name = %workload.name, pods = names.len(), "pods without the statsd exporter sidecar");

@@ -1378,13 +1378,18 @@ fn app_pod(name: &str, replica_set: &str) -> Value {
     })
 }
 
+/// A pod without a controller.
+fn bare_pod(name: &str) -> Value {
+    let mut pod = app_pod(name, "x");
+    pod["metadata"]["ownerReferences"] = json!([]);
+    pod
+}
+
 /// Pods that must not count: opted out, and finished.
 fn other_pods() -> Vec<Value> {
-    let mut opted_out = app_pod("prometheus-chiller-metrics-0", "x");
+    let mut opted_out = bare_pod("prometheus-chiller-metrics-0");
     opted_out["metadata"]["labels"][keys().inject] = json!(keys::DISABLED);
-    opted_out["metadata"]["ownerReferences"] = json!([]);
-    let mut finished = app_pod("migrate-abcde", "x");
-    finished["metadata"]["ownerReferences"] = json!([]);
+    let mut finished = bare_pod("migrate-abcde");
     finished["status"]["phase"] = json!("Succeeded");
     vec![opted_out, finished]
 }
@@ -1409,21 +1414,24 @@ fn deployment(annotations: Value) -> Value {
 
 const DEPLOY_PATH: &str = "/apis/apps/v1/namespaces/shop/deployments/api";
 
-#[tokio::test]
-async fn uninjected_pods_are_reported_on_their_deployment() {
+/// Two reconciles of NS, its monitoring objects in sync, with these pods:
+/// the first publishes one Event in `events_namespace` and writes `status`;
+/// the second, nothing having changed, sends no request at all. Returns the
+/// requests (Event first) and the metrics.
+async fn reconcile_pods_twice(
+    pods: &[Value],
+    replica_sets: &[Value],
+    events_namespace: &str,
+    status: &NamespaceStatus,
+) -> (Vec<Seen>, Arc<Metrics>) {
     let config = config();
     let desired = desired_for(&opted_in(NS, &[]), &config);
     let ns = with_status(&ready_status(desired.len(), 0), &[]);
-    let mut pods = vec![
-        app_pod("api-7d9f8-abcde", "api-7d9f8"),
-        app_pod("api-7d9f8-fghij", "api-7d9f8"),
-    ];
-    pods.extend(other_pods());
     let (client, handle) = mock_client();
     let api = serve(
         handle,
         vec![
-            event_step(NS),
+            event_step(events_namespace),
             status_step(NS),
             // Second pass, nothing new: no event, no status change.
         ],
@@ -1433,15 +1441,34 @@ async fn uninjected_pods_are_reported_on_their_deployment() {
         &ctx,
         &desired.iter().map(|o| live(o, &config)).collect::<Vec<_>>(),
     );
-    sync_pods(&ctx, &pods, &[replica_set()]);
+    sync_pods(&ctx, pods, replica_sets);
 
     reconcile_once(&ns, &ctx).await.unwrap();
-    let status = ready_status(desired.len(), 2);
-    reconcile_once(&with_status(&status, &[]), &ctx)
+    reconcile_once(&with_status(status, &[]), &ctx)
         .await
         .unwrap();
 
     let seen = api.verify();
+    assert_eq!(patched_status(&seen[1]).as_ref(), Some(status));
+    (seen, metrics)
+}
+
+/// The objects in sync in NS.
+fn desired_in_ns() -> usize {
+    desired_for(&opted_in(NS, &[]), &config()).len()
+}
+
+#[tokio::test]
+async fn uninjected_pods_are_reported_on_their_deployment() {
+    let mut pods = vec![
+        app_pod("api-7d9f8-abcde", "api-7d9f8"),
+        app_pod("api-7d9f8-fghij", "api-7d9f8"),
+    ];
+    pods.extend(other_pods());
+    let status = ready_status(desired_in_ns(), 2);
+
+    let (seen, metrics) = reconcile_pods_twice(&pods, &[replica_set()], NS, &status).await;
+
     let event = &seen[0].body;
     assert_eq!(event["type"], "Warning");
     assert_eq!(event["reason"], "PodsNotInjected");
@@ -1455,7 +1482,6 @@ async fn uninjected_pods_are_reported_on_their_deployment() {
     );
     assert!(note.contains(&keys().restart_uninjected), "{note}");
     support::validate_k8s(event).expect("a valid Event");
-    assert_eq!(patched_status(&seen[1]), Some(status));
     assert_eq!(
         metric(
             &metrics,
@@ -1467,6 +1493,69 @@ async fn uninjected_pods_are_reported_on_their_deployment() {
         metric(&metrics, "chiller_metrics_workload_restarts_total "),
         Some(0.0)
     );
+}
+
+/// A bare pod is its own workload: ten of them make one Event regarding
+/// their Namespace (cluster-scoped, so in "default"), naming them all.
+#[tokio::test]
+async fn ten_bare_uninjected_pods_in_a_namespace_make_one_event_regarding_the_namespace() {
+    let names: Vec<String> = (0..10).map(|i| format!("runner-{i}")).collect();
+    let pods: Vec<Value> = names.iter().map(|name| bare_pod(name)).collect();
+    let status = ready_status(desired_in_ns(), 10);
+
+    let (seen, _) = reconcile_pods_twice(&pods, &[], "default", &status).await;
+
+    let events: Vec<&Seen> = seen.iter().filter(|s| s.path.contains("/events")).collect();
+    assert_eq!(events.len(), 1, "one Event in all: {seen:#?}");
+    let event = &events[0].body;
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["reason"], "PodsNotInjected");
+    assert_eq!(
+        event["regarding"],
+        json!({"apiVersion": "v1", "kind": "Namespace", "name": NS, "uid": format!("ns-uid-{NS}")})
+    );
+    let note = event["note"].as_str().unwrap();
+    assert!(note.starts_with("10 bare pod(s) "), "{note}");
+    for name in &names {
+        assert!(note.contains(name.as_str()), "{name} missing: {note}");
+    }
+    support::validate_k8s(event).expect("a valid Event");
+    assert_eq!(
+        seen.iter().filter(|s| s.is_write()).count(),
+        2,
+        "the Event and the status, both in the first reconcile: {seen:#?}"
+    );
+}
+
+/// Bare pods skipped for one reason share one Event on their Namespace too.
+#[tokio::test]
+async fn bare_pods_skipped_for_one_reason_make_one_event_regarding_the_namespace() {
+    let pods: Vec<Value> = ["edge-a", "edge-b", "edge-c"]
+        .into_iter()
+        .map(|name| {
+            let mut pod = bare_pod(name);
+            pod["metadata"]["annotations"] = json!({keys().skipped: "host_network"});
+            pod["spec"]["hostNetwork"] = json!(true);
+            pod
+        })
+        .collect();
+    let status = NamespaceStatus {
+        skipped_pods: [("host_network".to_string(), 3)].into(),
+        ..ready_status(desired_in_ns(), 0)
+    };
+
+    let (seen, _) = reconcile_pods_twice(&pods, &[], "default", &status).await;
+
+    let event = &seen[0].body;
+    assert_eq!(event["reason"], "NotInjectedHostNetwork");
+    assert_eq!(event["regarding"]["kind"], "Namespace");
+    assert_eq!(event["regarding"]["name"], NS);
+    let note = event["note"].as_str().unwrap();
+    assert!(
+        note.contains("3 bare pod(s) (edge-a, edge-b, edge-c)"),
+        "{note}"
+    );
+    support::validate_k8s(event).expect("a valid Event");
 }
 
 #[tokio::test]
