@@ -24,5 +24,7 @@ pub mod keys;
 pub mod live_config;
 pub mod manifest;
 pub mod reconcile;
+#[cfg(test)]
+mod test_support;
 pub mod uninject;
 pub mod webhook;

@@ -23,20 +23,27 @@ pub struct RecordedStatus {
 /// Reads the status annotation's JSON.
 pub fn recorded_status(annotation: &str) -> Option<RecordedStatus> {
     let value: Value = serde_json::from_str(annotation).ok()?;
-    Some(RecordedStatus {
-        containers: value
-            .get("containers")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .map(str::to_string)
-            .collect(),
-        prefix: value
-            .get("prefix")
-            .and_then(Value::as_str)
-            .map(str::to_string),
-    })
+    Some(RecordedStatus::from_value(&value))
+}
+
+impl RecordedStatus {
+    /// From the status annotation's parsed JSON.
+    pub fn from_value(value: &Value) -> Self {
+        Self {
+            containers: value
+                .get("containers")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect(),
+            prefix: value
+                .get("prefix")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+        }
+    }
 }
 
 fn pointer(tokens: &[&str]) -> PointerBuf {
@@ -211,6 +218,17 @@ mod tests {
 
     use super::*;
 
+    /// The pod after its uninject patch (the default config); it must have one.
+    fn uninjected(pod: &Value) -> Value {
+        let mut patched = pod.clone();
+        json_patch::patch(
+            &mut patched,
+            &uninject_patch(&Config::default(), pod).unwrap(),
+        )
+        .unwrap();
+        patched
+    }
+
     #[test]
     fn strips_only_a_trailing_pair_of_statsd_flags() {
         let flags = "--statsd-host=localhost:9125 --statsd-prefix=api";
@@ -243,12 +261,7 @@ mod tests {
             "metadata": {"annotations": {"metrics.chiller.io/skipped": "host_network", "team": "shop"}},
             "spec": {"hostNetwork": true, "containers": [{"name": "app"}]},
         });
-        let mut patched = pod.clone();
-        json_patch::patch(
-            &mut patched,
-            &uninject_patch(&Config::default(), &pod).unwrap(),
-        )
-        .unwrap();
+        let patched = uninjected(&pod);
         assert_eq!(
             patched["metadata"],
             json!({"annotations": {"team": "shop"}})
@@ -262,12 +275,7 @@ mod tests {
             "metadata": {"annotations": {"metrics.chiller.io/skipped": "name_conflict"}},
             "spec": {"containers": [{"name": "app"}, {"name": "statsd-exporter", "image": "theirs"}]},
         });
-        let mut patched = pod.clone();
-        json_patch::patch(
-            &mut patched,
-            &uninject_patch(&Config::default(), &pod).unwrap(),
-        )
-        .unwrap();
+        let patched = uninjected(&pod);
         assert_eq!(patched["metadata"], json!({}));
         assert_eq!(patched["spec"], pod["spec"]);
     }
@@ -282,12 +290,7 @@ mod tests {
             },
             "spec": {"containers": [{"name": "app"}, {"name": "worker"}]},
         });
-        let mut patched = pod.clone();
-        json_patch::patch(
-            &mut patched,
-            &uninject_patch(&Config::default(), &pod).unwrap(),
-        )
-        .unwrap();
+        let patched = uninjected(&pod);
         assert_eq!(
             patched["metadata"],
             json!({"annotations": {keys::DEFAULT_CONTAINER: "worker"}})

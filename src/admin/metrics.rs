@@ -3,7 +3,7 @@
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
-    registry::Registry,
+    registry::{Metric, Registry},
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -57,84 +57,90 @@ impl Default for Metrics {
     }
 }
 
+/// Registers `metric` under `name` and returns it (metrics are shared handles).
+fn register<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("chiller_metrics");
-        let admissions = Family::<AdmissionLabels, Counter>::default();
-        registry.register(
+        let admissions = register(
+            &mut registry,
             "admissions",
             "Pod admission reviews answered, by outcome and reason",
-            admissions.clone(),
+            Family::<AdmissionLabels, Counter>::default(),
         );
-        let admission_duration = Histogram::new([
-            0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-        ]);
-        registry.register(
+        let admission_duration = register(
+            &mut registry,
             "admission_duration_seconds",
             "Time spent answering an admission review",
-            admission_duration.clone(),
+            Histogram::new([
+                0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+            ]),
         );
-        let rejected_requests = Family::<ReasonLabels, Counter>::default();
-        registry.register(
+        let rejected_requests = register(
+            &mut registry,
             "rejected_requests",
             "Webhook requests answered with a 4xx, by reason",
-            rejected_requests.clone(),
+            Family::<ReasonLabels, Counter>::default(),
         );
-        let tls_reloads = Family::<ResultLabels, Counter>::default();
-        registry.register(
+        let tls_reloads = register(
+            &mut registry,
             "tls_reloads",
             "Attempts to load a changed serving certificate, by result",
-            tls_reloads.clone(),
+            Family::<ResultLabels, Counter>::default(),
         );
-        let config_reloads = Family::<ResultLabels, Counter>::default();
-        registry.register(
+        let config_reloads = register(
+            &mut registry,
             "config_reloads",
             "Attempts to load a changed config file, by result (a failure keeps the running config)",
-            config_reloads.clone(),
+            Family::<ResultLabels, Counter>::default(),
         );
-        let reconcile_runs = Counter::default();
-        registry.register(
+        let reconcile_runs = register(
+            &mut registry,
             "reconcile_runs",
             "Namespace reconciliations run",
-            reconcile_runs.clone(),
+            Counter::default(),
         );
-        let reconcile_failures = Family::<ReconcileFailureLabels, Counter>::default();
-        registry.register(
+        let reconcile_failures = register(
+            &mut registry,
             "reconcile_failures",
             "Namespace reconciliations that failed, by reason",
-            reconcile_failures.clone(),
+            Family::<ReconcileFailureLabels, Counter>::default(),
         );
-        let reconcile_duration = Histogram::new([
-            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-        ]);
-        registry.register(
+        let reconcile_duration = register(
+            &mut registry,
             "reconcile_duration_seconds",
             "Time one namespace reconciliation took",
-            reconcile_duration.clone(),
+            Histogram::new([
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
         );
-        let uninjected_pods = Family::<NamespaceLabels, Gauge>::default();
-        registry.register(
+        let uninjected_pods = register(
+            &mut registry,
             "uninjected_pods",
             "Pods in an opted-in namespace that should carry the sidecar but do not",
-            uninjected_pods.clone(),
+            Family::<NamespaceLabels, Gauge>::default(),
         );
-        let outdated_pods = Family::<NamespaceLabels, Gauge>::default();
-        registry.register(
+        let outdated_pods = register(
+            &mut registry,
             "outdated_pods",
             "Injected pods in an opted-in namespace whose config hash is not the current one",
-            outdated_pods.clone(),
+            Family::<NamespaceLabels, Gauge>::default(),
         );
-        let workload_restarts = Counter::default();
-        registry.register(
+        let workload_restarts = register(
+            &mut registry,
             "workload_restarts",
             "Deployments and StatefulSets restarted so their pods get injected",
-            workload_restarts.clone(),
+            Counter::default(),
         );
-        let outdated_restarts = Counter::default();
-        registry.register(
+        let outdated_restarts = register(
+            &mut registry,
             "outdated_restarts",
             "Deployments and StatefulSets restarted so their pods get the current sidecar config",
-            outdated_restarts.clone(),
+            Counter::default(),
         );
         Self {
             registry,

@@ -68,16 +68,20 @@ pub struct ConfigFileArgs {
 
 impl ConfigFileArgs {
     pub fn load(&self) -> Result<Config, ConfigError> {
-        Config::load(self.config.as_deref(), &Overrides::default())
+        self.load_with(&Overrides::default())
+    }
+
+    /// The config file with these overrides applied.
+    pub fn load_with(&self, overrides: &Overrides) -> Result<Config, ConfigError> {
+        Config::load(self.config.as_deref(), overrides)
     }
 }
 
 /// The config file and the sidecar overrides, for commands that inject.
 #[derive(Debug, Clone, Args, Default)]
 pub struct SidecarConfigArgs {
-    /// YAML config file; every setting has a default.
-    #[arg(long, env = "CHILLER_METRICS_CONFIG")]
-    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub file: ConfigFileArgs,
     /// Sidecar mode: auto, native or container (offline, auto means native).
     #[arg(long, env = "CHILLER_METRICS_SIDECAR_MODE")]
     pub sidecar_mode: Option<SidecarMode>,
@@ -88,23 +92,19 @@ pub struct SidecarConfigArgs {
 
 impl SidecarConfigArgs {
     pub fn load(&self) -> Result<Config, ConfigError> {
-        Config::load(
-            self.config.as_deref(),
-            &Overrides {
-                sidecar_mode: self.sidecar_mode,
-                sidecar_image: self.sidecar_image.clone(),
-                grafana_namespace: None,
-            },
-        )
+        self.file.load_with(&Overrides {
+            sidecar_mode: self.sidecar_mode,
+            sidecar_image: self.sidecar_image.clone(),
+            grafana_namespace: None,
+        })
     }
 }
 
 /// The config file and the Grafana override, for `render`.
 #[derive(Debug, Clone, Args, Default)]
 pub struct RenderConfigArgs {
-    /// YAML config file; every setting has a default.
-    #[arg(long, env = "CHILLER_METRICS_CONFIG")]
-    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub file: ConfigFileArgs,
     /// Namespace for Grafana dashboard and datasource ConfigMaps (default: the app namespace).
     #[arg(long, env = "CHILLER_METRICS_GRAFANA_NAMESPACE")]
     pub grafana_namespace: Option<String>,
@@ -112,22 +112,18 @@ pub struct RenderConfigArgs {
 
 impl RenderConfigArgs {
     pub fn load(&self) -> Result<Config, ConfigError> {
-        Config::load(
-            self.config.as_deref(),
-            &Overrides {
-                grafana_namespace: self.grafana_namespace.clone(),
-                ..Default::default()
-            },
-        )
+        self.file.load_with(&Overrides {
+            grafana_namespace: self.grafana_namespace.clone(),
+            ..Default::default()
+        })
     }
 }
 
 /// Where the configuration comes from.
 #[derive(Debug, Clone, Args, Default)]
 pub struct ConfigArgs {
-    /// YAML config file; every setting has a default.
-    #[arg(long, env = "CHILLER_METRICS_CONFIG")]
-    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub file: ConfigFileArgs,
     /// Sidecar mode: auto, native or container.
     #[arg(long, env = "CHILLER_METRICS_SIDECAR_MODE")]
     pub sidecar_mode: Option<SidecarMode>,
@@ -144,14 +140,16 @@ pub struct ConfigArgs {
 
 impl ConfigArgs {
     pub fn load(&self) -> Result<Config, ConfigError> {
-        Config::load(
-            self.config.as_deref(),
-            &Overrides {
-                sidecar_mode: self.sidecar_mode,
-                sidecar_image: self.sidecar_image.clone(),
-                grafana_namespace: self.grafana_namespace.clone(),
-            },
-        )
+        self.file.load_with(&self.overrides())
+    }
+
+    /// The overrides given on the command line.
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            sidecar_mode: self.sidecar_mode,
+            sidecar_image: self.sidecar_image.clone(),
+            grafana_namespace: self.grafana_namespace.clone(),
+        }
     }
 }
 

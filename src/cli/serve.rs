@@ -9,7 +9,7 @@ use crate::{
     admin::{self, AdminState, Metrics, Readiness},
     cli::ServeArgs,
     cluster::{self, ClusterError, ClusterNamespaces, NamespaceCache},
-    config::{ConfigError, Overrides},
+    config::ConfigError,
     live_config::LiveInjector,
     reconcile,
     webhook::{
@@ -61,12 +61,8 @@ pub async fn run(args: ServeArgs, shutdown: impl Future<Output = ()>) -> Result<
         Some(cluster::client().await?)
     };
     let readiness = Arc::new(Readiness::new(client.is_some()));
-    let overrides = Overrides {
-        sidecar_mode: args.config.sidecar_mode,
-        sidecar_image: args.config.sidecar_image.clone(),
-        grafana_namespace: args.config.grafana_namespace.clone(),
-    };
-    let injector = LiveInjector::load(args.config.config.as_deref(), overrides, None)?;
+    let overrides = args.config.overrides();
+    let injector = LiveInjector::load(args.config.file.config.as_deref(), overrides, None)?;
     let (stop_reconciling, reconcile_stop) = tokio::sync::watch::channel(false);
     let (namespaces, reconciler): (Arc<dyn NamespacePolicies>, _) = match client {
         Some(client) => {

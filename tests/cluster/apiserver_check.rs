@@ -14,12 +14,14 @@ use crate::support::{self, wait_until};
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant},
 };
 
 use controlplane::ControlPlane;
-use install::{DOMAIN, Install, ensure_namespace, injected, kubectl_json, run, run_with_input};
+use install::{
+    DOMAIN, Install, Ran, ensure_namespace, injected, kubectl_json, run, run_with_input,
+    user_command,
+};
 use serde_json::{Value, json};
 use support::https::ServeProcess;
 
@@ -37,22 +39,10 @@ struct Scenario {
 }
 
 /// One run of `chiller-metrics check`.
-struct Outcome {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
+type Outcome = Ran;
 
 impl Outcome {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
-            panic!(
-                "check -o json printed no JSON ({e}):\n{}\n{}",
-                self.stdout, self.stderr
-            )
-        })
-    }
-
+    /// Item `id` of a `check -o json` report.
     fn item(&self, id: &str) -> Value {
         let json = self.json();
         json["items"]
@@ -71,13 +61,7 @@ impl Scenario {
     }
 
     fn check(&self, extra: &[&str]) -> Outcome {
-        let mut command = Command::new(ServeProcess::BINARY);
-        command
-            .arg("check")
-            .env("KUBECONFIG", &self.plane.kubeconfig)
-            .env_remove("KUBERNETES_SERVICE_HOST")
-            .env_remove("KUBERNETES_SERVICE_PORT")
-            .env("RUST_LOG", "warn");
+        let mut command = user_command(self.plane, "check");
         if let Some(serve) = &self.serve {
             command.args(["--admin-address", &serve.admin_addr.to_string()]);
         } else {
@@ -85,12 +69,7 @@ impl Scenario {
             command.args(["--admin-address", "127.0.0.1:1"]);
         }
         command.args(extra);
-        let output = command.output().expect("running chiller-metrics check");
-        Outcome {
-            code: output.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        }
+        Ran::of("check", &mut command)
     }
 
     fn check_json(&self) -> Outcome {
@@ -164,15 +143,10 @@ impl Scenario {
     }
 
     fn set_webhook(&self, path: &str, value: &str) {
-        run(self.plane.kubectl().args([
-            "patch",
-            "mutatingwebhookconfiguration",
-            install::WEBHOOK_CONFIGURATION,
-            "--type=json",
-            "-p",
-            &json!([{"op": "replace", "path": format!("/webhooks/0/clientConfig/{path}"), "value": value}])
-                .to_string(),
-        ]));
+        install::patch_webhook_configuration(
+            self.plane,
+            &json!([{"op": "replace", "path": format!("/webhooks/0/clientConfig/{path}"), "value": value}]),
+        );
     }
 }
 
@@ -358,13 +332,7 @@ fn check_reports_each_broken_item_with_its_hint() {
 
     // An opted-in namespace: one pod injected, one not selected, one opted out.
     ensure_namespace(plane, "shop", &[(&format!("{DOMAIN}/inject"), "enabled")]);
-    run(plane.kubectl().args([
-        "annotate",
-        "--overwrite",
-        "namespace",
-        "shop",
-        &format!("{DOMAIN}/pod-selector=app!=db"),
-    ]));
+    install::annotate_namespace(plane, "shop", &[&format!("{DOMAIN}/pod-selector=app!=db")]);
     create_pod(plane, "shop", "api", json!({"app": "api"}));
     create_pod(plane, "shop", "db", json!({"app": "db"}));
     create_pod(
@@ -601,14 +569,14 @@ fn broken_reconcile(s: &Scenario) {
         namespace,
         &[(&format!("{DOMAIN}/inject"), "enabled")],
     );
-    run(s.plane.kubectl().args([
-        "annotate",
-        "--overwrite",
-        "namespace",
+    install::annotate_namespace(
+        s.plane,
         namespace,
-        &format!("{DOMAIN}/postgres=db:not-a-port/x"),
-        &format!("{DOMAIN}/postgres-secret=db-auth"),
-    ]));
+        &[
+            &format!("{DOMAIN}/postgres=db:not-a-port/x"),
+            &format!("{DOMAIN}/postgres-secret=db-auth"),
+        ],
+    );
     let outcome = s.wait_for_item("namespaces-reconciled", "fail");
     // It may first be seen before its first reconcile; wait for the verdict.
     let outcome = if outcome.item("namespaces-reconciled")["detail"]
@@ -735,21 +703,16 @@ fn service_addressed_webhook(s: &Scenario) {
         s.plane.kubectl().args(["apply", "-f", "-"]),
         &slice.to_string(),
     );
-    run(s.plane.kubectl().args([
-        "patch",
-        "mutatingwebhookconfiguration",
-        install::WEBHOOK_CONFIGURATION,
-        "--type=json",
-        "-p",
+    install::patch_webhook_configuration(
+        s.plane,
         &json!([
             {"op": "remove", "path": "/webhooks/0/clientConfig/url"},
             {"op": "add", "path": "/webhooks/0/clientConfig/service", "value": {
                 "namespace": install::RELEASE_NAMESPACE, "name": install::RELEASE,
                 "path": "/mutate", "port": 443,
             }},
-        ])
-        .to_string(),
-    ]));
+        ]),
+    );
     // The endpoint is not reachable from here (no pod runs there).
     let outcome = s.check_json();
     s.assert_fails(

@@ -5,55 +5,23 @@
 //! explain's verdict must agree with what the webhook did to them.
 
 use crate::support::controlplane;
+use crate::support::failed_steps;
 use crate::support::install;
-use crate::support::{self, failed_steps};
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use controlplane::ControlPlane;
-use install::{DOMAIN, Install, ensure_namespace, injected, kubectl_json, run, run_with_input};
+use install::{
+    DOMAIN, Install, Ran, ensure_namespace, injected, run, run_with_input, user_command,
+};
 use serde_json::{Value, json};
-use support::https::ServeProcess;
 
 /// Only guards against hangs.
 const CONVERGE: Duration = Duration::from_secs(90);
 const IMAGE: &str = "ghcr.io/chiller-demo/chiller-api:1.4.2";
 
-struct Explained {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Explained {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
-            panic!(
-                "explain -o json printed no JSON ({e}):\n{}\n{}",
-                self.stdout, self.stderr
-            )
-        })
-    }
-}
-
-fn explain(plane: &ControlPlane, args: &[&str]) -> Explained {
-    let output = Command::new(ServeProcess::BINARY)
-        .arg("explain")
-        .args(args)
-        .env("KUBECONFIG", &plane.kubeconfig)
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .env_remove("KUBERNETES_SERVICE_PORT")
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("running chiller-metrics explain");
-    Explained {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+fn explain(plane: &ControlPlane, args: &[&str]) -> Ran {
+    Ran::of("explain", user_command(plane, "explain").args(args))
 }
 
 /// `explain KIND NS/NAME -o json`, which must succeed.
@@ -102,11 +70,11 @@ fn template(app: &str) -> Value {
 fn pods_of(plane: &ControlPlane, namespace: &str, app: &str) -> Vec<Value> {
     let deadline = Instant::now() + CONVERGE;
     loop {
-        let pods = kubectl_json(
+        let items = install::list(
             plane,
-            &["get", "pods", "-n", namespace, "-l", &format!("app={app}")],
+            "pods",
+            &["-n", namespace, "-l", &format!("app={app}")],
         );
-        let items = pods["items"].as_array().unwrap().clone();
         if !items.is_empty() {
             return items;
         }
@@ -151,13 +119,7 @@ fn explain_names_the_step_that_decides_and_agrees_with_the_webhook() {
 
     // An opted-in namespace that excludes its database.
     ensure_namespace(plane, "shop", &[(&inject_label, "enabled")]);
-    run(plane.kubectl().args([
-        "annotate",
-        "--overwrite",
-        "namespace",
-        "shop",
-        &format!("{DOMAIN}/pod-selector=app!=db"),
-    ]));
+    install::annotate_namespace(plane, "shop", &[&format!("{DOMAIN}/pod-selector=app!=db")]);
 
     // An injected pod: steps all pass, and what was injected is reported.
     run_with_input(
@@ -353,17 +315,12 @@ fn explain_names_the_step_that_decides_and_agrees_with_the_webhook() {
 
     // Step 3: matchConditions on the pod's spec and the request are
     // evaluated, and agree with the API server's.
-    run(plane.kubectl().args([
-        "patch",
-        "mutatingwebhookconfiguration",
-        install::WEBHOOK_CONFIGURATION,
-        "--type=json",
-        "-p",
+    install::patch_webhook_configuration(
+        plane,
         &json!([{"op": "add", "path": "/webhooks/0/matchConditions/-", "value":
             {"name": "one-container", "expression":
-                "object.spec.containers.size() < 2 && request.operation == 'CREATE' && request.kind.kind == 'Pod'"}}])
-        .to_string(),
-    ]));
+                "object.spec.containers.size() < 2 && request.operation == 'CREATE' && request.kind.kind == 'Pod'"}}]),
+    );
     let mut pair = pod("pair", json!({"app": "pair"}), json!({}));
     pair["spec"]["containers"]
         .as_array_mut()
@@ -393,16 +350,11 @@ fn explain_names_the_step_that_decides_and_agrees_with_the_webhook() {
     );
 
     // Step 3: a matchCondition explain cannot evaluate is said to be so.
-    run(plane.kubectl().args([
-        "patch",
-        "mutatingwebhookconfiguration",
-        install::WEBHOOK_CONFIGURATION,
-        "--type=json",
-        "-p",
+    install::patch_webhook_configuration(
+        plane,
         &json!([{"op": "add", "path": "/webhooks/0/matchConditions/-", "value":
-            {"name": "not-admin", "expression": "request.userInfo.username != 'admin'"}}])
-        .to_string(),
-    ]));
+            {"name": "not-admin", "expression": "request.userInfo.username != 'admin'"}}]),
+    );
     let unknown = explain_json(plane, "deployment", "shop/web");
     assert_eq!(unknown["outcome"], "undetermined", "{unknown:#}");
     assert_eq!(unknown["steps"][2]["status"], "unknown");

@@ -17,7 +17,9 @@ use std::{
 };
 
 use controlplane::ControlPlane;
-use install::{DOMAIN, Install, ensure_namespace, kubectl_json, opt_in, rendered, run};
+use install::{
+    DOMAIN, Install, ensure_namespace, kubectl_json, managed_objects, opt_in, rendered, run,
+};
 use serde_json::Value;
 use support::https::{HttpVersion, HttpsClient, ServeProcess, admin_get, chiller_api_review};
 
@@ -70,36 +72,9 @@ fn holder(plane: &ControlPlane) -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
-fn managed_objects(plane: &ControlPlane, namespace: &str) -> Vec<(String, String)> {
-    let list = kubectl_json(
-        plane,
-        &[
-            "get",
-            "configmaps,services,serviceaccounts,roles,rolebindings,deployments,prometheuses,servicemonitors",
-            "-n",
-            namespace,
-            "-l",
-            "app.kubernetes.io/managed-by=chiller-metrics",
-        ],
-    );
-    let mut objects: Vec<(String, String)> = list["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| {
-            (
-                o["kind"].as_str().unwrap().into(),
-                o["metadata"]["name"].as_str().unwrap().into(),
-            )
-        })
-        .collect();
-    objects.sort();
-    objects
-}
-
 fn assert_converged(plane: &ControlPlane, namespaces: &[&str]) {
     for namespace in namespaces {
-        let want: Vec<_> = rendered(namespace, false).into_iter().collect();
+        let want = rendered(namespace, false);
         wait_until(
             CONVERGE,
             &format!("{namespace} converges to exactly the rendered objects"),

@@ -13,7 +13,9 @@ use crate::support::{self, wait_until};
 use std::{collections::BTreeSet, time::Duration};
 
 use controlplane::ControlPlane;
-use install::{DOMAIN, Install, kubectl_json, opt_in, rendered, run, run_with_input};
+use install::{
+    DOMAIN, Install, kubectl_json, list, managed_objects, opt_in, rendered, run, run_with_input,
+};
 use serde_json::{Value, json};
 use support::https::ServeProcess;
 
@@ -49,34 +51,6 @@ impl Scenario {
             .cloned()
             .collect()
     }
-}
-
-const MANAGED_RESOURCES: &str = "configmaps,services,serviceaccounts,roles.rbac.authorization.k8s.io,rolebindings.rbac.authorization.k8s.io,deployments.apps,prometheuses.monitoring.coreos.com,servicemonitors.monitoring.coreos.com";
-
-/// `(kind, name)` of the objects labeled managed-by us in `namespace`.
-fn managed_objects(plane: &ControlPlane, namespace: &str) -> BTreeSet<(String, String)> {
-    let list = kubectl_json(
-        plane,
-        &[
-            "get",
-            MANAGED_RESOURCES,
-            "-n",
-            namespace,
-            "-l",
-            "app.kubernetes.io/managed-by=chiller-metrics",
-        ],
-    );
-    list["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| {
-            (
-                o["kind"].as_str().unwrap().to_string(),
-                o["metadata"]["name"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
 }
 
 fn reconcile_status(plane: &ControlPlane, namespace: &str) -> Option<Value> {
@@ -133,14 +107,14 @@ fn the_reconcile_loop_under_the_charts_rbac() {
 
 fn creates_every_object(s: &Scenario, namespace: &str) {
     opt_in(s.plane, namespace);
-    run(s.plane.kubectl().args([
-        "annotate",
-        "--overwrite",
-        "namespace",
+    install::annotate_namespace(
+        s.plane,
         namespace,
-        &format!("{DOMAIN}/postgres=db:5432/chiller"),
-        &format!("{DOMAIN}/postgres-secret=db-auth"),
-    ]));
+        &[
+            &format!("{DOMAIN}/postgres=db:5432/chiller"),
+            &format!("{DOMAIN}/postgres-secret=db-auth"),
+        ],
+    );
     let want = rendered(namespace, true);
     assert!(
         want.iter().any(|(kind, _)| kind == "Prometheus"),
@@ -300,15 +274,10 @@ fn webhook_down_pods_are_reported_and_restarted(s: &Scenario, namespace: &str) {
     opt_in(s.plane, namespace);
     // The webhook is unreachable; failurePolicy Ignore admits pods uninjected.
     let unreachable = format!("https://127.0.0.1:{}/mutate", controlplane::free_port());
-    run(s.plane.kubectl().args([
-        "patch",
-        "mutatingwebhookconfiguration",
-        install::WEBHOOK_CONFIGURATION,
-        "--type=json",
-        "-p",
-        &json!([{"op": "replace", "path": "/webhooks/0/clientConfig/url", "value": unreachable}])
-            .to_string(),
-    ]));
+    install::patch_webhook_configuration(
+        s.plane,
+        &json!([{"op": "replace", "path": "/webhooks/0/clientConfig/url", "value": unreachable}]),
+    );
     std::thread::sleep(Duration::from_secs(3));
     let app = |kind: &str, name: &str| {
         let mut object = json!({
@@ -368,13 +337,11 @@ fn webhook_down_pods_are_reported_and_restarted(s: &Scenario, namespace: &str) {
 
     // The webhook is back; with restart-uninjected the workloads roll.
     install_webhook_again(s);
-    run(s.plane.kubectl().args([
-        "annotate",
-        "--overwrite",
-        "namespace",
+    install::annotate_namespace(
+        s.plane,
         namespace,
-        &format!("{DOMAIN}/restart-uninjected=true"),
-    ]));
+        &[&format!("{DOMAIN}/restart-uninjected=true")],
+    );
     wait_until(CONVERGE, "the Deployment's new pod is injected", || {
         pods(s.plane)
             .iter()
@@ -392,14 +359,14 @@ fn webhook_down_pods_are_reported_and_restarted(s: &Scenario, namespace: &str) {
 /// counts the repeats, and a status that says why.
 fn a_failing_namespace_gets_one_event_series(s: &Scenario, namespace: &str) {
     opt_in(s.plane, namespace);
-    run(s.plane.kubectl().args([
-        "annotate",
-        "--overwrite",
-        "namespace",
+    install::annotate_namespace(
+        s.plane,
         namespace,
-        &format!("{DOMAIN}/postgres=db:not-a-port/chiller"),
-        &format!("{DOMAIN}/postgres-secret=db-auth"),
-    ]));
+        &[
+            &format!("{DOMAIN}/postgres=db:not-a-port/chiller"),
+            &format!("{DOMAIN}/postgres-secret=db-auth"),
+        ],
+    );
     wait_until(CONVERGE, "the status says why", || {
         reconcile_status(s.plane, namespace).is_some_and(|status| status["ready"] == false)
     });
@@ -468,17 +435,11 @@ fn a_new_replica_counts_on_in_the_event_series(
 }
 
 fn pods_of(plane: &ControlPlane, namespace: &str) -> Vec<Value> {
-    kubectl_json(plane, &["get", "pods", "-n", namespace])["items"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+    list(plane, "pods", &["-n", namespace])
 }
 
 fn events_of(plane: &ControlPlane, namespace: &str) -> Vec<Value> {
-    kubectl_json(plane, &["get", "events.events.k8s.io", "-n", namespace])["items"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+    list(plane, "events.events.k8s.io", &["-n", namespace])
 }
 
 fn deployment(name: &str, host_network: bool) -> Value {
@@ -686,13 +647,11 @@ fn config_changes_reach_running_pods(s: &Scenario, namespace: &str) {
         "restarted without the annotation"
     );
 
-    run(s.plane.kubectl().args([
-        "annotate",
-        "--overwrite",
-        "namespace",
+    install::annotate_namespace(
+        s.plane,
         namespace,
-        &format!("{DOMAIN}/rollout-outdated=true"),
-    ]));
+        &[&format!("{DOMAIN}/rollout-outdated=true")],
+    );
     wait_until(
         CONVERGE,
         "the Deployment is restarted for the current config",

@@ -16,20 +16,20 @@ use std::{
 };
 
 use controlplane::ControlPlane;
-use install::{DOMAIN, Install, RELEASE, RELEASE_NAMESPACE, ensure_namespace, kubectl_json, run};
+use install::{
+    DOMAIN, Install, MANAGED_BY, RELEASE, RELEASE_NAMESPACE, ensure_namespace, kubectl_json, run,
+};
 use serde_json::json;
 use support::https::ServeProcess;
 
 const CONVERGE: Duration = Duration::from_secs(90);
 const NAMESPACES: [&str; 2] = ["gone-one", "gone-two"];
-const MANAGED: &str = "app.kubernetes.io/managed-by=chiller-metrics";
 /// Every kind we or the chart create, as kubectl names them.
 const KINDS: &str = "configmaps,services,serviceaccounts,roles,rolebindings,deployments,prometheuses.monitoring.coreos.com,servicemonitors.monitoring.coreos.com,secrets,leases";
 
-fn managed_objects(plane: &ControlPlane) -> Vec<String> {
-    kubectl_json(plane, &["get", KINDS, "--all-namespaces", "-l", MANAGED])["items"]
-        .as_array()
-        .unwrap()
+/// `kind namespace/name` of everything labeled managed-by us, in any namespace.
+fn managed_anywhere(plane: &ControlPlane) -> Vec<String> {
+    install::list(plane, KINDS, &["--all-namespaces", "-l", MANAGED_BY])
         .iter()
         .map(|o| {
             format!(
@@ -71,7 +71,7 @@ fn uninstall_leaves_nothing_behind_and_never_fails_a_pod_create() {
         );
     }
     wait_until(CONVERGE, "every opted-in namespace has its objects", || {
-        let objects = managed_objects(plane);
+        let objects = managed_anywhere(plane);
         NAMESPACES
             .iter()
             .all(|ns| objects.iter().any(|o| o.contains(&format!(" {ns}/"))))
@@ -168,7 +168,7 @@ fn uninstall_leaves_nothing_behind_and_never_fails_a_pod_create() {
     );
 
     assert_eq!(
-        managed_objects(plane),
+        managed_anywhere(plane),
         Vec::<String>::new(),
         "left behind; uninstall said:\n{said}"
     );

@@ -379,13 +379,11 @@ fn pods_outside_opted_in_namespaces_or_opted_out_come_back_untouched() {
 
     // The namespace's pod-selector excludes the database.
     opt_in(fixture().plane, "chiller-selector");
-    run(f.plane.kubectl().args([
-        "annotate",
-        "--overwrite",
-        "namespace",
+    install::annotate_namespace(
+        f.plane,
         "chiller-selector",
-        &format!("{DOMAIN}/pod-selector=app!=db"),
-    ]));
+        &[&format!("{DOMAIN}/pod-selector=app!=db")],
+    );
     wait_until(CONVERGE, "the pod-selector is seen by the webhook", || {
         assert_untouched_or(&dry_run_pod(f.plane, "chiller-selector", &pod("db")))
     });
@@ -506,13 +504,11 @@ fn every_golden_request_replayed_as_a_real_create_is_accepted() {
                 .into_iter()
                 .flatten()
             {
-                run(f.plane.kubectl().args([
-                    "annotate",
-                    "--overwrite",
-                    "namespace",
+                install::annotate_namespace(
+                    f.plane,
                     namespace,
-                    &format!("{key}={}", value.as_str().unwrap()),
-                ]));
+                    &[&format!("{key}={}", value.as_str().unwrap())],
+                );
             }
         }
         let mut pod = request["object"].clone();
@@ -791,13 +787,11 @@ fn a_replica_started_while_the_api_server_is_down_injects_nothing_until_its_cach
     let _logs = f.logs_on_failure();
     let namespace = "chiller-late-start";
     opt_in(fixture().plane, namespace);
-    run(f.plane.kubectl().args([
-        "annotate",
-        "--overwrite",
-        "namespace",
+    install::annotate_namespace(
+        f.plane,
         namespace,
-        &format!("{DOMAIN}/pod-selector=app=selected"),
-    ]));
+        &[&format!("{DOMAIN}/pod-selector=app=selected")],
+    );
     let ca = std::fs::read_to_string(f.install.certs.join("ca.crt")).unwrap();
 
     f.plane.stop_apiserver();
@@ -861,13 +855,11 @@ fn a_replica_started_while_the_api_server_is_down_injects_nothing_until_its_cach
 
     // Resumed without a restart: a changed setting reaches the webhook's
     // cache, and a newly opted-in namespace gets its objects.
-    run(f.plane.kubectl().args([
-        "annotate",
-        "--overwrite",
-        "namespace",
+    install::annotate_namespace(
+        f.plane,
         namespace,
-        &format!("{DOMAIN}/pod-selector=app=other"),
-    ]));
+        &[&format!("{DOMAIN}/pod-selector=app=other")],
+    );
     let deadline = Instant::now() + CONVERGE;
     while !patches(&late, &ca, &review_in(namespace, "other")) {
         assert!(

@@ -2,7 +2,7 @@
 //! options that apply to it, `serve` explains a missing certificate, and
 //! `explain -f` works offline (chart defaults or a `helm template` output).
 
-use crate::support::{self, failed_steps};
+use crate::support::{self, failed_steps, stderr, stdout};
 
 use std::{
     collections::BTreeSet,
@@ -22,14 +22,6 @@ fn run(args: &[&str]) -> Output {
         .env_remove("CHILLER_METRICS_TLS_KEY")
         .output()
         .expect("run chiller-metrics")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 /// The long options `--help` lists for a subcommand.
@@ -280,11 +272,7 @@ fn explain_works_offline_from_a_file() {
 
 /// `helm template` of the chart into `dir`.
 fn helm_template(dir: &Path, args: &[&str]) -> Output {
-    let home = dir.join("helm");
-    let rendered = Command::new(support::tool("helm"))
-        .env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"))
+    let rendered = support::helm(&dir.join("helm"))
         .args(["template", "chiller-metrics"])
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/chart/chiller-metrics"))
         .args(args)

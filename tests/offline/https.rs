@@ -17,8 +17,8 @@ use http_body_util::BodyExt;
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Value, json};
 use support::https::{
-    HttpResponse, HttpVersion, ServeProcess, ServerOptions, TestServer, chiller_api_review,
-    decoded_patch, sample, write_certs,
+    HttpResponse, HttpVersion, HttpsClient, ServeProcess, ServerOptions, TestServer,
+    chiller_api_review, decoded_patch, sample, write_certs,
 };
 use tower::ServiceExt;
 
@@ -38,19 +38,35 @@ fn admissions(outcome: &str, reason: &str) -> String {
     format!(r#"chiller_metrics_admissions_total{{outcome="{outcome}",reason="{reason}"}}"#)
 }
 
+fn assert_content_type(response: &HttpResponse, wanted: &str) {
+    assert!(
+        response
+            .header("content-type")
+            .is_some_and(|t| t.starts_with(wanted)),
+        "content-type: {:?}",
+        response.header("content-type")
+    );
+}
+
+/// The chiller API fixture, once per version, each on a new connection:
+/// injected.
+async fn assert_injects(client: &HttpsClient, versions: impl IntoIterator<Item = HttpVersion>) {
+    for version in versions {
+        let response = client
+            .post_json("/mutate", fixture_bytes(), version)
+            .await
+            .unwrap();
+        assert_injected(&response, version);
+    }
+}
+
 /// Checks a 200 answer to the chiller API fixture: uid echoed, allowed, a
 /// base64 JSONPatch that applies to the request's pod and injects.
 fn assert_injected(response: &HttpResponse, version: HttpVersion) {
     assert_eq!(response.status, StatusCode::OK, "{}", response.text());
     assert_eq!(response.version, version.version());
     assert_eq!(response.alpn.as_deref(), Some(version.alpn()));
-    assert!(
-        response
-            .header("content-type")
-            .is_some_and(|t| t.starts_with("application/json")),
-        "content-type: {:?}",
-        response.header("content-type")
-    );
+    assert_content_type(response, "application/json");
     let review = response.json();
     let request = chiller_api_review();
     assert_eq!(review["apiVersion"], "admission.k8s.io/v1");
@@ -94,13 +110,7 @@ fn assert_allowed_unpatched(response: &HttpResponse, uid: &Value) {
 async fn admission_review_over_https_http1_and_http2() {
     let server = TestServer::start(ServerOptions::default()).await;
     let client = server.client();
-    for version in HttpVersion::ALL {
-        let response = client
-            .post_json("/mutate", fixture_bytes(), version)
-            .await
-            .unwrap();
-        assert_injected(&response, version);
-    }
+    assert_injects(&client, HttpVersion::ALL).await;
     // Several reviews on one connection.
     for version in HttpVersion::ALL {
         let mut connection = client.connect(version).await.unwrap();
@@ -327,13 +337,11 @@ async fn admin_port_serves_health_and_openmetrics() {
     assert_eq!(readyz.status, StatusCode::OK, "{}", readyz.text());
 
     let client = server.client();
-    for version in [HttpVersion::Http1, HttpVersion::Http2, HttpVersion::Http2] {
-        let response = client
-            .post_json("/mutate", fixture_bytes(), version)
-            .await
-            .unwrap();
-        assert_injected(&response, version);
-    }
+    assert_injects(
+        &client,
+        [HttpVersion::Http1, HttpVersion::Http2, HttpVersion::Http2],
+    )
+    .await;
     let bad = client
         .post_json("/mutate", "not json", HttpVersion::Http1)
         .await
@@ -342,13 +350,7 @@ async fn admin_port_serves_health_and_openmetrics() {
 
     let metrics = server.admin_get("/metrics").await;
     assert_eq!(metrics.status, StatusCode::OK);
-    assert!(
-        metrics
-            .header("content-type")
-            .is_some_and(|t| t.starts_with("application/openmetrics-text")),
-        "content-type: {:?}",
-        metrics.header("content-type")
-    );
+    assert_content_type(&metrics, "application/openmetrics-text");
     let text = metrics.text();
     assert!(text.ends_with("# EOF\n"), "{text}");
     assert!(
@@ -449,13 +451,7 @@ async fn binary_serves_alone_with_certs_from_env_and_stops_on_sigterm() {
     serve.wait_ready().await.unwrap();
 
     let client = serve.client(&certs.ca_cert);
-    for version in HttpVersion::ALL {
-        let response = client
-            .post_json("/mutate", fixture_bytes(), version)
-            .await
-            .unwrap();
-        assert_injected(&response, version);
-    }
+    assert_injects(&client, HttpVersion::ALL).await;
     let mut oversized = fixture_bytes();
     oversized.resize(BODY_LIMIT + 1, b' ');
     let response = client

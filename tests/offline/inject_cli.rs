@@ -1,7 +1,7 @@
 //! The real binary's offline commands: `inject -f FILE|-` on a rendered Helm
 //! chart, `certs`, `mapping`, and how bad input is reported.
 
-use crate::support::{self, yaml_documents};
+use crate::support::{self, stderr, stdout, yaml_documents};
 
 use std::{
     io::Write,
@@ -48,14 +48,6 @@ fn run(args: &[&str], stdin: Option<&[u8]>) -> Output {
         pipe.write_all(input).expect("write stdin");
     }
     child.wait_with_output().expect("wait for the binary")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8(output.stdout.clone()).expect("stdout is UTF-8")
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 fn succeeded(output: &Output, what: &str) {

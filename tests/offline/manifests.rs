@@ -19,14 +19,7 @@ const SYSTEM_NAMESPACES: [&str; 3] = ["kube-system", "kube-public", "kube-node-l
 // ---------------------------------------------------------------- rendering
 
 fn helm() -> Command {
-    let mut command = Command::new(support::tool("helm"));
-    // Keep helm away from the user's repositories, cache and config.
-    let home = std::env::temp_dir().join("chiller-metrics-manifests-helm");
-    command
-        .env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"));
-    command
+    support::helm(&std::env::temp_dir().join("chiller-metrics-manifests-helm"))
 }
 
 /// `helm template` of the chart with `--set` style values; the documents.

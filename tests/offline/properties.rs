@@ -180,6 +180,15 @@ fn pod() -> impl Strategy<Value = GenPod> {
         )
 }
 
+/// A JSON object of these pairs.
+fn object<V: serde::Serialize>(pairs: &[(&str, V)]) -> Value {
+    let map: Map<String, Value> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
+    Value::Object(map)
+}
+
 /// Builds a pod the API server would accept: duplicates of names, port names
 /// and (for running containers) ports are dropped; mounts refer to volumes.
 fn to_json(generated: &GenPod) -> Value {
@@ -284,20 +293,10 @@ fn to_json(generated: &GenPod) -> Value {
     }
     let mut metadata = json!({"name": "pod-1", "namespace": "chiller"});
     if !generated.labels.is_empty() {
-        let labels: Map<String, Value> = generated
-            .labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), json!(v)))
-            .collect();
-        metadata["labels"] = Value::Object(labels);
+        metadata["labels"] = object(&generated.labels);
     }
     if !generated.annotations.is_empty() {
-        let annotations: Map<String, Value> = generated
-            .annotations
-            .iter()
-            .map(|(k, v)| (k.to_string(), json!(v)))
-            .collect();
-        metadata["annotations"] = Value::Object(annotations);
+        metadata["annotations"] = object(&generated.annotations);
     }
     if generated.owned_by_job {
         metadata["ownerReferences"] = json!([{
@@ -494,15 +493,18 @@ fn reached<T: std::fmt::Debug>(
     reached.get()
 }
 
-#[test]
-fn native_mode_injects_valid_pods_once() {
-    let injected = reached(CASES, pod(), |generated| {
-        check(generated, ResolvedMode::Native)
-    });
+/// Checks `cases` generated pods in `mode`; enough must reach injection.
+fn injects_valid_pods_once(cases: u32, mode: ResolvedMode) {
+    let injected = reached(cases, pod(), |generated| check(generated, mode));
     assert!(
         injected >= MIN_REACHED,
-        "only {injected} of {CASES} generated pods reached injection"
+        "only {injected} of {cases} generated pods reached injection"
     );
+}
+
+#[test]
+fn native_mode_injects_valid_pods_once() {
+    injects_valid_pods_once(CASES, ResolvedMode::Native);
 }
 
 /// Container mode also skips Job-like pods (restart policy Never or
@@ -511,14 +513,7 @@ fn native_mode_injects_valid_pods_once() {
 /// times the cases.
 #[test]
 fn container_mode_injects_valid_pods_once() {
-    let cases = 4 * CASES;
-    let injected = reached(cases, pod(), |generated| {
-        check(generated, ResolvedMode::Container)
-    });
-    assert!(
-        injected >= MIN_REACHED,
-        "only {injected} of {cases} generated pods reached injection"
-    );
+    injects_valid_pods_once(4 * CASES, ResolvedMode::Container);
 }
 
 #[test]

@@ -23,7 +23,7 @@ use chiller_metrics::{
         context::{BACKOFF_BASE, BACKOFF_MAX, backoff_delay},
         desired::{DesiredObject, NamespaceSettings, desired_objects},
         error_policy,
-        live::{MANAGED_KINDS, managed_kind},
+        live::{MANAGED_KINDS, ManagedKind, managed_kind},
         pods::strip_replica_set,
         reconcile,
         uninjected::{RESTARTED_AT, restarted_for_injection_key},
@@ -199,6 +199,12 @@ fn mock_client() -> (Client, ApiHandle) {
     (Client::new(service, "default"), handle)
 }
 
+/// A client whose API server answers `steps` (see `serve`).
+fn mock_api(steps: Vec<Step>) -> (Client, MockApi) {
+    let (client, handle) = mock_client();
+    (client, serve(handle, steps))
+}
+
 /// Answers `steps` in order. Anything else is recorded as a problem and
 /// answered with a 500, so the reconcile still finishes and `verify` fails.
 fn serve(mut handle: ApiHandle, steps: Vec<Step>) -> MockApi {
@@ -369,6 +375,17 @@ fn opted_in(name: &str, annotations: &[(&str, &str)]) -> Namespace {
 
 /// A context whose caches have completed their first (empty) list.
 fn context(client: Client, config: Config, leading: bool) -> (Arc<Context>, Arc<Metrics>) {
+    context_synced(client, config, leading, MANAGED_KINDS)
+}
+
+/// A context whose pod stores and caches of the `synced` kinds have
+/// completed their first (empty) list; the other kinds never synced.
+fn context_synced<'a>(
+    client: Client,
+    config: Config,
+    leading: bool,
+    synced: impl IntoIterator<Item = &'a ManagedKind>,
+) -> (Arc<Context>, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new());
     let (_leading_tx, leading_rx) = watch::channel(leading);
     let ctx = Context::new(
@@ -378,11 +395,22 @@ fn context(client: Client, config: Config, leading: bool) -> (Arc<Context>, Arc<
         leading_rx,
         IDENTITY,
     );
-    for kind in MANAGED_KINDS {
+    for kind in synced {
         ctx.live.sync_kind(*kind, Vec::new());
     }
     sync_pods(&ctx, &[], &[]);
     (Arc::new(ctx), metrics)
+}
+
+/// A synced context (see `context`) on a client whose API server answers `steps`.
+fn mock_context(
+    steps: Vec<Step>,
+    config: &Config,
+    leading: bool,
+) -> (MockApi, Arc<Context>, Arc<Metrics>) {
+    let (client, api) = mock_api(steps);
+    let (ctx, metrics) = context(client, config.clone(), leading);
+    (api, ctx, metrics)
 }
 
 /// Fills the caches with these live objects (as a completed list per kind).
@@ -421,6 +449,11 @@ fn live(object: &DesiredObject, config: &Config) -> Value {
         }
     }
     value
+}
+
+/// `live` for each object.
+fn live_all(objects: &[DesiredObject], config: &Config) -> Vec<Value> {
+    objects.iter().map(|o| live(o, config)).collect()
 }
 
 fn object_path(api_version: &str, plural: &str, namespace: &str, name: &str) -> String {
@@ -543,11 +576,9 @@ async fn first_reconcile_applies_every_desired_object_once() {
         desired.len() >= 5,
         "the desired set looks incomplete: {desired:?}"
     );
-    let (client, handle) = mock_client();
     let mut steps: Vec<Step> = desired.iter().map(apply_step).collect();
     steps.push(status_step(NS));
-    let api = serve(handle, steps);
-    let (ctx, metrics) = context(client, config.clone(), true);
+    let (api, ctx, metrics) = mock_context(steps, &config, true);
 
     let action = reconcile_once(&ns, &ctx).await.unwrap();
 
@@ -590,11 +621,8 @@ async fn steady_state_makes_no_writes() {
     let config = config();
     let desired = desired_for(&opted_in(NS, &[]), &config);
     let ns = with_status(&ready_status(desired.len(), 0), &[]);
-    let (client, handle) = mock_client();
-    let api = serve(handle, vec![]);
-    let (ctx, _) = context(client, config.clone(), true);
-    let live: Vec<Value> = desired.iter().map(|o| live(o, &config)).collect();
-    prefill(&ctx, &live);
+    let (api, ctx, _) = mock_context(vec![], &config, true);
+    prefill(&ctx, &live_all(&desired, &config));
 
     let action = reconcile_once(&ns, &ctx).await.unwrap();
 
@@ -611,7 +639,6 @@ async fn before_the_caches_sync_live_objects_are_read_and_still_not_written() {
     let config = config();
     let desired = desired_for(&opted_in(NS, &[]), &config);
     let ns = with_status(&ready_status(desired.len(), 0), &[]);
-    let (client, handle) = mock_client();
     let mut steps: Vec<Step> = desired
         .iter()
         .map(|o| Step::new("GET", desired_path(o)).reply(200, live(o, &config)))
@@ -645,17 +672,8 @@ async fn before_the_caches_sync_live_objects_are_read_and_still_not_written() {
                 ),
         );
     }
-    let api = serve(handle, steps);
-    let metrics = Arc::new(Metrics::new());
-    let (_tx, leading) = watch::channel(true);
-    let ctx = Arc::new(Context::new(
-        client,
-        Injector::new(config.clone(), ResolvedMode::Native),
-        metrics,
-        leading,
-        IDENTITY,
-    ));
-    sync_pods(&ctx, &[], &[]);
+    let (client, api) = mock_api(steps);
+    let (ctx, _) = context_synced(client, config.clone(), true, []);
 
     reconcile_once(&ns, &ctx).await.unwrap();
 
@@ -686,12 +704,10 @@ async fn drift_is_repaired_by_reapplying_only_the_drifted_objects() {
             live_objects.push(value);
         }
     }
-    let (client, handle) = mock_client();
     let mut drifted = [edited, deleted];
     drifted.sort();
     let steps: Vec<Step> = drifted.iter().map(|i| apply_step(&desired[*i])).collect();
-    let api = serve(handle, steps);
-    let (ctx, _) = context(client, config.clone(), true);
+    let (api, ctx, _) = mock_context(steps, &config, true);
     prefill(&ctx, &live_objects);
 
     reconcile_once(&ns, &ctx).await.unwrap();
@@ -724,12 +740,9 @@ async fn an_object_no_longer_desired_is_deleted() {
         .collect();
     assert!(!stale.is_empty(), "the Postgres exporter adds objects");
     let ns = with_status(&ready_status(without.len(), 0), &[]);
-    let mut live_objects: Vec<Value> = without.iter().map(|o| live(o, &config)).collect();
-    live_objects.extend(stale.iter().map(|o| live(o, &config)));
-    let (client, handle) = mock_client();
-    let steps = delete_steps(&stale, &config);
-    let api = serve(handle, steps);
-    let (ctx, _) = context(client, config.clone(), true);
+    let mut live_objects = live_all(&without, &config);
+    live_objects.extend(live_all(&stale, &config));
+    let (api, ctx, _) = mock_context(delete_steps(&stale, &config), &config, true);
     prefill(&ctx, &live_objects);
 
     reconcile_once(&ns, &ctx).await.unwrap();
@@ -771,7 +784,7 @@ async fn opting_out_deletes_only_our_objects_for_that_namespace() {
         desired.iter().any(|o| o.namespace == "monitoring"),
         "dashboards go to the Grafana namespace"
     );
-    let mut live_objects: Vec<Value> = desired.iter().map(|o| live(o, &config)).collect();
+    let mut live_objects = live_all(&desired, &config);
     let k = keys();
     live_objects.extend([
         // Ours, but for another namespace.
@@ -808,11 +821,9 @@ async fn opting_out_deletes_only_our_objects_for_that_namespace() {
         &[(keys().reconcile_status.as_str(), status_text.as_str())],
     );
 
-    let (client, handle) = mock_client();
     let mut steps = delete_steps(&desired, &config);
     steps.push(status_step(NS));
-    let api = serve(handle, steps);
-    let (ctx, metrics) = context(client, config.clone(), true);
+    let (api, ctx, metrics) = mock_context(steps, &config, true);
     prefill(&ctx, &live_objects);
 
     reconcile_once(&ns, &ctx).await.unwrap();
@@ -859,13 +870,8 @@ async fn a_namespace_that_never_opted_in_gets_no_requests_at_all() {
         namespace("kube-system", &[], &[]),
         namespace("shop", &[(&keys().inject, "disabled")], &[]),
     ] {
-        let (client, handle) = mock_client();
-        let api = serve(handle, vec![]);
-        let (ctx, _) = context(client, config.clone(), true);
-        prefill(
-            &ctx,
-            &other.iter().map(|o| live(o, &config)).collect::<Vec<_>>(),
-        );
+        let (api, ctx, _) = mock_context(vec![], &config, true);
+        prefill(&ctx, &live_all(&other, &config));
 
         reconcile_once(&ns, &ctx).await.unwrap();
 
@@ -879,11 +885,9 @@ async fn the_default_namespace_is_set_up_only_when_labeled() {
     let config = config();
     let ns = opted_in("default", &[]);
     let desired = desired_for(&ns, &config);
-    let (client, handle) = mock_client();
     let mut steps: Vec<Step> = desired.iter().map(apply_step).collect();
     steps.push(status_step("default"));
-    let api = serve(handle, steps);
-    let (ctx, _) = context(client, config, true);
+    let (api, ctx, _) = mock_context(steps, &config, true);
 
     reconcile_once(&ns, &ctx).await.unwrap();
 
@@ -899,7 +903,6 @@ async fn missing_prometheus_operator_crds_are_reported_and_the_rest_applied() {
     let config = config();
     let ns = opted_in(NS, &[]);
     let desired = desired_for(&ns, &config);
-    let (client, handle) = mock_client();
     let mut steps = Vec::new();
     for object in &desired {
         if object.api_version.starts_with("monitoring.coreos.com/") {
@@ -926,20 +929,13 @@ async fn missing_prometheus_operator_crds_are_reported_and_the_rest_applied() {
     }
     steps.push(status_step(NS));
     steps.push(event_step("default"));
-    let api = serve(handle, steps);
-    let metrics = Arc::new(Metrics::new());
-    let (_tx, leading) = watch::channel(true);
-    let ctx = Arc::new(Context::new(
+    let (client, api) = mock_api(steps);
+    let (ctx, metrics) = context_synced(
         client,
-        Injector::new(config.clone(), ResolvedMode::Native),
-        metrics.clone(),
-        leading,
-        IDENTITY,
-    ));
-    for kind in MANAGED_KINDS.iter().filter(|k| !k.is_prometheus_operator()) {
-        ctx.live.sync_kind(*kind, Vec::new());
-    }
-    sync_pods(&ctx, &[], &[]);
+        config.clone(),
+        true,
+        MANAGED_KINDS.iter().filter(|k| !k.is_prometheus_operator()),
+    );
 
     let error = reconcile_once(&ns, &ctx).await.unwrap_err();
 
@@ -989,7 +985,6 @@ async fn api_errors_fail_the_reconcile_with_exponential_backoff_per_namespace() 
     let config = config();
     let ns = opted_in(NS, &[]);
     let desired = desired_for(&ns, &config);
-    let (client, handle) = mock_client();
     let mut steps: Vec<Step> = desired.iter().map(apply_step).collect();
     steps[0] = Step::new("PATCH", desired_path(&desired[0]))
         .reply(500, status_body(500, "InternalError", "etcd is sad"));
@@ -998,8 +993,7 @@ async fn api_errors_fail_the_reconcile_with_exponential_backoff_per_namespace() 
     // The retry: only the failed object is still missing.
     steps.push(apply_step(&desired[0]));
     steps.push(status_step(NS));
-    let api = serve(handle, steps);
-    let (ctx, metrics) = context(client, config.clone(), true);
+    let (api, ctx, metrics) = mock_context(steps, &config, true);
 
     let error = reconcile_once(&ns, &ctx).await.unwrap_err();
     assert!(matches!(error, ReconcileError::Api { .. }), "{error}");
@@ -1081,17 +1075,9 @@ async fn a_replica_that_does_not_lead_writes_nothing() {
     let config = config();
     let desired = desired_for(&opted_in(NS, &[]), &config);
     for ns in [opted_in(NS, &[]), namespace(NS, &[], &[])] {
-        let (client, handle) = mock_client();
-        let api = serve(handle, vec![]);
-        let (ctx, metrics) = context(client, config.clone(), false);
+        let (api, ctx, metrics) = mock_context(vec![], &config, false);
         // Drifted for the opted-in case, orphaned for the opted-out one.
-        prefill(
-            &ctx,
-            &desired[1..]
-                .iter()
-                .map(|o| live(o, &config))
-                .collect::<Vec<_>>(),
-        );
+        prefill(&ctx, &live_all(&desired[1..], &config));
 
         let action = reconcile_once(&ns, &ctx).await.unwrap();
 
@@ -1125,17 +1111,23 @@ fn lock(client: Client) -> LeaseLock {
     LeaseLock::new(client, LEASE_NS, LEASE, IDENTITY, LeaseTimings::default())
 }
 
+/// An expected request on our Lease.
+fn lease_step(method: &'static str) -> Step {
+    Step::new(method, format!("{LEASE_PATH}/{LEASE}"))
+}
+
+/// A lock whose API server answers `steps`.
+fn lease_api(steps: Vec<Step>) -> (LeaseLock, MockApi) {
+    let (client, api) = mock_api(steps);
+    (lock(client), api)
+}
+
 #[tokio::test]
 async fn leader_election_creates_a_missing_lease() {
-    let (client, handle) = mock_client();
-    let api = serve(
-        handle,
-        vec![
-            Step::new("GET", format!("{LEASE_PATH}/{LEASE}")).reply(404, not_found()),
-            Step::new("POST", LEASE_PATH).echo(),
-        ],
-    );
-    let mut lock = lock(client);
+    let (mut lock, api) = lease_api(vec![
+        lease_step("GET").reply(404, not_found()),
+        Step::new("POST", LEASE_PATH).echo(),
+    ]);
 
     assert!(lock.try_acquire_or_renew(Instant::now()).await.unwrap());
 
@@ -1149,18 +1141,13 @@ async fn leader_election_creates_a_missing_lease() {
 
 #[tokio::test]
 async fn leader_election_waits_for_a_live_holder_and_takes_over_an_expired_lease() {
-    let (client, handle) = mock_client();
     let held = lease("replica-b", "5", 2);
-    let api = serve(
-        handle,
-        vec![
-            Step::new("GET", format!("{LEASE_PATH}/{LEASE}")).reply(200, held.clone()),
-            Step::new("GET", format!("{LEASE_PATH}/{LEASE}")).reply(200, held.clone()),
-            Step::new("GET", format!("{LEASE_PATH}/{LEASE}")).reply(200, held.clone()),
-            Step::new("PUT", format!("{LEASE_PATH}/{LEASE}")).echo(),
-        ],
-    );
-    let mut lock = lock(client);
+    let (mut lock, api) = lease_api(vec![
+        lease_step("GET").reply(200, held.clone()),
+        lease_step("GET").reply(200, held.clone()),
+        lease_step("GET").reply(200, held.clone()),
+        lease_step("PUT").echo(),
+    ]);
     let start = Instant::now();
 
     assert!(!lock.try_acquire_or_renew(start).await.unwrap());
@@ -1191,15 +1178,10 @@ async fn leader_election_waits_for_a_live_holder_and_takes_over_an_expired_lease
 
 #[tokio::test]
 async fn leader_election_renews_its_own_lease() {
-    let (client, handle) = mock_client();
-    let api = serve(
-        handle,
-        vec![
-            Step::new("GET", format!("{LEASE_PATH}/{LEASE}")).reply(200, lease(IDENTITY, "7", 1)),
-            Step::new("PUT", format!("{LEASE_PATH}/{LEASE}")).echo(),
-        ],
-    );
-    let mut lock = lock(client);
+    let (mut lock, api) = lease_api(vec![
+        lease_step("GET").reply(200, lease(IDENTITY, "7", 1)),
+        lease_step("PUT").echo(),
+    ]);
 
     assert!(lock.try_acquire_or_renew(Instant::now()).await.unwrap());
 
@@ -1214,23 +1196,18 @@ async fn leader_election_renews_its_own_lease() {
 
 #[tokio::test]
 async fn leader_election_loses_a_race_on_conflict() {
-    let (client, handle) = mock_client();
-    let api = serve(
-        handle,
-        vec![
-            Step::new("GET", format!("{LEASE_PATH}/{LEASE}")).reply(200, lease("", "3", 4)),
-            Step::new("PUT", format!("{LEASE_PATH}/{LEASE}")).reply(
-                409,
-                status_body(409, "Conflict", "the object has been modified"),
-            ),
-            Step::new("GET", format!("{LEASE_PATH}/{LEASE}")).reply(404, not_found()),
-            Step::new("POST", LEASE_PATH).reply(
-                409,
-                status_body(409, "AlreadyExists", "leases \"x\" already exists"),
-            ),
-        ],
-    );
-    let mut lock = lock(client);
+    let (mut lock, api) = lease_api(vec![
+        lease_step("GET").reply(200, lease("", "3", 4)),
+        lease_step("PUT").reply(
+            409,
+            status_body(409, "Conflict", "the object has been modified"),
+        ),
+        lease_step("GET").reply(404, not_found()),
+        Step::new("POST", LEASE_PATH).reply(
+            409,
+            status_body(409, "AlreadyExists", "leases \"x\" already exists"),
+        ),
+    ]);
 
     assert!(!lock.try_acquire_or_renew(Instant::now()).await.unwrap());
     assert!(!lock.try_acquire_or_renew(Instant::now()).await.unwrap());
@@ -1285,15 +1262,10 @@ async fn a_leader_that_cannot_renew_steps_down() {
 
 #[tokio::test]
 async fn leader_election_releases_a_lease_it_holds() {
-    let (client, handle) = mock_client();
-    let api = serve(
-        handle,
-        vec![
-            Step::new("GET", format!("{LEASE_PATH}/{LEASE}")).reply(200, lease(IDENTITY, "7", 1)),
-            Step::new("PUT", format!("{LEASE_PATH}/{LEASE}")).echo(),
-        ],
-    );
-    let mut lock = lock(client);
+    let (mut lock, api) = lease_api(vec![
+        lease_step("GET").reply(200, lease(IDENTITY, "7", 1)),
+        lease_step("PUT").echo(),
+    ]);
 
     assert!(lock.release().await.unwrap());
 
@@ -1314,16 +1286,10 @@ async fn leader_election_releases_a_lease_it_holds() {
 
 #[tokio::test]
 async fn leader_election_never_releases_another_holders_lease() {
-    let (client, handle) = mock_client();
-    let api = serve(
-        handle,
-        vec![
-            Step::new("GET", format!("{LEASE_PATH}/{LEASE}"))
-                .reply(200, lease("replica-b", "8", 2)),
-            Step::new("GET", format!("{LEASE_PATH}/{LEASE}")).reply(404, not_found()),
-        ],
-    );
-    let mut lock = lock(client);
+    let (mut lock, api) = lease_api(vec![
+        lease_step("GET").reply(200, lease("replica-b", "8", 2)),
+        lease_step("GET").reply(404, not_found()),
+    ]);
 
     assert!(!lock.release().await.unwrap());
     assert!(!lock.release().await.unwrap());
@@ -1334,22 +1300,18 @@ async fn leader_election_never_releases_another_holders_lease() {
 
 #[tokio::test]
 async fn a_stopped_leader_steps_down_and_releases_its_lease() {
-    let (client, handle) = mock_client();
-    let api = serve(
-        handle,
-        vec![
-            Step::new("GET", format!("{LEASE_PATH}/{LEASE}")).reply(404, not_found()),
-            Step::new("POST", LEASE_PATH).echo(),
-            Step::new("GET", format!("{LEASE_PATH}/{LEASE}")).reply(200, lease(IDENTITY, "1", 0)),
-            Step::new("PUT", format!("{LEASE_PATH}/{LEASE}")).echo(),
-        ],
-    );
+    let (lock, api) = lease_api(vec![
+        lease_step("GET").reply(404, not_found()),
+        Step::new("POST", LEASE_PATH).echo(),
+        lease_step("GET").reply(200, lease(IDENTITY, "1", 0)),
+        lease_step("PUT").echo(),
+    ]);
     let (leading_tx, mut leading) = watch::channel(false);
     let mut became_leader = leading.clone();
     let stop = async move {
         let _ = became_leader.wait_for(|lead| *lead).await;
     };
-    let campaign = tokio::spawn(lock(client).run(leading_tx, stop));
+    let campaign = tokio::spawn(lock.run(leading_tx, stop));
 
     tokio::time::timeout(HANG_GUARD, campaign)
         .await
@@ -1427,20 +1389,16 @@ async fn reconcile_pods_twice(
     let config = config();
     let desired = desired_for(&opted_in(NS, &[]), &config);
     let ns = with_status(&ready_status(desired.len(), 0), &[]);
-    let (client, handle) = mock_client();
-    let api = serve(
-        handle,
+    let (api, ctx, metrics) = mock_context(
         vec![
             event_step(events_namespace),
             status_step(NS),
             // Second pass, nothing new: no event, no status change.
         ],
+        &config,
+        true,
     );
-    let (ctx, metrics) = context(client, config.clone(), true);
-    prefill(
-        &ctx,
-        &desired.iter().map(|o| live(o, &config)).collect::<Vec<_>>(),
-    );
+    prefill(&ctx, &live_all(&desired, &config));
     sync_pods(&ctx, pods, replica_sets);
 
     reconcile_once(&ns, &ctx).await.unwrap();
@@ -1570,7 +1528,6 @@ async fn restart_uninjected_restarts_the_deployment_once_per_cooldown() {
     let cooldown_key = restarted_for_injection_key(&config.domain);
     let pods = vec![app_pod("api-7d9f8-abcde", "api-7d9f8")];
     let restarted_long_ago = json!({cooldown_key.clone(): "2020-01-01T00:00:00Z"});
-    let (client, handle) = mock_client();
     let patched: Arc<Mutex<Option<Value>>> = Arc::default();
     let keep = patched.clone();
     let mut restart = Step::new("PATCH", DEPLOY_PATH).query("fieldManager", "chiller-metrics");
@@ -1587,8 +1544,7 @@ async fn restart_uninjected_restarts_the_deployment_once_per_cooldown() {
         let body = after_restart.lock().unwrap().clone().unwrap_or_default();
         (200, deployment(body["metadata"]["annotations"].clone()))
     });
-    let api = serve(
-        handle,
+    let (api, ctx, metrics) = mock_context(
         vec![
             event_step(NS),
             Step::new("GET", DEPLOY_PATH).reply(200, deployment(restarted_long_ago)),
@@ -1598,12 +1554,10 @@ async fn restart_uninjected_restarts_the_deployment_once_per_cooldown() {
             // still uninjected, and it is left alone within the cooldown.
             check_again,
         ],
+        &config,
+        true,
     );
-    let (ctx, metrics) = context(client, config.clone(), true);
-    prefill(
-        &ctx,
-        &desired.iter().map(|o| live(o, &config)).collect::<Vec<_>>(),
-    );
+    prefill(&ctx, &live_all(&desired, &config));
     sync_pods(&ctx, &pods, &[replica_set()]);
 
     reconcile_once(&ns, &ctx).await.unwrap();
@@ -1644,10 +1598,7 @@ async fn restart_uninjected_restarts_the_deployment_once_per_cooldown() {
 #[tokio::test]
 async fn a_new_leader_continues_the_event_series_it_finds_on_the_server() {
     let events_path = format!("/apis/events.k8s.io/v1/namespaces/{NS}/events");
-    let (client, handle) = mock_client();
-    let api = serve(
-        handle,
-        vec![
+    let (client, api) = mock_api(vec![
             Step::new("POST", events_path.clone()).reply(
                 409,
                 status_body(409, "AlreadyExists", "events.events.k8s.io already exists"),
@@ -1672,8 +1623,7 @@ async fn a_new_leader_continues_the_event_series_it_finds_on_the_server() {
             Step::new("PATCH", events_path.clone()).prefix().echo(),
             // Known now: the next repeat is one patch.
             Step::new("PATCH", events_path.clone()).prefix().echo(),
-        ],
-    );
+    ]);
     let events = chiller_metrics::reconcile::events::EventSeries::new(
         client,
         "chiller-metrics",

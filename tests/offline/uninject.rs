@@ -263,21 +263,18 @@ fn vary(pod: &Value, v: &Variation) -> Value {
     if v.drop_annotations {
         metadata.remove("annotations");
     }
-    if let Some((key, value)) = &v.extra_label {
-        metadata
-            .entry("labels")
-            .or_insert_with(|| json!({}))
-            .as_object_mut()
-            .unwrap()
-            .insert(key.clone(), json!(value));
-    }
-    if let Some((key, value)) = &v.extra_annotation {
-        metadata
-            .entry("annotations")
-            .or_insert_with(|| json!({}))
-            .as_object_mut()
-            .unwrap()
-            .insert(key.clone(), json!(value));
+    for (field, extra) in [
+        ("labels", &v.extra_label),
+        ("annotations", &v.extra_annotation),
+    ] {
+        if let Some((key, value)) = extra {
+            metadata
+                .entry(field)
+                .or_insert_with(|| json!({}))
+                .as_object_mut()
+                .unwrap()
+                .insert(key.clone(), json!(value));
+        }
     }
     let containers = pod["spec"]["containers"].as_array().unwrap().clone();
     if v.default_container_other && containers.len() > 1 {

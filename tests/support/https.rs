@@ -384,14 +384,8 @@ impl HttpsClient {
         body: impl Into<Bytes>,
         version: HttpVersion,
     ) -> Result<HttpResponse, ClientError> {
-        self.request(
-            http::Method::POST,
-            path,
-            &[("content-type", "application/json")],
-            body,
-            version,
-        )
-        .await
+        let mut connection = self.connect(version).await?;
+        connection.post_json(path, body).await
     }
 }
 

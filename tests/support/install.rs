@@ -167,14 +167,7 @@ impl Install {
             }
             patch.push(json!({"op": "add", "path": format!("/webhooks/{i}/clientConfig/url"), "value": url}));
         }
-        run(self.plane.kubectl().args([
-            "patch",
-            "mutatingwebhookconfiguration",
-            WEBHOOK_CONFIGURATION,
-            "--type=json",
-            "-p",
-            &Value::Array(patch).to_string(),
-        ]));
+        patch_webhook_configuration(self.plane, &Value::Array(patch));
     }
 
     /// The API server picks up webhook configuration changes asynchronously:
@@ -345,13 +338,8 @@ pub fn crds_dir() -> PathBuf {
 
 /// helm with its own home folders, against the control plane.
 pub fn helm(plane: &ControlPlane) -> Command {
-    let home = plane.dir.join("helm");
-    let mut command = Command::new(super::tool("helm"));
-    command
-        .env("KUBECONFIG", &plane.kubeconfig)
-        .env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"));
+    let mut command = super::helm(&plane.dir.join("helm"));
+    command.env("KUBECONFIG", &plane.kubeconfig);
     command
 }
 
@@ -362,6 +350,14 @@ pub fn opt_in(plane: &ControlPlane, namespace: &str) {
         namespace,
         &[(&format!("{DOMAIN}/inject"), "enabled")],
     );
+}
+
+/// Sets `key=value` annotations on a namespace, replacing any there.
+pub fn annotate_namespace(plane: &ControlPlane, namespace: &str, annotations: &[&str]) {
+    run(plane
+        .kubectl()
+        .args(["annotate", "--overwrite", "namespace", namespace])
+        .args(annotations));
 }
 
 /// Whether the stored pod `namespace/name` carries our injected label.
@@ -395,6 +391,51 @@ pub fn rendered(namespace: &str, postgres: bool) -> BTreeSet<(String, String)> {
         .collect()
 }
 
+/// The label on everything the reconcile loop makes.
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by=chiller-metrics";
+/// The kinds the reconcile loop makes, as `kubectl get` names them.
+pub const MANAGED_RESOURCES: &str = "configmaps,services,serviceaccounts,roles.rbac.authorization.k8s.io,rolebindings.rbac.authorization.k8s.io,deployments.apps,prometheuses.monitoring.coreos.com,servicemonitors.monitoring.coreos.com";
+
+/// The items of `kubectl get RESOURCES ARGS -o json`.
+pub fn list(plane: &ControlPlane, resources: &str, args: &[&str]) -> Vec<Value> {
+    let mut all = vec!["get", resources];
+    all.extend_from_slice(args);
+    let list = kubectl_json(plane, &all);
+    list["items"]
+        .as_array()
+        .unwrap_or_else(|| panic!("kubectl get {resources} listed no items: {list}"))
+        .clone()
+}
+
+/// `(kind, name)` of the objects labeled managed-by us in `namespace`.
+pub fn managed_objects(plane: &ControlPlane, namespace: &str) -> BTreeSet<(String, String)> {
+    list(
+        plane,
+        MANAGED_RESOURCES,
+        &["-n", namespace, "-l", MANAGED_BY],
+    )
+    .iter()
+    .map(|o| {
+        (
+            o["kind"].as_str().unwrap().to_string(),
+            o["metadata"]["name"].as_str().unwrap().to_string(),
+        )
+    })
+    .collect()
+}
+
+/// Applies a JSON patch to the chart's MutatingWebhookConfiguration.
+pub fn patch_webhook_configuration(plane: &ControlPlane, patch: &Value) {
+    run(plane.kubectl().args([
+        "patch",
+        "mutatingwebhookconfiguration",
+        WEBHOOK_CONFIGURATION,
+        "--type=json",
+        "-p",
+        &patch.to_string(),
+    ]));
+}
+
 /// `kubectl ... -o json`, parsed.
 pub fn kubectl_json(plane: &ControlPlane, args: &[&str]) -> Value {
     let output = run(plane.kubectl().args(args).args(["-o", "json"]));
@@ -406,12 +447,52 @@ pub use super::controlplane::try_with_input;
 /// Runs a command with `input` on stdin; panics unless it succeeds.
 pub fn run_with_input(command: &mut Command, input: &str) -> Output {
     let output = try_with_input(command, input);
-    assert!(
-        output.status.success(),
-        "{command:?} failed with {}:\n{}{}\ninput: {input}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    super::assert_succeeded(command, &output, &format!("\ninput: {input}"));
     output
+}
+
+/// `chiller-metrics SUBCOMMAND` as a user runs it: with the plane's admin
+/// kubeconfig, from outside the cluster.
+pub fn user_command(plane: &ControlPlane, subcommand: &'static str) -> Command {
+    let mut command = Command::new(ServeProcess::BINARY);
+    command
+        .arg(subcommand)
+        .env("KUBECONFIG", &plane.kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .env("RUST_LOG", "warn");
+    command
+}
+
+/// One run of a `chiller-metrics` subcommand, whatever its exit code.
+pub struct Ran {
+    pub subcommand: &'static str,
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Ran {
+    /// Runs `command`, a `chiller-metrics` `subcommand`.
+    pub fn of(subcommand: &'static str, command: &mut Command) -> Ran {
+        let output = command
+            .output()
+            .unwrap_or_else(|e| panic!("running chiller-metrics {subcommand}: {e}"));
+        Ran {
+            subcommand,
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// The `-o json` output, parsed.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{} -o json printed no JSON ({e}):\n{}\n{}",
+                self.subcommand, self.stdout, self.stderr
+            )
+        })
+    }
 }

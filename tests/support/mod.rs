@@ -88,19 +88,45 @@ pub fn crate_path(relative: &str) -> PathBuf {
     crate_dir().join(relative)
 }
 
+/// helm with its own cache, config and data folders under `home`, away
+/// from the user's.
+pub fn helm(home: &Path) -> Command {
+    let mut command = Command::new(tool("helm"));
+    command
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_DATA_HOME", home.join("data"));
+    command
+}
+
+/// A command's stdout, which must be UTF-8.
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8(output.stdout.clone()).expect("stdout is UTF-8")
+}
+
+/// A command's stderr, for messages.
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 /// Runs a command; panics with its output unless it succeeds.
 pub fn run(command: &mut Command) -> Output {
     let output = command
         .output()
         .unwrap_or_else(|e| panic!("running {command:?}: {e}"));
+    assert_succeeded(command, &output, "");
+    output
+}
+
+/// Panics with the command's output, then `more`, unless it succeeded.
+pub fn assert_succeeded(command: &Command, output: &Output, more: &str) {
     assert!(
         output.status.success(),
-        "{command:?} failed with {}:\n{}{}",
+        "{command:?} failed with {}:\n{}{}{more}",
         output.status,
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    output
 }
 
 /// The documents of a multi-document YAML text, empty ones left out; panics

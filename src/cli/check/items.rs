@@ -17,7 +17,11 @@ use kube::ResourceExt;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use serde_json::Value;
 
-use super::{CheckError, report::Item, tls};
+use super::{
+    CheckError,
+    report::{Item, ItemHead},
+    tls,
+};
 use crate::{
     cluster::policy_from_namespace,
     inject::Injector,
@@ -96,7 +100,11 @@ pub fn webhook_configuration(
     install: &Install,
     fetched: &Fetched<Option<MutatingWebhookConfiguration>>,
 ) -> Item {
-    let description = format!("the MutatingWebhookConfiguration {} exists", install.name);
+    let item = ItemHead::new(
+        "webhook-configuration",
+        WEBHOOK,
+        format!("the MutatingWebhookConfiguration {} exists", install.name),
+    );
     let reinstall = format!(
         "reinstall the release: `helm upgrade --install {name} manifests/chart/chiller-metrics -n {ns}` (or `kubectl apply -k manifests/overlays/...` again)",
         name = install.name,
@@ -106,10 +114,7 @@ pub fn webhook_configuration(
         Ok(Some(configuration)) => {
             let webhooks = configuration.webhooks.as_deref().unwrap_or_default();
             if webhooks.is_empty() {
-                return Item::fail(
-                    "webhook-configuration",
-                    WEBHOOK,
-                    description,
+                return item.fail(
                     "it has no webhooks",
                     reinstall,
                 );
@@ -136,27 +141,18 @@ pub fn webhook_configuration(
                     )
                 })
                 .collect();
-            Item::pass(
-                "webhook-configuration",
-                WEBHOOK,
-                description,
+            item.pass(
                 lines.join("\n"),
             )
         }
-        Ok(None) => Item::fail(
-            "webhook-configuration",
-            WEBHOOK,
-            description,
+        Ok(None) => item.fail(
             format!(
                 "MutatingWebhookConfiguration {} not found: the API server calls no webhook, so no pod is injected",
                 install.name
             ),
             reinstall,
         ),
-        Err(error) => Item::fail(
-            "webhook-configuration",
-            WEBHOOK,
-            description,
+        Err(error) => item.fail(
             error.to_string(),
             "your kubeconfig's user needs get on mutatingwebhookconfigurations (admissionregistration.k8s.io)",
         ),
@@ -184,35 +180,27 @@ pub fn ca_bundle(
     probes: &[WebhookProbe],
     now: UnixTime,
 ) -> Item {
-    let id = "webhook-ca-bundle";
-    let description = "its caBundle verifies the certificate the webhook presents";
+    let item = ItemHead::new(
+        "webhook-ca-bundle",
+        WEBHOOK,
+        "its caBundle verifies the certificate the webhook presents",
+    );
     if !configuration_exists || probes.is_empty() {
-        return Item::skipped(
-            id,
-            WEBHOOK,
-            description,
-            "not checked: no webhook configuration",
-        );
+        return item.skipped("not checked: no webhook configuration");
     }
     let mut passed = Vec::new();
     for probe in probes {
         let chain = match &probe.chain {
             Ok(chain) => chain,
             Err(error) => {
-                return Item::fail(
-                    id,
-                    WEBHOOK,
-                    description,
+                return item.fail(
                     format!("{}: {error}", probe.webhook),
                     unreachable_hint(probe, install),
                 );
             }
         };
         if probe.ca_bundle.iter().all(u8::is_ascii_whitespace) {
-            return Item::fail(
-                id,
-                WEBHOOK,
-                description,
+            return item.fail(
                 format!(
                     "{}: the caBundle is empty, so the API server trusts only its system roots, which did not sign the webhook's certificate",
                     probe.webhook
@@ -230,10 +218,7 @@ pub fn ca_bundle(
                 probe.webhook, probe.address, probe.server_name
             )),
             Err(reason) => {
-                return Item::fail(
-                    id,
-                    WEBHOOK,
-                    description,
+                return item.fail(
                     format!(
                         "{}: {reason} (presented at {} for {})",
                         probe.webhook, probe.address, probe.server_name
@@ -247,7 +232,7 @@ pub fn ca_bundle(
             }
         }
     }
-    Item::pass(id, WEBHOOK, description, passed.join("\n"))
+    item.pass(passed.join("\n"))
 }
 
 pub fn certificate_expiry(
@@ -256,15 +241,13 @@ pub fn certificate_expiry(
     probes: &[WebhookProbe],
     now: i64,
 ) -> Item {
-    let id = "webhook-certificate";
-    let description = format!("the serving certificate is valid for {MIN_CERT_DAYS} days or more");
+    let item = ItemHead::new(
+        "webhook-certificate",
+        WEBHOOK,
+        format!("the serving certificate is valid for {MIN_CERT_DAYS} days or more"),
+    );
     if !configuration_exists || probes.is_empty() {
-        return Item::skipped(
-            id,
-            WEBHOOK,
-            description,
-            "not checked: no webhook configuration",
-        );
+        return item.skipped("not checked: no webhook configuration");
     }
     let mut lines = Vec::new();
     for probe in probes {
@@ -273,23 +256,15 @@ pub fn certificate_expiry(
             Err(_) => None,
         };
         let Some(leaf) = leaf else {
-            return Item::skipped(
-                id,
-                WEBHOOK,
-                description,
-                format!("not checked: {} presented no certificate", probe.webhook),
-            );
+            return item.skipped(format!(
+                "not checked: {} presented no certificate",
+                probe.webhook
+            ));
         };
         let not_after = match tls::not_after(leaf) {
             Ok(seconds) => seconds,
             Err(reason) => {
-                return Item::fail(
-                    id,
-                    WEBHOOK,
-                    description,
-                    reason,
-                    "serve a valid X.509 certificate",
-                );
+                return item.fail(reason, "serve a valid X.509 certificate");
             }
         };
         let days = (not_after - now).div_euclid(DAY);
@@ -299,10 +274,7 @@ pub fn certificate_expiry(
             } else {
                 format!("expires at {} (in {days} days)", when(not_after))
             };
-            return Item::fail(
-                id,
-                WEBHOOK,
-                description,
+            return item.fail(
                 format!(
                     "{}: the certificate presented at {} {state}",
                     probe.webhook, probe.address
@@ -320,7 +292,7 @@ pub fn certificate_expiry(
             when(not_after)
         ));
     }
-    Item::pass(id, WEBHOOK, description, lines.join("\n"))
+    item.pass(lines.join("\n"))
 }
 
 fn condition_true(deployment: &Deployment, kind: &str) -> bool {
@@ -345,8 +317,11 @@ fn replicas(deployment: &Deployment) -> String {
 }
 
 pub fn deployment_available(install: &Install, fetched: &Fetched<Option<Deployment>>) -> Item {
-    let id = "deployment-available";
-    let description = format!("the Deployment {} is available", install.name);
+    let item = ItemHead::new(
+        "deployment-available",
+        DEPLOYMENT,
+        format!("the Deployment {} is available", install.name),
+    );
     let hint = format!(
         "run `kubectl -n {ns} rollout status deploy/{name}`, then `kubectl -n {ns} describe pods` and `kubectl -n {ns} logs deploy/{name}`",
         ns = install.namespace,
@@ -354,19 +329,13 @@ pub fn deployment_available(install: &Install, fetched: &Fetched<Option<Deployme
     );
     match fetched {
         Ok(Some(deployment)) if condition_true(deployment, "Available") => {
-            Item::pass(id, DEPLOYMENT, description, replicas(deployment))
+            item.pass(replicas(deployment))
         }
-        Ok(Some(deployment)) => Item::fail(
-            id,
-            DEPLOYMENT,
-            description,
+        Ok(Some(deployment)) => item.fail(
             format!("not available: {}", replicas(deployment)),
             hint,
         ),
-        Ok(None) => Item::fail(
-            id,
-            DEPLOYMENT,
-            description,
+        Ok(None) => item.fail(
             format!(
                 "Deployment {}/{} not found",
                 install.namespace, install.name
@@ -376,13 +345,16 @@ pub fn deployment_available(install: &Install, fetched: &Fetched<Option<Deployme
                 install.namespace
             ),
         ),
-        Err(error) => Item::fail(id, DEPLOYMENT, description, error.to_string(), hint),
+        Err(error) => item.fail(error.to_string(), hint),
     }
 }
 
 pub fn pods_ready(install: &Install, fetched: &Fetched<Vec<ReadyProbe>>, via_proxy: bool) -> Item {
-    let id = "pods-ready";
-    let description = "its pods answer /readyz on the admin port";
+    let item = ItemHead::new(
+        "pods-ready",
+        DEPLOYMENT,
+        "its pods answer /readyz on the admin port",
+    );
     let reach_hint = if via_proxy {
         format!(
             "; if the API server cannot reach the pods, forward a port and pass it: `kubectl -n {ns} port-forward deploy/{name} 9090` and `--admin-address 127.0.0.1:9090`",
@@ -395,20 +367,14 @@ pub fn pods_ready(install: &Install, fetched: &Fetched<Vec<ReadyProbe>>, via_pro
     let probes = match fetched {
         Ok(probes) => probes,
         Err(error) => {
-            return Item::fail(
-                id,
-                DEPLOYMENT,
-                description,
+            return item.fail(
                 error.to_string(),
                 format!("check the Deployment first{reach_hint}"),
             );
         }
     };
     if probes.is_empty() {
-        return Item::fail(
-            id,
-            DEPLOYMENT,
-            description,
+        return item.fail(
             format!("Deployment {} has no pods", install.name),
             format!(
                 "run `kubectl -n {} rollout status deploy/{}`",
@@ -424,12 +390,9 @@ pub fn pods_ready(install: &Install, fetched: &Fetched<Vec<ReadyProbe>>, via_pro
         })
         .collect();
     if probes.iter().all(|p| p.outcome.is_ok()) {
-        Item::pass(id, DEPLOYMENT, description, lines.join("\n"))
+        item.pass(lines.join("\n"))
     } else {
-        Item::fail(
-            id,
-            DEPLOYMENT,
-            description,
+        item.fail(
             lines.join("\n"),
             format!(
                 "a pod that is not ready says why in its log: `kubectl -n {} logs POD` (the namespace watch, the certificate files){reach_hint}",
@@ -452,15 +415,15 @@ fn established(crd: &CustomResourceDefinition) -> bool {
 const OPERATOR_INSTALL: &str = "install kube-prometheus-stack with our values: `helm install monitoring kube-prometheus-stack --repo https://prometheus-community.github.io/helm-charts --version 88.6.4 --namespace monitoring --create-namespace -f manifests/kube-prometheus-stack-values.yaml --wait`";
 
 pub fn operator_crds(fetched: &Fetched<Vec<(String, Option<CustomResourceDefinition>)>>) -> Item {
-    let id = "prometheus-operator-crds";
-    let description = "the Prometheus Operator CRDs are installed";
+    let item = ItemHead::new(
+        "prometheus-operator-crds",
+        OPERATOR,
+        "the Prometheus Operator CRDs are installed",
+    );
     let crds = match fetched {
         Ok(crds) => crds,
         Err(error) => {
-            return Item::fail(
-                id,
-                OPERATOR,
-                description,
+            return item.fail(
                 error.to_string(),
                 "your kubeconfig's user needs get on customresourcedefinitions (apiextensions.k8s.io)",
             );
@@ -477,7 +440,7 @@ pub fn operator_crds(fetched: &Fetched<Vec<(String, Option<CustomResourceDefinit
     }
     if missing.is_empty() && not_established.is_empty() {
         let names: Vec<&str> = crds.iter().map(|(n, _)| n.as_str()).collect();
-        return Item::pass(id, OPERATOR, description, names.join(", "));
+        return item.pass(names.join(", "));
     }
     let mut detail = Vec::new();
     if !missing.is_empty() {
@@ -487,10 +450,7 @@ pub fn operator_crds(fetched: &Fetched<Vec<(String, Option<CustomResourceDefinit
         detail.push(format!("not established: {}", not_established.join(", ")));
     }
     detail.push("the reconcile loop cannot apply Prometheus and ServiceMonitor objects".into());
-    Item::fail(
-        id,
-        OPERATOR,
-        description,
+    item.fail(
         detail.join("\n"),
         format!(
             "install the Prometheus Operator CRDs: {OPERATOR_INSTALL}\n(the CRDs alone: `kubectl apply --server-side -f` the monitoring.coreos.com CRDs of prometheus-operator v0.93.0, example/prometheus-operator-crd/)"
@@ -517,15 +477,15 @@ fn operator_image(deployment: &Deployment) -> Option<String> {
 }
 
 pub fn operator_running(fetched: &Fetched<Vec<Deployment>>) -> Item {
-    let id = "prometheus-operator-running";
-    let description = "the Prometheus Operator is running";
+    let item = ItemHead::new(
+        "prometheus-operator-running",
+        OPERATOR,
+        "the Prometheus Operator is running",
+    );
     let deployments = match fetched {
         Ok(deployments) => deployments,
         Err(error) => {
-            return Item::fail(
-                id,
-                OPERATOR,
-                description,
+            return item.fail(
                 error.to_string(),
                 "your kubeconfig's user needs list on deployments (apps) in all namespaces",
             );
@@ -545,18 +505,10 @@ pub fn operator_running(fetched: &Fetched<Vec<Deployment>>) -> Item {
     };
     let how = "found by its image among all Deployments of the cluster";
     if let Some(running) = found.iter().find(|f| condition_true(f.0, "Available")) {
-        return Item::pass(
-            id,
-            OPERATOR,
-            description,
-            format!("{} ({how})", line(running)),
-        );
+        return item.pass(format!("{} ({how})", line(running)));
     }
     match found.first() {
-        Some(first) => Item::fail(
-            id,
-            OPERATOR,
-            description,
+        Some(first) => item.fail(
             format!(
                 "{} ({how}), but it is not available",
                 found.iter().map(line).collect::<Vec<_>>().join("\n")
@@ -567,10 +519,7 @@ pub fn operator_running(fetched: &Fetched<Vec<Deployment>>) -> Item {
                 first.0.name_any()
             ),
         ),
-        None => Item::fail(
-            id,
-            OPERATOR,
-            description,
+        None => item.fail(
             format!(
                 "no Deployment in the cluster runs a prometheus-operator image (looked at {} Deployments): the per-namespace Prometheus objects are never turned into Prometheus servers",
                 deployments.len()
@@ -581,8 +530,11 @@ pub fn operator_running(fetched: &Fetched<Vec<Deployment>>) -> Item {
 }
 
 pub fn leader_lease(install: &Install, fetched: &Fetched<Option<Lease>>, now: Timestamp) -> Item {
-    let id = "leader-lease";
-    let description = format!("the Lease {} has a live holder", install.lease);
+    let item = ItemHead::new(
+        "leader-lease",
+        RECONCILE,
+        format!("the Lease {} has a live holder", install.lease),
+    );
     let hint = format!(
         "a replica that leads logs it: `kubectl -n {ns} logs deploy/{name} | grep -i lead`; check the pods run (items above) and that the release was not installed with reconcile=false (--no-reconcile)",
         ns = install.namespace,
@@ -591,10 +543,7 @@ pub fn leader_lease(install: &Install, fetched: &Fetched<Option<Lease>>, now: Ti
     let lease = match fetched {
         Ok(Some(lease)) => lease,
         Ok(None) => {
-            return Item::fail(
-                id,
-                RECONCILE,
-                description,
+            return item.fail(
                 format!(
                     "Lease {}/{} not found: no replica has led the reconcile loop",
                     install.namespace, install.lease
@@ -602,49 +551,32 @@ pub fn leader_lease(install: &Install, fetched: &Fetched<Option<Lease>>, now: Ti
                 hint,
             );
         }
-        Err(error) => return Item::fail(id, RECONCILE, description, error.to_string(), hint),
+        Err(error) => return item.fail(error.to_string(), hint),
     };
     let spec = lease.spec.clone().unwrap_or_default();
     let Some(holder) = spec.holder_identity.filter(|h| !h.is_empty()) else {
-        return Item::fail(
-            id,
-            RECONCILE,
-            description,
+        return item.fail(
             "no holder: the last leader released it and no replica has taken it over, so no namespace is reconciled",
             hint,
         );
     };
     let duration = i64::from(spec.lease_duration_seconds.unwrap_or(15));
     let Some(renewed) = spec.renew_time.or(spec.acquire_time).map(|t| t.0) else {
-        return Item::fail(
-            id,
-            RECONCILE,
-            description,
-            format!("held by {holder}, but never renewed"),
-            hint,
-        );
+        return item.fail(format!("held by {holder}, but never renewed"), hint);
     };
     let age = now.as_second() - renewed.as_second();
     if age >= duration {
-        return Item::fail(
-            id,
-            RECONCILE,
-            description,
+        return item.fail(
             format!(
                 "held by {holder}, but last renewed at {renewed} ({age} s ago; it lasts {duration} s): the holder is gone or cannot reach the API server"
             ),
             hint,
         );
     }
-    Item::pass(
-        id,
-        RECONCILE,
-        description,
-        format!(
-            "held by {holder}, renewed {} s ago (lasts {duration} s)",
-            age.max(0)
-        ),
-    )
+    item.pass(format!(
+        "held by {holder}, renewed {} s ago (lasts {duration} s)",
+        age.max(0)
+    ))
 }
 
 /// The reconcile loop's status annotation, parsed loosely (newer fields are fine).
@@ -662,27 +594,25 @@ pub fn opted_in(namespaces: &[Namespace], keys: &Keys) -> Vec<Namespace> {
 }
 
 pub fn namespaces_reconciled(keys: &Keys, fetched: &Fetched<Vec<Namespace>>) -> Item {
-    let id = "namespaces-reconciled";
-    let description = "every opted-in namespace is reconciled without error";
+    let item = ItemHead::new(
+        "namespaces-reconciled",
+        RECONCILE,
+        "every opted-in namespace is reconciled without error",
+    );
     let namespaces = match fetched {
         Ok(namespaces) => opted_in(namespaces, keys),
         Err(error) => {
-            return Item::fail(
-                id,
-                RECONCILE,
-                description,
+            return item.fail(
                 error.to_string(),
                 "your kubeconfig's user needs list on namespaces",
             );
         }
     };
     if namespaces.is_empty() {
-        return Item::pass(
-            id,
-            RECONCILE,
-            description,
-            format!("no namespace is opted in (label {}={ENABLED})", keys.inject),
-        );
+        return item.pass(format!(
+            "no namespace is opted in (label {}={ENABLED})",
+            keys.inject
+        ));
     }
     let mut ready = Vec::new();
     let mut failed = Vec::new();
@@ -700,12 +630,7 @@ pub fn namespaces_reconciled(keys: &Keys, fetched: &Fetched<Vec<Namespace>>) -> 
         }
     }
     if failed.is_empty() && unreconciled.is_empty() {
-        return Item::pass(
-            id,
-            RECONCILE,
-            description,
-            format!("{} ready: {}", ready.len(), ready.join(", ")),
-        );
+        return item.pass(format!("{} ready: {}", ready.len(), ready.join(", ")));
     }
     let mut detail: Vec<String> = failed
         .iter()
@@ -729,13 +654,7 @@ pub fn namespaces_reconciled(keys: &Keys, fetched: &Fetched<Vec<Namespace>>) -> 
                 .into(),
         );
     }
-    Item::fail(
-        id,
-        RECONCILE,
-        description,
-        detail.join("\n"),
-        hints.join("\n"),
-    )
+    item.fail(detail.join("\n"), hints.join("\n"))
 }
 
 /// The workload that recreates a pod: `Deployment api` (ReplicaSet name
@@ -773,16 +692,16 @@ pub fn is_uninjected(pod: &Pod, namespace: &Namespace, injector: &Injector) -> b
 }
 
 pub fn pods_injected(injector: &Injector, fetched: &Fetched<Vec<NamespacePods>>) -> Item {
-    let id = "pods-injected";
-    let description = "no pod in an opted-in namespace is missing the sidecar";
+    let item = ItemHead::new(
+        "pods-injected",
+        PODS,
+        "no pod in an opted-in namespace is missing the sidecar",
+    );
     let keys = injector.keys();
     let namespaces = match fetched {
         Ok(namespaces) => namespaces,
         Err(error) => {
-            return Item::fail(
-                id,
-                PODS,
-                description,
+            return item.fail(
                 error.to_string(),
                 "your kubeconfig's user needs list on namespaces and pods",
             );
@@ -805,15 +724,10 @@ pub fn pods_injected(injector: &Injector, fetched: &Fetched<Vec<NamespacePods>>)
         }
     }
     if found.is_empty() {
-        return Item::pass(
-            id,
-            PODS,
-            description,
-            format!(
-                "{checked} pods in {} opted-in namespaces: each is injected, opted out or not selected",
-                namespaces.len()
-            ),
-        );
+        return item.pass(format!(
+            "{checked} pods in {} opted-in namespaces: each is injected, opted out or not selected",
+            namespaces.len()
+        ));
     }
     let mut detail = Vec::new();
     let mut commands = Vec::new();
@@ -832,10 +746,7 @@ pub fn pods_injected(injector: &Injector, fetched: &Fetched<Vec<NamespacePods>>)
             });
         }
     }
-    Item::fail(
-        id,
-        PODS,
-        description,
+    item.fail(
         detail.join("\n"),
         format!(
             "they were created while the webhook did not answer or before their namespace opted in; once the webhook items above pass, recreate them: {}\n(or annotate the namespace {}=true to let chiller-metrics restart Deployments and StatefulSets)",
@@ -853,16 +764,14 @@ fn config_hash(value: &Value) -> Option<&str> {
 }
 
 pub fn pods_up_to_date(injector: &Injector, fetched: &Fetched<Vec<NamespacePods>>) -> Item {
-    let id = "pods-up-to-date";
-    let description = "no injected pod is outdated (injected with an older config)";
+    let item = ItemHead::new(
+        "pods-up-to-date",
+        PODS,
+        "no injected pod is outdated (injected with an older config)",
+    );
     let keys = injector.keys();
     let Ok(namespaces) = fetched else {
-        return Item::skipped(
-            id,
-            PODS,
-            description,
-            "not checked: pods could not be listed",
-        );
+        return item.skipped("not checked: pods could not be listed");
     };
     let mut outdated = Vec::new();
     let mut compared = 0;
@@ -894,20 +803,12 @@ pub fn pods_up_to_date(injector: &Injector, fetched: &Fetched<Vec<NamespacePods>
         }
     }
     if hashed_namespaces == 0 {
-        return Item::skipped(
-            id,
-            PODS,
-            description,
-            "not checked: no config hash recorded",
-        );
+        return item.skipped("not checked: no config hash recorded");
     }
     if outdated.is_empty() {
-        return Item::pass(
-            id,
-            PODS,
-            description,
-            format!("{compared} injected pods carry the current config hash"),
-        );
+        return item.pass(format!(
+            "{compared} injected pods carry the current config hash"
+        ));
     }
     let detail: Vec<String> = outdated
         .iter()
@@ -924,10 +825,7 @@ pub fn pods_up_to_date(injector: &Injector, fetched: &Fetched<Vec<NamespacePods>
     } else {
         format!("`kubectl -n {ns} rollout restart {kind}/{name}`")
     };
-    Item::fail(
-        id,
-        PODS,
-        description,
+    item.fail(
         detail.join("\n"),
         format!(
             "recreate them so the webhook injects the current config, e.g. {example}\n(or annotate the namespace {}=true to let chiller-metrics restart Deployments and StatefulSets one at a time)",
@@ -949,7 +847,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::{config::Config, inject::ResolvedMode};
+    use crate::{config::Config, inject::ResolvedMode, test_support::labels as map};
 
     fn install() -> Install {
         Install {
@@ -1048,22 +946,18 @@ mod tests {
         assert_eq!(leader_lease(&install(), &Ok(None), now).status, Fail);
     }
 
+    fn meta(name: &str, labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(map(labels)),
+            annotations: Some(map(annotations)),
+            ..Default::default()
+        }
+    }
+
     fn namespace(name: &str, labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> Namespace {
-        let map = |pairs: &[(&str, &str)]| {
-            Some(
-                pairs
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            )
-        };
         Namespace {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                labels: map(labels),
-                annotations: map(annotations),
-                ..Default::default()
-            },
+            metadata: meta(name, labels, annotations),
             ..Default::default()
         }
     }
@@ -1101,21 +995,8 @@ mod tests {
     }
 
     fn pod(name: &str, labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> Pod {
-        let map = |pairs: &[(&str, &str)]| {
-            Some(
-                pairs
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            )
-        };
         Pod {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                labels: map(labels),
-                annotations: map(annotations),
-                ..Default::default()
-            },
+            metadata: meta(name, labels, annotations),
             spec: Some(PodSpec {
                 containers: vec![Container {
                     name: "app".into(),

@@ -41,20 +41,31 @@ pub struct Item {
 }
 
 impl Item {
+    fn new(
+        id: &'static str,
+        category: &'static str,
+        description: impl Into<String>,
+        status: Status,
+        detail: impl Into<String>,
+        hint: Option<String>,
+    ) -> Self {
+        Self {
+            id,
+            category,
+            description: description.into(),
+            status,
+            detail: detail.into(),
+            hint,
+        }
+    }
+
     pub fn pass(
         id: &'static str,
         category: &'static str,
         description: impl Into<String>,
         detail: impl Into<String>,
     ) -> Self {
-        Self {
-            id,
-            category,
-            description: description.into(),
-            status: Status::Pass,
-            detail: detail.into(),
-            hint: None,
-        }
+        Self::new(id, category, description, Status::Pass, detail, None)
     }
 
     pub fn fail(
@@ -64,14 +75,8 @@ impl Item {
         detail: impl Into<String>,
         hint: impl Into<String>,
     ) -> Self {
-        Self {
-            id,
-            category,
-            description: description.into(),
-            status: Status::Fail,
-            detail: detail.into(),
-            hint: Some(hint.into()),
-        }
+        let hint = Some(hint.into());
+        Self::new(id, category, description, Status::Fail, detail, hint)
     }
 
     pub fn skipped(
@@ -80,14 +85,37 @@ impl Item {
         description: impl Into<String>,
         detail: impl Into<String>,
     ) -> Self {
+        Self::new(id, category, description, Status::Skipped, detail, None)
+    }
+}
+
+/// An item's id, heading and description, to be given its outcome.
+pub struct ItemHead {
+    id: &'static str,
+    category: &'static str,
+    description: String,
+}
+
+impl ItemHead {
+    pub fn new(id: &'static str, category: &'static str, description: impl Into<String>) -> Self {
         Self {
             id,
             category,
             description: description.into(),
-            status: Status::Skipped,
-            detail: detail.into(),
-            hint: None,
         }
+    }
+
+    pub fn pass(&self, detail: impl Into<String>) -> Item {
+        Item::pass(self.id, self.category, self.description.clone(), detail)
+    }
+
+    pub fn fail(&self, detail: impl Into<String>, hint: impl Into<String>) -> Item {
+        let description = self.description.clone();
+        Item::fail(self.id, self.category, description, detail, hint)
+    }
+
+    pub fn skipped(&self, detail: impl Into<String>) -> Item {
+        Item::skipped(self.id, self.category, self.description.clone(), detail)
     }
 }
 

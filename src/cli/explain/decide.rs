@@ -21,7 +21,7 @@ use crate::{
     },
     keys::DISABLED,
     manifest::with_metadata,
-    uninject::{skipped_annotation, uninject_patch},
+    uninject::{RecordedStatus, skipped_annotation, uninject_patch},
 };
 
 /// The label the API server sets on every namespace to its name.
@@ -202,13 +202,31 @@ pub fn explain(inputs: &Inputs<'_>) -> Explanation {
     }
 }
 
-fn step(number: u8, id: &str, title: &str, status: StepStatus, detail: String) -> Step {
-    Step {
-        number,
-        id: id.to_string(),
-        title: title.to_string(),
-        status,
-        detail,
+/// A step's number, id and title, to be given its outcome.
+#[derive(Clone, Copy)]
+struct Heading {
+    number: u8,
+    id: &'static str,
+    title: &'static str,
+}
+
+impl Heading {
+    fn step(self, status: StepStatus, detail: String) -> Step {
+        Step {
+            number: self.number,
+            id: self.id.to_string(),
+            title: self.title.to_string(),
+            status,
+            detail,
+        }
+    }
+
+    fn pass(self, detail: String) -> Step {
+        self.step(StepStatus::Pass, detail)
+    }
+
+    fn fail(self, detail: String) -> Step {
+        self.step(StepStatus::Fail, detail)
     }
 }
 
@@ -247,42 +265,28 @@ fn namespace_selector_step(
     webhook: Option<&MutatingWebhook>,
     namespace_labels: &BTreeMap<String, String>,
 ) -> Step {
-    let (id, title) = (
-        "namespace-selector",
-        "namespace label and namespaceSelector",
-    );
+    let heading = Heading {
+        number: 1,
+        id: "namespace-selector",
+        title: "namespace label and namespaceSelector",
+    };
     let Some(webhook) = webhook else {
-        return step(
-            1,
-            id,
-            title,
-            StepStatus::Fail,
-            format!(
-                "{} not found: the API server calls no webhook",
-                inputs.webhook.source
-            ),
-        );
+        return heading.fail(format!(
+            "{} not found: the API server calls no webhook",
+            inputs.webhook.source
+        ));
     };
     if !covers_pod_create(webhook) {
-        return step(
-            1,
-            id,
-            title,
-            StepStatus::Fail,
-            format!(
-                "webhook {}: its rules do not cover pod CREATE",
-                webhook.name
-            ),
-        );
+        return heading.fail(format!(
+            "webhook {}: its rules do not cover pod CREATE",
+            webhook.name
+        ));
     }
     if inputs.namespace.is_none() {
-        return step(
-            1,
-            id,
-            title,
-            StepStatus::Fail,
-            format!("namespace {} does not exist", inputs.subject.namespace),
-        );
+        return heading.fail(format!(
+            "namespace {} does not exist",
+            inputs.subject.namespace
+        ));
     }
     let requirements = match selector::requirements(
         webhook.namespace_selector.as_ref(),
@@ -291,31 +295,18 @@ fn namespace_selector_step(
     ) {
         Ok(requirements) => requirements,
         Err(error) => {
-            return step(
-                1,
-                id,
-                title,
-                StepStatus::Fail,
-                format!("the namespaceSelector is invalid: {error}"),
-            );
+            return heading.fail(format!("the namespaceSelector is invalid: {error}"));
         }
     };
     let wanted = selector::describe(&requirements);
     match unmet(&requirements)[..] {
-        [] if requirements.is_empty() => step(
-            1,
-            id,
-            title,
-            StepStatus::Pass,
-            "the namespaceSelector selects every namespace".into(),
-        ),
-        [] => step(
-            1,
-            id,
-            title,
-            StepStatus::Pass,
-            format!("namespace {} matches {wanted}", inputs.subject.namespace),
-        ),
+        [] if requirements.is_empty() => {
+            heading.pass("the namespaceSelector selects every namespace".into())
+        }
+        [] => heading.pass(format!(
+            "namespace {} matches {wanted}",
+            inputs.subject.namespace
+        )),
         ref missing => {
             let missing = missing.join(",");
             let namespace = &inputs.subject.namespace;
@@ -329,7 +320,7 @@ fn namespace_selector_step(
                     "; opt it in with `kubectl label namespace {namespace} {opt_in}`"
                 ));
             }
-            step(1, id, title, StepStatus::Fail, detail)
+            heading.fail(detail)
         }
     }
 }
@@ -339,15 +330,13 @@ fn excluded_namespaces_step(
     webhook: Option<&MutatingWebhook>,
     namespace_labels: &BTreeMap<String, String>,
 ) -> Step {
-    let (id, title) = ("excluded-namespaces", "excluded namespaces");
+    let heading = Heading {
+        number: 2,
+        id: "excluded-namespaces",
+        title: "excluded namespaces",
+    };
     let Some(webhook) = webhook else {
-        return step(
-            2,
-            id,
-            title,
-            StepStatus::Fail,
-            "no webhook configuration".into(),
-        );
+        return heading.fail("no webhook configuration".into());
     };
     let requirements = match selector::requirements(
         webhook.namespace_selector.as_ref(),
@@ -356,43 +345,21 @@ fn excluded_namespaces_step(
     ) {
         Ok(requirements) => requirements,
         Err(error) => {
-            return step(
-                2,
-                id,
-                title,
-                StepStatus::Fail,
-                format!("the namespaceSelector is invalid: {error}"),
-            );
+            return heading.fail(format!("the namespaceSelector is invalid: {error}"));
         }
     };
     match unmet(&requirements)[..] {
-        [] if requirements.is_empty() => step(
-            2,
-            id,
-            title,
-            StepStatus::Pass,
-            "the namespaceSelector excludes no namespace by name".into(),
-        ),
-        [] => step(
-            2,
-            id,
-            title,
-            StepStatus::Pass,
-            format!(
-                "{namespace} is not excluded ({})",
-                selector::describe(&requirements)
-            ),
-        ),
-        ref missing => step(
-            2,
-            id,
-            title,
-            StepStatus::Fail,
-            format!(
-                "{namespace} is excluded by the namespaceSelector ({})",
-                missing.join(",")
-            ),
-        ),
+        [] if requirements.is_empty() => {
+            heading.pass("the namespaceSelector excludes no namespace by name".into())
+        }
+        [] => heading.pass(format!(
+            "{namespace} is not excluded ({})",
+            selector::describe(&requirements)
+        )),
+        ref missing => heading.fail(format!(
+            "{namespace} is excluded by the namespaceSelector ({})",
+            missing.join(",")
+        )),
     }
 }
 
@@ -402,15 +369,13 @@ fn object_step(
     pod: &Value,
     labels: &BTreeMap<String, String>,
 ) -> Step {
-    let (id, title) = ("object-selector", "objectSelector and matchConditions");
+    let heading = Heading {
+        number: 3,
+        id: "object-selector",
+        title: "objectSelector and matchConditions",
+    };
     let Some(webhook) = webhook else {
-        return step(
-            3,
-            id,
-            title,
-            StepStatus::Fail,
-            "no webhook configuration".into(),
-        );
+        return heading.fail("no webhook configuration".into());
     };
     let mut notes = Vec::new();
     let mut status = StepStatus::Pass;
@@ -475,7 +440,7 @@ fn object_step(
             });
         }
     }
-    step(3, id, title, status, notes.join("; "))
+    heading.step(status, notes.join("; "))
 }
 
 /// Steps 4–6: the stages of the webhook's one decision. Those before the
@@ -492,13 +457,13 @@ fn webhook_steps(inputs: &Inputs<'_>, pod: &Value, policy: &NamespacePolicy) -> 
     Stage::ALL
         .into_iter()
         .map(|stage| {
-            let (number, id, title) = stage_step(stage);
+            let heading = stage_heading(stage);
             let (status, detail) = match (decided, &decision) {
                 (Some(at), _) if stage > at => (
                     StepStatus::NotReached,
                     format!(
                         "not reached: the webhook decided at step {}",
-                        stage_step(at).0
+                        stage_heading(at).number
                     ),
                 ),
                 (Some(at), Err(error)) if stage == at => (
@@ -531,18 +496,19 @@ fn webhook_steps(inputs: &Inputs<'_>, pod: &Value, policy: &NamespacePolicy) -> 
                 }
                 _ => (StepStatus::Pass, passed_detail(stage, inputs, policy)),
             };
-            step(number, id, title, status, detail)
+            heading.step(status, detail)
         })
         .collect()
 }
 
-/// A stage's step: number, id and title.
-fn stage_step(stage: Stage) -> (u8, &'static str, &'static str) {
-    match stage {
+/// A stage's step heading.
+fn stage_heading(stage: Stage) -> Heading {
+    let (number, id, title) = match stage {
         Stage::Wanted => (4, "opt-out", "already injected, or opted out"),
         Stage::Selected => (5, "pod-selector", "namespace pod-selector"),
         Stage::Fits => (6, "mutation", "the mutation's decision"),
-    }
+    };
+    Heading { number, id, title }
 }
 
 /// What a stage the pod got through checked.
@@ -611,21 +577,17 @@ fn existing_injection(
             .and_then(Value::as_str)
             .map(str::to_string)
     };
+    let recorded = status
+        .as_ref()
+        .map(RecordedStatus::from_value)
+        .unwrap_or_default();
     ExistingInjection {
         injected: status.is_some() || labels.get(injected_key).is_some_and(|v| v == "true"),
         version: field("version"),
         config_hash: field("configHash"),
         mode: field("mode"),
-        prefix: field("prefix"),
-        containers: status
-            .as_ref()
-            .and_then(|s| s.get("containers"))
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .map(str::to_string)
-            .collect(),
+        prefix: recorded.prefix,
+        containers: recorded.containers,
         skipped: annotations.get(&skipped_annotation(domain)).cloned(),
     }
 }
@@ -750,6 +712,16 @@ mod tests {
             webhook,
             injector,
         })
+    }
+
+    fn match_conditions(webhook: &mut WebhookFacts) -> &mut Vec<MatchCondition> {
+        webhook
+            .webhook
+            .as_mut()
+            .unwrap()
+            .match_conditions
+            .as_mut()
+            .unwrap()
     }
 
     fn statuses(explanation: &Explanation) -> Vec<StepStatus> {
@@ -901,13 +873,7 @@ mod tests {
     #[test]
     fn an_unknown_match_condition_is_undetermined() {
         let mut webhook = chart();
-        let conditions = webhook
-            .webhook
-            .as_mut()
-            .unwrap()
-            .match_conditions
-            .as_mut()
-            .unwrap();
+        let conditions = match_conditions(&mut webhook);
         conditions[0].expression = "request.userInfo.username != 'system:admin'".into();
         let explanation = run(&pod(json!({})), Some(&opted_in()), &webhook);
         assert_eq!(explanation.steps[2].status, Unknown);
@@ -957,13 +923,7 @@ mod tests {
     #[test]
     fn match_conditions_on_the_spec_and_the_request_are_evaluated() {
         let mut webhook = chart();
-        let conditions = webhook
-            .webhook
-            .as_mut()
-            .unwrap()
-            .match_conditions
-            .as_mut()
-            .unwrap();
+        let conditions = match_conditions(&mut webhook);
         conditions.push(MatchCondition {
             name: "one-container".into(),
             expression: "object.spec.containers.size() == 1 && request.operation == 'CREATE'"
@@ -988,13 +948,7 @@ mod tests {
         assert_eq!(explanation.steps[2].status, Fail);
 
         // An error (no hostNetwork field) goes by the failurePolicy: the chart's is Ignore.
-        let conditions = webhook
-            .webhook
-            .as_mut()
-            .unwrap()
-            .match_conditions
-            .as_mut()
-            .unwrap();
+        let conditions = match_conditions(&mut webhook);
         conditions[1].expression = "!object.spec.hostNetwork".into();
         let explanation = run(&pod(json!({})), Some(&opted_in()), &webhook);
         assert_eq!(explanation.steps[2].status, Fail);

@@ -62,13 +62,7 @@ pub fn describe(requirements: &[Requirement]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::test_support::labels;
 
     fn selector(json: serde_json::Value) -> LabelSelector {
         serde_json::from_value(json).unwrap()

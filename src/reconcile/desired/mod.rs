@@ -216,6 +216,36 @@ fn desired(
     }
 }
 
+/// A headless Service with one TCP port.
+fn headless_service(
+    meta: Value,
+    selector: Value,
+    port_name: &str,
+    port: u16,
+    target_port: Value,
+) -> DesiredObject {
+    desired(
+        "v1",
+        "Service",
+        "services",
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": meta,
+            "spec": {
+                "clusterIP": "None",
+                "selector": selector,
+                "ports": [{
+                    "name": port_name,
+                    "port": port,
+                    "targetPort": target_port,
+                    "protocol": "TCP",
+                }],
+            },
+        }),
+    )
+}
+
 /// `metadata(...)` with extra labels.
 fn metadata_with_labels(
     settings: &NamespaceSettings,

@@ -4,7 +4,7 @@ use serde_json::{Value, json};
 
 use super::{
     DesiredObject, NON_ROOT_ID, NamespaceSettings, POSTGRES_COMPONENT, POSTGRES_EXPORTER,
-    POSTGRES_EXPORTER_PORT, POSTGRES_EXPORTER_PORT_NAME, PostgresTarget, desired,
+    POSTGRES_EXPORTER_PORT, POSTGRES_EXPORTER_PORT_NAME, PostgresTarget, desired, headless_service,
     metadata_with_labels, prometheus,
 };
 use crate::{
@@ -135,24 +135,11 @@ fn service(settings: &NamespaceSettings, config: &Config) -> DesiredObject {
     let keys = config.keys();
     let mut meta = super::metadata(settings, config, &settings.name, POSTGRES_EXPORTER);
     meta["labels"] = service_labels(settings, &keys);
-    desired(
-        "v1",
-        "Service",
-        "services",
-        json!({
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": meta,
-            "spec": {
-                "clusterIP": "None",
-                "selector": postgres_exporter_pod_labels(settings, &keys),
-                "ports": [{
-                    "name": POSTGRES_EXPORTER_PORT_NAME,
-                    "port": POSTGRES_EXPORTER_PORT,
-                    "targetPort": POSTGRES_EXPORTER_PORT_NAME,
-                    "protocol": "TCP",
-                }],
-            },
-        }),
+    headless_service(
+        meta,
+        postgres_exporter_pod_labels(settings, &keys),
+        POSTGRES_EXPORTER_PORT_NAME,
+        POSTGRES_EXPORTER_PORT,
+        json!(POSTGRES_EXPORTER_PORT_NAME),
     )
 }

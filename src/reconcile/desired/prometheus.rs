@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 use super::{
     DesiredObject, NON_ROOT_ID, NamespaceSettings, PROMETHEUS, PROMETHEUS_ACCOUNT,
-    STATSD_COMPONENT, STATSD_SERVICE, desired, metadata, metadata_with_labels,
+    STATSD_COMPONENT, STATSD_SERVICE, desired, headless_service, metadata, metadata_with_labels,
 };
 use crate::{
     config::Config,
@@ -154,25 +154,12 @@ fn statsd_service(settings: &NamespaceSettings, config: &Config) -> DesiredObjec
     let keys = config.keys();
     let mut meta = metadata(settings, config, &settings.name, STATSD_SERVICE);
     meta["labels"] = statsd_service_labels(settings, &keys);
-    desired(
-        "v1",
-        "Service",
-        "services",
-        json!({
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": meta,
-            "spec": {
-                "clusterIP": "None",
-                "selector": { keys.injected.clone(): "true" },
-                "ports": [{
-                    "name": config.sidecar.metrics_port_name,
-                    "port": config.sidecar.metrics_port,
-                    "targetPort": config.sidecar.metrics_port,
-                    "protocol": "TCP",
-                }],
-            },
-        }),
+    headless_service(
+        meta,
+        json!({ keys.injected.clone(): "true" }),
+        &config.sidecar.metrics_port_name,
+        config.sidecar.metrics_port,
+        json!(config.sidecar.metrics_port),
     )
 }
 
