@@ -282,6 +282,9 @@ fn callgrind(spec: &str) {
     callgrind_loop(iterations, &body, run);
 }
 
+/// One path of the callgrind mode: a request body in, the bytes answered out.
+type Run<'a> = dyn Fn(&[u8]) -> Vec<u8> + 'a;
+
 /// The stages `scripts/speed-earns.sh` compares, each next to the plain way
 /// it replaces (its input made outside the loop; the body is not read):
 ///
@@ -291,15 +294,12 @@ fn callgrind(spec: &str) {
 ///   `#[derive(Deserialize)]` envelope structs, against `review`'s one;
 /// - `pod-view` / `pod-typed` / `pod-value`: the pod read as the webhook
 ///   reads it (a borrowed `PodView`), as a typed `k8s_openapi` Pod (and the
-///   view the injector reads of it), as a `serde_json::Value`;
-/// - `patch-writer` / `patch-serde`: the pod's patch and its status
-///   annotation written to JSON by `PodPatch::write_json` and
-///   `InjectionStatus::to_json`, or by serde_json through `Serialize`.
+///   view the injector reads of it), as a `serde_json::Value`.
 fn stage<'a>(
     injector: &'a Injector,
     pod_json: &Value,
     path: &str,
-) -> Box<dyn Fn(&[u8]) -> Vec<u8> + 'a> {
+) -> Box<Run<'a>> {
     let pod_text = serde_json::to_string(pod_json).expect("serializes");
     match path {
         "review-sorted" => {
@@ -324,30 +324,6 @@ fn stage<'a>(
             black_box(serde_json::from_str::<Value>(&pod_text).expect("a pod"));
             Vec::new()
         }),
-        "patch-writer" | "patch-serde" => {
-            let pod: PodView = serde_json::from_str(&pod_text).expect("a pod");
-            let Decision::Inject { patch, status, .. } =
-                injector.mutate(&pod, PodContext::default())
-            else {
-                panic!("the benchmark pod must be injected");
-            };
-            let serde = path == "patch-serde";
-            // Reused, as `admission::to_bytes` reuses its buffer.
-            let buffer = std::cell::RefCell::new(Vec::new());
-            Box::new(move |_| {
-                let mut buffer = buffer.borrow_mut();
-                buffer.clear();
-                if serde {
-                    serde_json::to_writer(&mut *buffer, &patch).expect("serializes");
-                    black_box(serde_json::to_string(&status).expect("serializes"));
-                } else {
-                    patch.write_json(&mut buffer);
-                    black_box(status.to_json());
-                }
-                black_box(&*buffer);
-                Vec::new()
-            })
-        }
         other => panic!("unknown path {other:?}"),
     }
 }

@@ -6,7 +6,6 @@
 #
 #   envelope read in one pass   review            vs review-sorted (pod kept raw, viewed after)
 #   borrowed pod view           pod-view          vs pod-typed, pod-value
-#   hand-written patch writer   patch-writer      vs patch-serde
 #
 # "earns" is what the plain way would add to a whole review (parse, mutate,
 # verify, response bytes), as a share of today's review.
@@ -53,5 +52,4 @@ for pod in $PODS; do
     view=$(per_iteration "$pod" pod-view "$n")
     row view/typed "$view" "$(per_iteration "$pod" pod-typed "$n")"
     row view/value "$view" "$(per_iteration "$pod" pod-value "$n")"
-    row patch-writer "$(per_iteration "$pod" patch-writer "$n")" "$(per_iteration "$pod" patch-serde "$n")"
 done
