@@ -21,16 +21,7 @@ CLIENTS=${CLIENTS:-16}
 WEBHOOK_PORT=${WEBHOOK_PORT:-28443}
 ADMIN_PORT=${ADMIN_PORT:-29090}
 
-WORK=$(mktemp -d)
-SERVER_PID=""
-cleanup() {
-    if [ -n "$SERVER_PID" ]; then
-        kill "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-    fi
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+with_work_dir
 
 export CHILLER_METRICS_PACK_RELOCS=1
 if [ -z "${ORDERED:-}" ]; then
