@@ -295,11 +295,7 @@ type Run<'a> = dyn Fn(&[u8]) -> Vec<u8> + 'a;
 /// - `pod-view` / `pod-typed` / `pod-value`: the pod read as the webhook
 ///   reads it (a borrowed `PodView`), as a typed `k8s_openapi` Pod (and the
 ///   view the injector reads of it), as a `serde_json::Value`.
-fn stage<'a>(
-    injector: &'a Injector,
-    pod_json: &Value,
-    path: &str,
-) -> Box<Run<'a>> {
+fn stage<'a>(injector: &'a Injector, pod_json: &Value, path: &str) -> Box<Run<'a>> {
     let pod_text = serde_json::to_string(pod_json).expect("serializes");
     match path {
         "review-sorted" => {
