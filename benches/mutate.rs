@@ -19,6 +19,7 @@ use chiller_metrics::{
     webhook::{NoCluster, admission},
 };
 use criterion::{Criterion, Throughput, criterion_group};
+use k8s_openapi::api::core::v1::Pod;
 use kube::core::{DynamicObject, admission::AdmissionReview};
 use mimalloc::MiMalloc;
 use serde_json::{Value, json};
@@ -238,8 +239,9 @@ fn baseline_review(body: &[u8]) -> Vec<u8> {
 }
 
 /// `MUTATE_CALLGRIND=<pod>:<path>:<iterations>` (pod: chiller-api,
-/// 60-containers or 600KB; path: review or baseline) runs one path in a loop
-/// instead of criterion, for instruction counts:
+/// 60-containers or 600KB; path: review, baseline or one of the stages of
+/// [`stage`]) runs one path in a loop instead of criterion, for instruction
+/// counts:
 ///
 /// ```sh
 /// MUTATE_CALLGRIND=chiller-api:review:1000 valgrind --tool=callgrind \
@@ -266,14 +268,60 @@ fn callgrind(spec: &str) {
         let (review, _) = admission::review(&injector, &NoCluster, body).expect("a valid review");
         admission::to_bytes(&review)
     };
+    let stage_run;
     let run: &dyn Fn(&[u8]) -> Vec<u8> = match path {
         "review" => &review,
         "baseline" => &baseline_review,
-        other => panic!("unknown path {other:?}"),
+        _ => {
+            stage_run = stage(&injector, &pod_json, path);
+            &*stage_run
+        }
     };
     // Warm up outside the measured loop (lazy statics, allocator pages).
     black_box(run(&body));
     callgrind_loop(iterations, &body, run);
+}
+
+/// One path of the callgrind mode: a request body in, the bytes answered out.
+type Run<'a> = dyn Fn(&[u8]) -> Vec<u8> + 'a;
+
+/// The stages `scripts/speed-earns.sh` compares, each next to the plain way
+/// it replaces (its input made outside the loop; the body is not read):
+///
+/// - `review-sorted`: the review of the same body with its keys sorted, so
+///   `object` comes before `operation`: the envelope keeps the pod as raw
+///   JSON and views it afterwards, two passes over the pod as with
+///   `#[derive(Deserialize)]` envelope structs, against `review`'s one;
+/// - `pod-view` / `pod-typed` / `pod-value`: the pod read as the webhook
+///   reads it (a borrowed `PodView`), as a typed `k8s_openapi` Pod (and the
+///   view the injector reads of it), as a `serde_json::Value`.
+fn stage<'a>(injector: &'a Injector, pod_json: &Value, path: &str) -> Box<Run<'a>> {
+    let pod_text = serde_json::to_string(pod_json).expect("serializes");
+    match path {
+        "review-sorted" => {
+            let review: Value = serde_json::from_slice(&review_body(pod_json)).expect("JSON");
+            let sorted = serde_json::to_vec(&review).expect("serializes");
+            Box::new(move |_| {
+                let (review, _) =
+                    admission::review(injector, &NoCluster, &sorted).expect("a valid review");
+                admission::to_bytes(&review)
+            })
+        }
+        "pod-view" => Box::new(move |_| {
+            black_box(serde_json::from_str::<PodView>(&pod_text).expect("a pod"));
+            Vec::new()
+        }),
+        "pod-typed" => Box::new(move |_| {
+            let pod: Pod = serde_json::from_str(&pod_text).expect("a pod");
+            black_box(PodView::of(&pod));
+            Vec::new()
+        }),
+        "pod-value" => Box::new(move |_| {
+            black_box(serde_json::from_str::<Value>(&pod_text).expect("a pod"));
+            Vec::new()
+        }),
+        other => panic!("unknown path {other:?}"),
+    }
 }
 
 #[inline(never)]

@@ -31,16 +31,7 @@ h2) protocol=(-m 4) ;;
 *) echo "server-profile: PROTO is h1 or h2, got $PROTO" >&2; exit 1 ;;
 esac
 
-WORK=$(mktemp -d)
-SERVER_PID=""
-cleanup() {
-    if [ -n "$SERVER_PID" ]; then
-        kill "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-    fi
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+with_work_dir
 
 # Built apart and copied, as scripts/bench.sh does, so the webhook's binary
 # is the one the hot-code list was made for, linked as the image's (Dockerfile).

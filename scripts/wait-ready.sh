@@ -13,3 +13,11 @@ wait_ready() {
     cat "$log" >&2
     exit 1
 }
+
+# with_work_dir: sets WORK to a new temporary folder and SERVER_PID to "";
+# on exit, ends the server SERVER_PID names and removes WORK.
+with_work_dir() {
+    WORK=$(mktemp -d)
+    SERVER_PID=""
+    trap 'if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi; rm -rf "$WORK"' EXIT
+}

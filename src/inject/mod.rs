@@ -21,7 +21,6 @@ use serde_json::Value;
 pub use gunicorn::{ContainerSkip, GUNICORN_CMD_ARGS};
 pub use patch::{
     ItemView, Op, Operation, PatchValue, PodPatch, Prebuilt, PrebuiltView, UnsupportedOperation,
-    write_json_string, write_json_string_array,
 };
 pub use prefix::statsd_prefix;
 pub use selector::{SelectorError, parse_selector};
@@ -213,32 +212,9 @@ pub struct InjectionStatus {
 }
 
 impl InjectionStatus {
-    /// The annotation's JSON: what `serde_json::to_string` gives, written
-    /// without the serializer (it runs for every injected pod).
+    /// The annotation's JSON.
     pub fn to_json(&self) -> String {
-        let mut out = Vec::with_capacity(160);
-        out.extend_from_slice(br#"{"version":"#);
-        write_json_string(&mut out, &self.version);
-        out.extend_from_slice(br#","sidecar":"#);
-        write_json_string(&mut out, &self.sidecar);
-        out.extend_from_slice(match self.mode {
-            ResolvedMode::Native => br#","mode":"native","prefix":"#,
-            ResolvedMode::Container => br#","mode":"container","prefix":"#,
-        });
-        write_json_string(&mut out, &self.prefix);
-        out.extend_from_slice(br#","containers":"#);
-        write_json_string_array(&mut out, &self.containers);
-        for (key, hash) in [
-            (&br#","configHash":"#[..], &self.config_hash),
-            (br#","sidecarHash":"#, &self.sidecar_hash),
-        ] {
-            if !hash.is_empty() {
-                out.extend_from_slice(key);
-                write_json_string(&mut out, hash);
-            }
-        }
-        out.push(b'}');
-        String::from_utf8(out).expect("JSON written from strings is UTF-8")
+        serde_json::to_string(self).expect("a status serializes")
     }
 }
 
@@ -665,35 +641,6 @@ mod tests {
                 PointerBuf::from_tokens(tokens.iter().copied()),
                 "{tokens:?}"
             );
-        }
-    }
-
-    #[test]
-    fn status_json_is_what_serde_json_writes() {
-        let status = InjectionStatus {
-            version: "0.1.0".into(),
-            sidecar: "statsd-exporter".into(),
-            mode: ResolvedMode::Native,
-            prefix: "chiller-api".into(),
-            containers: vec!["api".into(), "worker".into()],
-            config_hash: "0123456789".into(),
-            sidecar_hash: "abcdef0123".into(),
-        };
-        let escaped = InjectionStatus {
-            sidecar: "a\"b\\c\u{1}".into(),
-            mode: ResolvedMode::Container,
-            containers: vec![],
-            config_hash: String::new(),
-            ..status.clone()
-        };
-        let no_hashes = InjectionStatus {
-            containers: vec!["é".into()],
-            config_hash: String::new(),
-            sidecar_hash: String::new(),
-            ..status.clone()
-        };
-        for status in [status, escaped, no_hashes] {
-            assert_eq!(status.to_json(), serde_json::to_string(&status).unwrap());
         }
     }
 

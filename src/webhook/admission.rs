@@ -13,7 +13,7 @@ use super::envelope::{self, EnvelopeError, Object};
 
 use crate::inject::{
     Decision, Injector, NamespacePolicy, PatchProblem, PodContext, PodPatch, PodView, SkipReason,
-    check_pod, verify_patch, write_json_string, write_json_string_array,
+    check_pod, verify_patch,
 };
 
 pub const API_VERSION: &str = "admission.k8s.io/v1";
@@ -295,7 +295,7 @@ pub fn to_bytes(answer: &Answer) -> Vec<u8> {
         let mut scratch = scratch.borrow_mut();
         scratch.clear();
         if let Some(patch) = &answer.patch {
-            patch.write_json(&mut scratch);
+            serde_json::to_writer(&mut *scratch, patch).expect("a patch serializes");
         }
         let out = write_response(answer, &scratch);
         if scratch.capacity() > PATCH_JSON_KEEP {
@@ -314,7 +314,7 @@ fn write_response(answer: &Answer, patch_json: &[u8]) -> Vec<u8> {
     out.extend_from_slice(
         br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"#,
     );
-    write_json_string(&mut out, &answer.uid);
+    serde_json::to_writer(&mut out, &answer.uid).expect("a string serializes");
     out.extend_from_slice(br#","allowed":true,"status":{}"#);
     if answer.patch.is_some() {
         out.extend_from_slice(br#","patch":""#);
@@ -323,7 +323,7 @@ fn write_response(answer: &Answer, patch_json: &[u8]) -> Vec<u8> {
     }
     if !answer.warnings.is_empty() {
         out.extend_from_slice(br#","warnings":"#);
-        write_json_string_array(&mut out, &answer.warnings);
+        serde_json::to_writer(&mut out, &answer.warnings).expect("strings serialize");
     }
     out.extend_from_slice(b"}}");
     out
