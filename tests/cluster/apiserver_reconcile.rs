@@ -14,7 +14,8 @@ use std::{collections::BTreeSet, time::Duration};
 
 use controlplane::ControlPlane;
 use install::{
-    DOMAIN, Install, kubectl_json, list, managed_objects, opt_in, rendered, run, run_with_input,
+    DOMAIN, Install, kubectl_json, list, managed_objects, opt_in, reconcile_status, rendered, run,
+    run_with_input,
 };
 use serde_json::{Value, json};
 use support::https::ServeProcess;
@@ -51,13 +52,6 @@ impl Scenario {
             .cloned()
             .collect()
     }
-}
-
-fn reconcile_status(plane: &ControlPlane, namespace: &str) -> Option<Value> {
-    let ns = kubectl_json(plane, &["get", "namespace", namespace]);
-    ns["metadata"]["annotations"][format!("{DOMAIN}/reconcile-status")]
-        .as_str()
-        .map(|s| serde_json::from_str(s).expect("the status annotation is JSON"))
 }
 
 #[test]

@@ -401,6 +401,11 @@ fn a_server_side_dry_run_returns_the_injected_pod_and_stores_nothing() {
     let _serial = one_at_a_time();
     let _logs = f.logs_on_failure();
     opt_in(fixture().plane, "chiller-dry-run");
+    // The reconcile loop (the same ServiceAccount) sets the namespace up
+    // first; only the webhook's writes are looked for.
+    wait_until(CONVERGE, "the reconcile loop sets up the namespace", || {
+        install::reconcile_status(f.plane, "chiller-dry-run").is_some()
+    });
     let before = f.plane.audit_events().len();
     let pod = dry_run_pod(f.plane, "chiller-dry-run", &install::probe_pod("dry"));
     assert_injected(&pod);

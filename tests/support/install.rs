@@ -437,6 +437,14 @@ pub fn patch_webhook_configuration(plane: &ControlPlane, patch: &Value) {
 }
 
 /// `kubectl ... -o json`, parsed.
+/// The reconcile loop's status annotation on `namespace`, if written.
+pub fn reconcile_status(plane: &ControlPlane, namespace: &str) -> Option<Value> {
+    let ns = kubectl_json(plane, &["get", "namespace", namespace]);
+    ns["metadata"]["annotations"][format!("{DOMAIN}/reconcile-status")]
+        .as_str()
+        .map(|s| serde_json::from_str(s).expect("the status annotation is JSON"))
+}
+
 pub fn kubectl_json(plane: &ControlPlane, args: &[&str]) -> Value {
     let output = run(plane.kubectl().args(args).args(["-o", "json"]));
     serde_json::from_slice(&output.stdout).expect("kubectl prints JSON")
