@@ -40,8 +40,10 @@ struct Lookup {
 
 /// How long a looked-up namespace stands in for the watch's copy.
 const LOOKED_UP_FOR: Duration = Duration::from_secs(30);
-/// How long a lookup may take; the API server waits for our answer.
-const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a lookup may take: with the 2 s catch-up wait before it, the
+/// answer (and its warning, if the lookup fails) stays within the chart's
+/// 5 s webhook timeout.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl NamespaceCache {
     /// Starts watching opted-in namespaces. The returned future drives the

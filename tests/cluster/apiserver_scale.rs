@@ -135,6 +135,14 @@ impl Calls {
             .collect()
     }
 
+    /// Each write as (verb, request URI), for a failure message.
+    fn write_calls(&self) -> Vec<(&Value, &Value)> {
+        self.writes()
+            .into_iter()
+            .map(|e| (&e["verb"], &e["requestURI"]))
+            .collect()
+    }
+
     /// Writes to objects of ours, per object.
     fn object_writes(&self) -> BTreeMap<ObjectKey, usize> {
         let mut writes = BTreeMap::new();
@@ -951,12 +959,7 @@ fn twenty_namespaces_converge_with_one_write_per_object_and_stay_quiet() {
             figures.idle_reconciles
         ),
     );
-    let writes: Vec<(&Value, &Value)> = figures
-        .idle
-        .writes()
-        .into_iter()
-        .map(|e| (&e["verb"], &e["requestURI"]))
-        .collect();
+    let writes = figures.idle.write_calls();
     check(
         writes.is_empty(),
         format!("no write while idle: {writes:#?}"),
@@ -975,12 +978,7 @@ fn twenty_namespaces_converge_with_one_write_per_object_and_stay_quiet() {
             figures.relist.lists()
         ),
     );
-    let writes: Vec<(&Value, &Value)> = figures
-        .relist
-        .writes()
-        .into_iter()
-        .map(|e| (&e["verb"], &e["requestURI"]))
-        .collect();
+    let writes = figures.relist.write_calls();
     check(
         writes.is_empty(),
         format!("no write after a re-list: {writes:#?}"),
