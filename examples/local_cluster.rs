@@ -346,10 +346,7 @@ fn answers(kubeconfig: &Path) -> bool {
 
 /// `cargo build --release --bin chiller-metrics`: the chart's image.
 fn release_binary() -> PathBuf {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(support::crate_dir())
-        .args(["build", "--release", "--locked", "--bin", "chiller-metrics"])
+    let status = support::release_build()
         .status()
         .expect("running cargo build --release");
     assert!(status.success(), "the release build failed");

@@ -101,7 +101,7 @@ fn pod_triggers(
         .filter_map(move |event| {
             let trigger = match event {
                 Ok(event) => {
-                    store.pods.pods.apply(&event);
+                    store.pods.apply(&event);
                     let injected = |pod: &Pod| {
                         pod.labels().get(&keys.injected).map(String::as_str) == Some("true")
                     };

@@ -3,6 +3,8 @@
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
+use futures::future;
+
 use k8s_openapi::api::core::v1::Namespace;
 use kube::{
     Api, Resource, ResourceExt,
@@ -242,61 +244,76 @@ struct ApplyOutcome {
     errors: Vec<ReconcileError>,
 }
 
-/// Applies every desired object whose live version differs. One object
-/// failing does not stop the others.
+/// Applies every desired object whose live version differs, all at once: a
+/// namespace waits for its slowest write, not for the sum of them. One
+/// object failing does not stop the others.
 async fn apply_all(objects: &[DesiredObject], ctx: &Context) -> ApplyOutcome {
+    let results = future::join_all(objects.iter().map(|object| apply_one(object, ctx))).await;
     let mut outcome = ApplyOutcome::default();
-    for object in objects {
-        let resource = api_resource(object.api_version, object.kind, object.plural);
-        let api =
-            Api::<DynamicObject>::namespaced_with(ctx.client.clone(), &object.namespace, &resource);
-        let api_error = |action, source| ReconcileError::Api {
+    for result in results {
+        match result {
+            Ok(()) => {}
+            Err(ApplyFailure::CrdMissing(kind)) => outcome.crd_missing.push(kind),
+            Err(ApplyFailure::Api(error)) => outcome.errors.push(error),
+        }
+    }
+    outcome.crd_missing.dedup();
+    outcome
+}
+
+enum ApplyFailure {
+    /// `apiVersion/kind` of a Prometheus Operator kind the API server lacks.
+    CrdMissing(String),
+    Api(ReconcileError),
+}
+
+/// Applies one desired object unless the live one already matches it.
+async fn apply_one(object: &DesiredObject, ctx: &Context) -> Result<(), ApplyFailure> {
+    let resource = api_resource(object.api_version, object.kind, object.plural);
+    let api =
+        Api::<DynamicObject>::namespaced_with(ctx.client.clone(), &object.namespace, &resource);
+    let api_error = |action, source| {
+        ApplyFailure::Api(ReconcileError::Api {
             action,
             kind: object.kind.to_string(),
             namespace: object.namespace.clone(),
             name: object.name.clone(),
             source,
-        };
-        let value = applied_value(&object.value, &ctx.injector().config().domain);
-        let kind = managed_kind(object.api_version, object.kind).copied();
-        let live: Option<Value> = match kind.filter(|k| ctx.live.is_synced(*k)) {
-            Some(kind) => ctx
-                .live
-                .get(kind, &object.namespace, &object.name)
-                .map(|o| to_value(&o)),
-            None => match api.get_opt(&object.name).await {
-                Ok(found) => found.map(|o| to_value(&o)),
-                Err(source) if is_not_found(&source) => None,
-                Err(source) => {
-                    outcome.errors.push(api_error("get", source));
-                    continue;
-                }
-            },
-        };
-        if live.as_ref().is_some_and(|live| is_subset(&value, live)) {
-            continue;
-        }
-        let params = PatchParams::apply(FIELD_MANAGER).force();
-        match api
-            .patch(&object.name, &params, &Patch::Apply(&value))
-            .await
-        {
-            Ok(applied) => {
-                tracing::info!(kind = object.kind, namespace = %object.namespace, name = %object.name, "applied");
-                if let Some(kind) = kind {
-                    ctx.live.apply_event(kind, watcher::Event::Apply(applied));
-                }
-            }
-            Err(source) if is_not_found(&source) && resource.group == PROMETHEUS_OPERATOR_GROUP => {
-                outcome
-                    .crd_missing
-                    .push(format!("{}/{}", resource.api_version, resource.kind));
-            }
-            Err(source) => outcome.errors.push(api_error("apply", source)),
-        }
+        })
+    };
+    let value = applied_value(&object.value, &ctx.injector().config().domain);
+    let kind = managed_kind(object.api_version, object.kind).copied();
+    let live: Option<Value> = match kind.filter(|k| ctx.live.is_synced(*k)) {
+        Some(kind) => ctx
+            .live
+            .get(kind, &object.namespace, &object.name)
+            .map(|o| to_value(&o)),
+        None => match api.get_opt(&object.name).await {
+            Ok(found) => found.map(|o| to_value(&o)),
+            Err(source) if is_not_found(&source) => None,
+            Err(source) => return Err(api_error("get", source)),
+        },
+    };
+    if live.as_ref().is_some_and(|live| is_subset(&value, live)) {
+        return Ok(());
     }
-    outcome.crd_missing.dedup();
-    outcome
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    match api
+        .patch(&object.name, &params, &Patch::Apply(&value))
+        .await
+    {
+        Ok(applied) => {
+            tracing::info!(kind = object.kind, namespace = %object.namespace, name = %object.name, "applied");
+            if let Some(kind) = kind {
+                ctx.live.apply_event(kind, watcher::Event::Apply(applied));
+            }
+            Ok(())
+        }
+        Err(source) if is_not_found(&source) && resource.group == PROMETHEUS_OPERATOR_GROUP => Err(
+            ApplyFailure::CrdMissing(format!("{}/{}", resource.api_version, resource.kind)),
+        ),
+        Err(source) => Err(api_error("apply", source)),
+    }
 }
 
 fn to_value(object: &DynamicObject) -> Value {
@@ -344,8 +361,7 @@ async fn prune(owner: &str, keep: &HashSet<ObjectId>, ctx: &Context) -> Vec<Reco
             match api.delete(&name, &params).await {
                 Ok(_) => {
                     tracing::info!(kind = kind.kind, %namespace, %name, owner, "deleted");
-                    ctx.live
-                        .apply_event(*kind, watcher::Event::Delete((*object).clone()));
+                    ctx.live.apply_event(*kind, watcher::Event::Delete(object));
                 }
                 // Gone already, or replaced by a different object since we looked.
                 Err(error) if is_not_found(&error) || is_conflict(&error) => {}
@@ -372,7 +388,7 @@ async fn owned_objects(
     kind: ManagedKind,
     owner: &str,
     ctx: &Context,
-) -> Result<Vec<Arc<DynamicObject>>, ReconcileError> {
+) -> Result<Vec<DynamicObject>, ReconcileError> {
     if ctx.live.is_synced(kind) {
         return Ok(ctx.live.owned_by(kind, owner));
     }
@@ -402,8 +418,7 @@ async fn owned_objects(
             Ok(list) => found.extend(
                 list.items
                     .into_iter()
-                    .filter(|o| ctx.live.owner_namespace(o).as_deref() == Some(owner))
-                    .map(Arc::new),
+                    .filter(|o| ctx.live.owner_namespace(&o.metadata).as_deref() == Some(owner)),
             ),
             // The kind is not served (no Prometheus Operator): nothing of it exists.
             Err(error) if is_not_found(&error) => {}

@@ -80,7 +80,7 @@ pub async fn check(namespace: &Namespace, ctx: &Context) -> Result<Survey, Recon
     let mut survey = Survey::default();
     let mut by_workload: BTreeMap<Workload, BTreeSet<String>> = BTreeMap::new();
     let mut skipped: BTreeMap<(Workload, String), Vec<&Pod>> = BTreeMap::new();
-    for pod in pods.iter().map(AsRef::as_ref) {
+    for pod in &pods {
         let state = classify(pod, &injector, &policy);
         survey.counts.add(&state);
         match state {

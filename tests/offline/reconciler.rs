@@ -64,6 +64,10 @@ struct Step {
     query: Vec<(String, String)>,
     /// Matches any path under `path` (a name the test cannot know).
     under: bool,
+    /// One of a reconcile's concurrent requests (the applies of its objects):
+    /// a run of such steps matches in any order, but the steps of one path
+    /// keep theirs.
+    concurrent: bool,
     respond: Responder,
 }
 
@@ -74,8 +78,14 @@ impl Step {
             path: path.into(),
             query: Vec::new(),
             under: false,
+            concurrent: false,
             respond: Box::new(|_| (200, json!({}))),
         }
+    }
+
+    fn concurrent(mut self) -> Self {
+        self.concurrent = true;
+        self
     }
 
     fn query(mut self, key: &str, value: &str) -> Self {
@@ -205,8 +215,23 @@ fn mock_api(steps: Vec<Step>) -> (Client, MockApi) {
     (client, serve(handle, steps))
 }
 
-/// Answers `steps` in order. Anything else is recorded as a problem and
-/// answered with a 500, so the reconcile still finishes and `verify` fails.
+/// The step `seen` answers: the next one, or within a run of concurrent
+/// steps the first that matches and has no earlier step of its path pending.
+fn next_step(steps: &mut std::collections::VecDeque<Step>, seen: &Seen) -> Option<Step> {
+    let run = steps.iter().take_while(|step| step.concurrent).count();
+    let matching = (0..run).find(|&i| {
+        steps[i].mismatch(seen).is_none()
+            && !steps
+                .iter()
+                .take(i)
+                .any(|earlier| earlier.path == steps[i].path)
+    });
+    steps.remove(matching.unwrap_or(0))
+}
+
+/// Answers `steps` in order (see [`next_step`]). Anything else is recorded as
+/// a problem and answered with a 500, so the reconcile still finishes and
+/// `verify` fails.
 fn serve(mut handle: ApiHandle, steps: Vec<Step>) -> MockApi {
     let state = Arc::new(Mutex::new(MockState {
         remaining: steps.len(),
@@ -214,10 +239,10 @@ fn serve(mut handle: ApiHandle, steps: Vec<Step>) -> MockApi {
     }));
     let task_state = state.clone();
     let task = tokio::spawn(async move {
-        let mut steps = steps.into_iter();
+        let mut steps: std::collections::VecDeque<Step> = steps.into();
         while let Some((request, respond)) = handle.next_request().await {
             let seen = read(request).await;
-            let (status, body) = match steps.next() {
+            let (status, body) = match next_step(&mut steps, &seen) {
                 Some(step) => {
                     let problem = step.mismatch(&seen);
                     let mut state = task_state.lock().unwrap();
@@ -474,23 +499,25 @@ fn desired_path(object: &DesiredObject) -> String {
     )
 }
 
+/// The apply of one desired object, concurrent with the others'.
 fn apply_step(object: &DesiredObject) -> Step {
     Step::new("PATCH", desired_path(object))
         .query("fieldManager", "chiller-metrics")
         .query("force", "true")
         .echo()
+        .concurrent()
 }
 
 /// Fills the pod and ReplicaSet stores as completed lists, stripped as the
 /// watches store them: a reconcile lists nothing.
 fn sync_pods(ctx: &Context, pods: &[Value], replica_sets: &[Value]) {
-    ctx.pods.pods.apply(&watcher::Event::Init);
+    ctx.pods.apply(&watcher::Event::Init);
     for pod in pods {
         let mut pod: Pod = serde_json::from_value(pod.clone()).unwrap();
         ctx.pods.strip_pod(&mut pod);
-        ctx.pods.pods.apply(&watcher::Event::InitApply(pod));
+        ctx.pods.apply(&watcher::Event::InitApply(pod));
     }
-    ctx.pods.pods.apply(&watcher::Event::InitDone);
+    ctx.pods.apply(&watcher::Event::InitDone);
     ctx.pods.replica_sets.apply(&watcher::Event::Init);
     for replica_set in replica_sets {
         let mut replica_set = serde_json::from_value(replica_set.clone()).unwrap();
@@ -907,12 +934,17 @@ async fn missing_prometheus_operator_crds_are_reported_and_the_rest_applied() {
     for object in &desired {
         if object.api_version.starts_with("monitoring.coreos.com/") {
             // The watch of the kind never synced, so the object is read first.
-            steps.push(Step::new("GET", desired_path(object)).reply(404, not_found()));
+            steps.push(
+                Step::new("GET", desired_path(object))
+                    .reply(404, not_found())
+                    .concurrent(),
+            );
             steps.push(
                 Step::new("PATCH", desired_path(object))
                     .query("fieldManager", "chiller-metrics")
                     .query("force", "true")
-                    .reply(404, not_found()),
+                    .reply(404, not_found())
+                    .concurrent(),
             );
         } else {
             steps.push(apply_step(object));

@@ -543,17 +543,45 @@ pub fn updating_golden() -> bool {
 /// A release build with thin LTO takes minutes on a small machine.
 const RELEASE_BUILD_LIMIT: Duration = Duration::from_secs(60 * 60);
 
-/// `cargo build --release --locked --bin chiller-metrics`, without the
-/// image-only link settings, as users build it; returns the binary's path.
-pub fn release_binary() -> PathBuf {
+/// `cargo build --release --locked --bin chiller-metrics`, as users build it:
+/// without the image-only link settings, and without the variables `cargo
+/// test` and `cargo run` set for their child. ring's build script reruns when
+/// `CARGO_MANIFEST_DIR` changes, so an inherited one rebuilt ring, rustls and
+/// everything above them instead of reusing the binary `make test` built.
+pub fn release_build() -> Command {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(cargo);
     command
         .current_dir(crate_dir())
         .args(["build", "--release", "--locked", "--bin", "chiller-metrics"])
-        .args(["--message-format", "json-render-diagnostics"])
         .env_remove("CHILLER_METRICS_PACK_RELOCS")
         .env_remove("CHILLER_METRICS_PLAIN_LINK");
+    for (name, _) in std::env::vars_os() {
+        if set_by_cargo_for_its_child(&name.to_string_lossy()) {
+            command.env_remove(&name);
+        }
+    }
+    command
+}
+
+/// The variables cargo sets for a test or `cargo run` (not the user's
+/// `CARGO_*` settings such as `CARGO_HOME` or `CARGO_TARGET_DIR`).
+fn set_by_cargo_for_its_child(name: &str) -> bool {
+    const PREFIXES: [&str; 3] = ["CARGO_PKG_", "CARGO_BIN_", "CARGO_MANIFEST_"];
+    const NAMES: [&str; 5] = [
+        "CARGO_CRATE_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "OUT_DIR",
+        "LD_LIBRARY_PATH",
+    ];
+    PREFIXES.iter().any(|prefix| name.starts_with(prefix)) || NAMES.contains(&name)
+}
+
+/// The release binary (see [`release_build`]); returns its path.
+pub fn release_binary() -> PathBuf {
+    let mut command = release_build();
+    command.args(["--message-format", "json-render-diagnostics"]);
     let output = run_within(command, RELEASE_BUILD_LIMIT, "the release build");
     assert!(
         output.status.success(),
