@@ -202,12 +202,14 @@ pub fn configuring_fields(keys: &Keys) -> impl Fn(&Namespace) -> Option<u64> + '
 /// caller drops it to stop.
 pub async fn run(ctx: Arc<Context>) {
     let (store, writer) = reflector::store::<Namespace>();
+    // Nothing reads a Namespace's managed fields: they are not stored.
     let namespaces = reflector(
         writer,
         watcher(
             Api::<Namespace>::all(ctx.client.clone()),
             Default::default(),
-        ),
+        )
+        .modify(|namespace| namespace.managed_fields_mut().clear()),
     )
     .default_backoff()
     .touched_objects()

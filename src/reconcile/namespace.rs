@@ -244,11 +244,17 @@ struct ApplyOutcome {
     errors: Vec<ReconcileError>,
 }
 
-/// Applies every desired object whose live version differs, all at once: a
-/// namespace waits for its slowest write, not for the sum of them. One
+/// Applies every desired object whose live version differs, at the same
+/// time: a namespace waits for its slowest write, not for the sum of them.
+/// RoleBindings go last: the API server's escalation check reads the Role a
+/// binding names, and refuses the binding while that Role is missing. One
 /// object failing does not stop the others.
 async fn apply_all(objects: &[DesiredObject], ctx: &Context) -> ApplyOutcome {
-    let results = future::join_all(objects.iter().map(|object| apply_one(object, ctx))).await;
+    let (bindings, others): (Vec<_>, Vec<_>) = objects
+        .iter()
+        .partition(|object| object.kind == "RoleBinding");
+    let mut results = future::join_all(others.into_iter().map(|o| apply_one(o, ctx))).await;
+    results.extend(future::join_all(bindings.into_iter().map(|o| apply_one(o, ctx))).await);
     let mut outcome = ApplyOutcome::default();
     for result in results {
         match result {

@@ -64,10 +64,11 @@ struct Step {
     query: Vec<(String, String)>,
     /// Matches any path under `path` (a name the test cannot know).
     under: bool,
-    /// One of a reconcile's concurrent requests (the applies of its objects):
-    /// a run of such steps matches in any order, but the steps of one path
-    /// keep theirs.
-    concurrent: bool,
+    /// 0, or the wave of a reconcile's concurrent requests (the applies of
+    /// its objects) this step belongs to: a run of such steps matches in any
+    /// order, but the steps of one path keep theirs, and a wave waits for
+    /// the waves before it.
+    wave: u8,
     respond: Responder,
 }
 
@@ -78,13 +79,13 @@ impl Step {
             path: path.into(),
             query: Vec::new(),
             under: false,
-            concurrent: false,
+            wave: 0,
             respond: Box::new(|_| (200, json!({}))),
         }
     }
 
-    fn concurrent(mut self) -> Self {
-        self.concurrent = true;
+    fn concurrent(mut self, wave: u8) -> Self {
+        self.wave = wave;
         self
     }
 
@@ -215,18 +216,39 @@ fn mock_api(steps: Vec<Step>) -> (Client, MockApi) {
     (client, serve(handle, steps))
 }
 
-/// The step `seen` answers: the next one, or within a run of concurrent
-/// steps the first that matches and has no earlier step of its path pending.
-fn next_step(steps: &mut std::collections::VecDeque<Step>, seen: &Seen) -> Option<Step> {
-    let run = steps.iter().take_while(|step| step.concurrent).count();
-    let matching = (0..run).find(|&i| {
-        steps[i].mismatch(seen).is_none()
+/// The step `seen` answers, and what is wrong with it if anything: the next
+/// step, or within a run of concurrent steps the first that matches, with no
+/// earlier step of its path and no step of an earlier wave pending.
+fn next_step(
+    steps: &mut std::collections::VecDeque<Step>,
+    seen: &Seen,
+) -> Option<(Step, Option<String>)> {
+    let run = steps.iter().take_while(|step| step.wave > 0).count();
+    if run == 0 {
+        let step = steps.pop_front()?;
+        let problem = step.mismatch(seen);
+        return Some((step, problem));
+    }
+    let in_turn = (0..run).find(|&i| {
+        let step = &steps[i];
+        step.mismatch(seen).is_none()
             && !steps
                 .iter()
                 .take(i)
-                .any(|earlier| earlier.path == steps[i].path)
+                .any(|earlier| earlier.path == step.path)
+            && !steps.iter().take(run).any(|other| other.wave < step.wave)
     });
-    steps.remove(matching.unwrap_or(0))
+    match in_turn {
+        Some(i) => Some((steps.remove(i)?, None)),
+        None => {
+            let step = steps.pop_front()?;
+            let problem = format!(
+                "{} {} is not one of the concurrent requests due now (next: {} {})",
+                seen.method, seen.path, step.method, step.path
+            );
+            Some((step, Some(problem)))
+        }
+    }
 }
 
 /// Answers `steps` in order (see [`next_step`]). Anything else is recorded as
@@ -243,8 +265,7 @@ fn serve(mut handle: ApiHandle, steps: Vec<Step>) -> MockApi {
         while let Some((request, respond)) = handle.next_request().await {
             let seen = read(request).await;
             let (status, body) = match next_step(&mut steps, &seen) {
-                Some(step) => {
-                    let problem = step.mismatch(&seen);
+                Some((step, problem)) => {
                     let mut state = task_state.lock().unwrap();
                     state.remaining -= 1;
                     match problem {
@@ -499,13 +520,20 @@ fn desired_path(object: &DesiredObject) -> String {
     )
 }
 
-/// The apply of one desired object, concurrent with the others'.
+/// The apply of one desired object, concurrent with the others'; a
+/// RoleBinding's once the rest are done (its Role must exist).
 fn apply_step(object: &DesiredObject) -> Step {
     Step::new("PATCH", desired_path(object))
         .query("fieldManager", "chiller-metrics")
         .query("force", "true")
         .echo()
-        .concurrent()
+        .concurrent(wave(object))
+}
+
+/// The wave of a reconcile's requests for `object`: RoleBindings once the
+/// rest are applied.
+fn wave(object: &DesiredObject) -> u8 {
+    if object.kind == "RoleBinding" { 2 } else { 1 }
 }
 
 /// Fills the pod and ReplicaSet stores as completed lists, stripped as the
@@ -614,7 +642,12 @@ async fn first_reconcile_applies_every_desired_object_once() {
         action,
         Action::requeue(Duration::from_secs(config.reconcile.resync_seconds))
     );
-    for (object, request) in desired.iter().zip(&seen) {
+    assert_eq!(seen.len(), desired.len() + 1, "{seen:#?}");
+    for object in &desired {
+        let request = seen
+            .iter()
+            .find(|s| s.path == desired_path(object))
+            .expect("every object applied");
         assert_eq!(
             request.body,
             applied_value(&object.value, &config.domain),
@@ -668,7 +701,11 @@ async fn before_the_caches_sync_live_objects_are_read_and_still_not_written() {
     let ns = with_status(&ready_status(desired.len(), 0), &[]);
     let mut steps: Vec<Step> = desired
         .iter()
-        .map(|o| Step::new("GET", desired_path(o)).reply(200, live(o, &config)))
+        .map(|o| {
+            Step::new("GET", desired_path(o))
+                .reply(200, live(o, &config))
+                .concurrent(wave(o))
+        })
         .collect();
     // Pruning lists each kind in the namespace; the lists hold exactly the desired objects.
     for kind in MANAGED_KINDS {
@@ -937,14 +974,14 @@ async fn missing_prometheus_operator_crds_are_reported_and_the_rest_applied() {
             steps.push(
                 Step::new("GET", desired_path(object))
                     .reply(404, not_found())
-                    .concurrent(),
+                    .concurrent(1),
             );
             steps.push(
                 Step::new("PATCH", desired_path(object))
                     .query("fieldManager", "chiller-metrics")
                     .query("force", "true")
                     .reply(404, not_found())
-                    .concurrent(),
+                    .concurrent(1),
             );
         } else {
             steps.push(apply_step(object));
