@@ -18,7 +18,7 @@ use kube::{
 use serde_json::{Value, json};
 
 use super::{
-    compare::{applied_value, is_subset},
+    compare::{applied_value, digest_long_strings, is_subset},
     context::{Context, FIELD_MANAGER, NamespaceStatus, ReconcileError, is_not_found, truncate},
     desired::{self, DesiredObject, NamespaceSettings},
     live::{MANAGED_KINDS, ManagedKind, PROMETHEUS_OPERATOR_GROUP, api_resource, managed_kind},
@@ -289,7 +289,7 @@ async fn apply_one(object: &DesiredObject, ctx: &Context) -> Result<(), ApplyFai
     };
     let value = applied_value(&object.value, &ctx.injector().config().domain);
     let kind = managed_kind(object.api_version, object.kind).copied();
-    let live: Option<Value> = match kind.filter(|k| ctx.live.is_synced(*k)) {
+    let mut live: Option<Value> = match kind.filter(|k| ctx.live.is_synced(*k)) {
         Some(kind) => ctx
             .live
             .get(kind, &object.namespace, &object.name)
@@ -300,7 +300,13 @@ async fn apply_one(object: &DesiredObject, ctx: &Context) -> Result<(), ApplyFai
             Err(source) => return Err(api_error("get", source)),
         },
     };
-    if live.as_ref().is_some_and(|live| is_subset(&value, live)) {
+    let compared = |live: &mut Value| {
+        let mut desired = value.clone();
+        digest_long_strings(&mut desired);
+        digest_long_strings(live);
+        is_subset(&desired, live)
+    };
+    if live.as_mut().is_some_and(compared) {
         return Ok(());
     }
     let params = PatchParams::apply(FIELD_MANAGER).force();
