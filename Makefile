@@ -120,12 +120,14 @@ e2e-local: system-packages tools cluster-tools
 e2e:
 	./tests/e2e/run.sh
 
-## Benchmarks (not part of `make test`): criterion mutation benches, then the
+## Benchmarks (not part of `make test`): criterion mutation benches, the heap
+## the reconcile loop's stores hold per pod and per namespace, then the
 ## HTTPS load benchmark against the baseline server and the Go webhook of
 ## benches/go-webhook (needs h2load and Go), with 16
 ## clients and again with 4, each with its raw figures in .bench/. BENCHMARKS.md explains.
 bench:
 	$(CARGO) bench --locked --bench mutate
+	$(CARGO) bench --locked --bench cache_memory
 	BENCH_OUT=.bench/16-clients ./scripts/bench.sh
 	BENCH_OUT=.bench/4-clients CLIENTS=4 STREAMS=1 LARGE_PODS=0 ./scripts/bench.sh
 
