@@ -159,6 +159,8 @@ fn e2e_script(plane: &ControlPlane, script: &str, dirs: &[PathBuf]) -> Command {
         .env("HELM_CACHE_HOME", helm_home.join("cache"))
         .env("HELM_CONFIG_HOME", helm_home.join("config"))
         .env("HELM_DATA_HOME", helm_home.join("data"));
+    // The documented quick start runs `cargo build --release`.
+    support::as_a_user_runs_it(&mut command);
     command
 }
 

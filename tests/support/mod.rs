@@ -556,12 +556,19 @@ pub fn release_build() -> Command {
         .args(["build", "--release", "--locked", "--bin", "chiller-metrics"])
         .env_remove("CHILLER_METRICS_PACK_RELOCS")
         .env_remove("CHILLER_METRICS_PLAIN_LINK");
+    as_a_user_runs_it(&mut command);
+    command
+}
+
+/// Drops from `command`'s environment what `cargo test` set for the test
+/// process, so that a `cargo build` it runs (directly, or as a documented
+/// step in a script) reuses the build `make test` made.
+pub fn as_a_user_runs_it(command: &mut Command) {
     for (name, _) in std::env::vars_os() {
         if set_by_cargo_for_its_child(&name.to_string_lossy()) {
             command.env_remove(&name);
         }
     }
-    command
 }
 
 /// The variables cargo sets for a test or `cargo run` (not the user's
