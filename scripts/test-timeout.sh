@@ -2,10 +2,11 @@
 # cargo's target runner in `make test`: runs one test binary.
 #
 # - The two integration test binaries (tests/offline, tests/cluster) run one
-#   module a process, the modules one after another and the tests of a module
-#   in parallel, as they ran when each file was a binary of its own: a
-#   process has one control plane (tests/support/controlplane). Each module
-#   must run every test it lists, or the run fails.
+#   module a process and the tests of a module in parallel, as they ran when
+#   each file was a binary of its own: a process has one control plane
+#   (tests/support/controlplane). TEST_LANES modules (default 3) run side by
+#   side, the longest first; a module's output is printed whole when it
+#   ends. Each module must run every test it lists, or the run fails.
 # - Every test runs under the time limit tests/time-limits gives its name.
 #   libtest says when a test has run for 60 seconds; from then on it is
 #   watched, and past its limit the run fails with the test's name, how long
@@ -93,31 +94,80 @@ run_watched() {
   return "$status"
 }
 
+# Runs one module of the binary: its output printed whole once it ends; its
+# status (also when it ran fewer tests than it lists). Records how long it took.
+run_module() {
+  local module=$1 output status ran started=$SECONDS
+  shift
+  output=$(mktemp)
+  run_watched --exact "$@" >"$output" 2>&1
+  status=$?
+  ran=$(sed -n 's/^test result: [a-zA-Z]*\. \([0-9]*\) passed; \([0-9]*\) failed; \([0-9]*\) ignored.*/\1 \2 \3/p' "$output" |
+    awk '{ n += $1 + $2 + $3 } END { print n + 0 }')
+  if ((status == 0 && ran != $#)); then
+    echo "module $module lists $# tests but ran $ran" >>"$output"
+    status=1
+  fi
+  {
+    flock 9
+    echo "== $(basename "$binary"): module $module, $# tests, $((SECONDS - started)) s (lane $lane)"
+    cat "$output"
+    echo "$module $((SECONDS - started))" >>"$durations"
+  } 9>>"$queue.lock"
+  rm -f "$output"
+  return "$status"
+}
+
+# The next module of the queue, taken off it; nothing once it is empty.
+next_module() {
+  {
+    flock 9
+    head -n 1 "$queue"
+    sed -i 1d "$queue"
+  } 9>>"$queue.lock"
+}
+
+# A lane: takes modules off the queue and runs each until the queue is empty;
+# fails if any failed.
+run_lane() {
+  local lane=$1 module test failed=0
+  while module=$(next_module) && [[ -n $module ]]; do
+    names=()
+    for test in "${tests[@]}"; do
+      [[ $test == "$module::"* ]] && names+=("$test")
+    done
+    run_module "$module" "${names[@]}" || failed=1
+  done
+  return "$failed"
+}
+
 case "$(basename "$binary")" in
 offline-* | cluster-*)
   if (($# == 0)); then
     mapfile -t tests < <("$binary" --list --format terse | sed -n 's/: test$//p')
     mapfile -t modules < <(printf '%s\n' "${tests[@]}" | sed 's/::.*//' | uniq)
-    failed=0
+    # TEST_LANES modules at a time (default 3), each a process with a control
+    # plane of its own; the longest first, by how long each took last time
+    # (the e2e_* modules first when that is not known).
+    durations=$(dirname "$binary")/../test-module-seconds
+    touch "$durations"
+    queue=$(mktemp)
     for module in "${modules[@]}"; do
-      names=()
-      for test in "${tests[@]}"; do
-        [[ $test == "$module::"* ]] && names+=("$test")
-      done
-      echo "== $(basename "$binary"): module $module, ${#names[@]} tests"
-      output=$(mktemp)
-      run_watched --exact "${names[@]}" | tee "$output"
-      status=${PIPESTATUS[0]}
-      ran=$(sed -n 's/^test result: [a-zA-Z]*\. \([0-9]*\) passed; \([0-9]*\) failed; \([0-9]*\) ignored.*/\1 \2 \3/p' "$output" |
-        awk '{ n += $1 + $2 + $3 } END { print n + 0 }')
-      rm -f "$output"
-      if ((status != 0)); then
-        failed=1
-      elif ((ran != ${#names[@]})); then
-        echo "module $module lists ${#names[@]} tests but ran $ran" >&2
-        failed=1
-      fi
+      seconds=$(awk -v m="$module" '$1 == m { s = $2 } END { print s + 0 }' "$durations")
+      [[ $module == e2e_* ]] && ((seconds == 0)) && seconds=100000
+      echo "$seconds $module"
+    done | sort -k1,1nr -s | cut -d' ' -f2 >"$queue"
+    lanes=${TEST_LANES:-3}
+    pids=()
+    for lane in $(seq 1 "$lanes"); do
+      run_lane "$lane" &
+      pids+=("$!")
     done
+    failed=0
+    for pid in "${pids[@]}"; do
+      wait "$pid" || failed=1
+    done
+    rm -f "$queue" "$queue.lock"
     exit "$failed"
   fi
   ;;

@@ -6,6 +6,8 @@ use tracing_subscriber::{EnvFilter, fmt};
 use chiller_metrics::cli::{Cli, Command, LogFormat, check, explain, offline, serve, uninstall};
 
 /// mimalloc: a quarter to a third of a request's cycles went to glibc's malloc and free.
+/// The `system-allocator` feature leaves it out, for heap profilers.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

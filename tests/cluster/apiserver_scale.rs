@@ -13,7 +13,10 @@
 //!   stores list again;
 //! - `make scale` (ignored here; `SCALE_NAMESPACES`, default 1,000, and
 //!   `SCALE_PODS`, default 10 per namespace) prints the figures as a markdown
-//!   table and writes them into BENCHMARKS.md between the `scale` markers.
+//!   table and writes them into BENCHMARKS.md between the `scale` markers. At
+//!   the end it scales the Deployments up to `SCALE_GROWN_PODS` pods (default
+//!   30 per namespace) and measures memory again. `SCALE_APISERVER_PROFILE`
+//!   names a file for kube-apiserver's CPU profile while converging.
 //!
 //! Calls are counted from the API server's audit log (our ServiceAccount's
 //! events only); memory and CPU from `/proc` of `serve`.
@@ -31,6 +34,7 @@ use std::{
 };
 
 use controlplane::ControlPlane;
+use controlplane::process::{cpu_seconds, proc_status_kb};
 use futures::{StreamExt, stream};
 use install::{DOMAIN, Install, run};
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::Namespace};
@@ -97,6 +101,12 @@ struct Size {
     converge_timeout: Duration,
     /// `serve`'s binary; the test build's by default.
     binary: Option<PathBuf>,
+    /// Pods per Deployment of the labeled namespaces once grown, to show
+    /// how memory grows with the pods watched; `None` skips it.
+    grown_replicas: Option<usize>,
+    /// Where to write a CPU profile of kube-apiserver over the first
+    /// `APISERVER_PROFILE_SECONDS` of converging (`go tool pprof` reads it).
+    apiserver_profile: Option<PathBuf>,
 }
 
 impl Size {
@@ -104,6 +114,9 @@ impl Size {
         self.replicas * WORKLOADS.len()
     }
 }
+
+/// Seconds of kube-apiserver's CPU profile, from labeling on.
+const APISERVER_PROFILE_SECONDS: u32 = 50;
 
 /// `(namespace, plural, name)` of an object.
 type ObjectKey = (String, String, String);
@@ -229,6 +242,10 @@ struct Figures {
     /// What `chiller-metrics render` says each namespace gets: (kind, name).
     rendered: BTreeMap<String, BTreeSet<(String, String)>>,
     converge: Calls,
+    /// CPU seconds each process used while converging, most first.
+    converge_cpu: Vec<(&'static str, f64)>,
+    /// Writes each user made while converging.
+    converge_writes_by_user: BTreeMap<String, usize>,
     idle: Calls,
     idle_window: Duration,
     idle_reconciles: f64,
@@ -243,6 +260,8 @@ struct Figures {
     /// Our calls from an API server restart until the stores re-listed.
     relist: Calls,
     rss_relist_peak: u64,
+    /// Pods watched once grown, and `serve`'s RSS and peak then (kB).
+    grown: Option<(usize, u64, u64)>,
 }
 
 fn env_or<T: FromStr>(name: &str, default: T) -> T {
@@ -266,34 +285,6 @@ fn with_program(command: &Command, program: &Path) -> Command {
         new.current_dir(dir);
     }
     new
-}
-
-/// A `/proc/PID/status` field in kB.
-fn proc_status_kb(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// User and system CPU seconds of a process so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which ends with the last ')'.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    // utime and stime are fields 14 and 15, i.e. 11 and 12 after the name.
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|i| fields.get(*i)?.parse::<f64>().ok())
-        .sum();
-    // SAFETY: sysconf has no preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks / per_second
 }
 
 fn reconciles(serve: &ServeProcess) -> f64 {
@@ -365,6 +356,27 @@ async fn create_namespaces(client: &kube::Client, names: &[String], replicas: us
 }
 
 /// Pods of the scenario that are Running.
+/// Sets the replicas of every Deployment in `names`.
+async fn scale_workloads(client: &kube::Client, names: &[String], replicas: usize) {
+    let patch = json!({"spec": {"replicas": replicas}});
+    let results: Vec<_> = stream::iter(names.iter().flat_map(|ns| WORKLOADS.map(|w| (ns, w))))
+        .map(|(namespace, workload)| {
+            let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+            let patch = patch.clone();
+            async move {
+                deployments
+                    .patch(workload, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .collect()
+        .await;
+    for result in results {
+        result.expect("scaling a Deployment");
+    }
+}
+
 async fn running_pods(client: &kube::Client) -> usize {
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::all(client.clone());
     let mut params = ListParams::default()
@@ -401,6 +413,34 @@ async fn opt_in(client: &kube::Client, names: &[String]) {
         .await;
     for result in results {
         result.expect("labeling a namespace");
+    }
+}
+
+/// Waits until every one of `names` is complete, from a watch of the
+/// scenario's namespaces: no LIST of a thousand namespaces every poll,
+/// which would load the API server being measured.
+async fn until_complete(client: kube::Client, names: BTreeSet<String>, pods: usize) {
+    use kube::runtime::{WatchStreamExt, watcher};
+    let namespaces: Api<Namespace> = Api::all(client);
+    let config = watcher::Config::default().labels(&format!("{}={}", PART_OF.0, PART_OF.1));
+    let stream = watcher(namespaces, config).applied_objects();
+    futures::pin_mut!(stream);
+    let mut done = BTreeSet::new();
+    while done.len() < names.len() {
+        let namespace = match stream.next().await {
+            Some(Ok(namespace)) => namespace,
+            Some(Err(error)) => {
+                eprintln!("namespace watch: {error}; it retries");
+                continue;
+            }
+            None => panic!("the namespace watch ended"),
+        };
+        let name = namespace.metadata.name.clone().unwrap_or_default();
+        if names.contains(&name) && complete(&namespace, pods) {
+            done.insert(name);
+        } else {
+            done.remove(&name);
+        }
     }
 }
 
@@ -565,33 +605,65 @@ fn measure(size: Size) -> Figures {
     let rss_after_list = proc_status_kb(pid, "VmRSS");
 
     // All at once.
+    let mut processes = plane.pids();
+    processes.push((
+        "prometheus-operator",
+        operator.pid().expect("the operator runs"),
+    ));
+    processes.push(("chiller-metrics serve", pid));
+    let cpu_before: Vec<f64> = processes.iter().map(|(_, pid)| cpu_seconds(*pid)).collect();
+    let profile = size.apiserver_profile.clone().map(|path| {
+        let mut kubectl = plane.kubectl();
+        kubectl.args([
+            "get",
+            "--raw",
+            &format!("/debug/pprof/profile?seconds={APISERVER_PROFILE_SECONDS}"),
+        ]);
+        std::thread::spawn(move || {
+            let output = kubectl.output().expect("running kubectl for the profile");
+            assert!(
+                output.status.success(),
+                "kube-apiserver's CPU profile: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            std::fs::write(&path, output.stdout).expect("writing the profile");
+            eprintln!("kube-apiserver's CPU profile: {}", path.display());
+        })
+    });
+    let pods = size.pods_per_namespace();
+    let converged = runtime.spawn(until_complete(
+        client.clone(),
+        labeled.iter().cloned().collect(),
+        pods,
+    ));
     let from = plane.audit_offset();
     let start = Instant::now();
     runtime.block_on(opt_in(&client, &labeled));
-    let pods = size.pods_per_namespace();
-    support::wait_until(
-        size.converge_timeout,
-        "every namespace has all its objects",
-        || {
-            let namespaces = runtime.block_on(scenario_namespaces(&client));
-            namespaces
-                .iter()
-                .filter(|ns| {
-                    ns.metadata
-                        .name
-                        .as_ref()
-                        .is_some_and(|n| n.starts_with("scale-"))
-                })
-                .filter(|ns| complete(ns, pods))
-                .count()
-                == labeled.len()
-        },
-    );
+    runtime
+        .block_on(async { tokio::time::timeout(size.converge_timeout, converged).await })
+        .unwrap_or_else(|_| {
+            panic!(
+                "every namespace has all its objects: not within {:?}",
+                size.converge_timeout
+            )
+        })
+        .expect("the namespace watch");
     let all_converged = start.elapsed();
+    let mut converge_cpu: Vec<(&'static str, f64)> = processes
+        .iter()
+        .zip(cpu_before)
+        .map(|((name, pid), before)| (*name, cpu_seconds(*pid) - before))
+        .collect();
+    converge_cpu.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let converge_writes_by_user = plane.audit_writes_by_user_since(from);
     eprintln!(
-        "{} namespaces converged in {all_converged:?}",
+        "{} namespaces converged in {all_converged:?}; CPU seconds meanwhile: {converge_cpu:?}; \
+         writes by user: {converge_writes_by_user:?}",
         labeled.len()
     );
+    if let Some(profile) = profile {
+        profile.join().expect("the profile's thread");
+    }
     std::thread::sleep(SETTLE);
     let converge = Calls(plane.audit_events_since(from, SERVICE_ACCOUNT));
     let owned = runtime.block_on(owned_objects(&client));
@@ -684,6 +756,26 @@ fn measure(size: Size) -> Figures {
     let relist = Calls(plane.audit_events_since(from, SERVICE_ACCOUNT));
     let rss_relist_peak = proc_status_kb(pid, "VmHWM");
 
+    // More pods: every Deployment of the labeled namespaces scaled up.
+    let grown = size.grown_replicas.map(|replicas| {
+        let started = Instant::now();
+        runtime.block_on(scale_workloads(&client, &labeled, replicas));
+        let total = pods_total + labeled.len() * WORKLOADS.len() * (replicas - size.replicas);
+        support::wait_until(
+            size.setup_timeout,
+            "every pod of the grown Deployments is Running",
+            || runtime.block_on(running_pods(&client)) == total,
+        );
+        eprintln!("{total} pods Running after {:?}", started.elapsed());
+        std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("resetting serve's peak RSS");
+        std::thread::sleep(SETTLE * 10);
+        (
+            total,
+            proc_status_kb(pid, "VmRSS"),
+            proc_status_kb(pid, "VmHWM"),
+        )
+    });
+
     let (status, _) = serve.terminate();
     assert!(status.success(), "serve exits cleanly");
     drop(operator);
@@ -696,6 +788,8 @@ fn measure(size: Size) -> Figures {
         owned,
         rendered,
         converge,
+        converge_cpu,
+        converge_writes_by_user,
         idle,
         idle_window,
         idle_reconciles,
@@ -706,6 +800,7 @@ fn measure(size: Size) -> Figures {
         rss_peak,
         relist,
         rss_relist_peak,
+        grown,
     }
 }
 
@@ -771,6 +866,27 @@ impl Figures {
                 format!("all {n} namespaces converged, labeled at once"),
                 format!("{:.1} s", self.all_converged.as_secs_f64()),
                 "≤ 25 s".to_string(),
+            ),
+            (
+                "CPU seconds while converging, by process".to_string(),
+                self.converge_cpu
+                    .iter()
+                    .map(|(name, seconds)| format!("{name} {seconds:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                String::new(),
+            ),
+            (
+                "writes the API server took while converging: all / ours".to_string(),
+                format!(
+                    "{} / {}",
+                    self.converge_writes_by_user.values().sum::<usize>(),
+                    self.converge_writes_by_user
+                        .get(SERVICE_ACCOUNT)
+                        .copied()
+                        .unwrap_or(0)
+                ),
+                String::new(),
             ),
             (
                 format!(
@@ -878,8 +994,21 @@ impl Figures {
                 "0 writes, peak ≤ 1.5× steady".to_string(),
             ),
         ];
+        let grown = self.grown.map(|(pods, rss, peak)| {
+            (
+                format!("serve RSS / peak with {pods} pods (Deployments scaled up)"),
+                format!(
+                    "{:.1} MB / {:.1} MB ({:.2}× the RSS with {} pods)",
+                    mb(rss),
+                    mb(peak),
+                    rss as f64 / self.rss_steady.max(1) as f64,
+                    self.pods_total
+                ),
+                String::new(),
+            )
+        });
         let mut table = String::from("| figure | measured | goal |\n|---|---|---|\n");
-        for (figure, measured, goal) in rows {
+        for (figure, measured, goal) in rows.into_iter().chain(grown) {
             table.push_str(&format!("| {figure} | {measured} | {goal} |\n"));
         }
         table
@@ -899,6 +1028,8 @@ fn twenty_namespaces_converge_with_one_write_per_object_and_stay_quiet() {
         setup_timeout: Duration::from_secs(300),
         converge_timeout: Duration::from_secs(120),
         binary: None,
+        grown_replicas: None,
+        apiserver_profile: None,
     });
     eprintln!("{}", figures.table());
     let n = figures.labeled.len();
@@ -1013,6 +1144,12 @@ fn the_reconcile_loop_at_scale_into_benchmarks() {
         setup_timeout: Duration::from_secs(env_or("SCALE_SETUP_SECONDS", 3600)),
         converge_timeout: Duration::from_secs(env_or("SCALE_CONVERGE_SECONDS", 600)),
         binary,
+        grown_replicas: Some(
+            (env_or("SCALE_GROWN_PODS", namespaces * 30) / (namespaces * WORKLOADS.len()))
+                .max(replicas),
+        )
+        .filter(|&grown| grown > replicas),
+        apiserver_profile: std::env::var_os("SCALE_APISERVER_PROFILE").map(PathBuf::from),
     });
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let section = format!(

@@ -22,7 +22,7 @@ wait_until() {
       "$@" >&2 || true
       fail "timed out after ${seconds}s waiting for: $what"
     fi
-    sleep 5
+    sleep 2
   done
   echo "ok: $what" >&2
 }

@@ -20,6 +20,7 @@ pub mod process;
 pub mod services;
 
 use std::{
+    collections::BTreeMap,
     ffi::OsString,
     net::{TcpListener, UdpSocket},
     path::{Path, PathBuf},
@@ -375,6 +376,47 @@ impl ControlPlane {
             curl(&[&format!("{url}/health")]).is_some_and(|b| b.contains("\"health\":\"true\""))
         });
         self.wait_apiserver_ready();
+    }
+
+    /// The pid of each of its processes that runs, by name.
+    pub fn pids(&self) -> Vec<(&'static str, u32)> {
+        [
+            &self.etcd,
+            &self.apiserver,
+            &self.controller_manager,
+            &self.scheduler,
+            &self.kwok,
+        ]
+        .iter()
+        .filter_map(|process| {
+            let process = process.lock().unwrap_or_else(|e| e.into_inner());
+            Some((process.name, process.pid()?))
+        })
+        .collect()
+    }
+
+    /// How many writes each user made after byte `offset` of the audit log.
+    pub fn audit_writes_by_user_since(&self, offset: u64) -> BTreeMap<String, usize> {
+        use std::io::{BufRead, Seek};
+        let mut writes = BTreeMap::new();
+        let Ok(mut file) = std::fs::File::open(&self.audit_log) else {
+            return writes;
+        };
+        file.seek(std::io::SeekFrom::Start(offset))
+            .expect("seeking in the audit log");
+        for line in std::io::BufReader::new(file).lines().map_while(Result::ok) {
+            let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if matches!(
+                event["verb"].as_str(),
+                Some("create" | "update" | "patch" | "delete" | "deletecollection")
+            ) {
+                let user = event["user"]["username"].as_str().unwrap_or("?");
+                *writes.entry(user.to_string()).or_insert(0) += 1;
+            }
+        }
+        writes
     }
 
     /// The audit events so far, parsed.
