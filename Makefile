@@ -133,7 +133,8 @@ bench:
 
 ## What a pod create pays (not part of `make test`): the tests' control plane
 ## (cluster-tools), pods created at RATE/s (100) for SECONDS (60) with no
-## webhook, with ours (the chart, `serve` out of cluster) and with the
+## webhook, with ours (the chart, `serve` out of cluster; then with
+## --no-reconcile, the webhook alone) and with the
 ## controller-runtime webhook of benches/go-webhook (needs Go); p50/p99 of the
 ## create and the API server's admission histogram. BENCHMARKS.md explains.
 bench-admission: tools cluster-tools

@@ -3,13 +3,14 @@
 //! kube-controller-manager; no node, so pods stay Pending).
 //!
 //! Pods are created at a fixed rate (RATE per second, default 100) for
-//! SECONDS (default 60), in three setups, one after the other in one run:
+//! SECONDS (default 60), in four setups, one after the other in one run:
 //!
 //! 1. no webhook (before the chart is installed);
 //! 2. our webhook: the chart installed with helm, `serve` out of cluster as
 //!    its ServiceAccount, the chart's webhook pointed at it (as the API server
 //!    tests do);
-//! 3. the controller-runtime webhook of `benches/go-webhook`, with the same
+//! 3. our webhook alone (`serve --no-reconcile`), as the Go webhook is;
+//! 4. the controller-runtime webhook of `benches/go-webhook`, with the same
 //!    certificate, registered by the same configuration (its URL changed);
 //!    `serve` is stopped first.
 //!
@@ -32,9 +33,10 @@ use std::{
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 use serde_json::Value;
+use support::controlplane::process::cpu_seconds;
 use support::controlplane::{self, ControlPlane, free_port};
 use support::crate_dir;
-use support::install::{DOMAIN, Install, ensure_namespace, kubectl_json};
+use support::install::{self, DOMAIN, Install, ensure_namespace, kubectl_json};
 
 /// A create that takes longer counts as failed. Only guards against hangs.
 const CREATE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -88,7 +90,30 @@ fn main() {
     let serve = runtime.block_on(install.serve("chiller-metrics-0"));
     install.point_webhook_at(&serve);
     eprintln!("our webhook: {rate} creates/s for {seconds} s");
+    let cpu_before = cpu_seconds(serve.pid());
     let ours = run("bench-admission-ours", &inject);
+    eprintln!(
+        "serve (webhook and reconcile loop) used {:.1} CPU seconds",
+        cpu_seconds(serve.pid()) - cpu_before
+    );
+    let _ = serve.terminate();
+
+    // The webhook alone, as the Go webhook is: no reconcile loop, no watches
+    // but the Namespaces'.
+    let mut command = install.serve_command("chiller-metrics-1");
+    command.arg("--no-reconcile");
+    let serve = install::start_serve(command);
+    if let Err(error) = runtime.block_on(serve.wait_ready()) {
+        panic!("{error}; log:\n{}", serve.log().join("\n"));
+    }
+    install.point_webhook_at(&serve);
+    eprintln!("our webhook alone (--no-reconcile): {rate} creates/s for {seconds} s");
+    let cpu_before = cpu_seconds(serve.pid());
+    let alone = run("bench-admission-alone", &inject);
+    eprintln!(
+        "serve (webhook alone) used {:.1} CPU seconds",
+        cpu_seconds(serve.pid()) - cpu_before
+    );
     let _ = serve.terminate();
 
     let mut go = start_go_webhook(&go_webhook, &install);
@@ -98,7 +123,7 @@ fn main() {
     go.stop();
 
     assert!(
-        !none.injected && ours.injected && go_run.injected,
+        !none.injected && ours.injected && alone.injected && go_run.injected,
         "pods are injected with a webhook and only then"
     );
     let table = table(
@@ -107,6 +132,7 @@ fn main() {
         &[
             ("no webhook", &none),
             ("ours", &ours),
+            ("ours, webhook alone (`--no-reconcile`)", &alone),
             ("Go (controller-runtime)", &go_run),
         ],
     );

@@ -147,9 +147,13 @@ load() {
     local args=(-D "$DURATION" --warm-up-time 1 -c "$CLIENTS" -t 1
         -d "$body" -H 'content-type: application/json'
         --log-file "$OUT/$name.tsv")
-    if [ "$proto" = h1 ]; then args+=(--h1 -m 1); else args+=(-m "$STREAMS"); fi
+    if [ "$proto" = h1 ]; then args+=(--h1 -m 1); else args+=(-m "$STREAMS" --npn-list=h2); fi
     [ -n "$rps" ] && args+=(--rps "$rps")
     "${pin_load[@]}" h2load "${args[@]}" "https://127.0.0.1:$WEBHOOK_PORT/mutate" >"$OUT/$name.txt" 2>&1
+    if ! grep -q "^Application protocol: ${proto/h1/http\/1.1}$" "$OUT/$name.txt"; then
+        echo "bench: $name did not run over $proto:" >&2
+        grep "^Application protocol" "$OUT/$name.txt" >&2
+    fi
     if ! grep -q " 0 failed, 0 errored" "$OUT/$name.txt"; then
         echo "bench: requests failed in $name:" >&2
         grep -E "^requests:|status codes:" "$OUT/$name.txt" >&2

@@ -57,7 +57,7 @@ review() {
     local common=(-n "$count" -c "$clients" -t 1 -d "$body" -H 'content-type: application/json' "$@")
     local url="https://127.0.0.1:$WEBHOOK_PORT/mutate"
     h2load "${common[@]}" --h1 "$url" >"$WORK/h2load.txt" 2>&1
-    h2load "${common[@]}" -m 4 "$url" >>"$WORK/h2load.txt" 2>&1
+    h2load "${common[@]}" -m 4 --npn-list=h2 "$url" >>"$WORK/h2load.txt" 2>&1
     grep -q "^requests: .* 0 errored" "$WORK/h2load.txt" ||
         { echo "hot-symbols: requests with $body failed:" >&2; cat "$WORK/h2load.txt" >&2; exit 1; }
 }

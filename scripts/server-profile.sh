@@ -27,7 +27,7 @@ for tool in valgrind callgrind_control h2load curl python3; do
 done
 case "$PROTO" in
 h1) protocol=(--h1 -m 1) ;;
-h2) protocol=(-m 4) ;;
+h2) protocol=(-m 4 --npn-list=h2) ;;
 *) echo "server-profile: PROTO is h1 or h2, got $PROTO" >&2; exit 1 ;;
 esac
 

@@ -179,7 +179,11 @@ pub fn server_config(
         .map_err(TlsError::Config)?
         .with_no_client_auth()
         .with_cert_resolver(cert);
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // HTTP/1.1 first, as controller-runtime's webhooks (HTTP/2 off):
+    // kube-apiserver, which offers both, then keeps a pool of connections
+    // rather than multiplexing every review onto one. A client offering
+    // only h2 still gets it.
+    config.alpn_protocols = vec![b"http/1.1".to_vec(), b"h2".to_vec()];
     Ok(Arc::new(config))
 }
 

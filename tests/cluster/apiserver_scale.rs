@@ -394,6 +394,33 @@ async fn running_pods(client: &kube::Client) -> usize {
     }
 }
 
+/// Waits until `total` pods of the scenario are Running, saying how many
+/// are every 30 s. Counts every 2 s: a LIST of thousands of pods costs the
+/// API server.
+fn wait_running(
+    runtime: &tokio::runtime::Runtime,
+    client: &kube::Client,
+    total: usize,
+    within: Duration,
+) {
+    let started = Instant::now();
+    let mut last_report = Instant::now();
+    support::wait_until(within, "every pod is Running on a kwok node", || {
+        let running = runtime.block_on(running_pods(client));
+        if last_report.elapsed() > Duration::from_secs(30) {
+            eprintln!(
+                "{running}/{total} pods Running after {:?}",
+                started.elapsed()
+            );
+            last_report = Instant::now();
+        }
+        running == total || {
+            std::thread::sleep(Duration::from_secs(2));
+            false
+        }
+    });
+}
+
 /// Labels `names` for injection, all at once.
 async fn opt_in(client: &kube::Client, names: &[String]) {
     let namespaces: Api<Namespace> = Api::all(client.clone());
@@ -555,22 +582,7 @@ fn measure(size: Size) -> Figures {
     let pods_total = all.len() * size.pods_per_namespace();
     let started = Instant::now();
     runtime.block_on(create_namespaces(&client, &all, size.replicas));
-    let mut last_report = Instant::now();
-    support::wait_until(
-        size.setup_timeout,
-        "every pod is Running on a kwok node",
-        || {
-            let running = runtime.block_on(running_pods(&client));
-            if last_report.elapsed() > Duration::from_secs(30) {
-                eprintln!(
-                    "{running}/{pods_total} pods Running after {:?}",
-                    started.elapsed()
-                );
-                last_report = Instant::now();
-            }
-            running == pods_total
-        },
-    );
+    wait_running(&runtime, &client, pods_total, size.setup_timeout);
     eprintln!("{pods_total} pods Running after {:?}", started.elapsed());
 
     // `serve` starts with every pod already there: its initial list holds them all.
@@ -761,11 +773,7 @@ fn measure(size: Size) -> Figures {
         let started = Instant::now();
         runtime.block_on(scale_workloads(&client, &labeled, replicas));
         let total = pods_total + labeled.len() * WORKLOADS.len() * (replicas - size.replicas);
-        support::wait_until(
-            size.setup_timeout,
-            "every pod of the grown Deployments is Running",
-            || runtime.block_on(running_pods(&client)) == total,
-        );
+        wait_running(&runtime, &client, total, size.setup_timeout);
         eprintln!("{total} pods Running after {:?}", started.elapsed());
         std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("resetting serve's peak RSS");
         std::thread::sleep(SETTLE * 10);

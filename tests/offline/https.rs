@@ -126,6 +126,19 @@ async fn admission_review_over_https_http1_and_http2() {
     assert_eq!(sample(&metrics, INJECTED), Some(8.0), "{metrics}");
 }
 
+/// kube-apiserver offers h2 and http/1.1; on HTTP/1.1 it keeps a pool of
+/// connections, so one stalled connection holds up one review, not all.
+#[tokio::test]
+async fn a_client_offering_both_protocols_gets_http1() {
+    let server = TestServer::start(ServerOptions::default()).await;
+    let client = server.client();
+    let stream = client
+        .tls_connect_with(client.tls_config(&["h2", "http/1.1"]))
+        .await
+        .unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+}
+
 #[tokio::test]
 async fn other_requests_are_allowed_without_a_patch() {
     let server = TestServer::start(ServerOptions::default()).await;

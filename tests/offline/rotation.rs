@@ -181,7 +181,7 @@ fn load_until(addr: std::net::SocketAddr, body: PathBuf, stop: Arc<AtomicBool>) 
         if round % 2 == 0 {
             command.args(["--h1", "-m", "1"]);
         } else {
-            command.args(["-m", "4"]);
+            command.args(["-m", "4", "--npn-list=h2"]);
         }
         command.arg(format!("https://127.0.0.1:{}/mutate", addr.port()));
         outputs.push(command.output().expect("running h2load"));

@@ -20,7 +20,7 @@ fn h2load(addr: std::net::SocketAddr, body: &std::path::Path, http1: bool) -> Ch
     let protocol: &[&str] = if http1 {
         &["--h1", "-m", "1"]
     } else {
-        &["-m", "4"]
+        &["-m", "4", "--npn-list=h2"]
     };
     let mut command = Command::new(support::tool("h2load"));
     command
