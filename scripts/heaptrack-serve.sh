@@ -1,12 +1,8 @@
 #!/usr/bin/env bash
 # Runs a chiller-metrics binary under heaptrack with the same pid, so that
 # what measures it (make scale's /proc readings, its SIGTERM) sees the
-# program itself:
-#
-#   cargo build --release --locked --features system-allocator
-#   HEAPTRACK_BINARY=target/release/chiller-metrics HEAPTRACK_OUT=/tmp/serve.heap.zst \
-#     SCALE_SERVE_BINARY=$PWD/scripts/heaptrack-serve.sh make scale
-#   heaptrack_print --print-peaks 0 --print-allocators 0 /tmp/serve.heap.zst
+# program itself. Used as make scale's SCALE_SERVE_BINARY with the test run
+# directly (`make scale` sets its own); docs/development.md has the commands.
 #
 # heaptrack hooks malloc, so the binary must be built without mimalloc
 # (the system-allocator feature). The profile is written when it exits.

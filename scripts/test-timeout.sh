@@ -168,6 +168,9 @@ offline-* | cluster-*)
       wait "$pid" || failed=1
     done
     rm -f "$queue" "$queue.lock"
+    # Only each module's latest time is kept.
+    awk '{ last[$1] = $2 } END { for (m in last) print m, last[m] }' "$durations" >"$durations.new" &&
+      mv "$durations.new" "$durations"
     exit "$failed"
   fi
   ;;
