@@ -3,7 +3,8 @@
 //! kube-controller-manager; no node, so pods stay Pending).
 //!
 //! Pods are created at a fixed rate (RATE per second, default 100) for
-//! SECONDS (default 60), in four setups, one after the other in one run:
+//! SECONDS (default 60), in four setups, one after the other in one run
+//! (SETUPS=none,ours,alone,go picks some):
 //!
 //! 1. no webhook (before the chart is installed);
 //! 2. our webhook: the chart installed with helm, `serve` out of cluster as
@@ -56,10 +57,11 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let client = runtime.block_on(plane.client());
     let pod = bench_pod();
-    let run = |namespace: &str, labels: &[(&str, &str)]| {
+    let run = |namespace: &str, labels: &[(&str, &str)], webhook_port: Option<u16>| {
         ensure_namespace(plane, namespace, labels);
         wait_for_default_service_account(plane, namespace);
         let before = admission_histogram(plane);
+        let cpu_before = plane_cpu_seconds(plane);
         let latencies = runtime.block_on(create_at_rate(
             client.clone(),
             namespace,
@@ -68,6 +70,22 @@ fn main() {
             Duration::from_secs(seconds),
         ));
         let webhook = admission_histogram(plane).minus(&before);
+        eprintln!(
+            "CPU seconds over the setup: {}",
+            plane_cpu_seconds(plane)
+                .iter()
+                .zip(&cpu_before)
+                .map(|((name, after), (_, before))| format!("{name} {:.1}", after - before))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        eprintln!("{}", by_window(&latencies, rate));
+        if let Some(port) = webhook_port {
+            eprintln!(
+                "connections to the webhook now: {}",
+                connection_states(port)
+            );
+        }
         let setup = Setup {
             latencies,
             webhook,
@@ -83,59 +101,84 @@ fn main() {
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
 
-    eprintln!("no webhook: {rate} creates/s for {seconds} s");
-    let none = run("bench-admission-none", &[]);
+    // SETUPS picks some of them, for a quicker look (default: all four).
+    let setups = std::env::var("SETUPS").unwrap_or_else(|_| "none,ours,alone,go".into());
+    let wanted = |name: &str| setups.split(',').any(|s| s.trim() == name);
+    let mut measured: Vec<(&str, Setup)> = Vec::new();
+
+    if wanted("none") {
+        eprintln!("no webhook: {rate} creates/s for {seconds} s");
+        let none = run("bench-admission-none", &[], None);
+        assert!(!none.injected, "pods are not injected without a webhook");
+        measured.push(("no webhook", none));
+    }
 
     let install = Install::chart(plane, &[]);
-    let serve = runtime.block_on(install.serve("chiller-metrics-0"));
-    install.point_webhook_at(&serve);
-    eprintln!("our webhook: {rate} creates/s for {seconds} s");
-    let cpu_before = cpu_seconds(serve.pid());
-    let ours = run("bench-admission-ours", &inject);
-    eprintln!(
-        "serve (webhook and reconcile loop) used {:.1} CPU seconds",
-        cpu_seconds(serve.pid()) - cpu_before
-    );
-    let _ = serve.terminate();
-
-    // The webhook alone, as the Go webhook is: no reconcile loop, no watches
-    // but the Namespaces'.
-    let mut command = install.serve_command("chiller-metrics-1");
-    command.arg("--no-reconcile");
-    let serve = install::start_serve(command);
-    if let Err(error) = runtime.block_on(serve.wait_ready()) {
-        panic!("{error}; log:\n{}", serve.log().join("\n"));
+    if wanted("ours") {
+        let serve = runtime.block_on(install.serve("chiller-metrics-0"));
+        install.point_webhook_at(&serve);
+        eprintln!("our webhook: {rate} creates/s for {seconds} s");
+        let cpu_before = cpu_seconds(serve.pid());
+        let ours = run(
+            "bench-admission-ours",
+            &inject,
+            Some(serve.webhook_addr.port()),
+        );
+        eprintln!(
+            "serve (webhook and reconcile loop) used {:.1} CPU seconds",
+            cpu_seconds(serve.pid()) - cpu_before
+        );
+        let _ = serve.terminate();
+        assert!(ours.injected, "our webhook injects");
+        measured.push(("ours", ours));
     }
-    install.point_webhook_at(&serve);
-    eprintln!("our webhook alone (--no-reconcile): {rate} creates/s for {seconds} s");
-    let cpu_before = cpu_seconds(serve.pid());
-    let alone = run("bench-admission-alone", &inject);
-    eprintln!(
-        "serve (webhook alone) used {:.1} CPU seconds",
-        cpu_seconds(serve.pid()) - cpu_before
-    );
-    let _ = serve.terminate();
 
-    let mut go = start_go_webhook(&go_webhook, &install);
-    install.point_webhook_at_url(&format!("https://127.0.0.1:{}/mutate", go.port));
-    eprintln!("Go webhook: {rate} creates/s for {seconds} s");
-    let go_run = run("bench-admission-go", &inject);
-    go.stop();
+    if wanted("alone") {
+        // The webhook alone, as the Go webhook is: no reconcile loop, no
+        // watches but the Namespaces'.
+        let mut command = install.serve_command("chiller-metrics-1");
+        command.arg("--no-reconcile");
+        let serve = install::start_serve(command);
+        if let Err(error) = runtime.block_on(serve.wait_ready()) {
+            panic!("{error}; log:\n{}", serve.log().join("\n"));
+        }
+        install.point_webhook_at(&serve);
+        eprintln!("our webhook alone (--no-reconcile): {rate} creates/s for {seconds} s");
+        let cpu_before = cpu_seconds(serve.pid());
+        let alone = run(
+            "bench-admission-alone",
+            &inject,
+            Some(serve.webhook_addr.port()),
+        );
+        eprintln!(
+            "serve (webhook alone) used {:.1} CPU seconds",
+            cpu_seconds(serve.pid()) - cpu_before
+        );
+        let _ = serve.terminate();
+        assert!(alone.injected, "our webhook alone injects");
+        measured.push(("ours, webhook alone (`--no-reconcile`)", alone));
+    }
 
-    assert!(
-        !none.injected && ours.injected && alone.injected && go_run.injected,
-        "pods are injected with a webhook and only then"
-    );
-    let table = table(
-        rate,
-        seconds,
-        &[
-            ("no webhook", &none),
-            ("ours", &ours),
-            ("ours, webhook alone (`--no-reconcile`)", &alone),
-            ("Go (controller-runtime)", &go_run),
-        ],
-    );
+    if wanted("go") {
+        let mut go = start_go_webhook(&go_webhook, &install);
+        install.point_webhook_at_url(&format!("https://127.0.0.1:{}/mutate", go.port));
+        eprintln!("Go webhook: {rate} creates/s for {seconds} s");
+        let cpu_before = cpu_seconds(go.child.id());
+        let go_run = run("bench-admission-go", &inject, Some(go.port));
+        eprintln!(
+            "the Go webhook used {:.1} CPU seconds",
+            cpu_seconds(go.child.id()) - cpu_before
+        );
+        go.stop();
+        assert!(go_run.injected, "the Go webhook injects");
+        measured.push(("Go (controller-runtime)", go_run));
+    }
+
+    let rows: Vec<(&str, &Setup)> = measured
+        .iter()
+        .map(|(name, setup)| (*name, setup))
+        .collect();
+    let table = table(rate, seconds, &rows);
     println!("{table}");
     let out = crate_dir().join("target/bench-admission");
     std::fs::create_dir_all(&out).expect("creating target/bench-admission");
@@ -397,6 +440,61 @@ fn start_go_webhook(binary: &std::path::Path, install: &Install) -> GoWebhook {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// TCP connections to `port` on loopback by state (`ss`), e.g. "ESTAB 4,
+/// TIME-WAIT 120": connections closed within the last minute linger in
+/// TIME-WAIT on the side that closed first.
+fn connection_states(port: u16) -> String {
+    let output = Command::new("ss")
+        .args(["-Htan", &format!("( sport = :{port} or dport = :{port} )")])
+        .output();
+    let Ok(output) = output else {
+        return "ss is missing".into();
+    };
+    let mut states: BTreeMap<String, usize> = BTreeMap::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        if let Some(state) = line.split_whitespace().next() {
+            *states.entry(state.to_string()).or_default() += 1;
+        }
+    }
+    states
+        .iter()
+        .map(|(state, n)| format!("{state} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// CPU seconds each control-plane process has used so far.
+fn plane_cpu_seconds(plane: &ControlPlane) -> Vec<(&'static str, f64)> {
+    let mut pids = plane.pids();
+    pids.push(("bench client", std::process::id()));
+    pids.into_iter()
+        .map(|(name, pid)| (name, cpu_seconds(pid)))
+        .collect()
+}
+
+/// p50 and p99 of the creates started in each 10-second window: shows
+/// whether slow creates cluster (start-up, a burst) or spread.
+fn by_window(latencies: &[Option<Duration>], rate: u32) -> String {
+    let per_window = (rate as usize * 10).max(1);
+    latencies
+        .chunks(per_window)
+        .enumerate()
+        .map(|(i, window)| {
+            let mut ok: Vec<Duration> = window.iter().flatten().copied().collect();
+            ok.sort();
+            format!(
+                "{:>3}-{:<3} s: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                i * 10,
+                i * 10 + 10,
+                percentile(&ok, 0.5),
+                percentile(&ok, 0.99),
+                percentile(&ok, 1.0),
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn percentile(sorted: &[Duration], q: f64) -> f64 {

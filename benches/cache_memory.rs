@@ -2,7 +2,8 @@
 //! allocator: per pod, stored as the pod watch stores it (the chiller API pod
 //! as injected, with the metadata, status and managed fields the API server
 //! adds), and per opted-in namespace, its managed objects as the live cache
-//! stores them (the objects as applied, with the server's metadata).
+//! stores them (the objects as applied, with the server's metadata), and per
+//! Namespace in each of the two Namespace stores.
 //!
 //! `cargo bench --bench cache_memory` prints one table; `make scale` measures
 //! the whole process on a real control plane.
@@ -13,6 +14,7 @@ use std::{
 };
 
 use chiller_metrics::{
+    cluster::keep_what_we_read,
     config::Config,
     reconcile::{
         compare::applied_value,
@@ -21,8 +23,11 @@ use chiller_metrics::{
         pods::PodCache,
     },
 };
-use k8s_openapi::api::core::v1::Pod;
-use kube::{api::DynamicObject, runtime::watcher::Event};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::{
+    api::DynamicObject,
+    runtime::{reflector, watcher::Event},
+};
 use serde_json::{Value, json};
 
 /// Bytes allocated and not yet freed.
@@ -188,11 +193,57 @@ fn bytes_per_namespace(config: &Config) -> f64 {
     (held() - before) as f64 / NAMESPACES as f64
 }
 
+/// Bytes per Namespace in one Namespace store: as the watch delivers it,
+/// and as stored (`keep_what_we_read`). Labeled by `kubectl apply`, with
+/// our status annotation.
+fn bytes_per_namespace_object(config: &Config) -> (f64, f64) {
+    let keys = config.keys();
+    let namespace = |i: usize| {
+        let name = format!("shop-{i:04}");
+        let mut namespace = json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {
+                "name": name,
+                "labels": {"kubernetes.io/metadata.name": name, keys.inject.as_str(): "enabled"},
+                "annotations": {
+                    keys.reconcile_status.as_str():
+                        r#"{"ready":true,"objects":9,"uninjectedPods":0,"outdatedPods":0,"config":"3f9a1c0d2b4e"}"#,
+                    "kubectl.kubernetes.io/last-applied-configuration": format!(
+                        r#"{{"apiVersion":"v1","kind":"Namespace","metadata":{{"annotations":{{}},"labels":{{"{}":"enabled"}},"name":"{name}"}}}}"#,
+                        keys.inject
+                    ),
+                },
+            },
+            "spec": {"finalizers": ["kubernetes"]},
+            "status": {"phase": "Active"},
+        });
+        server_metadata(&mut namespace, i);
+        serde_json::from_value::<Namespace>(namespace).expect("a Namespace")
+    };
+    let held_by = |compact: bool| {
+        let (store, mut writer) = reflector::store::<Namespace>();
+        let before = held();
+        for i in 0..NAMESPACES {
+            let mut namespace = namespace(i);
+            if compact {
+                keep_what_we_read(&mut namespace, &keys);
+            }
+            writer.apply_watcher_event(&Event::Apply(namespace));
+        }
+        let bytes = held() - before;
+        assert_eq!(store.len(), NAMESPACES);
+        bytes as f64 / NAMESPACES as f64
+    };
+    (held_by(false), held_by(true))
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; there is nothing to filter.
     let config = Config::default();
     let pod = bytes_per_pod(&config);
     let namespace = bytes_per_namespace(&config);
+    let (delivered, stored) = bytes_per_namespace_object(&config);
     let mb = |bytes: f64| bytes / 1e6;
     println!("| store | heap per item | at 10,000 pods and 1,000 namespaces |");
     println!("|---|---|---|");
@@ -203,5 +254,13 @@ fn main() {
     println!(
         "| our objects (live cache) | {namespace:.0} B per namespace | {:.1} MB |",
         mb(namespace * 1_000.0)
+    );
+    println!(
+        "| a Namespace store, Namespaces as delivered | {delivered:.0} B per namespace | {:.1} MB |",
+        mb(delivered * 1_000.0)
+    );
+    println!(
+        "| a Namespace store, as stored (our labels and annotations only) | {stored:.0} B per namespace | {:.1} MB |",
+        mb(stored * 1_000.0)
     );
 }

@@ -41,6 +41,8 @@ pub struct Keys {
     pub restarted_for_config_at: String,
     /// Label on every object the reconciler creates, naming the app namespace it serves.
     pub owner_namespace: String,
+    /// `<domain>/`, the start of every key above.
+    prefix: String,
 }
 
 /// Value of the namespace opt-in label.
@@ -74,7 +76,13 @@ impl Keys {
             restarted_for_config: key("restarted-for-config"),
             restarted_for_config_at: key("restarted-for-config-at"),
             owner_namespace: key("owner-namespace"),
+            prefix: key(""),
         }
+    }
+
+    /// Whether `key` is under our domain.
+    pub fn is_ours(&self, key: &str) -> bool {
+        key.starts_with(&self.prefix)
     }
 }
 

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-pub use namespaces::{NamespaceCache, policy_from_namespace};
+pub use namespaces::{NamespaceCache, keep_what_we_read, policy_from_namespace};
 
 use crate::{admin::Readiness, inject::NamespacePolicy, webhook::NamespacePolicies};
 

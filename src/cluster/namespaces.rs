@@ -1,14 +1,14 @@
 //! The watched cache of opted-in namespaces that the webhook reads per request.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     pin::Pin,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::{api::core::v1::Namespace, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use kube::{
     Api, Client,
     runtime::{WatchStreamExt, reflector, watcher},
@@ -61,8 +61,13 @@ impl NamespaceCache {
             api: Api::all(client.clone()),
             fetched: Arc::default(),
         };
-        let stream =
-            reflector(writer, watcher(Api::<Namespace>::all(client), config)).default_backoff();
+        let compact = keys.clone();
+        let stream = reflector(
+            writer,
+            watcher(Api::<Namespace>::all(client), config)
+                .modify(move |namespace| keep_what_we_read(namespace, &compact)),
+        )
+        .default_backoff();
         let driver = async move {
             stream
                 .for_each(|event| {
@@ -182,6 +187,33 @@ impl NamespacePolicies for NamespaceCache {
     }
 }
 
+/// Reduces a watched Namespace to what chiller-metrics reads of it: name,
+/// uid, resourceVersion, deletion, and the labels and annotations under our
+/// domain. Both Namespace stores (the webhook's and the reconcile loop's)
+/// hold Namespaces so; managed fields and other tools' annotations were most
+/// of their size.
+pub fn keep_what_we_read(namespace: &mut Namespace, keys: &Keys) {
+    let metadata = std::mem::take(&mut namespace.metadata);
+    let ours = |all: Option<BTreeMap<String, String>>| {
+        all.map(|mut all| {
+            all.retain(|key, _| keys.is_ours(key));
+            all
+        })
+        .filter(|ours| !ours.is_empty())
+    };
+    namespace.metadata = ObjectMeta {
+        name: metadata.name,
+        uid: metadata.uid,
+        resource_version: metadata.resource_version,
+        deletion_timestamp: metadata.deletion_timestamp,
+        labels: ours(metadata.labels),
+        annotations: ours(metadata.annotations),
+        ..ObjectMeta::default()
+    };
+    namespace.spec = None;
+    namespace.status = None;
+}
+
 /// The webhook-relevant settings of a namespace.
 pub fn policy_from_namespace(namespace: &Namespace, keys: &Keys) -> NamespacePolicy {
     NamespacePolicy::from_annotations(namespace.metadata.annotations.as_ref(), keys)
@@ -288,6 +320,54 @@ mod tests {
                 r#"chiller_metrics_admissions_total{outcome="error",reason="namespace_not_cached"} 1"#
             ),
             "{metrics}"
+        );
+    }
+
+    #[test]
+    fn a_stored_namespace_keeps_only_what_we_read() {
+        let keys = Keys::new("metrics.chiller.io");
+        let mut namespace: Namespace = serde_json::from_value(json!({
+            "metadata": {
+                "name": "chiller",
+                "uid": "7c1e2d3f-4a5b-6c7d-8e9f-000000000001",
+                "resourceVersion": "42",
+                "deletionTimestamp": "2026-12-06T08:00:00Z",
+                "labels": {
+                    keys.inject.as_str(): ENABLED,
+                    "kubernetes.io/metadata.name": "chiller",
+                },
+                "annotations": {
+                    keys.pod_selector.as_str(): "app=frontend",
+                    "kubectl.kubernetes.io/last-applied-configuration": "{}",
+                },
+                "managedFields": [{"manager": "kubectl", "operation": "Apply",
+                                   "fieldsType": "FieldsV1", "fieldsV1": {"f:metadata": {}}}],
+            },
+            "spec": {"finalizers": ["kubernetes"]},
+            "status": {"phase": "Active"},
+        }))
+        .unwrap();
+        keep_what_we_read(&mut namespace, &keys);
+        assert_eq!(
+            serde_json::to_value(&namespace).unwrap(),
+            json!({
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {
+                    "name": "chiller",
+                    "uid": "7c1e2d3f-4a5b-6c7d-8e9f-000000000001",
+                    "resourceVersion": "42",
+                    "deletionTimestamp": "2026-12-06T08:00:00Z",
+                    "labels": {keys.inject.as_str(): ENABLED},
+                    "annotations": {keys.pod_selector.as_str(): "app=frontend"},
+                },
+            })
+        );
+        assert_eq!(
+            policy_from_namespace(&namespace, &keys)
+                .pod_selector
+                .as_deref(),
+            Some("app=frontend")
         );
     }
 }

@@ -40,7 +40,7 @@ use super::{
     pod_sightings::PodSightings,
     pods::{LIST_PAGE_SIZE, strip_replica_set},
 };
-use crate::keys::Keys;
+use crate::{cluster::keep_what_we_read, keys::Keys};
 
 /// Time a burst of triggers for one namespace is collapsed into one reconcile:
 /// every trigger in the burst restarts it, so a burst costs one reconcile,
@@ -175,8 +175,9 @@ fn config_change_triggers(
     })
 }
 
-/// A hash of what in a Namespace configures us: its labels, its annotations
-/// but our status annotation, and whether it is being deleted. Writing the
+/// A hash of what in a Namespace configures us: our labels, our annotations
+/// but the status annotation, and whether it is being deleted (the store
+/// keeps no others: `keep_what_we_read`). Writing the
 /// status leaves it unchanged, so our own writes never trigger a reconcile.
 pub fn configuring_fields(keys: &Keys) -> impl Fn(&Namespace) -> Option<u64> + 'static {
     let status_key = keys.reconcile_status.clone();
@@ -202,14 +203,14 @@ pub fn configuring_fields(keys: &Keys) -> impl Fn(&Namespace) -> Option<u64> + '
 /// caller drops it to stop.
 pub async fn run(ctx: Arc<Context>) {
     let (store, writer) = reflector::store::<Namespace>();
-    // Nothing reads a Namespace's managed fields: they are not stored.
+    let keys = ctx.keys.clone();
     let namespaces = reflector(
         writer,
         watcher(
             Api::<Namespace>::all(ctx.client.clone()),
             Default::default(),
         )
-        .modify(|namespace| namespace.managed_fields_mut().clear()),
+        .modify(move |namespace| keep_what_we_read(namespace, &keys)),
     )
     .default_backoff()
     .touched_objects()
