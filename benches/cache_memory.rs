@@ -1,7 +1,7 @@
 //! Heap bytes the reconcile loop's stores hold, counted by the global
 //! allocator: per pod, stored as the pod watch stores it (the chiller API pod
-//! as injected, with the metadata, status and managed fields the API server
-//! adds), and per opted-in namespace, its managed objects as the live cache
+//! injected and not, with the metadata, status and managed fields the API
+//! server adds), and per opted-in namespace, its managed objects as the live cache
 //! stores them (the objects as applied, with the server's metadata), and per
 //! Namespace in each of the two Namespace stores.
 //!
@@ -62,6 +62,7 @@ fn held() -> i64 {
 const PODS: usize = 2_000;
 const NAMESPACES: usize = 200;
 const INJECTED_API_POD: &str = include_str!("../tests/golden/expected/chiller-api.json");
+const API_POD_REVIEW: &str = include_str!("../tests/golden/requests/chiller-api.json");
 
 /// What the API server adds to every object: identity, timestamps and a
 /// managed-fields entry per writer.
@@ -153,16 +154,14 @@ fn pod(template: &Value, i: usize) -> Pod {
     serde_json::from_value(pod).expect("the injected pod is a Pod")
 }
 
-/// Bytes per pod held by the pod store.
-fn bytes_per_pod(config: &Config) -> f64 {
-    let template =
-        serde_json::from_str::<Value>(INJECTED_API_POD).expect("golden JSON")["patchedPod"].clone();
+/// Bytes per pod held by the pod store, for pods like `template`.
+fn bytes_per_pod(config: &Config, template: &Value) -> f64 {
     let cache = PodCache::new(&config.keys());
     cache.pods.apply(&Event::Init);
     cache.pods.apply(&Event::InitDone);
     let before = held();
     for i in 0..PODS {
-        let mut pod = pod(&template, i);
+        let mut pod = pod(template, i);
         cache.strip_pod(&mut pod);
         cache.apply(&Event::Apply(pod));
     }
@@ -241,15 +240,26 @@ fn bytes_per_namespace_object(config: &Config) -> (f64, f64) {
 fn main() {
     // `cargo bench` passes `--bench`; there is nothing to filter.
     let config = Config::default();
-    let pod = bytes_per_pod(&config);
+    let injected = bytes_per_pod(
+        &config,
+        &serde_json::from_str::<Value>(INJECTED_API_POD).expect("golden JSON")["patchedPod"],
+    );
+    let uninjected = bytes_per_pod(
+        &config,
+        &serde_json::from_str::<Value>(API_POD_REVIEW).expect("golden JSON")["request"]["object"],
+    );
     let namespace = bytes_per_namespace(&config);
     let (delivered, stored) = bytes_per_namespace_object(&config);
     let mb = |bytes: f64| bytes / 1e6;
     println!("| store | heap per item | at 10,000 pods and 1,000 namespaces |");
     println!("|---|---|---|");
     println!(
-        "| pods (stored stripped) | {pod:.0} B per pod | {:.1} MB |",
-        mb(pod * 10_000.0)
+        "| pods, injected (stored stripped) | {injected:.0} B per pod | {:.1} MB |",
+        mb(injected * 10_000.0)
+    );
+    println!(
+        "| pods, not injected (stored stripped) | {uninjected:.0} B per pod | {:.1} MB |",
+        mb(uninjected * 10_000.0)
     );
     println!(
         "| our objects (live cache) | {namespace:.0} B per namespace | {:.1} MB |",

@@ -27,8 +27,12 @@ pub enum PodState {
 
 /// The config hash recorded in a pod's status annotation.
 pub fn recorded_config_hash(pod: &Pod, status_key: &str) -> Option<String> {
-    let text = pod.annotations().get(status_key)?;
-    let status: Value = serde_json::from_str(text).ok()?;
+    recorded_config_hash_of(pod.annotations().get(status_key)?)
+}
+
+/// The config hash in the text of a status annotation.
+pub fn recorded_config_hash_of(status: &str) -> Option<String> {
+    let status: Value = serde_json::from_str(status).ok()?;
     status
         .get("configHash")
         .and_then(Value::as_str)

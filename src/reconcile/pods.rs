@@ -7,7 +7,8 @@
 //! references, deletion mark, the annotations of ours the decision reads,
 //! the containers' names, command, args, env, ports and mounts, volume
 //! names, `hostNetwork`, `os`, `restartPolicy` and the phase, and held as
-//! compact JSON ([`StoredPod`]). ReplicaSets are watched as metadata only
+//! compact JSON ([`StoredPod`]). An injected pod keeps no spec, and of its
+//! status annotation only the config hash: nothing reads more of it. ReplicaSets are watched as metadata only
 //! and stored as their owner references.
 
 use std::borrow::Cow;
@@ -25,7 +26,7 @@ use kube::{
     runtime::{reflector::ObjectRef, watcher},
 };
 
-use super::live::Reflected;
+use super::{live::Reflected, pod_state::recorded_config_hash_of};
 use crate::keys::{self, Keys};
 
 /// Objects per page of a watch's list: the list never holds many full
@@ -39,6 +40,9 @@ pub struct PodCache {
     pub replica_sets: Reflected<PartialObjectMeta<ReplicaSet>>,
     /// Pod annotations kept: those the decision reads.
     annotations: Vec<String>,
+    /// The injected label and the status annotation (see `strip_pod`).
+    injected_label: String,
+    status_annotation: String,
 }
 
 impl PodCache {
@@ -54,6 +58,8 @@ impl PodCache {
                 keys.statsd_prefix.clone(),
                 keys::DEFAULT_CONTAINER.to_string(),
             ],
+            injected_label: keys.injected.clone(),
+            status_annotation: keys.status.clone(),
         }
     }
 
@@ -137,6 +143,27 @@ impl PodCache {
             phase: status.phase,
             ..Default::default()
         });
+        let injected = pod
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(&self.injected_label))
+            .is_some_and(|value| value == "true");
+        if injected {
+            // Classified by its label, config hash, phase and deletion, and
+            // reported by its owners (`pod_state::classify`): an injected
+            // pod keeps no spec, and of its status only the config hash.
+            pod.spec = None;
+            if let Some(status) = pod
+                .metadata
+                .annotations
+                .as_mut()
+                .and_then(|all| all.get_mut(&self.status_annotation))
+                && let Some(hash) = recorded_config_hash_of(status)
+            {
+                *status = serde_json::json!({ "configHash": hash }).to_string();
+            }
+        }
     }
 }
 
@@ -256,7 +283,7 @@ mod tests {
     use crate::{
         config::Config,
         inject::{Injector, NamespacePolicy, ResolvedMode},
-        reconcile::pod_state::classify,
+        reconcile::pod_state::{classify, recorded_config_hash},
     };
 
     fn pod(
@@ -305,6 +332,16 @@ mod tests {
                 json!({}),
             ),
             pod(
+                json!({"metrics.chiller.io/injected": "true"}),
+                json!({"metrics.chiller.io/status": json!({"version": "0.1.0", "configHash": "older"}).to_string()}),
+                json!({}),
+            ),
+            pod(
+                json!({"metrics.chiller.io/injected": "true"}),
+                json!({}),
+                json!({}),
+            ),
+            pod(
                 json!({}),
                 json!({"metrics.chiller.io/skipped": "host_network"}),
                 json!({"hostNetwork": true}),
@@ -342,6 +379,23 @@ mod tests {
             assert!(stripped.metadata.managed_fields.is_none());
             let annotations = stripped.metadata.annotations.unwrap_or_default();
             assert!(!annotations.contains_key("metrics.chiller.io/mapping"));
+            let injected = stripped
+                .metadata
+                .labels
+                .as_ref()
+                .is_some_and(|labels| labels.contains_key("metrics.chiller.io/injected"));
+            if injected {
+                assert!(stripped.spec.is_none(), "an injected pod keeps no spec");
+                let recorded = recorded_config_hash(&full, "metrics.chiller.io/status");
+                assert_eq!(
+                    annotations.get("metrics.chiller.io/status"),
+                    recorded
+                        .map(|hash| json!({"configHash": hash}).to_string())
+                        .as_ref(),
+                    "of the status only the config hash"
+                );
+                continue;
+            }
             let spec = stripped.spec.unwrap();
             assert!(spec.node_name.is_none());
             assert!(spec.containers[0].image.is_none());
