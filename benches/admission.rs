@@ -113,23 +113,30 @@ fn main() {
         measured.push(("no webhook", none));
     }
 
+    // A setup through a webhook process: its run, and the CPU the process used.
+    let through = |namespace: &str, who: &str, pid: u32, port: u16| {
+        eprintln!("{who}: {rate} creates/s for {seconds} s");
+        let cpu_before = cpu_seconds(pid);
+        let setup = run(namespace, &inject, Some(port));
+        eprintln!(
+            "{who} used {:.1} CPU seconds",
+            cpu_seconds(pid) - cpu_before
+        );
+        assert!(setup.injected, "{who} injects");
+        setup
+    };
+
     let install = Install::chart(plane, &[]);
     if wanted("ours") {
         let serve = runtime.block_on(install.serve("chiller-metrics-0"));
         install.point_webhook_at(&serve);
-        eprintln!("our webhook: {rate} creates/s for {seconds} s");
-        let cpu_before = cpu_seconds(serve.pid());
-        let ours = run(
+        let ours = through(
             "bench-admission-ours",
-            &inject,
-            Some(serve.webhook_addr.port()),
-        );
-        eprintln!(
-            "serve (webhook and reconcile loop) used {:.1} CPU seconds",
-            cpu_seconds(serve.pid()) - cpu_before
+            "serve (webhook and reconcile loop)",
+            serve.pid(),
+            serve.webhook_addr.port(),
         );
         let _ = serve.terminate();
-        assert!(ours.injected, "our webhook injects");
         measured.push(("ours", ours));
     }
 
@@ -143,34 +150,26 @@ fn main() {
             panic!("{error}; log:\n{}", serve.log().join("\n"));
         }
         install.point_webhook_at(&serve);
-        eprintln!("our webhook alone (--no-reconcile): {rate} creates/s for {seconds} s");
-        let cpu_before = cpu_seconds(serve.pid());
-        let alone = run(
+        let alone = through(
             "bench-admission-alone",
-            &inject,
-            Some(serve.webhook_addr.port()),
-        );
-        eprintln!(
-            "serve (webhook alone) used {:.1} CPU seconds",
-            cpu_seconds(serve.pid()) - cpu_before
+            "serve --no-reconcile (the webhook alone)",
+            serve.pid(),
+            serve.webhook_addr.port(),
         );
         let _ = serve.terminate();
-        assert!(alone.injected, "our webhook alone injects");
         measured.push(("ours, webhook alone (`--no-reconcile`)", alone));
     }
 
     if wanted("go") {
         let mut go = start_go_webhook(&go_webhook, &install);
         install.point_webhook_at_url(&format!("https://127.0.0.1:{}/mutate", go.port));
-        eprintln!("Go webhook: {rate} creates/s for {seconds} s");
-        let cpu_before = cpu_seconds(go.child.id());
-        let go_run = run("bench-admission-go", &inject, Some(go.port));
-        eprintln!(
-            "the Go webhook used {:.1} CPU seconds",
-            cpu_seconds(go.child.id()) - cpu_before
+        let go_run = through(
+            "bench-admission-go",
+            "the Go webhook",
+            go.child.id(),
+            go.port,
         );
         go.stop();
-        assert!(go_run.injected, "the Go webhook injects");
         measured.push(("Go (controller-runtime)", go_run));
     }
 
