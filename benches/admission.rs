@@ -37,6 +37,7 @@ use serde_json::Value;
 use support::controlplane::process::cpu_seconds;
 use support::controlplane::{self, ControlPlane, free_port};
 use support::crate_dir;
+use support::https::ServeProcess;
 use support::install::{self, DOMAIN, Install, ensure_namespace, kubectl_json};
 
 /// A create that takes longer counts as failed. Only guards against hangs.
@@ -127,16 +128,20 @@ fn main() {
     };
 
     let install = Install::chart(plane, &[]);
+    // A setup through a `serve` of ours, stopped afterwards.
+    let through_serve = |serve: ServeProcess, namespace: &str, who: &str| {
+        install.point_webhook_at(&serve);
+        let setup = through(namespace, who, serve.pid(), serve.webhook_addr.port());
+        let _ = serve.terminate();
+        setup
+    };
     if wanted("ours") {
         let serve = runtime.block_on(install.serve("chiller-metrics-0"));
-        install.point_webhook_at(&serve);
-        let ours = through(
+        let ours = through_serve(
+            serve,
             "bench-admission-ours",
             "serve (webhook and reconcile loop)",
-            serve.pid(),
-            serve.webhook_addr.port(),
         );
-        let _ = serve.terminate();
         measured.push(("ours", ours));
     }
 
@@ -149,14 +154,11 @@ fn main() {
         if let Err(error) = runtime.block_on(serve.wait_ready()) {
             panic!("{error}; log:\n{}", serve.log().join("\n"));
         }
-        install.point_webhook_at(&serve);
-        let alone = through(
+        let alone = through_serve(
+            serve,
             "bench-admission-alone",
             "serve --no-reconcile (the webhook alone)",
-            serve.pid(),
-            serve.webhook_addr.port(),
         );
-        let _ = serve.terminate();
         measured.push(("ours, webhook alone (`--no-reconcile`)", alone));
     }
 

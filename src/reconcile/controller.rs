@@ -177,8 +177,8 @@ fn config_change_triggers(
 
 /// A hash of what in a Namespace configures us: our labels, our annotations
 /// but the status annotation, and whether it is being deleted (the store
-/// keeps no others: `keep_what_we_read`). Writing the
-/// status leaves it unchanged, so our own writes never trigger a reconcile.
+/// keeps no others: `keep_what_we_read`). Writing the status leaves it
+/// unchanged, so our own writes never trigger a reconcile.
 pub fn configuring_fields(keys: &Keys) -> impl Fn(&Namespace) -> Option<u64> + 'static {
     let status_key = keys.reconcile_status.clone();
     move |namespace| {

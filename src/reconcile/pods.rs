@@ -8,8 +8,9 @@
 //! the containers' names, command, args, env, ports and mounts, volume
 //! names, `hostNetwork`, `os`, `restartPolicy` and the phase, and held as
 //! compact JSON ([`StoredPod`]). An injected pod keeps no spec, and of its
-//! status annotation only the config hash: nothing reads more of it. ReplicaSets are watched as metadata only
-//! and stored as their owner references.
+//! status annotation only the config hash: nothing reads more of it.
+//! ReplicaSets are watched as metadata only and stored as their owner
+//! references.
 
 use std::borrow::Cow;
 
