@@ -33,8 +33,6 @@ test: system-packages tools cluster-tools
 	@mkdir -p target
 	@# tests/offline/demo.rs runs scripts/demo.sh, whose client `cargo test` builds only as a test harness.
 	$(CARGO) build --locked --bin chiller-metrics --example admission_client
-	@# The release binary some tests run (portability, the e2e images): built here, not inside a test's time limit.
-	$(CARGO) build --release --locked --bin chiller-metrics
 	@# Two integration test binaries, tests/offline and tests/cluster: scripts/test-timeout.sh runs
 	@# each module in a process of its own, one after another, every test under its time limit
 	@# (tests/time-limits); the whole run is under another.
@@ -113,7 +111,7 @@ manifests: tools
 ## `make e2e` (tests/e2e/scenario.sh) on our own real node (kubelet,
 ## containerd, runc, CNI, kube-proxy, CoreDNS); everything is real. As root.
 e2e-local: system-packages tools cluster-tools
-	$(CARGO) test --locked --test cluster -- e2e_pods:: --nocapture
+	$(CARGO) test --locked --test cluster -- e2e_ --nocapture
 
 ## End-to-end on kind (needs Docker and kind; skipped with a message otherwise).
 ## KEEP_CLUSTER=1 keeps the cluster afterwards.

@@ -4,7 +4,7 @@
 # - The two integration test binaries (tests/offline, tests/cluster) run one
 #   module a process and the tests of a module in parallel, as they ran when
 #   each file was a binary of its own: a process has one control plane
-#   (tests/support/controlplane). TEST_LANES modules (default 2) run side by
+#   (tests/support/controlplane). TEST_LANES modules (default 3) run side by
 #   side, the longest first; a module's output is printed whole when it
 #   ends. Each module must run every test it lists, or the run fails.
 # - Every test runs under the time limit tests/time-limits gives its name.
@@ -134,7 +134,7 @@ run_lane() {
   while module=$(next_module) && [[ -n $module ]]; do
     names=()
     for test in "${tests[@]}"; do
-      [[ $test == "$module::"* ]] && names+=("$test")
+      [[ ${test%::*} == "$module" ]] && names+=("$test")
     done
     run_module "$module" "${names[@]}" || failed=1
   done
@@ -145,19 +145,24 @@ case "$(basename "$binary")" in
 offline-* | cluster-*)
   if (($# == 0)); then
     mapfile -t tests < <("$binary" --list --format terse | sed -n 's/: test$//p')
-    mapfile -t modules < <(printf '%s\n' "${tests[@]}" | sed 's/::.*//' | uniq)
-    # TEST_LANES modules at a time (default 2), each a process with a control
-    # plane of its own; the longest first, by how long each took last time
-    # (the e2e_* modules first when that is not known).
+    # A module: the tests of one Rust module, without its submodules (a
+    # submodule is a module, and a process, of its own).
+    mapfile -t modules < <(printf '%s\n' "${tests[@]}" | sed 's/::[^:]*$//' | sort -u)
+    # TEST_LANES modules at a time (default 3), each a process with a control
+    # plane of its own; the longest first, by how long each took the last
+    # time here (tests/module-seconds, measured on 2 cores, for a module this
+    # machine has not run yet).
     durations=$(dirname "$binary")/../test-module-seconds
     touch "$durations"
     queue=$(mktemp)
     for module in "${modules[@]}"; do
       seconds=$(awk -v m="$module" '$1 == m { s = $2 } END { print s + 0 }' "$durations")
+      ((seconds == 0)) &&
+        seconds=$(awk -v m="$module" '$1 == m { s = $2 } END { print s + 0 }' "$here/../tests/module-seconds")
       [[ $module == e2e_* ]] && ((seconds == 0)) && seconds=100000
       echo "$seconds $module"
     done | sort -k1,1nr -s | cut -d' ' -f2 >"$queue"
-    lanes=${TEST_LANES:-2}
+    lanes=${TEST_LANES:-3}
     pids=()
     for lane in $(seq 1 "$lanes"); do
       run_lane "$lane" &

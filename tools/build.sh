@@ -32,6 +32,11 @@ if ! command -v go >/dev/null; then
   exit 1
 fi
 
+# One build of a module at a time: test processes running side by side may
+# ask for the same module; the second waits and then finds it current.
+exec 9>"$out/.build.lock"
+flock 9
+
 stamp="$out/.built-from"
 want=$(cat "$dir/go.mod" "$dir/go.sum" "$0" $(find "$dir" -name '*.go' | sort) | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

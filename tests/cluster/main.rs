@@ -1,6 +1,6 @@
 //! The integration tests that start the real control plane (etcd,
 //! kube-apiserver, kube-controller-manager; `apiserver_*`) or the real node
-//! (`e2e_pods`, `node_images`). One test binary;
+//! (`e2e_pods`, `e2e_documented`, `node_images`). One test binary;
 //! `make test` runs each module in a process of its own (as a process holds
 //! one control plane), modules one after another, each test under the time
 //! limit tests/time-limits gives it (scripts/test-timeout.sh).
@@ -18,5 +18,6 @@ mod apiserver_reconcile;
 mod apiserver_scale;
 mod apiserver_uninstall;
 mod apiserver_webhook;
+mod e2e_documented;
 mod e2e_pods;
 mod node_images;

@@ -12,7 +12,7 @@
 #   uninstall           no pod create fails or hangs during it; afterwards
 #                       nothing of ours is left in any namespace.
 #
-# Run by `make test` on its local cluster (tests/cluster/e2e_pods.rs), where there is
+# Run by `make test` on its local cluster (tests/cluster/e2e_documented.rs), where there is
 # no Docker and no internet: tests/e2e/local/shims stand in for `kind`,
 # `docker build` and the kube-prometheus-stack install, and say so. Every
 # other line runs as written.

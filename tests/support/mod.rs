@@ -12,6 +12,8 @@
 #![allow(dead_code)]
 
 pub mod controlplane;
+/// What the e2e tests on the real node share.
+pub mod e2e;
 /// The webhook over real HTTPS: in-process server, clients, the real binary.
 pub mod https;
 pub mod install;

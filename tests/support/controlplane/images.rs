@@ -179,8 +179,10 @@ pub fn write_archive(path: &Path, images: &[Image]) -> io::Result<()> {
     let file_name = path
         .file_name()
         .ok_or_else(|| invalid_input(format!("{} names no file", path.display())))?;
+    // Per process: two test processes may write the same archive at once;
+    // the rename makes either whole copy the archive.
     let mut partial_name = file_name.to_os_string();
-    partial_name.push(".partial");
+    partial_name.push(format!(".{}.partial", std::process::id()));
     let partial = path.with_file_name(partial_name);
     let written = write_layout(&partial, &index, &blobs).and_then(|()| fs::rename(&partial, path));
     if written.is_err() {

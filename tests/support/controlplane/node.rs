@@ -117,9 +117,11 @@ impl Node {
         for sub in ["etc", "cni-conf", "cni-state", "pod-logs", "kubelet"] {
             std::fs::create_dir_all(dir.join(sub)).expect("creating the node's folders");
         }
-        make_host_paths_private();
+        // The cgroup first: from then on other nodes' cleanups count this
+        // node as running and leave the host's paths and sysctls to it.
         let cgroup_root = format!("{CGROUP_PREFIX}{}", std::process::id());
         create_cgroup_root(&cgroup_root);
+        make_host_paths_private();
         plane.start_scheduler();
 
         let containerd = start_containerd(&dir);
@@ -682,8 +684,38 @@ pub struct HostState {
     mount_namespace: Option<String>,
 }
 
+/// The host's state from before the first of the nodes of ours that run at
+/// once (test processes side by side, `make cluster-up`), kept for the last
+/// of them to put back; [`HOST_STATE_LOCK`] orders takes and restores.
+const SHARED_HOST_STATE: &str = "/run/chiller-metrics-nodes.json";
+const HOST_STATE_LOCK: &str = "/run/chiller-metrics-nodes.lock";
+
+fn host_state_lock() -> std::fs::File {
+    let lock = std::fs::File::create(HOST_STATE_LOCK)
+        .unwrap_or_else(|e| panic!("creating {HOST_STATE_LOCK}: {e}"));
+    lock.lock()
+        .unwrap_or_else(|e| panic!("locking {HOST_STATE_LOCK}: {e}"));
+    lock
+}
+
 impl HostState {
+    /// The state to put back after a node: the host's now, or, while an
+    /// earlier node's state is still to be put back, that one.
     pub fn take() -> Self {
+        let _lock = host_state_lock();
+        let shared = std::fs::read_to_string(SHARED_HOST_STATE)
+            .ok()
+            .and_then(|text| serde_json::from_str::<HostState>(&text).ok());
+        if let Some(first) = shared {
+            return first;
+        }
+        let now = Self::now();
+        std::fs::write(SHARED_HOST_STATE, serde_json::to_string(&now).unwrap())
+            .unwrap_or_else(|e| panic!("writing {SHARED_HOST_STATE}: {e}"));
+        now
+    }
+
+    fn now() -> Self {
         HostState {
             sysctls: KUBELET_SYSCTLS
                 .iter()
@@ -741,6 +773,7 @@ impl HostState {
                 remove_cgroups(&cgroup);
             }
         }
+        let _lock = host_state_lock();
         if node_cgroups().iter().any(|cgroup| node_alive(cgroup)) {
             eprintln!("another node of ours runs: its mount points and sysctls stay");
             return;
@@ -755,6 +788,7 @@ impl HostState {
                 let _ = std::fs::write(&path, value);
             }
         }
+        let _ = std::fs::remove_file(SHARED_HOST_STATE);
     }
 }
 
