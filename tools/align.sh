@@ -14,9 +14,12 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 (($# > 0)) || { echo "usage: tools/align.sh MODULE..." >&2; exit 2; }
 
-# The module versions a tool module's binaries are built from.
+# The module versions a tool module's binaries are built from (a replaced
+# module's replacement version: tools/cluster pins its staging modules so).
 built_from() {
-  (cd "$here/$1" && go list -deps -f '{{with .Module}}{{.Path}} {{.Version}}{{end}}' tool) | sort -u
+  (cd "$here/$1" && go list -deps -f \
+    '{{with .Module}}{{.Path}} {{with .Replace}}{{.Version}}{{else}}{{$.Module.Version}}{{end}}{{end}}' tool) |
+    sort -u
 }
 
 cluster=$(mktemp)
