@@ -870,8 +870,8 @@ pub fn isolated(test_name: &str, prepare: impl FnOnce()) -> bool {
         return true;
     }
     require_root(test_name);
-    // One node at a time per test process: two would share the CPU and the
-    // host's sysctls, and each cleanup would wait for the other.
+    // One node at a time per test process (modules run side by side, each
+    // in its own process, and [`HostState`] lets their nodes share the host).
     static ONE_NODE: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one_node = ONE_NODE
         .lock()
