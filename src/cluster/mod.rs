@@ -32,15 +32,31 @@ pub async fn client() -> Result<kube::Client, ClusterError> {
 
 /// How long one version request may take.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Backoff between attempts: doubling from the first to the last.
-const FIRST_RETRY: Duration = Duration::from_secs(1);
-const LAST_RETRY: Duration = Duration::from_secs(30);
+/// Retry delays of the webhook's own API-server requests: doubling from the
+/// first to the last, each plus up to as much again of jitter.
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+const LAST_RETRY: Duration = Duration::from_secs(4);
+
+/// Backoff for what the webhook needs of the API server: its version at
+/// start and the namespace watch. While they fail the replica is not ready
+/// and pods in opted-in namespaces go uninjected, so it retries within
+/// seconds of the API server's return, not after kube-runtime's default of
+/// up to a minute. One cheap request per replica every few seconds.
+pub fn api_server_backoff() -> backon::ExponentialBuilder {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(FIRST_RETRY)
+        .with_max_delay(LAST_RETRY)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+}
 
 /// Asks the API server for its version until it answers, retrying with
 /// backoff and logging each retry; never gives up (a control-plane upgrade
 /// or a slow network policy only delays the start).
 pub async fn wait_for_api_server(client: &kube::Client) -> (u32, u32) {
-    let mut delay = FIRST_RETRY;
+    use backon::BackoffBuilder;
+    let mut delays = api_server_backoff().build();
     for attempt in 1u64.. {
         let error = match tokio::time::timeout(ATTEMPT_TIMEOUT, client.apiserver_version()).await {
             Ok(Ok(info)) => {
@@ -56,6 +72,7 @@ pub async fn wait_for_api_server(client: &kube::Client) -> (u32, u32) {
             Ok(Err(error)) => error.to_string(),
             Err(_) => format!("no answer within {ATTEMPT_TIMEOUT:?}"),
         };
+        let delay = delays.next().unwrap_or(LAST_RETRY);
         tracing::warn!(
             attempt,
             %error,
@@ -63,7 +80,6 @@ pub async fn wait_for_api_server(client: &kube::Client) -> (u32, u32) {
             "cannot reach the API server; not ready, retrying"
         );
         tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(LAST_RETRY);
     }
     unreachable!("the attempts never run out")
 }
@@ -146,5 +162,20 @@ mod tests {
         assert!(!namespaces.known());
         readiness.mark_namespaces_synced();
         assert!(!namespaces.known(), "no cache connected yet");
+    }
+
+    #[test]
+    fn the_webhook_retries_the_api_server_within_seconds_and_never_gives_up() {
+        use backon::BackoffBuilder;
+        let delays: Vec<Duration> = api_server_backoff().build().take(50).collect();
+        assert_eq!(delays.len(), 50, "the retries ran out");
+        assert!(delays[0] <= Duration::from_secs(1), "{delays:?}");
+        // Never more than 10 s without a try, and no tighter than every 4 s
+        // once backed off.
+        assert!(delays.iter().all(|d| d.as_secs_f64() <= 10.0), "{delays:?}");
+        assert!(
+            delays[10..].iter().all(|d| d.as_secs_f64() >= 4.0),
+            "{delays:?}"
+        );
     }
 }

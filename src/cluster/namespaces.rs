@@ -67,7 +67,9 @@ impl NamespaceCache {
             watcher(Api::<Namespace>::all(client), config)
                 .modify(move |namespace| keep_what_we_read(namespace, &compact)),
         )
-        .default_backoff();
+        .backoff(watcher::ExponentialBackoff::from(
+            super::api_server_backoff(),
+        ));
         let driver = async move {
             stream
                 .for_each(|event| {
