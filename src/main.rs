@@ -33,6 +33,13 @@ fn print(text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The async commands' runtime; they run on it through their `run_blocking`
+/// (or `run_until_signal`), which the library compiles once.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
+}
+
 fn main() -> ExitCode {
     match run() {
         Ok(code) => code,
@@ -53,9 +60,7 @@ fn run() -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => {
             args.require_cert_files()?;
-            let runtime = tokio::runtime::Runtime::new()
-                .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
-            runtime.block_on(serve::run(args, serve::shutdown_signal()))?;
+            serve::run_until_signal(&runtime()?, args)?;
         }
         Command::Inject(args) => {
             let yaml = offline::inject(&args, &mut |note| eprintln!("{note}"))?;
@@ -77,24 +82,18 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Mapping(args) => print(&offline::mapping(&args)?)?,
         Command::Config(args) => print(&offline::config(&args)?)?,
         Command::Check(args) => {
-            let runtime = tokio::runtime::Runtime::new()
-                .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
-            let report = runtime.block_on(check::run(&args))?;
+            let report = check::run_blocking(&runtime()?, &args)?;
             print(&check::render(&report, args.output))?;
             if !report.ok {
                 return Ok(ExitCode::FAILURE);
             }
         }
         Command::Explain(args) => {
-            let runtime = tokio::runtime::Runtime::new()
-                .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
-            let explanation = runtime.block_on(explain::run(&args))?;
+            let explanation = explain::run_blocking(&runtime()?, &args)?;
             print(&explain::render(&explanation, args.output))?;
         }
         Command::Uninstall(args) => {
-            let runtime = tokio::runtime::Runtime::new()
-                .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
-            for line in runtime.block_on(uninstall::run(&args))? {
+            for line in uninstall::run_blocking(&runtime()?, &args)? {
                 println!("{line}");
             }
         }

@@ -78,6 +78,16 @@ pub enum CheckError {
 }
 
 /// Reads the cluster and checks every item.
+/// [`run`] to completion on `runtime`. `main` calls this and not `run`: a
+/// future polled in the binary is compiled again there, a minute of every
+/// release build.
+pub fn run_blocking(
+    runtime: &tokio::runtime::Runtime,
+    args: &CheckArgs,
+) -> Result<Report, CheckError> {
+    runtime.block_on(run(args))
+}
+
 pub async fn run(args: &CheckArgs) -> Result<Report, CheckError> {
     let client = cluster_access::client().await?;
     Ok(fetch::check_all(&client, args).await)

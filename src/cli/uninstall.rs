@@ -80,6 +80,16 @@ where
 }
 
 /// Uninstalls; returns one line per step, for the user.
+/// [`run`] to completion on `runtime`. `main` calls this and not `run`: a
+/// future polled in the binary is compiled again there, a minute of every
+/// release build.
+pub fn run_blocking(
+    runtime: &tokio::runtime::Runtime,
+    args: &UninstallArgs,
+) -> Result<Vec<String>, UninstallError> {
+    runtime.block_on(run(args))
+}
+
 pub async fn run(args: &UninstallArgs) -> Result<Vec<String>, UninstallError> {
     let client = cluster_access::client().await?;
     let mut done = Vec::new();

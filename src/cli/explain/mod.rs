@@ -103,6 +103,16 @@ pub enum ExplainError {
 }
 
 /// Explains the object named on the command line, or the file's.
+/// [`run`] to completion on `runtime`. `main` calls this and not `run`: a
+/// future polled in the binary is compiled again there, a minute of every
+/// release build.
+pub fn run_blocking(
+    runtime: &tokio::runtime::Runtime,
+    args: &ExplainArgs,
+) -> Result<Explanation, ExplainError> {
+    runtime.block_on(run(args))
+}
+
 pub async fn run(args: &ExplainArgs) -> Result<Explanation, ExplainError> {
     if args.file.is_some() {
         return Ok(input::explain_offline(args)?);
