@@ -14,4 +14,4 @@ if ! command -v go >/dev/null; then
   echo "Install Go 1.26 or newer (https://go.dev/doc/install)." >&2
   exit 1
 fi
-(cd "$here" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$out/go-webhook" .)
+(cd "$here" && CGO_ENABLED=0 go build -trimpath -gcflags=all=-dwarf=false -ldflags "-s -w" -o "$out/go-webhook" .)
