@@ -2,7 +2,9 @@
 # chiller-metrics: webhook and reconciler in one static-ish binary on distroless.
 # Build: make image (IMAGE=chiller-metrics:dev)
 
-FROM rust:1-bookworm AS build
+# The Rust that layout/hot-symbols.txt was made with (its symbol names are
+# that compiler's); scripts/hot-symbols.sh says when to change both.
+FROM rust:1.95.0-bookworm AS build
 WORKDIR /src
 COPY . .
 # Packed relative relocations (build.rs): the image's glibc (Debian 12, 2.36)

@@ -18,6 +18,7 @@ mod golden;
 mod hostile;
 mod https;
 mod inject_cli;
+mod layout;
 mod manifests;
 mod namespace_cache;
 mod portability;

@@ -235,7 +235,7 @@ pub fn install_hint(name: &str) -> String {
             "run `make tools` (builds helm, kubectl and promtool from tools/ into .tools/bin)"
                 .into()
         }
-        "readelf" => {
+        "readelf" | "nm" => {
             "install it with `apt-get install -y binutils` (Debian package `binutils`)".into()
         }
         _ => "run `make tools`, or install it with your package manager".into(),
