@@ -77,7 +77,6 @@ pub enum CheckError {
     Resolve { message: String },
 }
 
-/// Reads the cluster and checks every item.
 /// [`run`] to completion on `runtime`. `main` calls this and not `run`: a
 /// future polled in the binary is compiled again there, a minute of every
 /// release build.
@@ -88,6 +87,7 @@ pub fn run_blocking(
     runtime.block_on(run(args))
 }
 
+/// Reads the cluster and checks every item.
 pub async fn run(args: &CheckArgs) -> Result<Report, CheckError> {
     let client = cluster_access::client().await?;
     Ok(fetch::check_all(&client, args).await)

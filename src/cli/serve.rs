@@ -40,10 +40,9 @@ pub enum ServeError {
 /// How long shutdown waits for the reconcile loop to stop and release its lease.
 const RECONCILER_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Runs until `shutdown` resolves (SIGTERM or SIGINT in the binary).
-/// [`run`] until SIGTERM or Ctrl-C, on `runtime`. `main` calls this and not `run`: a
-/// future polled in the binary is compiled again there, a minute of every
-/// release build.
+/// [`run`] until SIGTERM or Ctrl-C, on `runtime`. `main` calls this and
+/// not `run`: a future polled in the binary is compiled again there, a
+/// minute of every release build.
 pub fn run_until_signal(
     runtime: &tokio::runtime::Runtime,
     args: ServeArgs,
@@ -51,6 +50,7 @@ pub fn run_until_signal(
     runtime.block_on(run(args, shutdown_signal()))
 }
 
+/// Runs until `shutdown` resolves (SIGTERM or SIGINT in the binary).
 pub async fn run(args: ServeArgs, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
     // Loaded once here so that a bad file fails start-up before anything binds.
     args.config.load()?;

@@ -79,7 +79,6 @@ where
     }
 }
 
-/// Uninstalls; returns one line per step, for the user.
 /// [`run`] to completion on `runtime`. `main` calls this and not `run`: a
 /// future polled in the binary is compiled again there, a minute of every
 /// release build.
@@ -90,6 +89,7 @@ pub fn run_blocking(
     runtime.block_on(run(args))
 }
 
+/// Uninstalls; returns one line per step, for the user.
 pub async fn run(args: &UninstallArgs) -> Result<Vec<String>, UninstallError> {
     let client = cluster_access::client().await?;
     let mut done = Vec::new();

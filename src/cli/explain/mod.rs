@@ -102,7 +102,6 @@ pub enum ExplainError {
     Input(#[from] input::InputError),
 }
 
-/// Explains the object named on the command line, or the file's.
 /// [`run`] to completion on `runtime`. `main` calls this and not `run`: a
 /// future polled in the binary is compiled again there, a minute of every
 /// release build.
@@ -113,6 +112,7 @@ pub fn run_blocking(
     runtime.block_on(run(args))
 }
 
+/// Explains the object named on the command line, or the file's.
 pub async fn run(args: &ExplainArgs) -> Result<Explanation, ExplainError> {
     if args.file.is_some() {
         return Ok(input::explain_offline(args)?);
