@@ -10,21 +10,26 @@ require() {
   command -v "$tool" >/dev/null || fail "$tool is required: $hint"
 }
 
-# wait_until SECONDS DESCRIPTION COMMAND...: polls COMMAND every 5s until it
-# succeeds; fails with DESCRIPTION after SECONDS.
+# wait_until SECONDS DESCRIPTION COMMAND...: polls COMMAND every 2 s until it
+# succeeds; fails with DESCRIPTION after SECONDS. Says how long it waited.
 wait_until() {
   local seconds=$1 what=$2
   shift 2
-  local deadline=$((SECONDS + seconds))
+  local start=$SECONDS tries=1
   until "$@" >/dev/null 2>&1; do
-    if ((SECONDS >= deadline)); then
+    if ((SECONDS - start >= seconds)); then
       echo "last attempt of: $what" >&2
       "$@" >&2 || true
       fail "timed out after ${seconds}s waiting for: $what"
     fi
     sleep 2
+    tries=$((tries + 1))
   done
-  echo "ok: $what" >&2
+  if ((tries == 1)); then
+    echo "ok: $what" >&2
+  else
+    echo "ok: $what (try $tries, after $((SECONDS - start)) s)" >&2
+  fi
 }
 
 # prom_get NAMESPACE PATH: GET on the namespace's own Prometheus
@@ -369,17 +374,32 @@ requests_of_app() {
   echo "$total"
 }
 
+# service_routes NAMESPACE FROM_POD HOST PORT: a TCP connection from inside
+# FROM_POD to HOST:PORT opens. A new Service routes only once cluster DNS
+# knows its name and kube-proxy has written its endpoint's rules, a moment
+# after the pod is Ready. The connection sends nothing, so gunicorn counts no
+# request, as with the kubelet's TCP probe.
+service_routes() {
+  kubectl -n "$1" exec "$2" -- python3 -c '
+import socket, sys
+socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5).close()' "$3" "$4"
+}
+
 # requests_through_service NAMESPACE FROM_POD URL COUNT: COUNT GETs of URL
 # from inside FROM_POD (cluster DNS, then kube-proxy's Service routing);
-# fails unless every one answers 200.
+# fails unless every one answers 200, naming the first that did not.
 requests_through_service() {
   kubectl -n "$1" exec "$2" -- python3 -c '
 import sys, urllib.request
 url, count = sys.argv[1], int(sys.argv[2])
 ok = 0
-for _ in range(count):
-    with urllib.request.urlopen(url, timeout=10) as response:
-        ok += response.status == 200
+for n in range(1, count + 1):
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            ok += response.status == 200
+    except Exception as error:
+        print(f"request {n} of {count} to {url} failed: {error!r}", file=sys.stderr)
+        break
 print(f"{ok} of {count} requests to {url} answered 200")
 sys.exit(0 if ok == count else 1)' "$3" "$4"
 }

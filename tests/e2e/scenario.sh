@@ -156,6 +156,8 @@ log "5. no statsd line lost: requests through a Service, every one counted"
 # A pod of its own, with a TCP probe, so only these requests reach its gunicorn.
 counted_app "$ns" "$APP_IMAGE" "$APP_PULL_POLICY"
 kubectl -n "$ns" wait --for=condition=Ready pod/counted --timeout=180s
+wait_until 60 "the Service counted.$ns routes from $ns/frontend (DNS and kube-proxy)" \
+  service_routes "$ns" "$(pod_of "$ns" frontend)" "counted.$ns.svc.cluster.local" 8000
 requests_through_service "$ns" "$(pod_of "$ns" frontend)" "http://counted.$ns.svc.cluster.local:8000/api/items" 200 ||
   fail "requests through the Service counted failed"
 wait_until 60 "the exporter of $ns/counted counts exactly the 200 requests" \
