@@ -45,7 +45,7 @@ use crate::{cluster::keep_what_we_read, keys::Keys};
 /// Time a burst of triggers for one namespace is collapsed into one reconcile:
 /// every trigger in the burst restarts it, so a burst costs one reconcile,
 /// and a namespace labeled on its own waits this long before its first.
-const DEBOUNCE: Duration = Duration::from_millis(250);
+const DEBOUNCE: Duration = Duration::from_millis(100);
 /// Namespaces reconciled at the same time.
 const CONCURRENCY: u16 = 4;
 

@@ -27,7 +27,7 @@ const CONVERGE: Duration = Duration::from_secs(120);
 const LONG_RESYNC_SECONDS: u64 = 3600;
 /// During the idle window: every namespace resyncs in it.
 const IDLE_RESYNC_SECONDS: u64 = 5;
-/// Longer than the loop's 1 s debounce and a reconcile of every namespace:
+/// Longer than the loop's debounce and a reconcile of every namespace:
 /// what a change causes has happened after it.
 const SETTLE: Duration = Duration::from_secs(5);
 const SERVICE_ACCOUNT: &str = "system:serviceaccount:chiller-metrics:chiller-metrics";
